@@ -1,0 +1,16 @@
+//! Gantry's public gRPC API, generated from `proto/gantry/v1/*.proto`.
+//!
+//! The `.proto` files are the contract shared with clients in every language;
+//! this crate only compiles them for Rust (the broker and the worker SDK).
+
+#![allow(clippy::all, clippy::pedantic)]
+
+/// Package `gantry.v1`: services `Jobs`, `Worker`, `Admin` and their messages.
+pub mod v1 {
+    tonic::include_proto!("gantry.v1");
+}
+
+/// Encoded `FileDescriptorSet` of every Gantry proto, for server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("gantry_descriptor");
+
+pub use prost_types;
