@@ -1,0 +1,214 @@
+//! The Raft log payload. One log entry carries a batch of commands, stamped
+//! with the leader's clock, so a busy broker pays one entry (and one fsync)
+//! for many enqueues, assignments and results.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use super::{
+    config::QueueConfigUpdate,
+    ids::{FencingToken, JobId, SessionId},
+    job::{JobState, JobView},
+};
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Batch {
+    /// The leader's wall clock when it proposed the entry, in ms since the
+    /// epoch. The state machine never reads a clock: this is its only time.
+    pub proposed_at_ms: u64,
+    pub commands: Vec<Command>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Command {
+    Enqueue(NewJob),
+    OpenSession {
+        session_id: SessionId,
+        worker_id: String,
+        queues: Vec<String>,
+        max_in_flight: u32,
+    },
+    /// Fill each listed session up to its `max_in_flight` with due jobs of its
+    /// queues. The state machine picks the jobs, so replicas agree and no job
+    /// can be picked twice by concurrent proposals.
+    Dispatch {
+        sessions: Vec<SessionId>,
+    },
+    Complete {
+        job_id: JobId,
+        token: FencingToken,
+        result: Vec<u8>,
+    },
+    Fail {
+        job_id: JobId,
+        token: FencingToken,
+        error: String,
+        retry: RetryRequest,
+    },
+    Release {
+        job_id: JobId,
+        token: FencingToken,
+    },
+    Progress {
+        job_id: JobId,
+        token: FencingToken,
+        message: String,
+        extend_ms: Option<u64>,
+    },
+    /// Every job of the session loses its lease at once.
+    ExpireSession {
+        session_id: SessionId,
+        reason: ExpiryReason,
+    },
+    Cancel {
+        job_id: JobId,
+        reason: String,
+    },
+    RetryJob {
+        job_id: JobId,
+    },
+    PurgeQueue {
+        queue: String,
+        state: JobState,
+    },
+    SetQueueConfig {
+        queue: String,
+        update: QueueConfigUpdate,
+    },
+    PauseQueue {
+        queue: String,
+    },
+    ResumeQueue {
+        queue: String,
+    },
+    /// Nothing but the passing of time: lets lease deadlines and retention,
+    /// which are swept at the start of every entry, take effect when idle.
+    Tick,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RetryRequest {
+    /// The queue's exponential backoff, scaled by the leader's jitter.
+    Backoff { jitter_permille: u16 },
+    /// The worker asked to be retried no sooner than this.
+    After { delay_ms: u64 },
+    /// Failed for good.
+    Never,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ExpiryReason {
+    /// Silent for session_ttl (judged by the leader).
+    Silent,
+    /// Admin.ExpireSession.
+    Admin,
+    /// The worker said goodbye with jobs still held.
+    Goodbye,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct NewJob {
+    pub queue: String,
+    pub payload: Vec<u8>,
+    pub headers: BTreeMap<String, String>,
+    pub priority: i32,
+    pub delay_ms: u64,
+    /// Absolute; wins over `delay_ms`.
+    pub run_at_ms: Option<u64>,
+    pub max_attempts: Option<u32>,
+    pub lease_timeout_ms: Option<u64>,
+    pub idempotency_key: Option<String>,
+}
+
+impl NewJob {
+    pub fn new(queue: impl Into<String>, payload: impl Into<Vec<u8>>) -> Self {
+        NewJob {
+            queue: queue.into(),
+            payload: payload.into(),
+            headers: BTreeMap::new(),
+            priority: 0,
+            delay_ms: 0,
+            run_at_ms: None,
+            max_attempts: None,
+            lease_timeout_ms: None,
+            idempotency_key: None,
+        }
+    }
+}
+
+/// The outcome of one command, in the order of the batch. Rejections are
+/// deterministic outcomes (data), not errors.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Applied {
+    Enqueued {
+        job_id: JobId,
+        created: bool,
+        state: JobState,
+    },
+    SessionOpened,
+    Dispatched {
+        assignments: Vec<Assignment>,
+    },
+    /// Complete, Fail, Release or Progress from the current holder (or a
+    /// repeat of a result already recorded for the same token).
+    Accepted {
+        lease_deadline_ms: Option<u64>,
+    },
+    SessionExpired {
+        released: u32,
+    },
+    /// Cancel or RetryJob: the job as it is now.
+    Job(Box<JobView>),
+    Purged {
+        count: u64,
+    },
+    QueueUpdated,
+    Ticked,
+    Rejected(Rejection),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Assignment {
+    pub session_id: SessionId,
+    pub job_id: JobId,
+    pub token: FencingToken,
+    pub attempt: u32,
+    pub lease_deadline_ms: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum Rejection {
+    #[error("job {0} not found")]
+    JobNotFound(JobId),
+    #[error("stale lease: job {job_id} is no longer held under fencing token {token}")]
+    StaleLease { job_id: JobId, token: FencingToken },
+    #[error("queue {queue:?} is at its maximum depth of {max_depth} jobs")]
+    QueueFull { queue: String, max_depth: u64 },
+    #[error("job {job_id} is {state:?}; only FAILED jobs can be retried")]
+    NotFailed { job_id: JobId, state: JobState },
+    #[error("job {job_id} is already {state:?}")]
+    AlreadyTerminal { job_id: JobId, state: JobState },
+    #[error("session {0} not found")]
+    SessionNotFound(SessionId),
+    #[error("jobs in state {0:?} cannot be purged")]
+    CannotPurge(JobState),
+}
+
+/// Side effects of an entry that the leader's dispatcher and waiters act on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// A session lost a job's lease while it may still be connected: tell it.
+    Revoked {
+        session_id: SessionId,
+        job_id: JobId,
+        token: FencingToken,
+        reason: String,
+    },
+    /// A job reached a terminal state (wakes WaitJob).
+    Finished { job_id: JobId },
+    /// A queue may have gained due work (wakes the dispatcher).
+    WorkAvailable { queue: String },
+    /// A session's held jobs went down, so it can take more.
+    CapacityFreed { session_id: SessionId },
+}

@@ -1,0 +1,964 @@
+//! `QueueState`: every job, queue and session of one shard, and the one
+//! function that changes them, `apply`. Deterministic: same log, same state.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+use super::{
+    command::{
+        Applied, Assignment, Batch, Command, Event, ExpiryReason, NewJob, Rejection, RetryRequest,
+    },
+    config::{QueueConfig, QueueConfigUpdate},
+    ids::{FencingToken, JobId, SessionId, ShardId},
+    job::{AttemptRecord, Job, JobState, JobView, Lease, Outcome, Status},
+};
+
+/// Expired sessions are remembered this long so that a worker resuming one
+/// learns which jobs it lost (it gets a `revoke` for each).
+pub const EXPIRED_SESSION_MEMORY_MS: u64 = 60 * 60 * 1000;
+
+/// Dispatch order inside a queue: priority (higher first), then run_at, then
+/// enqueue order. Holds SCHEDULED and READY jobs alike.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+struct PendingKey {
+    neg_priority: i64,
+    run_at_ms: u64,
+    seq: u64,
+}
+
+impl PendingKey {
+    fn of(job: &Job) -> Self {
+        PendingKey {
+            neg_priority: -i64::from(job.priority),
+            run_at_ms: job.run_at_ms,
+            seq: job.id.seq,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Queue {
+    pub config: QueueConfig,
+    pub paused: bool,
+    pending: BTreeSet<PendingKey>,
+    pub active: u64,
+    pub succeeded: u64,
+    pub failed: u64,
+    pub cancelled: u64,
+    idempotency: BTreeMap<String, JobId>,
+    /// (second, dispatches in it) for `rate_limit`.
+    rate_window: (u64, u32),
+}
+
+impl Queue {
+    pub fn pending(&self) -> u64 {
+        self.pending.len() as u64
+    }
+
+    /// Non-terminal jobs: what `max_depth` bounds.
+    pub fn depth(&self) -> u64 {
+        self.pending() + self.active
+    }
+
+    /// The best pending job that is due at `now_ms`. Skips whole priority
+    /// levels whose earliest job is still in the future.
+    fn first_due(&self, now_ms: u64) -> Option<PendingKey> {
+        let mut next = self.pending.first().copied();
+        while let Some(key) = next {
+            if key.run_at_ms <= now_ms {
+                return Some(key);
+            }
+            let level_end = PendingKey {
+                neg_priority: key.neg_priority + 1,
+                run_at_ms: 0,
+                seq: 0,
+            };
+            next = self.pending.range(level_end..).next().copied();
+        }
+        None
+    }
+
+    /// Earliest run_at among pending jobs (due or not).
+    pub fn next_run_at_ms(&self) -> Option<u64> {
+        let mut best: Option<u64> = None;
+        let mut next = self.pending.first().copied();
+        while let Some(key) = next {
+            best = Some(best.map_or(key.run_at_ms, |b| b.min(key.run_at_ms)));
+            let level_end = PendingKey {
+                neg_priority: key.neg_priority + 1,
+                run_at_ms: 0,
+                seq: 0,
+            };
+            next = self.pending.range(level_end..).next().copied();
+        }
+        best
+    }
+
+    /// Jobs that are pending but not yet due, and the ones that are due.
+    pub fn scheduled_and_ready(&self, now_ms: u64) -> (u64, u64) {
+        let scheduled = self.pending.iter().filter(|k| k.run_at_ms > now_ms).count() as u64;
+        (scheduled, self.pending() - scheduled)
+    }
+
+    /// Can this queue hand out one more job at `now_ms`?
+    fn can_dispatch(&self, now_ms: u64) -> bool {
+        if self.paused {
+            return false;
+        }
+        if self.config.concurrency_limit > 0
+            && self.active >= u64::from(self.config.concurrency_limit)
+        {
+            return false;
+        }
+        if self.config.rate_limit > 0 {
+            let (second, used) = self.rate_window;
+            if second == now_ms / 1000 && used >= self.config.rate_limit {
+                return false;
+            }
+        }
+        true
+    }
+
+    fn note_dispatch(&mut self, now_ms: u64) {
+        let second = now_ms / 1000;
+        if self.rate_window.0 == second {
+            self.rate_window.1 += 1;
+        } else {
+            self.rate_window = (second, 1);
+        }
+    }
+
+    pub fn has_due(&self, now_ms: u64) -> bool {
+        self.can_dispatch(now_ms) && self.first_due(now_ms).is_some()
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Session {
+    pub worker_id: String,
+    pub queues: Vec<String>,
+    pub max_in_flight: u32,
+    pub held: BTreeSet<JobId>,
+    pub opened_ms: u64,
+}
+
+impl Session {
+    pub fn free_slots(&self) -> u32 {
+        self.max_in_flight.saturating_sub(self.held.len() as u32)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExpiredSession {
+    pub expired_ms: u64,
+    pub reason: ExpiryReason,
+    /// The leases it lost.
+    pub lost: Vec<(JobId, FencingToken)>,
+}
+
+/// One shard's replicated queue state.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct QueueState {
+    shard: ShardId,
+    /// The latest leader stamp applied; never moves backwards.
+    now_ms: u64,
+    next_seq: u64,
+    last_token: FencingToken,
+    jobs: BTreeMap<JobId, Job>,
+    queues: BTreeMap<String, Queue>,
+    sessions: BTreeMap<SessionId, Session>,
+    expired_sessions: BTreeMap<SessionId, ExpiredSession>,
+    expired_order: BTreeSet<(u64, SessionId)>,
+    lease_deadlines: BTreeSet<(u64, JobId)>,
+    retention: BTreeSet<(u64, JobId)>,
+}
+
+/// What one entry did: a result per command, and events for the leader.
+#[derive(Debug, Default)]
+pub struct ApplyOutput {
+    pub results: Vec<Applied>,
+    pub events: Vec<Event>,
+}
+
+impl QueueState {
+    pub fn new(shard: ShardId) -> Self {
+        QueueState {
+            shard,
+            now_ms: 0,
+            next_seq: 1,
+            last_token: FencingToken(0),
+            jobs: BTreeMap::new(),
+            queues: BTreeMap::new(),
+            sessions: BTreeMap::new(),
+            expired_sessions: BTreeMap::new(),
+            expired_order: BTreeSet::new(),
+            lease_deadlines: BTreeSet::new(),
+            retention: BTreeSet::new(),
+        }
+    }
+
+    pub fn shard(&self) -> ShardId {
+        self.shard
+    }
+
+    pub fn now_ms(&self) -> u64 {
+        self.now_ms
+    }
+
+    pub fn last_token(&self) -> FencingToken {
+        self.last_token
+    }
+
+    pub fn job(&self, id: JobId) -> Option<&Job> {
+        self.jobs.get(&id)
+    }
+
+    pub fn view(&self, id: JobId, now_ms: u64) -> Option<JobView> {
+        self.jobs.get(&id).map(|job| JobView {
+            state: job.state_at(now_ms),
+            job: job.clone(),
+        })
+    }
+
+    pub fn jobs(&self) -> &BTreeMap<JobId, Job> {
+        &self.jobs
+    }
+
+    pub fn queues(&self) -> &BTreeMap<String, Queue> {
+        &self.queues
+    }
+
+    pub fn queue(&self, name: &str) -> Option<&Queue> {
+        self.queues.get(name)
+    }
+
+    pub fn sessions(&self) -> &BTreeMap<SessionId, Session> {
+        &self.sessions
+    }
+
+    pub fn session(&self, id: &SessionId) -> Option<&Session> {
+        self.sessions.get(id)
+    }
+
+    pub fn expired_session(&self, id: &SessionId) -> Option<&ExpiredSession> {
+        self.expired_sessions.get(id)
+    }
+
+    /// The earliest lease deadline: when the leader should propose a `Tick`.
+    pub fn next_lease_deadline_ms(&self) -> Option<u64> {
+        self.lease_deadlines.first().map(|(d, _)| *d)
+    }
+
+    pub fn next_retention_ms(&self) -> Option<u64> {
+        self.retention.first().map(|(d, _)| *d)
+    }
+
+    /// Would a `Dispatch` of this session assign anything at `now_ms`?
+    pub fn dispatchable(&self, session_id: &SessionId, now_ms: u64) -> bool {
+        let Some(session) = self.sessions.get(session_id) else {
+            return false;
+        };
+        session.free_slots() > 0
+            && session.queues.iter().any(|q| {
+                self.queues
+                    .get(q)
+                    .is_some_and(|queue| queue.has_due(now_ms))
+            })
+    }
+
+    /// Earliest run_at of a not-yet-due job in any of these queues.
+    pub fn next_due_ms<'a>(&self, queues: impl IntoIterator<Item = &'a String>) -> Option<u64> {
+        queues
+            .into_iter()
+            .filter_map(|q| self.queues.get(q))
+            .filter_map(Queue::next_run_at_ms)
+            .min()
+    }
+
+    /// Applies one committed log entry at `log_index`.
+    pub fn apply(&mut self, log_index: u64, batch: &Batch) -> ApplyOutput {
+        let mut out = ApplyOutput {
+            results: Vec::with_capacity(batch.commands.len()),
+            events: Vec::new(),
+        };
+        // Time passes first: a result that arrives in the same entry as its
+        // lease's deadline is late.
+        self.advance_time(batch.proposed_at_ms, &mut out.events);
+        let mut position = 0u64;
+        for command in &batch.commands {
+            let applied = self.apply_command(log_index, &mut position, command, &mut out.events);
+            out.results.push(applied);
+        }
+        out
+    }
+
+    fn advance_time(&mut self, stamp_ms: u64, events: &mut Vec<Event>) {
+        self.now_ms = self.now_ms.max(stamp_ms);
+        let now = self.now_ms;
+        while let Some(&(deadline, job_id)) = self.lease_deadlines.first() {
+            if deadline > now {
+                break;
+            }
+            // end_lease removes this index entry, so the loop moves on.
+            self.lose_lease(
+                job_id,
+                Outcome::LeaseTimedOut,
+                "lease_timeout passed without a result",
+                events,
+            );
+        }
+        while let Some(&(expires, job_id)) = self.retention.first() {
+            if expires > now {
+                break;
+            }
+            self.retention.pop_first();
+            self.drop_job(job_id);
+        }
+        while let Some((expired_ms, session_id)) = self.expired_order.first().cloned() {
+            if expired_ms.saturating_add(EXPIRED_SESSION_MEMORY_MS) > now {
+                break;
+            }
+            self.expired_order.pop_first();
+            self.expired_sessions.remove(&session_id);
+        }
+    }
+
+    fn apply_command(
+        &mut self,
+        index: u64,
+        position: &mut u64,
+        command: &Command,
+        events: &mut Vec<Event>,
+    ) -> Applied {
+        match command {
+            Command::Enqueue(new) => self.enqueue(new, events),
+            Command::OpenSession {
+                session_id,
+                worker_id,
+                queues,
+                max_in_flight,
+            } => {
+                self.expired_sessions.remove(session_id);
+                let session = self
+                    .sessions
+                    .entry(session_id.clone())
+                    .or_insert_with(|| Session {
+                        worker_id: worker_id.clone(),
+                        queues: Vec::new(),
+                        max_in_flight: 0,
+                        held: BTreeSet::new(),
+                        opened_ms: self.now_ms,
+                    });
+                session.worker_id.clone_from(worker_id);
+                session.queues.clone_from(queues);
+                session.max_in_flight = *max_in_flight;
+                Applied::SessionOpened
+            }
+            Command::Dispatch { sessions } => {
+                let mut assignments = Vec::new();
+                for session_id in sessions {
+                    self.fill_session(index, position, session_id, &mut assignments);
+                }
+                Applied::Dispatched { assignments }
+            }
+            Command::Complete {
+                job_id,
+                token,
+                result,
+            } => self.complete(*job_id, *token, result, events),
+            Command::Fail {
+                job_id,
+                token,
+                error,
+                retry,
+            } => self.fail(*job_id, *token, error, retry, events),
+            Command::Release { job_id, token } => self.release(*job_id, *token, events),
+            Command::Progress {
+                job_id,
+                token,
+                message,
+                extend_ms,
+            } => self.progress(*job_id, *token, message, *extend_ms),
+            Command::ExpireSession { session_id, reason } => {
+                self.expire_session(session_id, *reason, events)
+            }
+            Command::Cancel { job_id, reason } => self.cancel(*job_id, reason, events),
+            Command::RetryJob { job_id } => self.retry_job(*job_id, events),
+            Command::PurgeQueue { queue, state } => self.purge(queue, *state),
+            Command::SetQueueConfig { queue, update } => {
+                self.set_config(queue, update);
+                Applied::QueueUpdated
+            }
+            Command::PauseQueue { queue } => {
+                self.queue_mut(queue).paused = true;
+                Applied::QueueUpdated
+            }
+            Command::ResumeQueue { queue } => {
+                self.queue_mut(queue).paused = false;
+                events.push(Event::WorkAvailable {
+                    queue: queue.clone(),
+                });
+                Applied::QueueUpdated
+            }
+            Command::Tick => Applied::Ticked,
+        }
+    }
+
+    fn queue_mut(&mut self, name: &str) -> &mut Queue {
+        if !self.queues.contains_key(name) {
+            self.queues.insert(name.to_owned(), Queue::default());
+        }
+        self.queues.get_mut(name).expect("inserted above")
+    }
+
+    fn set_config(&mut self, queue: &str, update: &QueueConfigUpdate) {
+        self.queue_mut(queue).config.apply(update);
+    }
+
+    fn enqueue(&mut self, new: &NewJob, events: &mut Vec<Event>) -> Applied {
+        let now = self.now_ms;
+        self.queue_mut(&new.queue);
+        // Field access, not queue_mut(), so jobs and counters stay borrowable.
+        let queue = self.queues.get_mut(&new.queue).expect("created above");
+        if let Some(key) = &new.idempotency_key {
+            if let Some(&existing) = queue.idempotency.get(key) {
+                let state = self
+                    .jobs
+                    .get(&existing)
+                    .map(|j| j.state_at(now))
+                    .expect("idempotency key of a dropped job");
+                return Applied::Enqueued {
+                    job_id: existing,
+                    created: false,
+                    state,
+                };
+            }
+        }
+        if queue.config.max_depth > 0 && queue.depth() >= queue.config.max_depth {
+            return Applied::Rejected(Rejection::QueueFull {
+                queue: new.queue.clone(),
+                max_depth: queue.config.max_depth,
+            });
+        }
+        let id = JobId {
+            shard: self.shard,
+            seq: self.next_seq,
+        };
+        self.next_seq += 1;
+        let job = Job {
+            id,
+            queue: new.queue.clone(),
+            payload: new.payload.clone(),
+            headers: new.headers.clone(),
+            priority: new.priority,
+            status: Status::Pending,
+            attempt: 0,
+            max_attempts: new.max_attempts.unwrap_or(queue.config.max_attempts).max(1),
+            lease_timeout_ms: new
+                .lease_timeout_ms
+                .unwrap_or(queue.config.lease_timeout_ms),
+            created_ms: now,
+            run_at_ms: new
+                .run_at_ms
+                .unwrap_or_else(|| now.saturating_add(new.delay_ms)),
+            finished_ms: None,
+            result: Vec::new(),
+            error: String::new(),
+            idempotency_key: new.idempotency_key.clone(),
+            last_token: FencingToken(0),
+            last_worker_id: String::new(),
+            progress: String::new(),
+            history: Vec::new(),
+        };
+        if let Some(key) = &new.idempotency_key {
+            queue.idempotency.insert(key.clone(), id);
+        }
+        queue.pending.insert(PendingKey::of(&job));
+        let state = job.state_at(now);
+        self.jobs.insert(id, job);
+        events.push(Event::WorkAvailable {
+            queue: new.queue.clone(),
+        });
+        Applied::Enqueued {
+            job_id: id,
+            created: true,
+            state,
+        }
+    }
+
+    fn fill_session(
+        &mut self,
+        index: u64,
+        position: &mut u64,
+        session_id: &SessionId,
+        out: &mut Vec<Assignment>,
+    ) {
+        let now = self.now_ms;
+        let Some(session) = self.sessions.get(session_id) else {
+            return;
+        };
+        let mut slots = session.free_slots();
+        let queue_names = session.queues.clone();
+        let worker_id = session.worker_id.clone();
+        while slots > 0 {
+            // The best due job across the session's queues.
+            let best = queue_names
+                .iter()
+                .filter_map(|name| {
+                    let queue = self.queues.get(name)?;
+                    if !queue.can_dispatch(now) {
+                        return None;
+                    }
+                    queue.first_due(now).map(|key| (key, name))
+                })
+                .min_by_key(|(key, _)| *key);
+            let Some((key, queue_name)) = best else { break };
+            let queue_name = queue_name.clone();
+            let job_id = JobId {
+                shard: self.shard,
+                seq: key.seq,
+            };
+            let token = FencingToken::new(index, *position);
+            *position += 1;
+            assert!(
+                token > self.last_token,
+                "fencing token {token} not above {}",
+                self.last_token
+            );
+            self.last_token = token;
+            let queue = self.queues.get_mut(&queue_name).expect("picked from it");
+            queue.pending.remove(&key);
+            queue.active += 1;
+            queue.note_dispatch(now);
+            let job = self
+                .jobs
+                .get_mut(&job_id)
+                .expect("pending key of a missing job");
+            job.attempt += 1;
+            let deadline = now.saturating_add(job.lease_timeout_ms);
+            job.status = Status::Active(Lease {
+                session_id: session_id.clone(),
+                token,
+                started_ms: now,
+                deadline_ms: deadline,
+            });
+            job.last_token = token;
+            job.last_worker_id.clone_from(&worker_id);
+            job.progress.clear();
+            job.push_attempt(AttemptRecord {
+                attempt: job.attempt,
+                worker_id: worker_id.clone(),
+                session_id: session_id.clone(),
+                token,
+                started_ms: now,
+                finished_ms: None,
+                outcome: Outcome::Running,
+                error: String::new(),
+            });
+            self.lease_deadlines.insert((deadline, job_id));
+            self.sessions
+                .get_mut(session_id)
+                .expect("checked above")
+                .held
+                .insert(job_id);
+            out.push(Assignment {
+                session_id: session_id.clone(),
+                job_id,
+                token,
+                attempt: job.attempt,
+                lease_deadline_ms: deadline,
+            });
+            slots -= 1;
+        }
+    }
+
+    /// Checks that `token` holds the job's current lease. `Ok(None)` means a
+    /// repeat of a result already recorded for that token with `outcome`.
+    fn check_lease(
+        &self,
+        job_id: JobId,
+        token: FencingToken,
+        repeat_of: &[Outcome],
+    ) -> Result<Option<()>, Rejection> {
+        let job = self
+            .jobs
+            .get(&job_id)
+            .ok_or(Rejection::JobNotFound(job_id))?;
+        match job.lease() {
+            Some(lease) if lease.token == token => Ok(Some(())),
+            _ => match job.attempt_with_token(token) {
+                Some(record) if repeat_of.contains(&record.outcome) => Ok(None),
+                _ => Err(Rejection::StaleLease { job_id, token }),
+            },
+        }
+    }
+
+    /// Ends the current lease of `job_id`: index, session and counters.
+    /// Returns the lease.
+    fn end_lease(&mut self, job_id: JobId) -> Lease {
+        let job = self.jobs.get_mut(&job_id).expect("lease of a missing job");
+        let Status::Active(lease) = std::mem::replace(&mut job.status, Status::Pending) else {
+            panic!("job {job_id} has no lease to end");
+        };
+        let queue = job.queue.clone();
+        self.lease_deadlines.remove(&(lease.deadline_ms, job_id));
+        if let Some(session) = self.sessions.get_mut(&lease.session_id) {
+            session.held.remove(&job_id);
+        }
+        self.queues.get_mut(&queue).expect("queue of a job").active -= 1;
+        lease
+    }
+
+    fn complete(
+        &mut self,
+        job_id: JobId,
+        token: FencingToken,
+        result: &[u8],
+        events: &mut Vec<Event>,
+    ) -> Applied {
+        match self.check_lease(job_id, token, &[Outcome::Succeeded]) {
+            Err(rejection) => return Applied::Rejected(rejection),
+            Ok(None) => {
+                return Applied::Accepted {
+                    lease_deadline_ms: None,
+                };
+            }
+            Ok(Some(())) => {}
+        }
+        let lease = self.end_lease(job_id);
+        let now = self.now_ms;
+        let job = self.jobs.get_mut(&job_id).expect("checked");
+        job.close_attempt(lease.token, now, Outcome::Succeeded, "");
+        job.result = result.to_vec();
+        self.finish(job_id, Status::Succeeded, events);
+        events.push(Event::CapacityFreed {
+            session_id: lease.session_id,
+        });
+        Applied::Accepted {
+            lease_deadline_ms: None,
+        }
+    }
+
+    fn fail(
+        &mut self,
+        job_id: JobId,
+        token: FencingToken,
+        error: &str,
+        retry: &RetryRequest,
+        events: &mut Vec<Event>,
+    ) -> Applied {
+        match self.check_lease(job_id, token, &[Outcome::Failed]) {
+            Err(rejection) => return Applied::Rejected(rejection),
+            Ok(None) => {
+                return Applied::Accepted {
+                    lease_deadline_ms: None,
+                };
+            }
+            Ok(Some(())) => {}
+        }
+        let lease = self.end_lease(job_id);
+        let now = self.now_ms;
+        let job = self.jobs.get_mut(&job_id).expect("checked");
+        job.close_attempt(lease.token, now, Outcome::Failed, error);
+        job.error = error.to_owned();
+        let attempts_left = job.attempt < job.max_attempts;
+        let delay_ms = match retry {
+            RetryRequest::Never => None,
+            _ if !attempts_left => None,
+            RetryRequest::After { delay_ms } => Some(*delay_ms),
+            RetryRequest::Backoff { jitter_permille } => {
+                let config = &self.queues[&job.queue].config;
+                Some(config.backoff_ms(job.attempt, *jitter_permille))
+            }
+        };
+        match delay_ms {
+            Some(delay) => self.requeue(job_id, now.saturating_add(delay), events),
+            None => self.finish(job_id, Status::Failed, events),
+        }
+        events.push(Event::CapacityFreed {
+            session_id: lease.session_id,
+        });
+        Applied::Accepted {
+            lease_deadline_ms: None,
+        }
+    }
+
+    fn release(&mut self, job_id: JobId, token: FencingToken, events: &mut Vec<Event>) -> Applied {
+        match self.check_lease(job_id, token, &[Outcome::Released]) {
+            Err(rejection) => return Applied::Rejected(rejection),
+            Ok(None) => {
+                return Applied::Accepted {
+                    lease_deadline_ms: None,
+                };
+            }
+            Ok(Some(())) => {}
+        }
+        let lease = self.end_lease(job_id);
+        let now = self.now_ms;
+        let job = self.jobs.get_mut(&job_id).expect("checked");
+        job.close_attempt(lease.token, now, Outcome::Released, "");
+        // Given back unstarted: the attempt does not count.
+        job.attempt -= 1;
+        let run_at = job.run_at_ms;
+        self.requeue(job_id, run_at.min(now), events);
+        events.push(Event::CapacityFreed {
+            session_id: lease.session_id,
+        });
+        Applied::Accepted {
+            lease_deadline_ms: None,
+        }
+    }
+
+    fn progress(
+        &mut self,
+        job_id: JobId,
+        token: FencingToken,
+        message: &str,
+        extend_ms: Option<u64>,
+    ) -> Applied {
+        if let Err(rejection) = self.check_lease(job_id, token, &[]) {
+            return Applied::Rejected(rejection);
+        }
+        let now = self.now_ms;
+        let job = self.jobs.get_mut(&job_id).expect("checked");
+        if !message.is_empty() {
+            job.progress = message.to_owned();
+        }
+        let Status::Active(lease) = &mut job.status else {
+            unreachable!("checked lease")
+        };
+        if let Some(extend) = extend_ms {
+            let deadline = now.saturating_add(extend);
+            self.lease_deadlines.remove(&(lease.deadline_ms, job_id));
+            lease.deadline_ms = deadline;
+            self.lease_deadlines.insert((deadline, job_id));
+        }
+        Applied::Accepted {
+            lease_deadline_ms: Some(lease.deadline_ms),
+        }
+    }
+
+    /// A lease lost without a result: the attempt counts.
+    fn lose_lease(&mut self, job_id: JobId, outcome: Outcome, why: &str, events: &mut Vec<Event>) {
+        let lease = self.end_lease(job_id);
+        let now = self.now_ms;
+        let job = self.jobs.get_mut(&job_id).expect("had a lease");
+        job.close_attempt(lease.token, now, outcome, why);
+        events.push(Event::Revoked {
+            session_id: lease.session_id.clone(),
+            job_id,
+            token: lease.token,
+            reason: why.to_owned(),
+        });
+        events.push(Event::CapacityFreed {
+            session_id: lease.session_id,
+        });
+        if job.attempt >= job.max_attempts {
+            job.error = format!("{why} (attempt {} of {})", job.attempt, job.max_attempts);
+            self.finish(job_id, Status::Failed, events);
+        } else {
+            self.requeue(job_id, now, events);
+        }
+    }
+
+    fn expire_session(
+        &mut self,
+        session_id: &SessionId,
+        reason: ExpiryReason,
+        events: &mut Vec<Event>,
+    ) -> Applied {
+        let Some(session) = self.sessions.get(session_id) else {
+            return Applied::Rejected(Rejection::SessionNotFound(session_id.clone()));
+        };
+        let why = match reason {
+            ExpiryReason::Silent => "session expired: no heartbeat within session_ttl",
+            ExpiryReason::Admin => "session expired by an administrator",
+            ExpiryReason::Goodbye => "worker shut down while holding the job",
+        };
+        let held: Vec<JobId> = session.held.iter().copied().collect();
+        let mut lost = Vec::with_capacity(held.len());
+        for job_id in held {
+            let token = self.jobs[&job_id]
+                .lease()
+                .expect("held job has a lease")
+                .token;
+            lost.push((job_id, token));
+            self.lose_lease(job_id, Outcome::SessionExpired, why, events);
+        }
+        self.sessions.remove(session_id);
+        let released = lost.len() as u32;
+        let now = self.now_ms;
+        self.expired_order.insert((now, session_id.clone()));
+        self.expired_sessions.insert(
+            session_id.clone(),
+            ExpiredSession {
+                expired_ms: now,
+                reason,
+                lost,
+            },
+        );
+        Applied::SessionExpired { released }
+    }
+
+    fn cancel(&mut self, job_id: JobId, reason: &str, events: &mut Vec<Event>) -> Applied {
+        let Some(job) = self.jobs.get(&job_id) else {
+            return Applied::Rejected(Rejection::JobNotFound(job_id));
+        };
+        let now = self.now_ms;
+        if job.is_terminal() {
+            return Applied::Rejected(Rejection::AlreadyTerminal {
+                job_id,
+                state: job.state_at(now),
+            });
+        }
+        let why = if reason.is_empty() {
+            "cancelled".to_owned()
+        } else {
+            format!("cancelled: {reason}")
+        };
+        if job.lease().is_some() {
+            let lease = self.end_lease(job_id);
+            let job = self.jobs.get_mut(&job_id).expect("exists");
+            job.close_attempt(lease.token, now, Outcome::Cancelled, &why);
+            events.push(Event::Revoked {
+                session_id: lease.session_id.clone(),
+                job_id,
+                token: lease.token,
+                reason: why.clone(),
+            });
+            events.push(Event::CapacityFreed {
+                session_id: lease.session_id,
+            });
+        } else {
+            let key = PendingKey::of(job);
+            let queue = job.queue.clone();
+            self.queues
+                .get_mut(&queue)
+                .expect("queue of a job")
+                .pending
+                .remove(&key);
+        }
+        self.jobs.get_mut(&job_id).expect("exists").error = why;
+        self.finish(job_id, Status::Cancelled, events);
+        Applied::Job(Box::new(self.view(job_id, now).expect("exists")))
+    }
+
+    fn retry_job(&mut self, job_id: JobId, events: &mut Vec<Event>) -> Applied {
+        let Some(job) = self.jobs.get(&job_id) else {
+            return Applied::Rejected(Rejection::JobNotFound(job_id));
+        };
+        let now = self.now_ms;
+        if job.status != Status::Failed {
+            return Applied::Rejected(Rejection::NotFailed {
+                job_id,
+                state: job.state_at(now),
+            });
+        }
+        let finished = job.finished_ms.expect("terminal job has finished_ms");
+        let retention_ms = self.queues[&job.queue].config.retention_ms;
+        self.retention
+            .remove(&(finished.saturating_add(retention_ms), job_id));
+        let job = self.jobs.get_mut(&job_id).expect("exists");
+        job.attempt = 0;
+        job.finished_ms = None;
+        let queue = self.queues.get_mut(&job.queue).expect("queue of a job");
+        queue.failed -= 1;
+        self.requeue(job_id, now, events);
+        Applied::Job(Box::new(self.view(job_id, now).expect("exists")))
+    }
+
+    /// Back to pending (SCHEDULED or READY by `run_at_ms`).
+    fn requeue(&mut self, job_id: JobId, run_at_ms: u64, events: &mut Vec<Event>) {
+        let job = self
+            .jobs
+            .get_mut(&job_id)
+            .expect("requeue of a missing job");
+        job.status = Status::Pending;
+        job.run_at_ms = run_at_ms;
+        let key = PendingKey::of(job);
+        let queue = job.queue.clone();
+        self.queues
+            .get_mut(&queue)
+            .expect("queue of a job")
+            .pending
+            .insert(key);
+        events.push(Event::WorkAvailable { queue });
+    }
+
+    /// Into a terminal state; retained for the queue's `retention`.
+    fn finish(&mut self, job_id: JobId, status: Status, events: &mut Vec<Event>) {
+        let now = self.now_ms;
+        let job = self.jobs.get_mut(&job_id).expect("finish of a missing job");
+        let queue = self.queues.get_mut(&job.queue).expect("queue of a job");
+        match status {
+            Status::Succeeded => queue.succeeded += 1,
+            Status::Failed => queue.failed += 1,
+            Status::Cancelled => queue.cancelled += 1,
+            Status::Pending | Status::Active(_) => {
+                unreachable!("finish into a non-terminal status")
+            }
+        }
+        job.status = status;
+        job.finished_ms = Some(now);
+        self.retention
+            .insert((now.saturating_add(queue.config.retention_ms), job_id));
+        events.push(Event::Finished { job_id });
+    }
+
+    /// Forgets a terminal job (retention passed, or purged).
+    fn drop_job(&mut self, job_id: JobId) {
+        let Some(job) = self.jobs.remove(&job_id) else {
+            return;
+        };
+        assert!(job.is_terminal(), "dropping non-terminal job {job_id}");
+        let queue = self.queues.get_mut(&job.queue).expect("queue of a job");
+        match job.status {
+            Status::Succeeded => queue.succeeded -= 1,
+            Status::Failed => queue.failed -= 1,
+            Status::Cancelled => queue.cancelled -= 1,
+            Status::Pending | Status::Active(_) => unreachable!(),
+        }
+        if let Some(key) = &job.idempotency_key {
+            if queue.idempotency.get(key) == Some(&job_id) {
+                queue.idempotency.remove(key);
+            }
+        }
+    }
+
+    fn purge(&mut self, queue_name: &str, state: JobState) -> Applied {
+        if state == JobState::Active {
+            return Applied::Rejected(Rejection::CannotPurge(state));
+        }
+        let now = self.now_ms;
+        let victims: Vec<JobId> = self
+            .jobs
+            .values()
+            .filter(|job| job.queue == queue_name && job.state_at(now) == state)
+            .map(|job| job.id)
+            .collect();
+        for &job_id in &victims {
+            let job = &self.jobs[&job_id];
+            if job.is_terminal() {
+                let finished = job.finished_ms.expect("terminal job has finished_ms");
+                let retention_ms = self.queues[queue_name].config.retention_ms;
+                self.retention
+                    .remove(&(finished.saturating_add(retention_ms), job_id));
+                self.drop_job(job_id);
+            } else {
+                let key = PendingKey::of(job);
+                let queue = self.queues.get_mut(queue_name).expect("queue of a job");
+                queue.pending.remove(&key);
+                if let Some(k) = &job.idempotency_key {
+                    if queue.idempotency.get(k) == Some(&job_id) {
+                        queue.idempotency.remove(k);
+                    }
+                }
+                self.jobs.remove(&job_id);
+            }
+        }
+        Applied::Purged {
+            count: victims.len() as u64,
+        }
+    }
+}
