@@ -4,20 +4,13 @@ use std::{env, path::PathBuf};
 
 use protox::prost::Message as _;
 
-const PROTOS: &[&str] = &[
-    "gantry/v1/job.proto",
-    "gantry/v1/jobs.proto",
-    "gantry/v1/worker.proto",
-    "gantry/v1/admin.proto",
-];
+const PROTOS: &[&str] =
+    &["gantry/v1/job.proto", "gantry/v1/jobs.proto", "gantry/v1/worker.proto", "gantry/v1/admin.proto"];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let descriptors = protox::compile(PROTOS, ["."])?;
     let out = PathBuf::from(env::var("OUT_DIR")?);
-    std::fs::write(
-        out.join("gantry_descriptor.bin"),
-        descriptors.encode_to_vec(),
-    )?;
+    std::fs::write(out.join("gantry_descriptor.bin"), descriptors.encode_to_vec())?;
     // `Worker.Connect` is part of the contract, and tonic's generated
     // `XClient::connect(endpoint)` constructor would clash with the RPC method:
     // clients are built with `XClient::new(channel)` instead.

@@ -1,1 +1,131 @@
-fn main() {}
+//! `gantry`: the broker (`gantry serve`) and its command-line client.
+
+use std::{path::PathBuf, time::Duration};
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use gantry_broker::{cli, config::Config, server};
+
+#[derive(Parser)]
+#[command(name = "gantry", version, about = "Gantry: a replicated job broker that never loses an acknowledged job")]
+struct Cli {
+    /// Log format.
+    #[arg(long, global = true, env = "GANTRY_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a broker node. With no flags: a single-node cluster, data in
+    /// ./gantry-data, clients on 127.0.0.1:50051.
+    Serve(Box<ServeArgs>),
+    #[command(flatten)]
+    Client(cli::Command),
+}
+
+/// Every flag is also an env var `GANTRY_<NAME>` and a key of the `--config` TOML file.
+#[derive(Args, Debug, Default)]
+struct ServeArgs {
+    /// TOML file with any of the keys below (kebab-case); flags and env win over it.
+    #[arg(long, env = "GANTRY_CONFIG")]
+    config: Option<PathBuf>,
+    #[arg(long, env = "GANTRY_NODE_ID")]
+    node_id: Option<u64>,
+    #[arg(long, env = "GANTRY_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Client gRPC address, e.g. 127.0.0.1:50051.
+    #[arg(long, env = "GANTRY_LISTEN")]
+    listen: Option<std::net::SocketAddr>,
+    /// Address others should use to reach this node.
+    #[arg(long, env = "GANTRY_ADVERTISE")]
+    advertise: Option<String>,
+    #[arg(long, env = "GANTRY_SHARDS")]
+    shards: Option<u32>,
+    /// e.g. 1s, 200ms.
+    #[arg(long, env = "GANTRY_HEARTBEAT_INTERVAL", value_parser = humantime::parse_duration)]
+    heartbeat_interval: Option<Duration>,
+    /// e.g. 10s.
+    #[arg(long, env = "GANTRY_SESSION_TTL", value_parser = humantime::parse_duration)]
+    session_ttl: Option<Duration>,
+    #[arg(long, env = "GANTRY_ELECTION_TIMEOUT", value_parser = humantime::parse_duration)]
+    election_timeout: Option<Duration>,
+    #[arg(long, env = "GANTRY_MAX_PAYLOAD_BYTES")]
+    max_payload_bytes: Option<usize>,
+    #[arg(long, env = "GANTRY_SNAPSHOT_EVERY")]
+    snapshot_every: Option<u64>,
+}
+
+impl ServeArgs {
+    fn into_config(self) -> anyhow::Result<Config> {
+        let mut config = match &self.config {
+            Some(path) => Config::from_toml_file(path)?,
+            None => Config::default(),
+        };
+        macro_rules! set {
+            ($($field:ident),*) => { $( if let Some(v) = self.$field { config.$field = v; } )* };
+        }
+        set!(
+            node_id,
+            data_dir,
+            listen,
+            shards,
+            heartbeat_interval,
+            session_ttl,
+            election_timeout,
+            max_payload_bytes,
+            snapshot_every
+        );
+        if self.advertise.is_some() {
+            config.advertise = self.advertise;
+        }
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+fn init_tracing(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("GANTRY_LOG")
+        .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn,raft_engine=warn"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+    tracing::info!("shutting down");
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(args) => {
+            init_tracing(&cli.log_format);
+            let config = (*args).into_config().context("invalid configuration")?;
+            server::run(config, shutdown_signal()).await.context("gantry serve")?;
+            Ok(())
+        }
+        Command::Client(command) => {
+            init_tracing(&cli.log_format);
+            cli::run(command).await
+        }
+    }
+}

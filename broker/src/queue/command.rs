@@ -199,16 +199,14 @@ pub enum Rejection {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Event {
     /// A session lost a job's lease while it may still be connected: tell it.
-    Revoked {
-        session_id: SessionId,
-        job_id: JobId,
-        token: FencingToken,
-        reason: String,
-    },
+    Revoked { session_id: SessionId, job_id: JobId, token: FencingToken, reason: String },
     /// A job reached a terminal state (wakes WaitJob).
     Finished { job_id: JobId },
     /// A queue may have gained due work (wakes the dispatcher).
     WorkAvailable { queue: String },
     /// A session's held jobs went down, so it can take more.
     CapacityFreed { session_id: SessionId },
+    /// A session is gone (expired, expired by an admin, or said goodbye):
+    /// its stream, if any, must be closed so the worker opens a new one.
+    SessionEnded { session_id: SessionId },
 }

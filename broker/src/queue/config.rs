@@ -74,10 +74,7 @@ impl QueueConfig {
     /// [50%, 100%] by the leader's jitter so a burst of failures spreads out.
     pub fn backoff_ms(&self, attempt: u32, jitter_permille: u16) -> u64 {
         let exp = attempt.saturating_sub(1).min(62);
-        let raw = self
-            .backoff_base_ms
-            .saturating_mul(1u64 << exp)
-            .min(self.backoff_max_ms);
+        let raw = self.backoff_base_ms.saturating_mul(1u64 << exp).min(self.backoff_max_ms);
         let jitter = u64::from(jitter_permille.min(1000));
         raw / 2 + (raw / 2).saturating_mul(jitter) / 1000
     }
@@ -89,11 +86,7 @@ mod tests {
 
     #[test]
     fn backoff_grows_then_caps_and_jitter_stays_in_band() {
-        let c = QueueConfig {
-            backoff_base_ms: 1000,
-            backoff_max_ms: 10_000,
-            ..Default::default()
-        };
+        let c = QueueConfig { backoff_base_ms: 1000, backoff_max_ms: 10_000, ..Default::default() };
         assert_eq!(c.backoff_ms(1, 1000), 1000);
         assert_eq!(c.backoff_ms(2, 1000), 2000);
         assert_eq!(c.backoff_ms(3, 0), 2000);

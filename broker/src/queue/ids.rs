@@ -6,9 +6,7 @@ use std::{fmt, str::FromStr};
 use serde::{Deserialize, Serialize};
 
 /// A shard is one Raft group; its id is also the group id in storage keys.
-#[derive(
-    Copy, Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
-)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct ShardId(pub u32);
 
 impl fmt::Display for ShardId {
@@ -44,10 +42,7 @@ impl FromStr for JobId {
         if !digits(shard) || !digits(seq) {
             return Err(bad());
         }
-        Ok(JobId {
-            shard: ShardId(shard.parse().map_err(|_| bad())?),
-            seq: seq.parse().map_err(|_| bad())?,
-        })
+        Ok(JobId { shard: ShardId(shard.parse().map_err(|_| bad())?), seq: seq.parse().map_err(|_| bad())? })
     }
 }
 
@@ -64,9 +59,7 @@ impl fmt::Display for SessionId {
 /// Made from the Raft log index of the entry that granted the lease and the
 /// assignment's position inside that entry, so every assignment of a shard
 /// gets a larger token than all earlier ones, on every replica.
-#[derive(
-    Copy, Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
-)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct FencingToken(pub u64);
 
 impl FencingToken {
@@ -75,14 +68,8 @@ impl FencingToken {
     pub const MAX_POSITIONS: u64 = 1 << Self::POSITION_BITS;
 
     pub fn new(log_index: u64, position: u64) -> Self {
-        assert!(
-            position < Self::MAX_POSITIONS,
-            "assignment position {position} overflows a fencing token"
-        );
-        assert!(
-            log_index < (1 << (64 - Self::POSITION_BITS)),
-            "log index {log_index} overflows a fencing token"
-        );
+        assert!(position < Self::MAX_POSITIONS, "assignment position {position} overflows a fencing token");
+        assert!(log_index < (1 << (64 - Self::POSITION_BITS)), "log index {log_index} overflows a fencing token");
         FencingToken((log_index << Self::POSITION_BITS) | position)
     }
 }
@@ -99,10 +86,7 @@ mod tests {
 
     #[test]
     fn job_id_round_trips_and_rejects_garbage() {
-        let id = JobId {
-            shard: ShardId(3),
-            seq: 17,
-        };
+        let id = JobId { shard: ShardId(3), seq: 17 };
         assert_eq!(id.to_string(), "3-17");
         assert_eq!("3-17".parse::<JobId>(), Ok(id));
         for bad in ["", "3", "-1", "3-", "a-1", "3-1-2", "3-+1", "99999999999-1"] {

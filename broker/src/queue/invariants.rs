@@ -16,59 +16,29 @@ pub fn check_invariants(state: &QueueState) {
     let mut held: BTreeMap<SessionId, BTreeSet<JobId>> = BTreeMap::new();
     for (id, job) in state.jobs() {
         assert_eq!(*id, job.id);
-        assert!(
-            job.attempt <= job.max_attempts,
-            "job {id}: attempt {} > max {}",
-            job.attempt,
-            job.max_attempts
-        );
-        assert!(
-            job.last_token <= state.last_token(),
-            "job {id} token above the shard's last"
-        );
+        assert!(job.attempt <= job.max_attempts, "job {id}: attempt {} > max {}", job.attempt, job.max_attempts);
+        assert!(job.last_token <= state.last_token(), "job {id} token above the shard's last");
         let slot = match &job.status {
             Status::Pending => {
-                assert!(
-                    job.attempt < job.max_attempts,
-                    "pending job {id} has no attempt left"
-                );
+                assert!(job.attempt < job.max_attempts, "pending job {id} has no attempt left");
                 0
             }
             Status::Active(lease) => {
                 assert_eq!(lease.token, job.last_token);
-                assert!(
-                    state.session(&lease.session_id).is_some(),
-                    "job {id} held by a dead session"
-                );
-                held.entry(lease.session_id.clone())
-                    .or_default()
-                    .insert(*id);
+                assert!(state.session(&lease.session_id).is_some(), "job {id} held by a dead session");
+                held.entry(lease.session_id.clone()).or_default().insert(*id);
                 1
             }
             Status::Succeeded => 2,
             Status::Failed => 3,
             Status::Cancelled => 4,
         };
-        assert_eq!(
-            job.is_terminal(),
-            job.finished_ms.is_some(),
-            "job {id}: finished_ms vs terminal"
-        );
+        assert_eq!(job.is_terminal(), job.finished_ms.is_some(), "job {id}: finished_ms vs terminal");
         counts.entry(job.queue.as_str()).or_default()[slot] += 1;
     }
     for (name, queue) in state.queues() {
         let c = counts.get(name.as_str()).copied().unwrap_or_default();
-        assert_eq!(
-            [
-                queue.pending(),
-                queue.active,
-                queue.succeeded,
-                queue.failed,
-                queue.cancelled
-            ],
-            c,
-            "queue {name}"
-        );
+        assert_eq!([queue.pending(), queue.active, queue.succeeded, queue.failed, queue.cancelled], c, "queue {name}");
         let (scheduled, ready) = queue.scheduled_and_ready(now);
         assert_eq!(scheduled + ready, queue.pending());
     }
@@ -77,11 +47,7 @@ pub fn check_invariants(state: &QueueState) {
         assert_eq!(session.held, expected, "session {id} held set");
     }
     assert!(held.is_empty(), "jobs held by unknown sessions: {held:?}");
-    let active = state
-        .jobs()
-        .values()
-        .filter(|j| j.lease().is_some())
-        .count();
+    let active = state.jobs().values().filter(|j| j.lease().is_some()).count();
     assert_eq!(state.next_lease_deadline_ms().is_some(), active > 0);
     // The snapshot of a state must restore to an equal state.
     let bytes = encode_snapshot_v1(state);

@@ -21,10 +21,7 @@ pub enum JobState {
 
 impl JobState {
     pub fn is_terminal(self) -> bool {
-        matches!(
-            self,
-            JobState::Succeeded | JobState::Failed | JobState::Cancelled
-        )
+        matches!(self, JobState::Succeeded | JobState::Failed | JobState::Cancelled)
     }
 }
 
@@ -116,10 +113,7 @@ impl Job {
     }
 
     pub fn is_terminal(&self) -> bool {
-        matches!(
-            self.status,
-            Status::Succeeded | Status::Failed | Status::Cancelled
-        )
+        matches!(self.status, Status::Succeeded | Status::Failed | Status::Cancelled)
     }
 
     /// The history record of the attempt that held `token`, if still kept.
@@ -127,13 +121,7 @@ impl Job {
         self.history.iter().rev().find(|r| r.token == token)
     }
 
-    pub(super) fn close_attempt(
-        &mut self,
-        token: FencingToken,
-        now_ms: u64,
-        outcome: Outcome,
-        error: &str,
-    ) {
+    pub(super) fn close_attempt(&mut self, token: FencingToken, now_ms: u64, outcome: Outcome, error: &str) {
         if let Some(r) = self.history.iter_mut().rev().find(|r| r.token == token) {
             r.finished_ms = Some(now_ms);
             r.outcome = outcome;

@@ -14,13 +14,10 @@ pub enum SnapshotError {
 }
 
 pub fn encode_snapshot_v1(state: &QueueState) -> Vec<u8> {
-    postcard::to_extend(state, MAGIC_V1.to_vec())
-        .expect("serializing the queue state into memory cannot fail")
+    postcard::to_extend(state, MAGIC_V1.to_vec()).expect("serializing the queue state into memory cannot fail")
 }
 
 pub fn decode_snapshot_v1(bytes: &[u8]) -> Result<QueueState, SnapshotError> {
-    let body = bytes
-        .strip_prefix(MAGIC_V1.as_slice())
-        .ok_or(SnapshotError::BadMagic)?;
+    let body = bytes.strip_prefix(MAGIC_V1.as_slice()).ok_or(SnapshotError::BadMagic)?;
     Ok(postcard::from_bytes(body)?)
 }

@@ -6,9 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::{Deserialize, Serialize};
 
 use super::{
-    command::{
-        Applied, Assignment, Batch, Command, Event, ExpiryReason, NewJob, Rejection, RetryRequest,
-    },
+    command::{Applied, Assignment, Batch, Command, Event, ExpiryReason, NewJob, Rejection, RetryRequest},
     config::{QueueConfig, QueueConfigUpdate},
     ids::{FencingToken, JobId, SessionId, ShardId},
     job::{AttemptRecord, Job, JobState, JobView, Lease, Outcome, Status},
@@ -29,11 +27,7 @@ struct PendingKey {
 
 impl PendingKey {
     fn of(job: &Job) -> Self {
-        PendingKey {
-            neg_priority: -i64::from(job.priority),
-            run_at_ms: job.run_at_ms,
-            seq: job.id.seq,
-        }
+        PendingKey { neg_priority: -i64::from(job.priority), run_at_ms: job.run_at_ms, seq: job.id.seq }
     }
 }
 
@@ -69,11 +63,7 @@ impl Queue {
             if key.run_at_ms <= now_ms {
                 return Some(key);
             }
-            let level_end = PendingKey {
-                neg_priority: key.neg_priority + 1,
-                run_at_ms: 0,
-                seq: 0,
-            };
+            let level_end = PendingKey { neg_priority: key.neg_priority + 1, run_at_ms: 0, seq: 0 };
             next = self.pending.range(level_end..).next().copied();
         }
         None
@@ -85,14 +75,15 @@ impl Queue {
         let mut next = self.pending.first().copied();
         while let Some(key) = next {
             best = Some(best.map_or(key.run_at_ms, |b| b.min(key.run_at_ms)));
-            let level_end = PendingKey {
-                neg_priority: key.neg_priority + 1,
-                run_at_ms: 0,
-                seq: 0,
-            };
+            let level_end = PendingKey { neg_priority: key.neg_priority + 1, run_at_ms: 0, seq: 0 };
             next = self.pending.range(level_end..).next().copied();
         }
         best
+    }
+
+    /// The earliest run_at among due jobs: how long work has been waiting.
+    pub fn oldest_due_run_at_ms(&self, now_ms: u64) -> Option<u64> {
+        self.pending.iter().filter(|k| k.run_at_ms <= now_ms).map(|k| k.run_at_ms).min()
     }
 
     /// Jobs that are pending but not yet due, and the ones that are due.
@@ -106,9 +97,7 @@ impl Queue {
         if self.paused {
             return false;
         }
-        if self.config.concurrency_limit > 0
-            && self.active >= u64::from(self.config.concurrency_limit)
-        {
+        if self.config.concurrency_limit > 0 && self.active >= u64::from(self.config.concurrency_limit) {
             return false;
         }
         if self.config.rate_limit > 0 {
@@ -118,6 +107,15 @@ impl Queue {
             }
         }
         true
+    }
+
+    /// A key stays taken while its job is retained; then it may be reused.
+    fn forget_idempotency_key(&mut self, key: Option<&str>, job_id: JobId) {
+        if let Some(key) = key
+            && self.idempotency.get(key) == Some(&job_id)
+        {
+            self.idempotency.remove(key);
+        }
     }
 
     fn note_dispatch(&mut self, now_ms: u64) {
@@ -215,10 +213,7 @@ impl QueueState {
     }
 
     pub fn view(&self, id: JobId, now_ms: u64) -> Option<JobView> {
-        self.jobs.get(&id).map(|job| JobView {
-            state: job.state_at(now_ms),
-            job: job.clone(),
-        })
+        self.jobs.get(&id).map(|job| JobView { state: job.state_at(now_ms), job: job.clone() })
     }
 
     pub fn jobs(&self) -> &BTreeMap<JobId, Job> {
@@ -260,28 +255,17 @@ impl QueueState {
             return false;
         };
         session.free_slots() > 0
-            && session.queues.iter().any(|q| {
-                self.queues
-                    .get(q)
-                    .is_some_and(|queue| queue.has_due(now_ms))
-            })
+            && session.queues.iter().any(|q| self.queues.get(q).is_some_and(|queue| queue.has_due(now_ms)))
     }
 
     /// Earliest run_at of a not-yet-due job in any of these queues.
     pub fn next_due_ms<'a>(&self, queues: impl IntoIterator<Item = &'a String>) -> Option<u64> {
-        queues
-            .into_iter()
-            .filter_map(|q| self.queues.get(q))
-            .filter_map(Queue::next_run_at_ms)
-            .min()
+        queues.into_iter().filter_map(|q| self.queues.get(q)).filter_map(Queue::next_run_at_ms).min()
     }
 
     /// Applies one committed log entry at `log_index`.
     pub fn apply(&mut self, log_index: u64, batch: &Batch) -> ApplyOutput {
-        let mut out = ApplyOutput {
-            results: Vec::with_capacity(batch.commands.len()),
-            events: Vec::new(),
-        };
+        let mut out = ApplyOutput { results: Vec::with_capacity(batch.commands.len()), events: Vec::new() };
         // Time passes first: a result that arrives in the same entry as its
         // lease's deadline is late.
         self.advance_time(batch.proposed_at_ms, &mut out.events);
@@ -301,12 +285,7 @@ impl QueueState {
                 break;
             }
             // end_lease removes this index entry, so the loop moves on.
-            self.lose_lease(
-                job_id,
-                Outcome::LeaseTimedOut,
-                "lease_timeout passed without a result",
-                events,
-            );
+            self.lose_lease(job_id, Outcome::LeaseTimedOut, "lease_timeout passed without a result", events);
         }
         while let Some(&(expires, job_id)) = self.retention.first() {
             if expires > now {
@@ -324,32 +303,18 @@ impl QueueState {
         }
     }
 
-    fn apply_command(
-        &mut self,
-        index: u64,
-        position: &mut u64,
-        command: &Command,
-        events: &mut Vec<Event>,
-    ) -> Applied {
+    fn apply_command(&mut self, index: u64, position: &mut u64, command: &Command, events: &mut Vec<Event>) -> Applied {
         match command {
             Command::Enqueue(new) => self.enqueue(new, events),
-            Command::OpenSession {
-                session_id,
-                worker_id,
-                queues,
-                max_in_flight,
-            } => {
+            Command::OpenSession { session_id, worker_id, queues, max_in_flight } => {
                 self.expired_sessions.remove(session_id);
-                let session = self
-                    .sessions
-                    .entry(session_id.clone())
-                    .or_insert_with(|| Session {
-                        worker_id: worker_id.clone(),
-                        queues: Vec::new(),
-                        max_in_flight: 0,
-                        held: BTreeSet::new(),
-                        opened_ms: self.now_ms,
-                    });
+                let session = self.sessions.entry(session_id.clone()).or_insert_with(|| Session {
+                    worker_id: worker_id.clone(),
+                    queues: Vec::new(),
+                    max_in_flight: 0,
+                    held: BTreeSet::new(),
+                    opened_ms: self.now_ms,
+                });
                 session.worker_id.clone_from(worker_id);
                 session.queues.clone_from(queues);
                 session.max_in_flight = *max_in_flight;
@@ -362,27 +327,13 @@ impl QueueState {
                 }
                 Applied::Dispatched { assignments }
             }
-            Command::Complete {
-                job_id,
-                token,
-                result,
-            } => self.complete(*job_id, *token, result, events),
-            Command::Fail {
-                job_id,
-                token,
-                error,
-                retry,
-            } => self.fail(*job_id, *token, error, retry, events),
+            Command::Complete { job_id, token, result } => self.complete(*job_id, *token, result, events),
+            Command::Fail { job_id, token, error, retry } => self.fail(*job_id, *token, error, retry, events),
             Command::Release { job_id, token } => self.release(*job_id, *token, events),
-            Command::Progress {
-                job_id,
-                token,
-                message,
-                extend_ms,
-            } => self.progress(*job_id, *token, message, *extend_ms),
-            Command::ExpireSession { session_id, reason } => {
-                self.expire_session(session_id, *reason, events)
+            Command::Progress { job_id, token, message, extend_ms } => {
+                self.progress(*job_id, *token, message, *extend_ms)
             }
+            Command::ExpireSession { session_id, reason } => self.expire_session(session_id, *reason, events),
             Command::Cancel { job_id, reason } => self.cancel(*job_id, reason, events),
             Command::RetryJob { job_id } => self.retry_job(*job_id, events),
             Command::PurgeQueue { queue, state } => self.purge(queue, *state),
@@ -396,9 +347,7 @@ impl QueueState {
             }
             Command::ResumeQueue { queue } => {
                 self.queue_mut(queue).paused = false;
-                events.push(Event::WorkAvailable {
-                    queue: queue.clone(),
-                });
+                events.push(Event::WorkAvailable { queue: queue.clone() });
                 Applied::QueueUpdated
             }
             Command::Tick => Applied::Ticked,
@@ -421,19 +370,9 @@ impl QueueState {
         self.queue_mut(&new.queue);
         // Field access, not queue_mut(), so jobs and counters stay borrowable.
         let queue = self.queues.get_mut(&new.queue).expect("created above");
-        if let Some(key) = &new.idempotency_key {
-            if let Some(&existing) = queue.idempotency.get(key) {
-                let state = self
-                    .jobs
-                    .get(&existing)
-                    .map(|j| j.state_at(now))
-                    .expect("idempotency key of a dropped job");
-                return Applied::Enqueued {
-                    job_id: existing,
-                    created: false,
-                    state,
-                };
-            }
+        if let Some(&existing) = new.idempotency_key.as_ref().and_then(|key| queue.idempotency.get(key)) {
+            let state = self.jobs.get(&existing).map(|j| j.state_at(now)).expect("idempotency key of a dropped job");
+            return Applied::Enqueued { job_id: existing, created: false, state };
         }
         if queue.config.max_depth > 0 && queue.depth() >= queue.config.max_depth {
             return Applied::Rejected(Rejection::QueueFull {
@@ -441,10 +380,7 @@ impl QueueState {
                 max_depth: queue.config.max_depth,
             });
         }
-        let id = JobId {
-            shard: self.shard,
-            seq: self.next_seq,
-        };
+        let id = JobId { shard: self.shard, seq: self.next_seq };
         self.next_seq += 1;
         let job = Job {
             id,
@@ -455,13 +391,9 @@ impl QueueState {
             status: Status::Pending,
             attempt: 0,
             max_attempts: new.max_attempts.unwrap_or(queue.config.max_attempts).max(1),
-            lease_timeout_ms: new
-                .lease_timeout_ms
-                .unwrap_or(queue.config.lease_timeout_ms),
+            lease_timeout_ms: new.lease_timeout_ms.unwrap_or(queue.config.lease_timeout_ms),
             created_ms: now,
-            run_at_ms: new
-                .run_at_ms
-                .unwrap_or_else(|| now.saturating_add(new.delay_ms)),
+            run_at_ms: new.run_at_ms.unwrap_or_else(|| now.saturating_add(new.delay_ms)),
             finished_ms: None,
             result: Vec::new(),
             error: String::new(),
@@ -477,23 +409,11 @@ impl QueueState {
         queue.pending.insert(PendingKey::of(&job));
         let state = job.state_at(now);
         self.jobs.insert(id, job);
-        events.push(Event::WorkAvailable {
-            queue: new.queue.clone(),
-        });
-        Applied::Enqueued {
-            job_id: id,
-            created: true,
-            state,
-        }
+        events.push(Event::WorkAvailable { queue: new.queue.clone() });
+        Applied::Enqueued { job_id: id, created: true, state }
     }
 
-    fn fill_session(
-        &mut self,
-        index: u64,
-        position: &mut u64,
-        session_id: &SessionId,
-        out: &mut Vec<Assignment>,
-    ) {
+    fn fill_session(&mut self, index: u64, position: &mut u64, session_id: &SessionId, out: &mut Vec<Assignment>) {
         let now = self.now_ms;
         let Some(session) = self.sessions.get(session_id) else {
             return;
@@ -515,34 +435,20 @@ impl QueueState {
                 .min_by_key(|(key, _)| *key);
             let Some((key, queue_name)) = best else { break };
             let queue_name = queue_name.clone();
-            let job_id = JobId {
-                shard: self.shard,
-                seq: key.seq,
-            };
+            let job_id = JobId { shard: self.shard, seq: key.seq };
             let token = FencingToken::new(index, *position);
             *position += 1;
-            assert!(
-                token > self.last_token,
-                "fencing token {token} not above {}",
-                self.last_token
-            );
+            assert!(token > self.last_token, "fencing token {token} not above {}", self.last_token);
             self.last_token = token;
             let queue = self.queues.get_mut(&queue_name).expect("picked from it");
             queue.pending.remove(&key);
             queue.active += 1;
             queue.note_dispatch(now);
-            let job = self
-                .jobs
-                .get_mut(&job_id)
-                .expect("pending key of a missing job");
+            let job = self.jobs.get_mut(&job_id).expect("pending key of a missing job");
             job.attempt += 1;
             let deadline = now.saturating_add(job.lease_timeout_ms);
-            job.status = Status::Active(Lease {
-                session_id: session_id.clone(),
-                token,
-                started_ms: now,
-                deadline_ms: deadline,
-            });
+            job.status =
+                Status::Active(Lease { session_id: session_id.clone(), token, started_ms: now, deadline_ms: deadline });
             job.last_token = token;
             job.last_worker_id.clone_from(&worker_id);
             job.progress.clear();
@@ -557,11 +463,7 @@ impl QueueState {
                 error: String::new(),
             });
             self.lease_deadlines.insert((deadline, job_id));
-            self.sessions
-                .get_mut(session_id)
-                .expect("checked above")
-                .held
-                .insert(job_id);
+            self.sessions.get_mut(session_id).expect("checked above").held.insert(job_id);
             out.push(Assignment {
                 session_id: session_id.clone(),
                 job_id,
@@ -575,16 +477,8 @@ impl QueueState {
 
     /// Checks that `token` holds the job's current lease. `Ok(None)` means a
     /// repeat of a result already recorded for that token with `outcome`.
-    fn check_lease(
-        &self,
-        job_id: JobId,
-        token: FencingToken,
-        repeat_of: &[Outcome],
-    ) -> Result<Option<()>, Rejection> {
-        let job = self
-            .jobs
-            .get(&job_id)
-            .ok_or(Rejection::JobNotFound(job_id))?;
+    fn check_lease(&self, job_id: JobId, token: FencingToken, repeat_of: &[Outcome]) -> Result<Option<()>, Rejection> {
+        let job = self.jobs.get(&job_id).ok_or(Rejection::JobNotFound(job_id))?;
         match job.lease() {
             Some(lease) if lease.token == token => Ok(Some(())),
             _ => match job.attempt_with_token(token) {
@@ -610,19 +504,11 @@ impl QueueState {
         lease
     }
 
-    fn complete(
-        &mut self,
-        job_id: JobId,
-        token: FencingToken,
-        result: &[u8],
-        events: &mut Vec<Event>,
-    ) -> Applied {
+    fn complete(&mut self, job_id: JobId, token: FencingToken, result: &[u8], events: &mut Vec<Event>) -> Applied {
         match self.check_lease(job_id, token, &[Outcome::Succeeded]) {
             Err(rejection) => return Applied::Rejected(rejection),
             Ok(None) => {
-                return Applied::Accepted {
-                    lease_deadline_ms: None,
-                };
+                return Applied::Accepted { lease_deadline_ms: None };
             }
             Ok(Some(())) => {}
         }
@@ -632,12 +518,8 @@ impl QueueState {
         job.close_attempt(lease.token, now, Outcome::Succeeded, "");
         job.result = result.to_vec();
         self.finish(job_id, Status::Succeeded, events);
-        events.push(Event::CapacityFreed {
-            session_id: lease.session_id,
-        });
-        Applied::Accepted {
-            lease_deadline_ms: None,
-        }
+        events.push(Event::CapacityFreed { session_id: lease.session_id });
+        Applied::Accepted { lease_deadline_ms: None }
     }
 
     fn fail(
@@ -651,9 +533,7 @@ impl QueueState {
         match self.check_lease(job_id, token, &[Outcome::Failed]) {
             Err(rejection) => return Applied::Rejected(rejection),
             Ok(None) => {
-                return Applied::Accepted {
-                    lease_deadline_ms: None,
-                };
+                return Applied::Accepted { lease_deadline_ms: None };
             }
             Ok(Some(())) => {}
         }
@@ -676,21 +556,15 @@ impl QueueState {
             Some(delay) => self.requeue(job_id, now.saturating_add(delay), events),
             None => self.finish(job_id, Status::Failed, events),
         }
-        events.push(Event::CapacityFreed {
-            session_id: lease.session_id,
-        });
-        Applied::Accepted {
-            lease_deadline_ms: None,
-        }
+        events.push(Event::CapacityFreed { session_id: lease.session_id });
+        Applied::Accepted { lease_deadline_ms: None }
     }
 
     fn release(&mut self, job_id: JobId, token: FencingToken, events: &mut Vec<Event>) -> Applied {
         match self.check_lease(job_id, token, &[Outcome::Released]) {
             Err(rejection) => return Applied::Rejected(rejection),
             Ok(None) => {
-                return Applied::Accepted {
-                    lease_deadline_ms: None,
-                };
+                return Applied::Accepted { lease_deadline_ms: None };
             }
             Ok(Some(())) => {}
         }
@@ -702,21 +576,11 @@ impl QueueState {
         job.attempt -= 1;
         let run_at = job.run_at_ms;
         self.requeue(job_id, run_at.min(now), events);
-        events.push(Event::CapacityFreed {
-            session_id: lease.session_id,
-        });
-        Applied::Accepted {
-            lease_deadline_ms: None,
-        }
+        events.push(Event::CapacityFreed { session_id: lease.session_id });
+        Applied::Accepted { lease_deadline_ms: None }
     }
 
-    fn progress(
-        &mut self,
-        job_id: JobId,
-        token: FencingToken,
-        message: &str,
-        extend_ms: Option<u64>,
-    ) -> Applied {
+    fn progress(&mut self, job_id: JobId, token: FencingToken, message: &str, extend_ms: Option<u64>) -> Applied {
         if let Err(rejection) = self.check_lease(job_id, token, &[]) {
             return Applied::Rejected(rejection);
         }
@@ -725,18 +589,14 @@ impl QueueState {
         if !message.is_empty() {
             job.progress = message.to_owned();
         }
-        let Status::Active(lease) = &mut job.status else {
-            unreachable!("checked lease")
-        };
+        let Status::Active(lease) = &mut job.status else { unreachable!("checked lease") };
         if let Some(extend) = extend_ms {
             let deadline = now.saturating_add(extend);
             self.lease_deadlines.remove(&(lease.deadline_ms, job_id));
             lease.deadline_ms = deadline;
             self.lease_deadlines.insert((deadline, job_id));
         }
-        Applied::Accepted {
-            lease_deadline_ms: Some(lease.deadline_ms),
-        }
+        Applied::Accepted { lease_deadline_ms: Some(lease.deadline_ms) }
     }
 
     /// A lease lost without a result: the attempt counts.
@@ -751,9 +611,7 @@ impl QueueState {
             token: lease.token,
             reason: why.to_owned(),
         });
-        events.push(Event::CapacityFreed {
-            session_id: lease.session_id,
-        });
+        events.push(Event::CapacityFreed { session_id: lease.session_id });
         if job.attempt >= job.max_attempts {
             job.error = format!("{why} (attempt {} of {})", job.attempt, job.max_attempts);
             self.finish(job_id, Status::Failed, events);
@@ -762,12 +620,7 @@ impl QueueState {
         }
     }
 
-    fn expire_session(
-        &mut self,
-        session_id: &SessionId,
-        reason: ExpiryReason,
-        events: &mut Vec<Event>,
-    ) -> Applied {
+    fn expire_session(&mut self, session_id: &SessionId, reason: ExpiryReason, events: &mut Vec<Event>) -> Applied {
         let Some(session) = self.sessions.get(session_id) else {
             return Applied::Rejected(Rejection::SessionNotFound(session_id.clone()));
         };
@@ -779,25 +632,16 @@ impl QueueState {
         let held: Vec<JobId> = session.held.iter().copied().collect();
         let mut lost = Vec::with_capacity(held.len());
         for job_id in held {
-            let token = self.jobs[&job_id]
-                .lease()
-                .expect("held job has a lease")
-                .token;
+            let token = self.jobs[&job_id].lease().expect("held job has a lease").token;
             lost.push((job_id, token));
             self.lose_lease(job_id, Outcome::SessionExpired, why, events);
         }
         self.sessions.remove(session_id);
+        events.push(Event::SessionEnded { session_id: session_id.clone() });
         let released = lost.len() as u32;
         let now = self.now_ms;
         self.expired_order.insert((now, session_id.clone()));
-        self.expired_sessions.insert(
-            session_id.clone(),
-            ExpiredSession {
-                expired_ms: now,
-                reason,
-                lost,
-            },
-        );
+        self.expired_sessions.insert(session_id.clone(), ExpiredSession { expired_ms: now, reason, lost });
         Applied::SessionExpired { released }
     }
 
@@ -807,16 +651,9 @@ impl QueueState {
         };
         let now = self.now_ms;
         if job.is_terminal() {
-            return Applied::Rejected(Rejection::AlreadyTerminal {
-                job_id,
-                state: job.state_at(now),
-            });
+            return Applied::Rejected(Rejection::AlreadyTerminal { job_id, state: job.state_at(now) });
         }
-        let why = if reason.is_empty() {
-            "cancelled".to_owned()
-        } else {
-            format!("cancelled: {reason}")
-        };
+        let why = if reason.is_empty() { "cancelled".to_owned() } else { format!("cancelled: {reason}") };
         if job.lease().is_some() {
             let lease = self.end_lease(job_id);
             let job = self.jobs.get_mut(&job_id).expect("exists");
@@ -827,17 +664,11 @@ impl QueueState {
                 token: lease.token,
                 reason: why.clone(),
             });
-            events.push(Event::CapacityFreed {
-                session_id: lease.session_id,
-            });
+            events.push(Event::CapacityFreed { session_id: lease.session_id });
         } else {
             let key = PendingKey::of(job);
             let queue = job.queue.clone();
-            self.queues
-                .get_mut(&queue)
-                .expect("queue of a job")
-                .pending
-                .remove(&key);
+            self.queues.get_mut(&queue).expect("queue of a job").pending.remove(&key);
         }
         self.jobs.get_mut(&job_id).expect("exists").error = why;
         self.finish(job_id, Status::Cancelled, events);
@@ -850,15 +681,11 @@ impl QueueState {
         };
         let now = self.now_ms;
         if job.status != Status::Failed {
-            return Applied::Rejected(Rejection::NotFailed {
-                job_id,
-                state: job.state_at(now),
-            });
+            return Applied::Rejected(Rejection::NotFailed { job_id, state: job.state_at(now) });
         }
         let finished = job.finished_ms.expect("terminal job has finished_ms");
         let retention_ms = self.queues[&job.queue].config.retention_ms;
-        self.retention
-            .remove(&(finished.saturating_add(retention_ms), job_id));
+        self.retention.remove(&(finished.saturating_add(retention_ms), job_id));
         let job = self.jobs.get_mut(&job_id).expect("exists");
         job.attempt = 0;
         job.finished_ms = None;
@@ -870,19 +697,12 @@ impl QueueState {
 
     /// Back to pending (SCHEDULED or READY by `run_at_ms`).
     fn requeue(&mut self, job_id: JobId, run_at_ms: u64, events: &mut Vec<Event>) {
-        let job = self
-            .jobs
-            .get_mut(&job_id)
-            .expect("requeue of a missing job");
+        let job = self.jobs.get_mut(&job_id).expect("requeue of a missing job");
         job.status = Status::Pending;
         job.run_at_ms = run_at_ms;
         let key = PendingKey::of(job);
         let queue = job.queue.clone();
-        self.queues
-            .get_mut(&queue)
-            .expect("queue of a job")
-            .pending
-            .insert(key);
+        self.queues.get_mut(&queue).expect("queue of a job").pending.insert(key);
         events.push(Event::WorkAvailable { queue });
     }
 
@@ -901,8 +721,7 @@ impl QueueState {
         }
         job.status = status;
         job.finished_ms = Some(now);
-        self.retention
-            .insert((now.saturating_add(queue.config.retention_ms), job_id));
+        self.retention.insert((now.saturating_add(queue.config.retention_ms), job_id));
         events.push(Event::Finished { job_id });
     }
 
@@ -919,11 +738,7 @@ impl QueueState {
             Status::Cancelled => queue.cancelled -= 1,
             Status::Pending | Status::Active(_) => unreachable!(),
         }
-        if let Some(key) = &job.idempotency_key {
-            if queue.idempotency.get(key) == Some(&job_id) {
-                queue.idempotency.remove(key);
-            }
-        }
+        queue.forget_idempotency_key(job.idempotency_key.as_deref(), job_id);
     }
 
     fn purge(&mut self, queue_name: &str, state: JobState) -> Applied {
@@ -942,23 +757,16 @@ impl QueueState {
             if job.is_terminal() {
                 let finished = job.finished_ms.expect("terminal job has finished_ms");
                 let retention_ms = self.queues[queue_name].config.retention_ms;
-                self.retention
-                    .remove(&(finished.saturating_add(retention_ms), job_id));
+                self.retention.remove(&(finished.saturating_add(retention_ms), job_id));
                 self.drop_job(job_id);
             } else {
                 let key = PendingKey::of(job);
                 let queue = self.queues.get_mut(queue_name).expect("queue of a job");
                 queue.pending.remove(&key);
-                if let Some(k) = &job.idempotency_key {
-                    if queue.idempotency.get(k) == Some(&job_id) {
-                        queue.idempotency.remove(k);
-                    }
-                }
+                queue.forget_idempotency_key(job.idempotency_key.as_deref(), job_id);
                 self.jobs.remove(&job_id);
             }
         }
-        Applied::Purged {
-            count: victims.len() as u64,
-        }
+        Applied::Purged { count: victims.len() as u64 }
     }
 }

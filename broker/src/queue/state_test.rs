@@ -20,20 +20,12 @@ struct Harness {
 
 impl Harness {
     fn new() -> Self {
-        Harness {
-            state: QueueState::new(SHARD),
-            index: 0,
-            now: 1_000_000,
-            log: Vec::new(),
-        }
+        Harness { state: QueueState::new(SHARD), index: 0, now: 1_000_000, log: Vec::new() }
     }
 
     fn run(&mut self, commands: Vec<Command>) -> ApplyOutput {
         self.index += 1;
-        let batch = Batch {
-            proposed_at_ms: self.now,
-            commands,
-        };
+        let batch = Batch { proposed_at_ms: self.now, commands };
         let out = self.state.apply(self.index, &batch);
         self.log.push(batch);
         check_invariants(&self.state);
@@ -64,19 +56,14 @@ impl Harness {
     }
 
     fn dispatch(&mut self, session: &SessionId) -> Vec<Assignment> {
-        match self.one(Command::Dispatch {
-            sessions: vec![session.clone()],
-        }) {
+        match self.one(Command::Dispatch { sessions: vec![session.clone()] }) {
             Applied::Dispatched { assignments } => assignments,
             other => panic!("dispatch: {other:?}"),
         }
     }
 
     fn state_of(&self, id: JobId) -> JobState {
-        self.state
-            .job(id)
-            .expect("job exists")
-            .state_at(self.state.now_ms())
+        self.state.job(id).expect("job exists").state_at(self.state.now_ms())
     }
 }
 
@@ -93,40 +80,16 @@ fn enqueue_assign_complete() {
     let a = h.dispatch(&s);
     assert_eq!(a.len(), 1);
     assert_eq!((a[0].job_id, a[0].attempt), (id, 1));
-    assert_eq!(
-        a[0].lease_deadline_ms,
-        h.now + config::DEFAULT_LEASE_TIMEOUT_MS
-    );
+    assert_eq!(a[0].lease_deadline_ms, h.now + config::DEFAULT_LEASE_TIMEOUT_MS);
     assert_eq!(h.state_of(id), JobState::Active);
-    let done = h.one(Command::Complete {
-        job_id: id,
-        token: a[0].token,
-        result: b"ok".to_vec(),
-    });
-    assert_eq!(
-        done,
-        Applied::Accepted {
-            lease_deadline_ms: None
-        }
-    );
+    let done = h.one(Command::Complete { job_id: id, token: a[0].token, result: b"ok".to_vec() });
+    assert_eq!(done, Applied::Accepted { lease_deadline_ms: None });
     let job = h.state.job(id).unwrap();
-    assert_eq!(
-        (h.state_of(id), job.result.as_slice()),
-        (JobState::Succeeded, b"ok".as_slice())
-    );
+    assert_eq!((h.state_of(id), job.result.as_slice()), (JobState::Succeeded, b"ok".as_slice()));
     assert_eq!(job.history[0].outcome, Outcome::Succeeded);
     // A repeat of the same result (say, resent after a reconnect) is accepted and changes nothing.
-    let again = h.one(Command::Complete {
-        job_id: id,
-        token: a[0].token,
-        result: b"other".to_vec(),
-    });
-    assert_eq!(
-        again,
-        Applied::Accepted {
-            lease_deadline_ms: None
-        }
-    );
+    let again = h.one(Command::Complete { job_id: id, token: a[0].token, result: b"other".to_vec() });
+    assert_eq!(again, Applied::Accepted { lease_deadline_ms: None });
     assert_eq!(h.state.job(id).unwrap().result, b"ok");
 }
 
@@ -134,15 +97,8 @@ fn enqueue_assign_complete() {
 fn dispatch_order_is_priority_then_run_at_then_enqueue_order() {
     let mut h = Harness::new();
     let low = h.enqueue(job("q"));
-    let high = h.enqueue(NewJob {
-        priority: 5,
-        ..job("q")
-    });
-    let delayed_high = h.enqueue(NewJob {
-        priority: 9,
-        delay_ms: 60_000,
-        ..job("q")
-    });
+    let high = h.enqueue(NewJob { priority: 5, ..job("q") });
+    let delayed_high = h.enqueue(NewJob { priority: 9, delay_ms: 60_000, ..job("q") });
     let low2 = h.enqueue(job("q"));
     assert_eq!(h.state_of(delayed_high), JobState::Scheduled);
     let s = h.open("s", &["q"], 10);
@@ -164,11 +120,7 @@ fn max_in_flight_bounds_dispatch_and_tokens_increase() {
     assert_eq!(first.len(), 2);
     assert!(first[0].token < first[1].token);
     assert!(h.dispatch(&s).is_empty());
-    h.one(Command::Complete {
-        job_id: first[0].job_id,
-        token: first[0].token,
-        result: vec![],
-    });
+    h.one(Command::Complete { job_id: first[0].job_id, token: first[0].token, result: vec![] });
     let next = h.dispatch(&s);
     assert_eq!(next.len(), 1);
     assert!(next[0].token > first[1].token);
@@ -180,66 +132,27 @@ fn stale_token_is_refused_and_changes_nothing() {
     let id = h.enqueue(job("q"));
     let s1 = h.open("s1", &["q"], 1);
     let a1 = h.dispatch(&s1)[0].clone();
-    let out = h.run(vec![Command::ExpireSession {
-        session_id: s1.clone(),
-        reason: ExpiryReason::Silent,
-    }]);
+    let out = h.run(vec![Command::ExpireSession { session_id: s1.clone(), reason: ExpiryReason::Silent }]);
     assert_eq!(out.results[0], Applied::SessionExpired { released: 1 });
-    assert!(
-        out.events
-            .iter()
-            .any(|e| matches!(e, Event::Revoked { job_id, .. } if *job_id == id))
-    );
-    assert_eq!(
-        h.state.expired_session(&s1).unwrap().lost,
-        vec![(id, a1.token)]
-    );
+    assert!(out.events.iter().any(|e| matches!(e, Event::Revoked { job_id, .. } if *job_id == id)));
+    assert_eq!(h.state.expired_session(&s1).unwrap().lost, vec![(id, a1.token)]);
     let s2 = h.open("s2", &["q"], 1);
     let a2 = h.dispatch(&s2)[0].clone();
     assert_eq!(a2.attempt, 2);
     assert!(a2.token > a1.token);
     let before = h.state.clone();
     for late in [
-        Command::Complete {
-            job_id: id,
-            token: a1.token,
-            result: vec![],
-        },
-        Command::Fail {
-            job_id: id,
-            token: a1.token,
-            error: "x".into(),
-            retry: RetryRequest::Never,
-        },
-        Command::Release {
-            job_id: id,
-            token: a1.token,
-        },
-        Command::Progress {
-            job_id: id,
-            token: a1.token,
-            message: "m".into(),
-            extend_ms: Some(1),
-        },
+        Command::Complete { job_id: id, token: a1.token, result: vec![] },
+        Command::Fail { job_id: id, token: a1.token, error: "x".into(), retry: RetryRequest::Never },
+        Command::Release { job_id: id, token: a1.token },
+        Command::Progress { job_id: id, token: a1.token, message: "m".into(), extend_ms: Some(1) },
     ] {
-        assert_eq!(
-            h.one(late),
-            Applied::Rejected(Rejection::StaleLease {
-                job_id: id,
-                token: a1.token
-            })
-        );
+        assert_eq!(h.one(late), Applied::Rejected(Rejection::StaleLease { job_id: id, token: a1.token }));
     }
     assert_eq!(h.state.job(id), before.job(id));
     assert_eq!(
-        h.one(Command::Complete {
-            job_id: id,
-            token: a2.token,
-            result: b"r".to_vec()
-        }),
-        Applied::Accepted {
-            lease_deadline_ms: None
-        }
+        h.one(Command::Complete { job_id: id, token: a2.token, result: b"r".to_vec() }),
+        Applied::Accepted { lease_deadline_ms: None }
     );
 }
 
@@ -266,38 +179,21 @@ fn fail_retry_after_backoff_and_no_retry() {
         job_id: id,
         token: a2.token,
         error: "e".into(),
-        retry: RetryRequest::Backoff {
-            jitter_permille: 1000,
-        },
+        retry: RetryRequest::Backoff { jitter_permille: 1000 },
     });
-    assert_eq!(
-        h.state.job(id).unwrap().run_at_ms,
-        h.now + 2000,
-        "base 1s doubled for attempt 2"
-    );
+    assert_eq!(h.state.job(id).unwrap().run_at_ms, h.now + 2000, "base 1s doubled for attempt 2");
     h.now += 2000;
     let a3 = h.dispatch(&s)[0].clone();
-    h.one(Command::Fail {
-        job_id: id,
-        token: a3.token,
-        error: "bad input".into(),
-        retry: RetryRequest::Never,
-    });
+    h.one(Command::Fail { job_id: id, token: a3.token, error: "bad input".into(), retry: RetryRequest::Never });
     let job = h.state.job(id).unwrap();
-    assert_eq!(
-        (h.state_of(id), job.error.as_str(), job.attempt),
-        (JobState::Failed, "bad input", 3)
-    );
+    assert_eq!((h.state_of(id), job.error.as_str(), job.attempt), (JobState::Failed, "bad input", 3));
 }
 
 #[test]
 fn attempts_exhausted_dead_letters_and_retry_job_redrives() {
     let mut h = Harness::new();
     let s = h.open("s", &["q"], 10);
-    let id = h.enqueue(NewJob {
-        max_attempts: Some(2),
-        ..job("q")
-    });
+    let id = h.enqueue(NewJob { max_attempts: Some(2), ..job("q") });
     for attempt in 1..=2 {
         let a = h.dispatch(&s)[0].clone();
         assert_eq!(a.attempt, attempt);
@@ -309,15 +205,10 @@ fn attempts_exhausted_dead_letters_and_retry_job_redrives() {
         });
     }
     assert_eq!(h.state_of(id), JobState::Failed);
-    assert!(
-        matches!(h.one(Command::RetryJob { job_id: id }), Applied::Job(v) if v.state == JobState::Ready)
-    );
+    assert!(matches!(h.one(Command::RetryJob { job_id: id }), Applied::Job(v) if v.state == JobState::Ready));
     let a = h.dispatch(&s)[0].clone();
     assert_eq!(a.attempt, 1, "attempts reset by RetryJob");
-    assert!(matches!(
-        h.one(Command::RetryJob { job_id: id }),
-        Applied::Rejected(Rejection::NotFailed { .. })
-    ));
+    assert!(matches!(h.one(Command::RetryJob { job_id: id }), Applied::Rejected(Rejection::NotFailed { .. })));
 }
 
 #[test]
@@ -326,14 +217,8 @@ fn release_does_not_count_the_attempt() {
     let s = h.open("s", &["q"], 1);
     let id = h.enqueue(job("q"));
     let a = h.dispatch(&s)[0].clone();
-    h.one(Command::Release {
-        job_id: id,
-        token: a.token,
-    });
-    assert_eq!(
-        (h.state_of(id), h.state.job(id).unwrap().attempt),
-        (JobState::Ready, 0)
-    );
+    h.one(Command::Release { job_id: id, token: a.token });
+    assert_eq!((h.state_of(id), h.state.job(id).unwrap().attempt), (JobState::Ready, 0));
     assert_eq!(h.dispatch(&s)[0].attempt, 1);
 }
 
@@ -341,55 +226,29 @@ fn release_does_not_count_the_attempt() {
 fn lease_timeout_and_progress_extension() {
     let mut h = Harness::new();
     let s = h.open("s", &["q"], 10);
-    let id = h.enqueue(NewJob {
-        lease_timeout_ms: Some(1000),
-        ..job("q")
-    });
+    let id = h.enqueue(NewJob { lease_timeout_ms: Some(1000), ..job("q") });
     let a = h.dispatch(&s)[0].clone();
     h.now += 900;
-    let p = h.one(Command::Progress {
-        job_id: id,
-        token: a.token,
-        message: "half".into(),
-        extend_ms: Some(1000),
-    });
-    assert_eq!(
-        p,
-        Applied::Accepted {
-            lease_deadline_ms: Some(h.now + 1000)
-        }
-    );
+    let p = h.one(Command::Progress { job_id: id, token: a.token, message: "half".into(), extend_ms: Some(1000) });
+    assert_eq!(p, Applied::Accepted { lease_deadline_ms: Some(h.now + 1000) });
     h.now += 500; // past the original deadline, inside the extended one
     h.one(Command::Tick);
     assert_eq!(h.state_of(id), JobState::Active);
     assert_eq!(h.state.job(id).unwrap().progress, "half");
     h.now += 500;
     let out = h.run(vec![Command::Tick]);
-    assert!(
-        out.events
-            .iter()
-            .any(|e| matches!(e, Event::Revoked { token, .. } if *token == a.token))
-    );
+    assert!(out.events.iter().any(|e| matches!(e, Event::Revoked { token, .. } if *token == a.token)));
     assert_eq!(h.state_of(id), JobState::Ready);
-    assert_eq!(
-        h.state.job(id).unwrap().history[0].outcome,
-        Outcome::LeaseTimedOut
-    );
+    assert_eq!(h.state.job(id).unwrap().history[0].outcome, Outcome::LeaseTimedOut);
 }
 
 #[test]
 fn session_expiry_with_last_attempt_dead_letters() {
     let mut h = Harness::new();
     let s = h.open("s", &["q"], 10);
-    let id = h.enqueue(NewJob {
-        max_attempts: Some(1),
-        ..job("q")
-    });
+    let id = h.enqueue(NewJob { max_attempts: Some(1), ..job("q") });
     h.dispatch(&s);
-    h.one(Command::ExpireSession {
-        session_id: s,
-        reason: ExpiryReason::Admin,
-    });
+    h.one(Command::ExpireSession { session_id: s, reason: ExpiryReason::Admin });
     assert_eq!(h.state_of(id), JobState::Failed);
     assert!(h.state.job(id).unwrap().error.contains("administrator"));
 }
@@ -402,10 +261,7 @@ fn cancel_pending_and_active() {
     let pending = h.enqueue(job("q"));
     let a = h.dispatch(&s)[0].clone();
     assert_eq!(a.job_id, active);
-    let out = h.run(vec![Command::Cancel {
-        job_id: active,
-        reason: "user".into(),
-    }]);
+    let out = h.run(vec![Command::Cancel { job_id: active, reason: "user".into() }]);
     assert!(matches!(&out.results[0], Applied::Job(v) if v.state == JobState::Cancelled));
     assert!(out.events.contains(&Event::Revoked {
         session_id: s.clone(),
@@ -413,72 +269,40 @@ fn cancel_pending_and_active() {
         token: a.token,
         reason: "cancelled: user".into()
     }));
+    assert!(matches!(h.one(Command::Cancel { job_id: pending, reason: String::new() }), Applied::Job(_)));
     assert!(matches!(
-        h.one(Command::Cancel {
-            job_id: pending,
-            reason: String::new()
-        }),
-        Applied::Job(_)
-    ));
-    assert!(matches!(
-        h.one(Command::Cancel {
-            job_id: pending,
-            reason: String::new()
-        }),
+        h.one(Command::Cancel { job_id: pending, reason: String::new() }),
         Applied::Rejected(Rejection::AlreadyTerminal { .. })
     ));
     assert!(h.dispatch(&s).is_empty());
-    let stale = h.one(Command::Complete {
-        job_id: active,
-        token: a.token,
-        result: vec![],
-    });
-    assert!(matches!(
-        stale,
-        Applied::Rejected(Rejection::StaleLease { .. })
-    ));
+    let stale = h.one(Command::Complete { job_id: active, token: a.token, result: vec![] });
+    assert!(matches!(stale, Applied::Rejected(Rejection::StaleLease { .. })));
 }
 
 #[test]
 fn idempotency_key_returns_the_first_job_while_retained() {
     let mut h = Harness::new();
-    let keyed = || NewJob {
-        idempotency_key: Some("k".into()),
-        ..job("q")
-    };
+    let keyed = || NewJob { idempotency_key: Some("k".into()), ..job("q") };
     let first = h.enqueue(keyed());
     match h.one(Command::Enqueue(keyed())) {
-        Applied::Enqueued {
-            job_id, created, ..
-        } => assert_eq!((job_id, created), (first, false)),
+        Applied::Enqueued { job_id, created, .. } => assert_eq!((job_id, created), (first, false)),
         other => panic!("{other:?}"),
     }
     // Another queue has its own keys.
-    match h.one(Command::Enqueue(NewJob {
-        queue: "other".into(),
-        ..keyed()
-    })) {
+    match h.one(Command::Enqueue(NewJob { queue: "other".into(), ..keyed() })) {
         Applied::Enqueued { created, .. } => assert!(created),
         other => panic!("{other:?}"),
     }
     h.one(Command::SetQueueConfig {
         queue: "q".into(),
-        update: QueueConfigUpdate {
-            retention_ms: Some(10),
-            ..Default::default()
-        },
+        update: QueueConfigUpdate { retention_ms: Some(10), ..Default::default() },
     });
-    h.one(Command::Cancel {
-        job_id: first,
-        reason: String::new(),
-    });
+    h.one(Command::Cancel { job_id: first, reason: String::new() });
     h.now += 11;
     h.one(Command::Tick);
     assert!(h.state.job(first).is_none(), "retention dropped the job");
     match h.one(Command::Enqueue(keyed())) {
-        Applied::Enqueued {
-            job_id, created, ..
-        } => assert!(created && job_id != first),
+        Applied::Enqueued { job_id, created, .. } => assert!(created && job_id != first),
         other => panic!("{other:?}"),
     }
 }
@@ -494,21 +318,11 @@ fn pause_resume_concurrency_and_max_depth() {
     h.one(Command::ResumeQueue { queue: "q".into() });
     h.one(Command::SetQueueConfig {
         queue: "q".into(),
-        update: QueueConfigUpdate {
-            concurrency_limit: Some(1),
-            max_depth: Some(2),
-            ..Default::default()
-        },
+        update: QueueConfigUpdate { concurrency_limit: Some(1), max_depth: Some(2), ..Default::default() },
     });
     assert_eq!(h.dispatch(&s).len(), 1, "concurrency limit 1");
     let full = h.one(Command::Enqueue(job("q")));
-    assert_eq!(
-        full,
-        Applied::Rejected(Rejection::QueueFull {
-            queue: "q".into(),
-            max_depth: 2
-        })
-    );
+    assert_eq!(full, Applied::Rejected(Rejection::QueueFull { queue: "q".into(), max_depth: 2 }));
 }
 
 #[test]
@@ -517,10 +331,7 @@ fn rate_limit_spreads_dispatches_over_seconds() {
     let s = h.open("s", &["q"], 10);
     h.one(Command::SetQueueConfig {
         queue: "q".into(),
-        update: QueueConfigUpdate {
-            rate_limit: Some(2),
-            ..Default::default()
-        },
+        update: QueueConfigUpdate { rate_limit: Some(2), ..Default::default() },
     });
     for _ in 0..5 {
         h.enqueue(job("q"));
@@ -537,43 +348,21 @@ fn purge_by_state() {
     let s = h.open("s", &["q"], 1);
     let done = h.enqueue(job("q"));
     h.enqueue(job("q"));
-    h.enqueue(NewJob {
-        delay_ms: 10_000,
-        ..job("q")
-    });
+    h.enqueue(NewJob { delay_ms: 10_000, ..job("q") });
     let a = h.dispatch(&s)[0].clone();
     assert_eq!(a.job_id, done);
     assert_eq!(
-        h.one(Command::PurgeQueue {
-            queue: "q".into(),
-            state: JobState::Active
-        }),
+        h.one(Command::PurgeQueue { queue: "q".into(), state: JobState::Active }),
         Applied::Rejected(Rejection::CannotPurge(JobState::Active))
     );
-    h.one(Command::Complete {
-        job_id: done,
-        token: a.token,
-        result: vec![],
-    });
+    h.one(Command::Complete { job_id: done, token: a.token, result: vec![] });
+    assert_eq!(h.one(Command::PurgeQueue { queue: "q".into(), state: JobState::Ready }), Applied::Purged { count: 1 });
     assert_eq!(
-        h.one(Command::PurgeQueue {
-            queue: "q".into(),
-            state: JobState::Ready
-        }),
+        h.one(Command::PurgeQueue { queue: "q".into(), state: JobState::Scheduled }),
         Applied::Purged { count: 1 }
     );
     assert_eq!(
-        h.one(Command::PurgeQueue {
-            queue: "q".into(),
-            state: JobState::Scheduled
-        }),
-        Applied::Purged { count: 1 }
-    );
-    assert_eq!(
-        h.one(Command::PurgeQueue {
-            queue: "q".into(),
-            state: JobState::Succeeded
-        }),
+        h.one(Command::PurgeQueue { queue: "q".into(), state: JobState::Succeeded }),
         Applied::Purged { count: 1 }
     );
     assert!(h.state.jobs().is_empty());
@@ -603,63 +392,20 @@ fn snapshot_rejects_foreign_bytes() {
 /// against what exists at that point, so most operations hit something real.
 #[derive(Clone, Debug)]
 enum Op {
-    Enqueue {
-        queue: u8,
-        priority: i8,
-        delay: u16,
-        max_attempts: u8,
-        key: Option<u8>,
-    },
-    Open {
-        session: u8,
-        queues: u8,
-        max_in_flight: u8,
-    },
-    Dispatch {
-        sessions: Vec<u8>,
-    },
-    Complete {
-        job: u8,
-        stale: bool,
-    },
-    Fail {
-        job: u8,
-        stale: bool,
-        retry: u8,
-        delay: u16,
-    },
-    Release {
-        job: u8,
-    },
-    Progress {
-        job: u8,
-        extend: Option<u16>,
-    },
-    Expire {
-        session: u8,
-    },
-    Cancel {
-        job: u8,
-    },
-    Retry {
-        job: u8,
-    },
-    Purge {
-        queue: u8,
-        state: u8,
-    },
-    Config {
-        queue: u8,
-        concurrency: u8,
-        retention: u16,
-    },
-    Pause {
-        queue: u8,
-        paused: bool,
-    },
-    AdvanceTime {
-        ms: u16,
-    },
+    Enqueue { queue: u8, priority: i8, delay: u16, max_attempts: u8, key: Option<u8> },
+    Open { session: u8, queues: u8, max_in_flight: u8 },
+    Dispatch { sessions: Vec<u8> },
+    Complete { job: u8, stale: bool },
+    Fail { job: u8, stale: bool, retry: u8, delay: u16 },
+    Release { job: u8 },
+    Progress { job: u8, extend: Option<u16> },
+    Expire { session: u8 },
+    Cancel { job: u8 },
+    Retry { job: u8 },
+    Purge { queue: u8, state: u8 },
+    Config { queue: u8, concurrency: u8, retention: u16 },
+    Pause { queue: u8, paused: bool },
+    AdvanceTime { ms: u16 },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -696,18 +442,10 @@ const STATES: [JobState; 6] = [
 fn command_for(h: &Harness, op: &Op, seen_tokens: &[(JobId, FencingToken)]) -> Option<Command> {
     let queue = |q: u8| format!("q{q}");
     let session = |s: u8| SessionId(format!("s{s}"));
-    let active: Vec<(JobId, FencingToken)> = h
-        .state
-        .jobs()
-        .values()
-        .filter_map(|j| j.lease().map(|l| (j.id, l.token)))
-        .collect();
+    let active: Vec<(JobId, FencingToken)> =
+        h.state.jobs().values().filter_map(|j| j.lease().map(|l| (j.id, l.token))).collect();
     let pick = |i: u8, stale: bool| -> Option<(JobId, FencingToken)> {
-        let pool = if stale || active.is_empty() {
-            seen_tokens
-        } else {
-            &active
-        };
+        let pool = if stale || active.is_empty() { seen_tokens } else { &active };
         (!pool.is_empty()).then(|| pool[i as usize % pool.len()])
     };
     let any_job = |i: u8| -> Option<JobId> {
@@ -715,65 +453,32 @@ fn command_for(h: &Harness, op: &Op, seen_tokens: &[(JobId, FencingToken)]) -> O
         (n > 0).then(|| *h.state.jobs().keys().nth(i as usize % n).expect("in range"))
     };
     Some(match op.clone() {
-        Op::Enqueue {
-            queue: q,
-            priority,
-            delay,
-            max_attempts,
-            key,
-        } => Command::Enqueue(NewJob {
+        Op::Enqueue { queue: q, priority, delay, max_attempts, key } => Command::Enqueue(NewJob {
             priority: priority.into(),
             delay_ms: delay.into(),
             max_attempts: (max_attempts > 0).then_some(max_attempts.into()),
             idempotency_key: key.map(|k| format!("k{k}")),
             ..NewJob::new(queue(q), vec![q])
         }),
-        Op::Open {
-            session: s,
-            queues,
-            max_in_flight,
-        } => Command::OpenSession {
+        Op::Open { session: s, queues, max_in_flight } => Command::OpenSession {
             session_id: session(s),
             worker_id: format!("w{s}"),
-            queues: (0..3u8)
-                .filter(|q| queues & (1 << q) != 0)
-                .map(queue)
-                .collect(),
+            queues: (0..3u8).filter(|q| queues & (1 << q) != 0).map(queue).collect(),
             max_in_flight: max_in_flight.into(),
         },
-        Op::Dispatch { sessions } => Command::Dispatch {
-            sessions: sessions.into_iter().map(session).collect(),
-        },
+        Op::Dispatch { sessions } => Command::Dispatch { sessions: sessions.into_iter().map(session).collect() },
         Op::Complete { job, stale } => {
             let (job_id, token) = pick(job, stale)?;
-            Command::Complete {
-                job_id,
-                token,
-                result: vec![1],
-            }
+            Command::Complete { job_id, token, result: vec![1] }
         }
-        Op::Fail {
-            job,
-            stale,
-            retry,
-            delay,
-        } => {
+        Op::Fail { job, stale, retry, delay } => {
             let (job_id, token) = pick(job, stale)?;
             let retry = match retry {
                 0 => RetryRequest::Never,
-                1 => RetryRequest::After {
-                    delay_ms: delay.into(),
-                },
-                _ => RetryRequest::Backoff {
-                    jitter_permille: delay % 1001,
-                },
+                1 => RetryRequest::After { delay_ms: delay.into() },
+                _ => RetryRequest::Backoff { jitter_permille: delay % 1001 },
             };
-            Command::Fail {
-                job_id,
-                token,
-                error: "e".into(),
-                retry,
-            }
+            Command::Fail { job_id, token, error: "e".into(), retry }
         }
         Op::Release { job } => {
             let (job_id, token) = pick(job, false)?;
@@ -781,33 +486,13 @@ fn command_for(h: &Harness, op: &Op, seen_tokens: &[(JobId, FencingToken)]) -> O
         }
         Op::Progress { job, extend } => {
             let (job_id, token) = pick(job, false)?;
-            Command::Progress {
-                job_id,
-                token,
-                message: "p".into(),
-                extend_ms: extend.map(u64::from),
-            }
+            Command::Progress { job_id, token, message: "p".into(), extend_ms: extend.map(u64::from) }
         }
-        Op::Expire { session: s } => Command::ExpireSession {
-            session_id: session(s),
-            reason: ExpiryReason::Silent,
-        },
-        Op::Cancel { job } => Command::Cancel {
-            job_id: any_job(job)?,
-            reason: "c".into(),
-        },
-        Op::Retry { job } => Command::RetryJob {
-            job_id: any_job(job)?,
-        },
-        Op::Purge { queue: q, state } => Command::PurgeQueue {
-            queue: queue(q),
-            state: STATES[state as usize % 6],
-        },
-        Op::Config {
-            queue: q,
-            concurrency,
-            retention,
-        } => Command::SetQueueConfig {
+        Op::Expire { session: s } => Command::ExpireSession { session_id: session(s), reason: ExpiryReason::Silent },
+        Op::Cancel { job } => Command::Cancel { job_id: any_job(job)?, reason: "c".into() },
+        Op::Retry { job } => Command::RetryJob { job_id: any_job(job)? },
+        Op::Purge { queue: q, state } => Command::PurgeQueue { queue: queue(q), state: STATES[state as usize % 6] },
+        Op::Config { queue: q, concurrency, retention } => Command::SetQueueConfig {
             queue: queue(q),
             update: QueueConfigUpdate {
                 concurrency_limit: Some(concurrency.into()),
@@ -816,14 +501,8 @@ fn command_for(h: &Harness, op: &Op, seen_tokens: &[(JobId, FencingToken)]) -> O
                 ..Default::default()
             },
         },
-        Op::Pause {
-            queue: q,
-            paused: true,
-        } => Command::PauseQueue { queue: queue(q) },
-        Op::Pause {
-            queue: q,
-            paused: false,
-        } => Command::ResumeQueue { queue: queue(q) },
+        Op::Pause { queue: q, paused: true } => Command::PauseQueue { queue: queue(q) },
+        Op::Pause { queue: q, paused: false } => Command::ResumeQueue { queue: queue(q) },
         Op::AdvanceTime { .. } => return None,
     })
 }

@@ -1,0 +1,110 @@
+//! The leader's memory and loops, per shard: the proposer that batches
+//! commands into log entries, the registry of live worker sessions, the
+//! dispatcher, and WaitJob waiters. Knows nothing of protobuf.
+
+mod dispatcher;
+pub mod proposer;
+pub mod registry;
+pub mod waiters;
+
+use std::{sync::Arc, time::Duration};
+
+use tokio::sync::{Notify, mpsc, watch};
+
+pub use self::{
+    proposer::Proposer,
+    registry::{Outbound, Registry},
+    waiters::Waiters,
+};
+use crate::{clock::Clock, queue::Event, raft::ShardRaft};
+
+#[derive(Clone, Debug)]
+pub struct DispatchSettings {
+    pub heartbeat_interval: Duration,
+    pub session_ttl: Duration,
+}
+
+impl DispatchSettings {
+    fn tick_interval(&self) -> Duration {
+        dispatcher::tick_interval(self.heartbeat_interval, self.session_ttl)
+    }
+}
+
+/// Everything this node runs for one shard.
+pub struct ShardNode {
+    pub raft: Arc<ShardRaft>,
+    pub proposer: Proposer,
+    pub registry: Registry,
+    pub waiters: Waiters,
+    pub clock: Arc<dyn Clock>,
+    pub settings: DispatchSettings,
+    wake: Arc<Notify>,
+}
+
+impl ShardNode {
+    /// Starts the proposer and the dispatch loop; `events` is the state
+    /// machine's event stream of this shard.
+    pub fn start(
+        raft: Arc<ShardRaft>,
+        events: mpsc::UnboundedReceiver<Vec<Event>>,
+        clock: Arc<dyn Clock>,
+        settings: DispatchSettings,
+        shutdown: watch::Receiver<bool>,
+    ) -> Arc<Self> {
+        let wake = Arc::new(Notify::new());
+        let node = Arc::new(ShardNode {
+            proposer: Proposer::spawn(raft.clone(), clock.clone()),
+            raft,
+            registry: Registry::default(),
+            waiters: Waiters::default(),
+            clock,
+            settings,
+            wake: wake.clone(),
+        });
+        tokio::spawn(dispatcher::run(node.clone(), events, wake, shutdown));
+        node
+    }
+
+    /// A session connected or asked for more: look for work now.
+    pub fn wake_dispatcher(&self) {
+        self.wake.notify_one();
+    }
+}
+
+/// This node's shards and how queues and jobs map onto them.
+pub struct Node {
+    pub node_id: u64,
+    pub advertise: String,
+    pub shards: Vec<Arc<ShardNode>>,
+    pub clock: Arc<dyn Clock>,
+    pub settings: DispatchSettings,
+}
+
+impl Node {
+    /// The shard that owns a queue: a stable hash (FNV-1a, 64 bit) of the
+    /// queue name modulo the shard count. Never change it: existing queues
+    /// would move.
+    pub fn shard_for_queue(&self, queue: &str) -> &Arc<ShardNode> {
+        &self.shards[(queue_hash(queue) % self.shards.len() as u64) as usize]
+    }
+
+    /// The shard a job id names, if this cluster has it.
+    pub fn shard_for_job(&self, job_id: crate::queue::JobId) -> Option<&Arc<ShardNode>> {
+        self.shards.iter().find(|s| s.raft.shard() == job_id.shard)
+    }
+}
+
+pub fn queue_hash(queue: &str) -> u64 {
+    queue.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn queue_hash_is_fnv1a() {
+        // Published FNV-1a 64 test vectors: the hash must never change.
+        assert_eq!(super::queue_hash(""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(super::queue_hash("a"), 0xaf63_dc4c_8601_ec8c);
+        assert_eq!(super::queue_hash("foobar"), 0x8594_4171_f739_67e8);
+    }
+}

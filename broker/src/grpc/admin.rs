@@ -1,0 +1,259 @@
+//! `gantry.v1.Admin`: what an operator runs with grpcurl or `gantry`.
+
+use std::sync::Arc;
+
+use gantry_proto::v1::{self as proto, admin_server::Admin};
+use tonic::{Request, Response, Status};
+
+use super::{
+    convert,
+    jobs::{propose_for_job, shard_of},
+    status, validate,
+};
+use crate::{
+    dispatch::{Node, ShardNode},
+    queue::{Applied, Command, ExpiryReason, JobId},
+};
+
+pub struct AdminService {
+    node: Arc<Node>,
+}
+
+impl AdminService {
+    pub fn new(node: Arc<Node>) -> Self {
+        AdminService { node }
+    }
+
+    fn queue_info(&self, name: &str) -> Result<proto::QueueInfo, Status> {
+        let shard = self.node.shard_for_queue(name);
+        let now = self.node.clock.now_ms();
+        let applied = shard.raft.state().read();
+        let queue = applied.queue.queue(name).ok_or_else(|| Status::not_found(format!("queue {name:?} not found")))?;
+        let oldest = queue.oldest_due_run_at_ms(now).map(|t| now.saturating_sub(t));
+        Ok(convert::queue_info(name, shard.raft.shard(), queue, now, oldest))
+    }
+
+    /// Proposes a queue-level command and answers the queue as it is after it.
+    async fn update_queue(&self, queue: String, command: Command) -> Result<Response<proto::QueueInfo>, Status> {
+        let shard = self.node.shard_for_queue(&queue);
+        match shard.proposer.propose(command).await.map_err(status::propose_error)? {
+            Applied::QueueUpdated => self.queue_info(&queue).map(Response::new),
+            Applied::Rejected(rejection) => Err(status::rejection(rejection)),
+            other => Err(status::unexpected("queue update", &other)),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    async fn cluster_status(
+        &self,
+        _request: Request<proto::ClusterStatusRequest>,
+    ) -> Result<Response<proto::ClusterStatusResponse>, Status> {
+        let mut nodes = std::collections::BTreeMap::new();
+        let shards = self
+            .node
+            .shards
+            .iter()
+            .map(|shard| {
+                let s = shard.raft.status();
+                for (id, address) in &s.nodes {
+                    let role = if s.voters.contains(id) { "voter" } else { "learner" };
+                    nodes.insert(*id, proto::NodeInfo { node_id: *id, address: address.clone(), role: role.into() });
+                }
+                proto::ShardStatus {
+                    shard: s.shard.0,
+                    leader_id: s.leader_id.unwrap_or(0),
+                    leader_address: s.leader_address.unwrap_or_default(),
+                    term: s.term,
+                    commit_index: s.commit_index,
+                    applied_index: s.applied_index,
+                    last_log_index: s.last_log_index,
+                    snapshot_index: s.snapshot_index,
+                    role: s.role.into(),
+                    voters: s.voters,
+                }
+            })
+            .collect();
+        Ok(Response::new(proto::ClusterStatusResponse {
+            node_id: self.node.node_id,
+            nodes: nodes.into_values().collect(),
+            shards,
+        }))
+    }
+
+    async fn list_queues(
+        &self,
+        _request: Request<proto::ListQueuesRequest>,
+    ) -> Result<Response<proto::ListQueuesResponse>, Status> {
+        let now = self.node.clock.now_ms();
+        let mut queues = Vec::new();
+        for shard in &self.node.shards {
+            let applied = shard.raft.state().read();
+            for (name, queue) in applied.queue.queues() {
+                let oldest = queue.oldest_due_run_at_ms(now).map(|t| now.saturating_sub(t));
+                queues.push(convert::queue_info(name, shard.raft.shard(), queue, now, oldest));
+            }
+        }
+        queues.sort_by(|a, b| a.queue.cmp(&b.queue));
+        Ok(Response::new(proto::ListQueuesResponse { queues }))
+    }
+
+    async fn get_queue(&self, request: Request<proto::GetQueueRequest>) -> Result<Response<proto::QueueInfo>, Status> {
+        let queue = &request.get_ref().queue;
+        validate::queue_name("queue", queue)?;
+        self.queue_info(queue).map(Response::new)
+    }
+
+    async fn set_queue_config(
+        &self,
+        request: Request<proto::SetQueueConfigRequest>,
+    ) -> Result<Response<proto::QueueInfo>, Status> {
+        let request = request.into_inner();
+        validate::queue_name("queue", &request.queue)?;
+        let config = request.config.ok_or_else(|| Status::invalid_argument("config: is required"))?;
+        let update = validate::queue_config_update(&config).map_err(|e| e.prefixed("config"))?;
+        let command = Command::SetQueueConfig { queue: request.queue.clone(), update };
+        self.update_queue(request.queue, command).await
+    }
+
+    async fn pause_queue(
+        &self,
+        request: Request<proto::PauseQueueRequest>,
+    ) -> Result<Response<proto::QueueInfo>, Status> {
+        let queue = request.into_inner().queue;
+        validate::queue_name("queue", &queue)?;
+        self.update_queue(queue.clone(), Command::PauseQueue { queue }).await
+    }
+
+    async fn resume_queue(
+        &self,
+        request: Request<proto::ResumeQueueRequest>,
+    ) -> Result<Response<proto::QueueInfo>, Status> {
+        let queue = request.into_inner().queue;
+        validate::queue_name("queue", &queue)?;
+        self.update_queue(queue.clone(), Command::ResumeQueue { queue }).await
+    }
+
+    async fn list_jobs(
+        &self,
+        request: Request<proto::ListJobsRequest>,
+    ) -> Result<Response<proto::ListJobsResponse>, Status> {
+        let request = request.into_inner();
+        validate::queue_name("queue", &request.queue)?;
+        let state = validate::list_state(request.state)?;
+        let limit = validate::list_limit(request.limit) as usize;
+        let after = validate::decode_page_token("page_token", &request.page_token)?;
+        let shard = self.node.shard_for_queue(&request.queue);
+        let now = self.node.clock.now_ms();
+        let applied = shard.raft.state().read();
+        let start = after.map_or(std::ops::Bound::Unbounded, std::ops::Bound::Excluded);
+        let mut matching = applied
+            .queue
+            .jobs()
+            .range((start, std::ops::Bound::Unbounded))
+            .map(|(_, job)| job)
+            .filter(|job| job.queue == request.queue && state.is_none_or(|s| job.state_at(now) == s));
+        let jobs: Vec<proto::Job> = matching
+            .by_ref()
+            .take(limit)
+            .map(|job| {
+                convert::job_to_proto(&crate::queue::JobView { state: job.state_at(now), job: job.clone() }, true)
+            })
+            .collect();
+        let next_page_token = match (jobs.len() == limit, matching.next()) {
+            (true, Some(_)) => {
+                let last: JobId = validate::job_id("", &jobs[limit - 1].id).map_err(|_| Status::internal("job id"))?;
+                validate::encode_page_token(last)
+            }
+            _ => String::new(),
+        };
+        Ok(Response::new(proto::ListJobsResponse { jobs, next_page_token }))
+    }
+
+    async fn retry_job(&self, request: Request<proto::RetryJobRequest>) -> Result<Response<proto::Job>, Status> {
+        let job_id = validate::job_id("job_id", &request.get_ref().job_id)?;
+        let shard = shard_of(&self.node, job_id)?;
+        propose_for_job(shard, Command::RetryJob { job_id }, "retry").await.map(Response::new)
+    }
+
+    async fn purge_queue(
+        &self,
+        request: Request<proto::PurgeQueueRequest>,
+    ) -> Result<Response<proto::PurgeQueueResponse>, Status> {
+        let request = request.into_inner();
+        validate::queue_name("queue", &request.queue)?;
+        let state = validate::purge_state(request.state)?;
+        let shard = self.node.shard_for_queue(&request.queue);
+        match shard.proposer.propose(Command::PurgeQueue { queue: request.queue, state }).await {
+            Ok(Applied::Purged { count }) => Ok(Response::new(proto::PurgeQueueResponse { purged: count })),
+            Ok(Applied::Rejected(rejection)) => Err(status::rejection(rejection)),
+            Ok(other) => Err(status::unexpected("purge", &other)),
+            Err(e) => Err(status::propose_error(e)),
+        }
+    }
+
+    async fn list_workers(
+        &self,
+        _request: Request<proto::ListWorkersRequest>,
+    ) -> Result<Response<proto::ListWorkersResponse>, Status> {
+        let mut workers = Vec::new();
+        for shard in &self.node.shards {
+            workers.extend(list_shard_workers(shard));
+        }
+        workers.sort_by(|a, b| a.session_id.cmp(&b.session_id));
+        workers.dedup_by(|a, b| a.session_id == b.session_id);
+        Ok(Response::new(proto::ListWorkersResponse { workers }))
+    }
+
+    async fn expire_session(
+        &self,
+        request: Request<proto::ExpireSessionRequest>,
+    ) -> Result<Response<proto::ExpireSessionResponse>, Status> {
+        let session_id = validate::required_session_id("session_id", &request.get_ref().session_id)?;
+        let mut released = 0;
+        let mut found = false;
+        for shard in &self.node.shards {
+            if shard.raft.state().read().queue.session(&session_id).is_none() {
+                continue;
+            }
+            let command = Command::ExpireSession { session_id: session_id.clone(), reason: ExpiryReason::Admin };
+            match shard.proposer.propose(command).await.map_err(status::propose_error)? {
+                Applied::SessionExpired { released: n } => {
+                    found = true;
+                    released += n;
+                }
+                // Expired meanwhile by the dispatcher: the same end result.
+                Applied::Rejected(crate::queue::Rejection::SessionNotFound(_)) => {}
+                other => return Err(status::unexpected("expire session", &other)),
+            }
+        }
+        if !found {
+            return Err(Status::not_found(format!(
+                "session {session_id} not found (never opened, or already expired)"
+            )));
+        }
+        Ok(Response::new(proto::ExpireSessionResponse { jobs_released: released }))
+    }
+}
+
+fn list_shard_workers(shard: &ShardNode) -> Vec<proto::WorkerInfo> {
+    let applied = shard.raft.state().read();
+    applied
+        .queue
+        .sessions()
+        .iter()
+        .map(|(session_id, session)| {
+            let live = shard.registry.info(session_id);
+            proto::WorkerInfo {
+                session_id: session_id.to_string(),
+                worker_id: session.worker_id.clone(),
+                queues: session.queues.clone(),
+                max_in_flight: session.max_in_flight,
+                in_flight: session.held.len() as u32,
+                last_heartbeat_age: live.as_ref().map(|l| convert::duration(l.last_seen_age.as_millis() as u64)),
+                connected: live.is_some_and(|l| l.connected),
+            }
+        })
+        .collect()
+}

@@ -1,0 +1,139 @@
+//! `gantry.v1.Jobs`: what producers call.
+
+use std::{collections::BTreeMap, sync::Arc};
+
+use gantry_proto::v1::{self as proto, jobs_server::Jobs};
+use tonic::{Request, Response, Status};
+
+use super::{convert, status, validate};
+use crate::{
+    dispatch::{Node, ShardNode},
+    queue::{Applied, Command, JobId},
+};
+
+pub struct JobsService {
+    node: Arc<Node>,
+    limits: validate::Limits,
+}
+
+impl JobsService {
+    pub fn new(node: Arc<Node>, limits: validate::Limits) -> Self {
+        JobsService { node, limits }
+    }
+}
+
+/// The shard of a job id, or NOT_FOUND: an id of a shard this cluster does
+/// not have cannot name one of its jobs.
+pub(super) fn shard_of(node: &Node, job_id: JobId) -> Result<&Arc<ShardNode>, Status> {
+    node.shard_for_job(job_id).ok_or_else(|| Status::not_found(format!("job {job_id} not found")))
+}
+
+pub(super) fn read_job(shard: &ShardNode, job_id: JobId) -> Result<proto::Job, Status> {
+    let now = shard.clock.now_ms();
+    let applied = shard.raft.state().read();
+    let view = applied.queue.view(job_id, now).ok_or_else(|| Status::not_found(format!("job {job_id} not found")))?;
+    Ok(convert::job_to_proto(&view, true))
+}
+
+/// Answers a command that yields a job (cancel, retry).
+pub(super) async fn propose_for_job(shard: &ShardNode, command: Command, what: &str) -> Result<proto::Job, Status> {
+    match shard.proposer.propose(command).await.map_err(status::propose_error)? {
+        Applied::Job(view) => Ok(convert::job_to_proto(&view, true)),
+        Applied::Rejected(rejection) => Err(status::rejection(rejection)),
+        other => Err(status::unexpected(what, &other)),
+    }
+}
+
+#[tonic::async_trait]
+impl Jobs for JobsService {
+    async fn enqueue(
+        &self,
+        request: Request<proto::EnqueueRequest>,
+    ) -> Result<Response<proto::EnqueueResponse>, Status> {
+        let new = validate::enqueue(request.get_ref(), &self.limits, self.node.clock.now_ms())?;
+        let shard = self.node.shard_for_queue(&new.queue);
+        match shard.proposer.propose(Command::Enqueue(new)).await.map_err(status::propose_error)? {
+            Applied::Enqueued { job_id, created, state } => Ok(Response::new(proto::EnqueueResponse {
+                job_id: job_id.to_string(),
+                created,
+                state: convert::job_state_to_proto(state) as i32,
+            })),
+            Applied::Rejected(rejection) => Err(status::rejection(rejection)),
+            other => Err(status::unexpected("enqueue", &other)),
+        }
+    }
+
+    async fn enqueue_batch(
+        &self,
+        request: Request<proto::EnqueueBatchRequest>,
+    ) -> Result<Response<proto::EnqueueBatchResponse>, Status> {
+        let now = self.node.clock.now_ms();
+        let jobs = validate::enqueue_batch(request.get_ref(), &self.limits, now)?;
+        let total = jobs.len();
+        // One log entry per shard, so each shard's part commits together.
+        let mut by_shard: BTreeMap<usize, (Vec<usize>, Vec<Command>)> = BTreeMap::new();
+        for (i, job) in jobs.into_iter().enumerate() {
+            let shard = self.node.shard_for_queue(&job.queue);
+            let slot = self.node.shards.iter().position(|s| Arc::ptr_eq(s, shard)).expect("shard of this node");
+            let (indexes, commands) = by_shard.entry(slot).or_default();
+            indexes.push(i);
+            commands.push(Command::Enqueue(job));
+        }
+        let proposals = by_shard.into_iter().map(|(slot, (indexes, commands))| {
+            let shard = self.node.shards[slot].clone();
+            async move { shard.proposer.propose_all(commands).await.map(|applied| (indexes, applied)) }
+        });
+        let mut results = vec![proto::EnqueueBatchResult::default(); total];
+        for outcome in futures::future::join_all(proposals).await {
+            let (indexes, applied) = outcome.map_err(status::propose_error)?;
+            for (i, applied) in indexes.into_iter().zip(applied) {
+                results[i] = match applied {
+                    Applied::Enqueued { job_id, created, state } => proto::EnqueueBatchResult {
+                        job_id: job_id.to_string(),
+                        created,
+                        state: convert::job_state_to_proto(state) as i32,
+                        error: String::new(),
+                    },
+                    Applied::Rejected(rejection) => {
+                        proto::EnqueueBatchResult { error: rejection.to_string(), ..Default::default() }
+                    }
+                    other => return Err(status::unexpected("enqueue", &other)),
+                };
+            }
+        }
+        Ok(Response::new(proto::EnqueueBatchResponse { results }))
+    }
+
+    async fn get_job(&self, request: Request<proto::GetJobRequest>) -> Result<Response<proto::Job>, Status> {
+        let job_id = validate::job_id("job_id", &request.get_ref().job_id)?;
+        let shard = shard_of(&self.node, job_id)?;
+        read_job(shard, job_id).map(Response::new)
+    }
+
+    async fn wait_job(&self, request: Request<proto::WaitJobRequest>) -> Result<Response<proto::Job>, Status> {
+        let request = request.into_inner();
+        let job_id = validate::job_id("job_id", &request.job_id)?;
+        let timeout = validate::wait_timeout(request.timeout.as_ref())?;
+        let shard = shard_of(&self.node, job_id)?;
+        // Register first: a finish between the read and the wait still wakes us.
+        let finished = shard.waiters.register(job_id);
+        let job = read_job(shard, job_id)?;
+        if is_terminal(&job) {
+            return Ok(Response::new(job));
+        }
+        let _ = tokio::time::timeout(timeout, finished).await;
+        read_job(shard, job_id).map(Response::new)
+    }
+
+    async fn cancel_job(&self, request: Request<proto::CancelJobRequest>) -> Result<Response<proto::Job>, Status> {
+        let command = validate::cancel(request.get_ref(), &self.limits)?;
+        let Command::Cancel { job_id, .. } = &command else { unreachable!("validate::cancel builds a Cancel") };
+        let shard = shard_of(&self.node, *job_id)?;
+        propose_for_job(shard, command, "cancel").await.map(Response::new)
+    }
+}
+
+fn is_terminal(job: &proto::Job) -> bool {
+    use proto::JobState::*;
+    matches!(proto::JobState::try_from(job.state), Ok(Succeeded | Failed | Cancelled))
+}

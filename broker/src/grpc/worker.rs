@@ -1,0 +1,355 @@
+//! `gantry.v1.Worker.Connect`: one bidirectional stream per worker process.
+//! Hello opens (or resumes) a session in every shard that owns one of its
+//! queues; assignments are pushed as the dispatcher commits them; every
+//! result is proposed and answered with an `ack`.
+
+use std::{
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+};
+
+use futures::Stream;
+use gantry_proto::v1::{self as proto, broker_message::Kind as Out, worker_message::Kind as In, worker_server::Worker};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::{convert, status, validate};
+use crate::{
+    dispatch::{Node, Outbound, ShardNode},
+    queue::{Applied, Command, JobId, Rejection, SessionId},
+};
+
+type OutTx = mpsc::UnboundedSender<Result<proto::BrokerMessage, Status>>;
+
+pub struct WorkerService {
+    node: Arc<Node>,
+    limits: validate::Limits,
+}
+
+impl WorkerService {
+    pub fn new(node: Arc<Node>, limits: validate::Limits) -> Self {
+        WorkerService { node, limits }
+    }
+}
+
+fn message(kind: Out) -> Result<proto::BrokerMessage, Status> {
+    Ok(proto::BrokerMessage { kind: Some(kind) })
+}
+
+/// A stream that is set up, as the rest of the connection sees it.
+struct Connection {
+    node: Arc<Node>,
+    limits: validate::Limits,
+    session_id: SessionId,
+    shards: Vec<Arc<ShardNode>>,
+    out: OutTx,
+    /// Set once the worker said goodbye, so the end of its session closes
+    /// the stream cleanly instead of as an error.
+    goodbye: Arc<AtomicBool>,
+}
+
+#[tonic::async_trait]
+impl Worker for WorkerService {
+    type ConnectStream = Pin<Box<dyn Stream<Item = Result<proto::BrokerMessage, Status>> + Send>>;
+
+    async fn connect(
+        &self,
+        request: Request<Streaming<proto::WorkerMessage>>,
+    ) -> Result<Response<Self::ConnectStream>, Status> {
+        let mut inbound = request.into_inner();
+        let ttl = self.node.settings.session_ttl;
+        let first = tokio::time::timeout(ttl, inbound.message())
+            .await
+            .map_err(|_| Status::deadline_exceeded("hello: no hello within session_ttl"))??
+            .ok_or_else(|| Status::invalid_argument("hello: the stream ended before hello"))?;
+        let Some(In::Hello(hello)) = first.kind else {
+            return Err(Status::invalid_argument("hello: the first message on Worker.Connect must be hello"));
+        };
+        let hello = validate::hello(&hello, &self.limits)?;
+
+        let mut shards: Vec<Arc<ShardNode>> = Vec::new();
+        for queue in &hello.queues {
+            let shard = self.node.shard_for_queue(queue);
+            if !shards.iter().any(|s| Arc::ptr_eq(s, shard)) {
+                shards.push(shard.clone());
+            }
+        }
+        let resumed = hello
+            .resume_session_id
+            .as_ref()
+            .filter(|id| shards.iter().any(|shard| shard.raft.state().read().queue.session(id).is_some()));
+        let session_id = match resumed {
+            Some(id) => id.clone(),
+            None => SessionId(format!("{}-{:016x}", self.node.node_id, rand::random::<u64>())),
+        };
+        let resumed = resumed.is_some();
+        // Replicated before the worker hears of it, so every replica knows
+        // the session that will hold jobs.
+        for shard in &shards {
+            let command = Command::OpenSession {
+                session_id: session_id.clone(),
+                worker_id: hello.worker_id.clone(),
+                queues: hello
+                    .queues
+                    .iter()
+                    .filter(|q| Arc::ptr_eq(self.node.shard_for_queue(q), shard))
+                    .cloned()
+                    .collect(),
+                max_in_flight: hello.max_in_flight,
+            };
+            match shard.proposer.propose(command).await.map_err(status::propose_error)? {
+                Applied::SessionOpened => {}
+                other => return Err(status::unexpected("open session", &other)),
+            }
+        }
+
+        let (out, out_rx) = mpsc::unbounded_channel();
+        let _ = out.send(message(Out::Welcome(proto::Welcome {
+            session_id: session_id.to_string(),
+            heartbeat_interval: Some(convert::duration(self.node.settings.heartbeat_interval.as_millis() as u64)),
+            session_ttl: Some(convert::duration(ttl.as_millis() as u64)),
+            node_id: self.node.node_id,
+            resumed,
+        })));
+        let connection = Arc::new(Connection {
+            node: self.node.clone(),
+            limits: self.limits.clone(),
+            session_id: session_id.clone(),
+            shards: shards.clone(),
+            out,
+            goodbye: Arc::new(AtomicBool::new(false)),
+        });
+        if let Some(old) = hello.resume_session_id.as_ref().filter(|_| !resumed) {
+            connection.revoke_lost_leases(old);
+        }
+        let mut generations = Vec::with_capacity(shards.len());
+        for shard in &shards {
+            let (tx, rx) = mpsc::unbounded_channel();
+            if resumed {
+                // An assignment committed just before a leader change or a
+                // broken stream must not wait for its lease to run out.
+                for assignment in held_assignments(shard, &session_id) {
+                    let _ = tx.send(Outbound::Assign(assignment));
+                }
+            }
+            generations.push(shard.registry.attach(&session_id, tx));
+            tokio::spawn(connection.clone().forward(shard.clone(), rx));
+            shard.wake_dispatcher();
+        }
+        tracing::info!(session = %session_id, worker = %hello.worker_id, queues = ?hello.queues, max_in_flight = hello.max_in_flight, resumed, "worker connected");
+        tokio::spawn(connection.serve(inbound, generations));
+        Ok(Response::new(Box::pin(UnboundedReceiverStream::new(out_rx))))
+    }
+}
+
+/// The assignments a session holds now, to send again on resume.
+fn held_assignments(shard: &ShardNode, session_id: &SessionId) -> Vec<crate::queue::Assignment> {
+    let applied = shard.raft.state().read();
+    let Some(session) = applied.queue.session(session_id) else { return Vec::new() };
+    session
+        .held
+        .iter()
+        .filter_map(|job_id| {
+            let job = applied.queue.job(*job_id)?;
+            let lease = job.lease()?;
+            Some(crate::queue::Assignment {
+                session_id: session_id.clone(),
+                job_id: *job_id,
+                token: lease.token,
+                attempt: job.attempt,
+                lease_deadline_ms: lease.deadline_ms,
+            })
+        })
+        .collect()
+}
+
+impl Connection {
+    /// A worker resuming a session that expired meanwhile is told of every
+    /// job it thought it held: those now belong to someone else.
+    fn revoke_lost_leases(&self, old: &SessionId) {
+        for shard in &self.shards {
+            let lost = shard.raft.state().read().queue.expired_session(old).map(|e| e.lost.clone()).unwrap_or_default();
+            for (job_id, token) in lost {
+                let _ = self.out.send(message(Out::Revoke(proto::Revoke {
+                    job_id: job_id.to_string(),
+                    fencing_token: token.0,
+                    reason: format!(
+                        "session {old} expired before this worker reconnected; the job went back to the queue"
+                    ),
+                })));
+            }
+        }
+    }
+
+    /// Turns the dispatcher's pushes into protobuf messages. Ends when the
+    /// registry drops the sender: the session ended, or another stream of
+    /// the same session took over.
+    async fn forward(self: Arc<Self>, shard: Arc<ShardNode>, mut rx: mpsc::UnboundedReceiver<Outbound>) {
+        while let Some(outbound) = rx.recv().await {
+            let kind = match outbound {
+                Outbound::Assign(a) => {
+                    let now = self.node.clock.now_ms();
+                    let applied = shard.raft.state().read();
+                    let Some(view) = applied.queue.view(a.job_id, now) else { continue };
+                    // Lost or finished since it was assigned: nothing to run.
+                    if view.job.lease().is_none_or(|l| l.token != a.token) {
+                        continue;
+                    }
+                    Out::Assign(proto::Assign {
+                        job: Some(convert::job_to_proto(&view, true)),
+                        fencing_token: a.token.0,
+                        attempt: a.attempt,
+                        lease_deadline: Some(convert::timestamp(a.lease_deadline_ms)),
+                    })
+                }
+                Outbound::Revoke { job_id, token, reason } => {
+                    Out::Revoke(proto::Revoke { job_id: job_id.to_string(), fencing_token: token.0, reason })
+                }
+            };
+            if self.out.send(message(kind)).is_err() {
+                return;
+            }
+        }
+        if !self.goodbye.load(Ordering::Acquire) {
+            let still_open = shard.raft.state().read().queue.session(&self.session_id).is_some();
+            let status = if still_open {
+                Status::aborted(format!("session {} was taken over by a newer stream", self.session_id))
+            } else {
+                Status::aborted(format!(
+                    "session {} has ended (expired: no heartbeat within session_ttl, or expired by an admin); reconnect to open a new one",
+                    self.session_id
+                ))
+            };
+            let _ = self.out.send(Err(status));
+        }
+    }
+
+    /// Reads the worker's messages until the stream ends.
+    async fn serve(self: Arc<Self>, mut inbound: Streaming<proto::WorkerMessage>, generations: Vec<u64>) {
+        loop {
+            let msg = match inbound.message().await {
+                Ok(Some(msg)) => msg,
+                Ok(None) => break,
+                Err(status) => {
+                    tracing::debug!(session = %self.session_id, %status, "worker stream broke");
+                    break;
+                }
+            };
+            for shard in &self.shards {
+                shard.registry.touch(&self.session_id);
+            }
+            let (command, job_id, token) = match msg.kind {
+                Some(In::Heartbeat(_)) => continue,
+                Some(In::Complete(c)) => (validate::complete(&c, &self.limits), c.job_id, c.fencing_token),
+                Some(In::Fail(f)) => {
+                    let jitter = rand::random_range(0..=1000u16);
+                    (validate::fail(&f, &self.limits, jitter), f.job_id, f.fencing_token)
+                }
+                Some(In::Release(r)) => (validate::release(&r), r.job_id, r.fencing_token),
+                Some(In::Progress(p)) => (validate::progress(&p, &self.limits), p.job_id, p.fencing_token),
+                Some(In::Goodbye(_)) => {
+                    self.goodbye.store(true, Ordering::Release);
+                    self.say_goodbye().await;
+                    break;
+                }
+                Some(In::Hello(_)) => {
+                    let _ = self.out.send(Err(Status::failed_precondition(
+                        "hello: only the first message of a stream may be hello",
+                    )));
+                    break;
+                }
+                None => {
+                    let _ = self.out.send(Err(Status::invalid_argument("kind: empty WorkerMessage")));
+                    break;
+                }
+            };
+            self.clone().answer(command, job_id, token);
+        }
+        for (shard, generation) in self.shards.iter().zip(generations) {
+            shard.registry.detach(&self.session_id, generation);
+        }
+    }
+
+    /// Proposes a result (or progress) and acks it, without holding up the
+    /// stream: results of many jobs share log entries.
+    fn answer(self: Arc<Self>, command: Result<Command, validate::InvalidArgument>, job_id: String, token: u64) {
+        let job_id_text = job_id.clone();
+        let ack = move |status: proto::AckStatus, message: String, lease_deadline_ms: Option<u64>| {
+            message_ack(proto::Ack {
+                job_id: job_id.clone(),
+                fencing_token: token,
+                status: status as i32,
+                message,
+                lease_deadline: lease_deadline_ms.map(convert::timestamp),
+            })
+        };
+        let command = match command {
+            Ok(command) => command,
+            Err(invalid) if invalid.field == "job_id" => {
+                let _ = self.out.send(ack(proto::AckStatus::UnknownJob, invalid.to_string(), None));
+                return;
+            }
+            Err(invalid) => {
+                // A malformed result is a client bug: say which field, end the stream.
+                let _ = self.out.send(Err(invalid.into()));
+                return;
+            }
+        };
+        let Some(shard) = command_job(&command).and_then(|id| self.node.shard_for_job(id)).cloned() else {
+            let _ = self.out.send(ack(proto::AckStatus::UnknownJob, format!("job {job_id_text} not found"), None));
+            return;
+        };
+        tokio::spawn(async move {
+            let reply = match shard.proposer.propose(command).await {
+                Ok(Applied::Accepted { lease_deadline_ms }) => {
+                    ack(proto::AckStatus::Accepted, String::new(), lease_deadline_ms)
+                }
+                Ok(Applied::Rejected(Rejection::StaleLease { job_id, token })) => ack(
+                    proto::AckStatus::StaleLease,
+                    format!(
+                        "job {job_id}: fencing token {token} is stale; the lease was lost (session expired or lease_timeout passed) and the job belongs to another holder now; do not retry"
+                    ),
+                    None,
+                ),
+                Ok(Applied::Rejected(Rejection::JobNotFound(id))) => {
+                    ack(proto::AckStatus::UnknownJob, format!("job {id} not found"), None)
+                }
+                Ok(other) => Err(status::unexpected("result", &other)),
+                Err(e) => Err(status::propose_error(e)),
+            };
+            let _ = self.out.send(reply);
+        });
+    }
+
+    /// Clean shutdown: jobs still held go back to the queue at once.
+    async fn say_goodbye(&self) {
+        for shard in &self.shards {
+            let command = Command::ExpireSession {
+                session_id: self.session_id.clone(),
+                reason: crate::queue::ExpiryReason::Goodbye,
+            };
+            if let Err(e) = shard.proposer.propose(command).await {
+                let _ = self.out.send(Err(status::propose_error(e)));
+            }
+        }
+        tracing::info!(session = %self.session_id, "worker said goodbye");
+    }
+}
+
+fn message_ack(ack: proto::Ack) -> Result<proto::BrokerMessage, Status> {
+    message(Out::Ack(ack))
+}
+
+fn command_job(command: &Command) -> Option<JobId> {
+    match command {
+        Command::Complete { job_id, .. }
+        | Command::Fail { job_id, .. }
+        | Command::Release { job_id, .. }
+        | Command::Progress { job_id, .. } => Some(*job_id),
+        _ => None,
+    }
+}

@@ -1,0 +1,714 @@
+//! The Raft log store: openraft's `RaftLogStorage` on one raft-engine instance
+//! shared by every Raft group (shard) of this node.
+//!
+//! Owns the on-disk format of log entries and of each group's small metadata
+//! (vote, committed and last purged log ids), and the durability of appends
+//! and votes. Each group is one raft-engine region whose id is the group id,
+//! so the engine's write group commits the appends of all groups with one
+//! fdatasync and its purge reports the groups that need a snapshot directly.
+//!
+//! Must not: keep job data or snapshots in the engine (its key-value store is
+//! held in memory), or call raft-engine from an async thread or from a thread
+//! that is not its engine's own (see [`io_threads`]).
+//!
+//! Format `v1` (a new format gets new keys and a new entry tag):
+//! - an entry is a protobuf `BytesValue` (raft-engine only stores rust-protobuf
+//!   messages) holding `index: u64 BE ++ ENTRY_FORMAT_V1 ++ postcard(entry)`;
+//! - metadata are postcard values under the keys `KEY_*_V1`.
+
+use std::fmt::Debug;
+use std::io;
+use std::marker::PhantomData;
+use std::ops::Bound;
+use std::ops::RangeBounds;
+use std::ops::RangeInclusive;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::PoisonError;
+use std::sync::Weak;
+use std::time::Duration;
+
+use futures::Stream;
+use futures::TryStreamExt;
+use openraft::OptionalSend;
+use openraft::RaftLogReader;
+use openraft::RaftTypeConfig;
+use openraft::entry::RaftEntry;
+use openraft::storage::IOFlushed;
+use openraft::storage::LogState;
+use openraft::storage::RaftLogStorage;
+use openraft::type_config::alias::EntryOf;
+use openraft::type_config::alias::LogIdOf;
+use openraft::type_config::alias::VoteOf;
+use protobuf::well_known_types::BytesValue;
+use raft_engine::Command;
+use raft_engine::Engine;
+use raft_engine::LogBatch;
+use raft_engine::MessageExt;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::runtime::Handle;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+#[cfg(test)]
+#[path = "log_store_test.rs"]
+mod tests;
+
+const KEY_VOTE_V1: &[u8] = b"v1/vote";
+const KEY_COMMITTED_V1: &[u8] = b"v1/committed";
+const KEY_PURGED_V1: &[u8] = b"v1/purged";
+
+/// Tag after the index prefix of a stored entry: postcard of `C::Entry`.
+const ENTRY_FORMAT_V1: u8 = 1;
+const ENTRY_HEADER_LEN: usize = 9;
+
+/// Upper bound on the bytes one replication read returns; openraft already
+/// caps the entry count (`max_payload_entries`), this caps large payloads.
+const REPLICATION_READ_BYTES_MAX: usize = 8 << 20;
+/// Chunk size of `entries_stream`, so that applying a long committed range
+/// (a restart replaying the log since the snapshot) never holds it all.
+const STREAM_CHUNK_ENTRIES_MAX: u64 = 1024;
+const STREAM_CHUNK_BYTES_MAX: usize = 8 << 20;
+/// A read races a purge or truncation of the same group at most this often
+/// before its error is reported.
+const READ_ATTEMPTS_MAX: usize = 3;
+
+/// Errors of the log storage layer. openraft sees them as `io::Error`; any
+/// of them reported to openraft stops the group (a storage failure is fatal).
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("cannot create the raft log directory {path}: {source}")]
+    CreateDir {
+        path: std::path::PathBuf,
+        #[source]
+        source: io::Error,
+    },
+
+    #[error("raft-engine: {0}")]
+    Engine(#[from] raft_engine::Error),
+
+    #[error("cannot encode {what}: {source}")]
+    Encode {
+        what: &'static str,
+        #[source]
+        source: postcard::Error,
+    },
+
+    #[error("group {group}: stored {what} is corrupt: {reason}")]
+    Corrupt { group: u64, what: String, reason: String },
+
+    /// Raft must never do this; raft-engine would panic on it.
+    #[error(
+        "group {group}: append at index {at} refused: the log takes indexes {accepts:?} \
+         (anything else leaves a hole or overwrites purged entries)"
+    )]
+    NonContiguousAppend { group: u64, at: u64, accepts: RangeInclusive<u64> },
+
+    #[error("group {group}: cannot keep the log up to {keep:?}: entries up to {purged} are purged")]
+    TruncateBelowPurged { group: u64, keep: Option<u64>, purged: u64 },
+
+    #[error("storage task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+
+    #[error("group {group}: an earlier log flush failed: {reason}")]
+    FlushFailed { group: u64, reason: String },
+
+    #[error("raft-engine is still held by {handles} other handles after {waited:?}")]
+    EngineInUse { handles: usize, waited: Duration },
+}
+
+impl From<StorageError> for io::Error {
+    fn from(e: StorageError) -> Self {
+        let kind = match &e {
+            StorageError::NonContiguousAppend { .. } | StorageError::TruncateBelowPurged { .. } => {
+                io::ErrorKind::InvalidInput
+            }
+            StorageError::Corrupt { .. } => io::ErrorKind::InvalidData,
+            _ => io::ErrorKind::Other,
+        };
+        io::Error::new(kind, e)
+    }
+}
+
+type Result<T, E = StorageError> = std::result::Result<T, E>;
+
+/// Opens (or creates) the node's raft-engine in `dir`; one per node, shared
+/// by all its groups. One engine at a time may hold `dir` (raft-engine locks
+/// it): to open it again in the same process, close it with [`close_engine`].
+pub fn open_engine(dir: &Path) -> Result<Arc<Engine>, StorageError> {
+    // raft-engine creates only the last component of its directory.
+    std::fs::create_dir_all(dir).map_err(|source| StorageError::CreateDir { path: dir.to_path_buf(), source })?;
+    let config = raft_engine::Config {
+        dir: dir.to_string_lossy().into_owned(),
+        // Snapshots purge the log long before this; the threshold only bounds
+        // the disk a group that cannot snapshot may pin (the purge task then
+        // names it).
+        purge_threshold: raft_engine::ReadableSize::gb(1),
+        ..Default::default()
+    };
+    Ok(Arc::new(Engine::open(config)?))
+}
+
+/// Waits until `engine` is the last strong handle, then closes it, so that
+/// the directory can be opened again. `Raft::shutdown()` returns before the
+/// storage handles drop, and each store's flush task ends only after its last
+/// callback: reopening at once would fail on raft-engine's directory lock.
+pub async fn close_engine(engine: Arc<Engine>, timeout: Duration) -> Result<(), StorageError> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut engine = engine;
+    loop {
+        match Arc::try_unwrap(engine) {
+            Ok(engine) => {
+                forget_dead_engines();
+                // Dropping joins raft-engine's background thread: not on an async thread.
+                tokio::task::spawn_blocking(move || drop(engine)).await?;
+                return Ok(());
+            }
+            Err(shared) if tokio::time::Instant::now() >= deadline => {
+                return Err(StorageError::EngineInUse { handles: Arc::strong_count(&shared) - 1, waited: timeout });
+            }
+            Err(shared) => {
+                engine = shared;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+}
+
+/// Periodically lets raft-engine delete log files no group needs any more and
+/// logs the groups whose old entries keep files alive: they need a snapshot
+/// (and a purge) before their files can go. Holds only a weak handle, so it
+/// never keeps the engine open; it ends once the engine is closed.
+pub fn spawn_purge_task(engine: Arc<Engine>, every: Duration) -> JoinHandle<()> {
+    let engine = Arc::downgrade(&engine);
+    tokio::spawn(async move {
+        let mut ticks = tokio::time::interval(every);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ticks.tick().await; // the first tick is immediate: nothing to purge at startup
+        loop {
+            ticks.tick().await;
+            let Some(engine) = engine.upgrade() else {
+                return;
+            };
+            // Purging rewrites old entries, a read: on the engine's own threads.
+            let purged = io_threads(&engine).spawn_blocking(move || engine.purge_expired_files()).await;
+            match purged {
+                Ok(Ok(groups)) if groups.is_empty() => {}
+                Ok(Ok(groups)) => tracing::warn!(
+                    ?groups,
+                    "raft log files are held by old entries of these groups: snapshot them so their logs can be purged"
+                ),
+                Ok(Err(error)) => tracing::error!(%error, "raft-engine purge failed"),
+                Err(error) => tracing::error!(%error, "raft-engine purge task failed"),
+            }
+        }
+    })
+}
+
+/// The blocking threads that run every call into `engine`.
+///
+/// raft-engine 0.4.2 keeps the last block it read in a thread-local cache
+/// keyed only by (file sequence, offset, length), not by engine. A thread that
+/// read from one engine can serve its block to another engine of the process
+/// (in-process clusters and tests open several; a restart in-process opens the
+/// same directory again, maybe with its files changed meanwhile). So each
+/// engine instance gets threads that never touch another one: a blocking pool
+/// of its own, from a runtime that only ever runs blocking tasks.
+fn io_threads(engine: &Arc<Engine>) -> Handle {
+    let mut pools = ENGINE_IO_POOLS.lock().unwrap_or_else(PoisonError::into_inner);
+    prune(&mut pools);
+    // The `Weak` keeps the engine's allocation, so no other engine can take
+    // its address while the entry exists.
+    if let Some((_, pool)) = pools.iter().find(|(e, _)| std::ptr::eq(e.as_ptr(), Arc::as_ptr(engine))) {
+        return pool.handle().clone();
+    }
+    let pool = tokio::runtime::Builder::new_current_thread()
+        .thread_name("raft-engine-io")
+        .max_blocking_threads(ENGINE_IO_THREADS_MAX)
+        .build()
+        .expect("cannot start raft-engine I/O threads");
+    let handle = pool.handle().clone();
+    pools.push((Arc::downgrade(engine), pool));
+    handle
+}
+
+/// Synced writes of many groups wait in raft-engine's write group together,
+/// and reads must not queue behind them.
+const ENGINE_IO_THREADS_MAX: usize = 32;
+
+static ENGINE_IO_POOLS: Mutex<Vec<(Weak<Engine>, tokio::runtime::Runtime)>> = Mutex::new(Vec::new());
+
+fn forget_dead_engines() {
+    prune(&mut ENGINE_IO_POOLS.lock().unwrap_or_else(PoisonError::into_inner));
+}
+
+fn prune(pools: &mut Vec<(Weak<Engine>, tokio::runtime::Runtime)>) {
+    let mut i = 0;
+    while i < pools.len() {
+        if pools[i].0.strong_count() == 0 {
+            // Dropping a runtime blocks, which is not allowed on async threads.
+            pools.swap_remove(i).1.shutdown_background();
+        } else {
+            i += 1;
+        }
+    }
+}
+
+/// Reads one group's log; cheap to clone, one per replication stream.
+pub struct EngineLogReader<C> {
+    engine: Arc<Engine>,
+    group: u64,
+    io: Handle,
+    // `fn() -> C`: the reader stores no `C`, so it is Send + Sync whatever `C` is.
+    _config: PhantomData<fn() -> C>,
+}
+
+impl<C> Clone for EngineLogReader<C> {
+    fn clone(&self) -> Self {
+        Self { engine: self.engine.clone(), group: self.group, io: self.io.clone(), _config: PhantomData }
+    }
+}
+
+/// openraft log storage of one Raft group (`group` = shard id) in the shared
+/// engine. Its methods must run inside a tokio runtime.
+pub struct EngineLogStore<C: RaftTypeConfig> {
+    reader: EngineLogReader<C>,
+    /// Started on the first append; see [`run_flusher`].
+    flusher: Option<mpsc::UnboundedSender<IOFlushed<C>>>,
+}
+
+impl<C: RaftTypeConfig> EngineLogStore<C> {
+    pub fn new(engine: Arc<Engine>, group: u64) -> Self {
+        Self { reader: EngineLogReader { io: io_threads(&engine), engine, group, _config: PhantomData }, flusher: None }
+    }
+
+    pub fn group(&self) -> u64 {
+        self.reader.group
+    }
+
+    pub fn engine(&self) -> &Arc<Engine> {
+        &self.reader.engine
+    }
+
+    fn flusher(&mut self) -> &mpsc::UnboundedSender<IOFlushed<C>> {
+        let reader = &self.reader;
+        self.flusher.get_or_insert_with(|| {
+            let (tx, rx) = mpsc::unbounded_channel();
+            tokio::spawn(run_flusher(reader.engine.clone(), reader.io.clone(), reader.group, rx));
+            tx
+        })
+    }
+
+    /// Runs `f` on the blocking pool with this group's engine.
+    async fn blocking<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Engine, u64) -> Result<T> + Send + 'static,
+    {
+        self.reader.blocking(f).await
+    }
+}
+
+/// Completes one group's append callbacks once their entries are on disk.
+///
+/// `append` writes unsynced and returns (the entries are then readable, as
+/// openraft requires), so Raft can replicate to followers while the local
+/// fsync runs. This task then makes a synced write: raft-engine fdatasyncs
+/// its active file after it, covering every earlier write of this group (a
+/// file is synced when rotated out). Callbacks queued meanwhile share the next
+/// sync, and the synced writes of all groups share one fdatasync when they
+/// meet in raft-engine's write group.
+async fn run_flusher<C: RaftTypeConfig>(
+    engine: Arc<Engine>,
+    io: Handle,
+    group: u64,
+    mut callbacks: mpsc::UnboundedReceiver<IOFlushed<C>>,
+) {
+    let mut waiting = Vec::new();
+    // After a failed sync the state of the file is unknown: fail every later flush too.
+    let mut failure: Option<String> = None;
+    while callbacks.recv_many(&mut waiting, 1024).await > 0 {
+        if failure.is_none() {
+            let engine = engine.clone();
+            let synced = io.spawn_blocking(move || sync_group(&engine, group)).await;
+            match synced {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => failure = Some(e.to_string()),
+                Err(e) => failure = Some(e.to_string()),
+            }
+            if let Some(reason) = &failure {
+                tracing::error!(group, %reason, "raft log flush failed");
+            }
+        }
+        for callback in waiting.drain(..) {
+            let result = match &failure {
+                None => Ok(()),
+                Some(reason) => Err(io::Error::from(StorageError::FlushFailed { group, reason: reason.clone() })),
+            };
+            callback.io_completed(result);
+        }
+    }
+    // This may be the engine's last handle; closing it blocks.
+    drop(io.spawn_blocking(move || drop(engine)));
+}
+
+/// A synced write that changes nothing: raft-engine skips empty batches and
+/// `Engine::sync()` does nothing in 0.4.2, but compacting a region to index 0
+/// removes no entry and is still a write the engine must fsync.
+fn sync_group(engine: &Engine, group: u64) -> Result<()> {
+    let mut batch = LogBatch::with_capacity(1);
+    batch.add_command(group, Command::Compact { index: 0 });
+    engine.write(&mut batch, true)?;
+    Ok(())
+}
+
+impl<C: RaftTypeConfig> EngineLogReader<C> {
+    async fn blocking<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Engine, u64) -> Result<T> + Send + 'static,
+    {
+        let (engine, group) = (self.engine.clone(), self.group);
+        self.io.spawn_blocking(move || f(&engine, group)).await?
+    }
+
+    /// Entries in `[start, end)` that the log holds, at most `max_bytes` of
+    /// them (at least one); entries missing at either end are purged or not
+    /// yet written.
+    async fn read(&self, start: u64, end: u64, max_bytes: Option<usize>) -> Result<Vec<EntryOf<C>>> {
+        self.blocking(move |engine, group| read_entries::<C>(engine, group, start, end, max_bytes)).await
+    }
+}
+
+fn read_entries<C: RaftTypeConfig>(
+    engine: &Engine,
+    group: u64,
+    start: u64,
+    end: u64,
+    max_bytes: Option<usize>,
+) -> Result<Vec<EntryOf<C>>> {
+    let mut attempt = 1;
+    loop {
+        let (Some(first), Some(last)) = (engine.first_index(group), engine.last_index(group)) else {
+            return Ok(Vec::new());
+        };
+        let (from, to) = (start.max(first), end.min(last + 1));
+        if from >= to {
+            return Ok(Vec::new());
+        }
+        let mut raw = Vec::new();
+        match engine.fetch_entries_to::<EntryCodec>(group, from, to, max_bytes, &mut raw) {
+            Ok(_) => {
+                return raw.iter().zip(from..).map(|(bytes, index)| decode_entry::<C>(group, index, bytes)).collect();
+            }
+            // The bounds moved under us: a purge or truncation ran between reading
+            // them and fetching. Read again with the new ones.
+            Err(raft_engine::Error::EntryCompacted | raft_engine::Error::EntryNotFound)
+                if attempt < READ_ATTEMPTS_MAX =>
+            {
+                attempt += 1;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+fn last_log_id<C: RaftTypeConfig>(engine: &Engine, group: u64) -> Result<Option<LogIdOf<C>>> {
+    let Some(last) = engine.last_index(group) else {
+        return Ok(None);
+    };
+    let entry = engine
+        .get_entry::<EntryCodec>(group, last)?
+        .ok_or_else(|| corrupt(group, format!("entry {last}"), "listed by the engine but not found"))?;
+    Ok(Some(decode_entry::<C>(group, last, &entry)?.log_id()))
+}
+
+fn get_meta<T: DeserializeOwned>(engine: &Engine, group: u64, key: &'static [u8]) -> Result<Option<T>> {
+    engine
+        .get(group, key)
+        .map(|bytes| postcard::from_bytes(&bytes).map_err(|e| corrupt(group, String::from_utf8_lossy(key), e)))
+        .transpose()
+}
+
+fn put_meta<T: Serialize>(batch: &mut LogBatch, group: u64, key: &'static [u8], value: &T) -> Result<()> {
+    let bytes = postcard::to_allocvec(value).map_err(|source| StorageError::Encode { what: "metadata", source })?;
+    // Fails only for raft-engine's reserved `__` keys, which ours are not.
+    batch.put(group, key.to_vec(), bytes)?;
+    Ok(())
+}
+
+fn corrupt(group: u64, what: impl Into<String>, reason: impl ToString) -> StorageError {
+    StorageError::Corrupt { group, what: what.into(), reason: reason.to_string() }
+}
+
+/// Start and end (exclusive) of a range of log indexes.
+fn index_bounds(range: &impl RangeBounds<u64>) -> (u64, u64) {
+    let start = match range.start_bound() {
+        Bound::Included(&i) => i,
+        Bound::Excluded(&i) => i.saturating_add(1),
+        Bound::Unbounded => 0,
+    };
+    let end = match range.end_bound() {
+        Bound::Included(&i) => i.saturating_add(1),
+        Bound::Excluded(&i) => i,
+        Bound::Unbounded => u64::MAX,
+    };
+    (start, end)
+}
+
+/// Lets raft-engine find an entry's index: the 8-byte big-endian prefix.
+struct EntryCodec;
+
+impl MessageExt for EntryCodec {
+    type Entry = BytesValue;
+
+    fn index(entry: &BytesValue) -> u64 {
+        // A short value is never written by us; u64::MAX fails raft-engine's own index check.
+        entry.value.first_chunk::<8>().map_or(u64::MAX, |prefix| u64::from_be_bytes(*prefix))
+    }
+}
+
+fn encode_entry<E: RaftEntry>(entry: &E) -> Result<BytesValue> {
+    let mut value = Vec::with_capacity(64);
+    value.extend_from_slice(&entry.index().to_be_bytes());
+    value.push(ENTRY_FORMAT_V1);
+    let value =
+        postcard::to_extend(entry, value).map_err(|source| StorageError::Encode { what: "log entry", source })?;
+    let mut message = BytesValue::new();
+    message.value = value;
+    Ok(message)
+}
+
+fn decode_entry<C: RaftTypeConfig>(group: u64, index: u64, message: &BytesValue) -> Result<EntryOf<C>> {
+    let what = || format!("entry {index}");
+    let Some((header, body)) = message.value.split_first_chunk::<ENTRY_HEADER_LEN>() else {
+        return Err(corrupt(group, what(), "shorter than its header"));
+    };
+    if header[8] != ENTRY_FORMAT_V1 {
+        return Err(corrupt(group, what(), format!("unknown entry format {}", header[8])));
+    }
+    let entry: EntryOf<C> = postcard::from_bytes(body).map_err(|e| corrupt(group, what(), e))?;
+    if entry.index() != index {
+        return Err(corrupt(group, what(), format!("holds the entry of index {}", entry.index())));
+    }
+    Ok(entry)
+}
+
+impl<C: RaftTypeConfig> RaftLogReader<C> for EngineLogReader<C> {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> io::Result<Vec<EntryOf<C>>> {
+        let (start, end) = index_bounds(&range);
+        Ok(self.read(start, end, None).await?)
+    }
+
+    /// Reads the vote from the engine's in-memory table: no I/O.
+    async fn read_vote(&mut self) -> io::Result<Option<VoteOf<C>>> {
+        Ok(get_meta(&self.engine, self.group, KEY_VOTE_V1)?)
+    }
+
+    async fn limited_get_log_entries(&mut self, start: u64, end: u64) -> io::Result<Vec<EntryOf<C>>> {
+        Ok(self.read(start, end, Some(REPLICATION_READ_BYTES_MAX)).await?)
+    }
+
+    async fn entries_stream<RB>(&mut self, range: RB) -> impl Stream<Item = io::Result<EntryOf<C>>> + OptionalSend
+    where
+        RB: RangeBounds<u64> + Clone + Debug + OptionalSend,
+    {
+        let (start, end) = index_bounds(&range);
+        let chunks =
+            futures::stream::try_unfold((self.clone(), start, true), move |(reader, next, first)| async move {
+                if next >= end {
+                    return Ok(None);
+                }
+                let to = end.min(next.saturating_add(STREAM_CHUNK_ENTRIES_MAX));
+                let chunk = reader.read(next, to, Some(STREAM_CHUNK_BYTES_MAX)).await?;
+                let Some(last) = chunk.last().map(|e| e.index()) else {
+                    return Ok(None);
+                };
+                // Only the first chunk may begin after `start` (those entries are purged):
+                // a later gap is a hole.
+                if !first && chunk[0].index() != next {
+                    return Err(io::Error::from(corrupt(
+                        reader.group,
+                        format!("log range {next}..{end}"),
+                        format!("the read resumed at index {}", chunk[0].index()),
+                    )));
+                }
+                Ok(Some((chunk, (reader, last + 1, false))))
+            });
+        chunks.map_ok(|chunk| futures::stream::iter(chunk.into_iter().map(Ok))).try_flatten()
+    }
+}
+
+impl<C: RaftTypeConfig> RaftLogReader<C> for EngineLogStore<C> {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> io::Result<Vec<EntryOf<C>>> {
+        self.reader.try_get_log_entries(range).await
+    }
+
+    async fn read_vote(&mut self) -> io::Result<Option<VoteOf<C>>> {
+        self.reader.read_vote().await
+    }
+}
+
+impl<C: RaftTypeConfig> RaftLogStorage<C> for EngineLogStore<C> {
+    type LogReader = EngineLogReader<C>;
+
+    async fn get_log_state(&mut self) -> io::Result<LogState<C>> {
+        let state = self
+            .blocking(|engine, group| {
+                let last_purged_log_id: Option<LogIdOf<C>> = get_meta(engine, group, KEY_PURGED_V1)?;
+                let last_log_id = last_log_id::<C>(engine, group)?.or_else(|| last_purged_log_id.clone());
+                Ok(LogState { last_purged_log_id, last_log_id })
+            })
+            .await?;
+        Ok(state)
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.reader.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &VoteOf<C>) -> io::Result<()> {
+        let mut batch = LogBatch::with_capacity(1);
+        put_meta(&mut batch, self.group(), KEY_VOTE_V1, vote)?;
+        // A vote must be durable before it is answered: a synced write.
+        self.blocking(move |engine, _| Ok(engine.write(&mut batch, true)?)).await?;
+        Ok(())
+    }
+
+    /// Unsynced: the next synced write of the engine carries it. A committed
+    /// id that is lost or stale only makes a restart re-apply less of the log
+    /// before the leader confirms the rest.
+    async fn save_committed(&mut self, committed: Option<LogIdOf<C>>) -> io::Result<()> {
+        let mut batch = LogBatch::with_capacity(1);
+        put_meta(&mut batch, self.group(), KEY_COMMITTED_V1, &committed)?;
+        self.blocking(move |engine, _| Ok(engine.write(&mut batch, false)?)).await?;
+        Ok(())
+    }
+
+    async fn read_committed(&mut self) -> io::Result<Option<LogIdOf<C>>> {
+        let committed: Option<Option<LogIdOf<C>>> = get_meta(self.engine(), self.group(), KEY_COMMITTED_V1)?;
+        Ok(committed.flatten())
+    }
+
+    /// Writes the entries unsynced and returns once they are readable; the
+    /// callback fires after a later synced write (see [`run_flusher`]).
+    async fn append<I>(&mut self, entries: I, callback: IOFlushed<C>) -> io::Result<()>
+    where
+        I: IntoIterator<Item = EntryOf<C>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let entries: Vec<EntryOf<C>> = entries.into_iter().collect();
+        if !entries.is_empty() {
+            self.blocking(move |engine, group| {
+                check_contiguous::<C>(engine, group, &entries)?;
+                let messages = entries.iter().map(encode_entry).collect::<Result<Vec<_>>>()?;
+                let mut batch = LogBatch::with_capacity(1);
+                batch.add_entries::<EntryCodec>(group, &messages)?;
+                engine.write(&mut batch, false)?;
+                Ok(())
+            })
+            .await?;
+        }
+        // Even an empty append is acknowledged only after a sync: its callback
+        // tells openraft that all earlier log I/O is durable.
+        if let Err(mpsc::error::SendError(callback)) = self.flusher().send(callback) {
+            let group = self.group();
+            let reason = "the flush task is gone".to_string();
+            callback.io_completed(Err(StorageError::FlushFailed { group, reason }.into()));
+        }
+        Ok(())
+    }
+
+    async fn truncate_after(&mut self, last_log_id: Option<LogIdOf<C>>) -> io::Result<()> {
+        let keep = last_log_id.map(|log_id| log_id.index());
+        self.blocking(move |engine, group| {
+            let (Some(first), Some(last)) = (engine.first_index(group), engine.last_index(group)) else {
+                return Ok(()); // no entries: nothing after `keep`
+            };
+            if keep.is_some_and(|keep| keep >= last) {
+                return Ok(());
+            }
+            let purged: Option<LogIdOf<C>> = get_meta(engine, group, KEY_PURGED_V1)?;
+            if let Some(purged) = purged.map(|p| p.index())
+                && keep.is_none_or(|keep| keep < purged)
+            {
+                return Err(StorageError::TruncateBelowPurged { group, keep, purged });
+            }
+            let mut batch = LogBatch::with_capacity(1);
+            match keep {
+                // raft-engine cannot delete a suffix, but appending at an index it
+                // holds drops everything from there on (also when replayed): so
+                // write entry `keep` again.
+                Some(keep) if keep >= first => {
+                    let entry = engine
+                        .get_entry::<EntryCodec>(group, keep)?
+                        .ok_or_else(|| corrupt(group, format!("entry {keep}"), "listed by the engine but not found"))?;
+                    batch.add_entries::<EntryCodec>(group, &[entry])?;
+                }
+                // Nothing stays: `keep` is the last purged index, or no purge yet.
+                _ => batch.add_command(group, Command::Compact { index: last + 1 }),
+            }
+            // Synced, like `purge`: installing a snapshot truncates conflicting
+            // entries, then purges past them. Were either lost in a crash, entries
+            // that contradict the snapshot would come back under it. Both are rare.
+            engine.write(&mut batch, true)?;
+            Ok(())
+        })
+        .await?;
+        Ok(())
+    }
+
+    async fn purge(&mut self, log_id: LogIdOf<C>) -> io::Result<()> {
+        self.blocking(move |engine, group| {
+            let purged: Option<LogIdOf<C>> = get_meta(engine, group, KEY_PURGED_V1)?;
+            if purged.as_ref().is_some_and(|purged| purged.index() >= log_id.index()) {
+                return Ok(()); // never move the purge point back
+            }
+            // One batch: the purge point and the compaction are replayed together.
+            // It may reach past the last entry (after a snapshot install): then the
+            // log is empty and continues at `log_id.index + 1`. Synced: see
+            // `truncate_after`.
+            let mut batch = LogBatch::with_capacity(2);
+            put_meta(&mut batch, group, KEY_PURGED_V1, &log_id)?;
+            batch.add_command(group, Command::Compact { index: log_id.index() + 1 });
+            engine.write(&mut batch, true)?;
+            Ok(())
+        })
+        .await?;
+        Ok(())
+    }
+}
+
+/// Refuses an append that would leave a hole or overwrite purged entries:
+/// raft-engine panics on both. Overlapping the tail is fine: raft-engine
+/// drops the overlapped entries.
+fn check_contiguous<C: RaftTypeConfig>(engine: &Engine, group: u64, entries: &[EntryOf<C>]) -> Result<()> {
+    let Some(at) = entries.first().map(|e| e.index()) else {
+        return Ok(());
+    };
+    for (expected, entry) in (at..).zip(entries) {
+        if entry.index() != expected {
+            return Err(StorageError::NonContiguousAppend { group, at: entry.index(), accepts: expected..=expected });
+        }
+    }
+    let accepts = match (engine.first_index(group), engine.last_index(group)) {
+        (Some(first), Some(last)) => first..=last + 1,
+        _ => match get_meta::<LogIdOf<C>>(engine, group, KEY_PURGED_V1)? {
+            Some(purged) => purged.index() + 1..=purged.index() + 1,
+            // A log that never held an entry may start anywhere.
+            None => at..=at,
+        },
+    };
+    if !accepts.contains(&at) {
+        return Err(StorageError::NonContiguousAppend { group, at, accepts });
+    }
+    Ok(())
+}

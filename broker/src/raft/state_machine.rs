@@ -1,0 +1,214 @@
+//! The openraft state machine: applies committed batches to the shard's
+//! `QueueState`, hands the resulting events to the leader's dispatcher, and
+//! writes snapshots to `<data-dir>/snapshots/<shard>/`.
+
+use std::{
+    fs, io,
+    io::{Cursor, Write},
+    path::{Path, PathBuf},
+    sync::{Arc, RwLock, RwLockReadGuard},
+};
+
+use futures::{Stream, TryStreamExt};
+use openraft::{
+    EntryPayload, OptionalSend, RaftSnapshotBuilder,
+    storage::{EntryResponder, RaftStateMachine},
+    type_config::alias::{LogIdOf, SnapshotMetaOf, SnapshotOf, StoredMembershipOf},
+};
+use tokio::sync::mpsc;
+
+use super::types::{BatchResponse, TypeConfig};
+use crate::queue::{
+    Event, QueueState, ShardId,
+    snapshot::{decode_snapshot_v1, encode_snapshot_v1},
+};
+
+type C = TypeConfig;
+
+const SNAPSHOT_FILE: &str = "snapshot-v1.bin";
+
+/// What a replica has applied: the queue state and the Raft bookkeeping
+/// that must stay consistent with it (a snapshot captures all three).
+pub struct AppliedState {
+    pub queue: QueueState,
+    pub last_applied: Option<LogIdOf<C>>,
+    pub membership: StoredMembershipOf<C>,
+}
+
+/// Shared between the state machine (the only writer) and readers on the
+/// API edge (GetJob, ListJobs, the dispatcher's view of capacity).
+pub struct ShardState {
+    shard: ShardId,
+    applied: RwLock<AppliedState>,
+}
+
+impl ShardState {
+    pub fn shard(&self) -> ShardId {
+        self.shard
+    }
+
+    /// A consistent view of the applied state; hold it briefly (apply waits).
+    pub fn read(&self) -> RwLockReadGuard<'_, AppliedState> {
+        self.applied.read().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// Events of one applied entry.
+pub type EventSink = mpsc::UnboundedSender<Vec<Event>>;
+
+#[derive(Clone)]
+pub struct StateMachineStore {
+    shared: Arc<ShardState>,
+    snapshot_dir: PathBuf,
+    events: EventSink,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SnapshotFileV1 {
+    meta: SnapshotMetaOf<C>,
+    data: Vec<u8>,
+}
+
+impl StateMachineStore {
+    /// Opens the shard's state machine, restoring the last snapshot if any;
+    /// openraft then replays the committed log after it.
+    pub fn open(shard: ShardId, snapshot_dir: PathBuf, events: EventSink) -> io::Result<Self> {
+        fs::create_dir_all(&snapshot_dir)?;
+        let mut applied =
+            AppliedState { queue: QueueState::new(shard), last_applied: None, membership: Default::default() };
+        if let Some(file) = read_snapshot_file(&snapshot_dir)? {
+            applied.queue =
+                decode_snapshot_v1(&file.data).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+            assert_eq!(
+                applied.queue.shard(),
+                shard,
+                "snapshot of shard {} found in shard {shard}'s directory",
+                applied.queue.shard()
+            );
+            applied.last_applied = file.meta.last_log_id;
+            applied.membership = file.meta.last_membership.clone();
+        }
+        Ok(StateMachineStore {
+            shared: Arc::new(ShardState { shard, applied: RwLock::new(applied) }),
+            snapshot_dir,
+            events,
+        })
+    }
+
+    pub fn shared(&self) -> Arc<ShardState> {
+        self.shared.clone()
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, AppliedState> {
+        self.shared.applied.write().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+fn read_snapshot_file(dir: &Path) -> io::Result<Option<SnapshotFileV1>> {
+    match fs::read(dir.join(SNAPSHOT_FILE)) {
+        Ok(bytes) => postcard::from_bytes(&bytes).map(Some).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Durable replace: a crash leaves the old snapshot or the new one, never a
+/// torn file, because the log behind a snapshot is purged.
+fn write_snapshot_file(dir: &Path, file: &SnapshotFileV1) -> io::Result<()> {
+    let bytes = postcard::to_allocvec(file).map_err(io::Error::other)?;
+    let tmp = dir.join(format!("{SNAPSHOT_FILE}.tmp"));
+    let mut f = fs::File::create(&tmp)?;
+    f.write_all(&bytes)?;
+    f.sync_all()?;
+    fs::rename(&tmp, dir.join(SNAPSHOT_FILE))?;
+    fs::File::open(dir)?.sync_all()
+}
+
+impl RaftSnapshotBuilder<C> for StateMachineStore {
+    type SnapshotData = Cursor<Vec<u8>>;
+
+    async fn build_snapshot(&mut self) -> io::Result<SnapshotOf<C, Cursor<Vec<u8>>>> {
+        let shared = self.shared.clone();
+        let dir = self.snapshot_dir.clone();
+        // Encoding a large state and fsyncing it must not stall async threads.
+        tokio::task::spawn_blocking(move || {
+            let (meta, data) = {
+                let applied = shared.read();
+                let meta = SnapshotMetaOf::<C> { last_log_id: applied.last_applied, last_membership: applied.membership.clone() };
+                (meta, encode_snapshot_v1(&applied.queue))
+            };
+            let file = SnapshotFileV1 { meta, data };
+            write_snapshot_file(&dir, &file)?;
+            tracing::info!(shard = %shared.shard, index = ?file.meta.last_log_id.map(|l| l.index), bytes = file.data.len(), "snapshot written");
+            Ok(SnapshotOf::<C, _> { meta: file.meta, snapshot: Cursor::new(file.data) })
+        })
+        .await
+        .map_err(io::Error::other)?
+    }
+}
+
+impl RaftStateMachine<C> for StateMachineStore {
+    type SnapshotData = Cursor<Vec<u8>>;
+    type SnapshotBuilder = Self;
+
+    async fn applied_state(&mut self) -> io::Result<(Option<LogIdOf<C>>, StoredMembershipOf<C>)> {
+        let applied = self.shared.read();
+        Ok((applied.last_applied, applied.membership.clone()))
+    }
+
+    async fn apply<Strm>(&mut self, mut entries: Strm) -> io::Result<()>
+    where
+        Strm: Stream<Item = io::Result<EntryResponder<C>>> + Unpin + OptionalSend,
+    {
+        while let Some((entry, responder)) = entries.try_next().await? {
+            let (response, events) = {
+                let mut applied = self.write();
+                applied.last_applied = Some(entry.log_id);
+                match &entry.payload {
+                    EntryPayload::Blank => (BatchResponse::default(), Vec::new()),
+                    EntryPayload::Normal(batch) => {
+                        let out = applied.queue.apply(entry.log_id.index, batch);
+                        (BatchResponse(out.results), out.events)
+                    }
+                    EntryPayload::Membership(membership) => {
+                        applied.membership = StoredMembershipOf::<C>::new(Some(entry.log_id), membership.clone());
+                        (BatchResponse::default(), Vec::new())
+                    }
+                }
+            };
+            if !events.is_empty() {
+                // Nobody listening only means the node is shutting down.
+                let _ = self.events.send(events);
+            }
+            if let Some(responder) = responder {
+                responder.send(response);
+            }
+        }
+        Ok(())
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn install_snapshot(&mut self, meta: &SnapshotMetaOf<C>, snapshot: Cursor<Vec<u8>>) -> io::Result<()> {
+        let data = snapshot.into_inner();
+        let queue = decode_snapshot_v1(&data).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        let file = SnapshotFileV1 { meta: meta.clone(), data };
+        let dir = self.snapshot_dir.clone();
+        let file = tokio::task::spawn_blocking(move || write_snapshot_file(&dir, &file).map(|()| file))
+            .await
+            .map_err(io::Error::other)??;
+        let mut applied = self.write();
+        applied.queue = queue;
+        applied.last_applied = file.meta.last_log_id;
+        applied.membership = file.meta.last_membership;
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> io::Result<Option<SnapshotOf<C, Cursor<Vec<u8>>>>> {
+        let dir = self.snapshot_dir.clone();
+        let file = tokio::task::spawn_blocking(move || read_snapshot_file(&dir)).await.map_err(io::Error::other)??;
+        Ok(file.map(|f| SnapshotOf::<C, _> { meta: f.meta, snapshot: Cursor::new(f.data) }))
+    }
+}

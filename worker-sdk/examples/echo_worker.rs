@@ -1,0 +1,46 @@
+//! A worker that answers every job with its own payload.
+//!
+//! ```sh
+//! GANTRY_ADDR=127.0.0.1:50051 cargo run -p gantry-worker --example echo_worker -- emails
+//! ```
+//!
+//! The queue comes from the first argument, else `GANTRY_QUEUE`, else
+//! `default`. `GANTRY_ADDR` may list several nodes, comma-separated.
+//! Ctrl-C shuts down gracefully: running jobs finish, the rest go back.
+
+use bytes::Bytes;
+use gantry_worker::{JobContext, JobError, Worker};
+
+async fn echo(ctx: JobContext) -> Result<Bytes, JobError> {
+    tracing::info!(
+        job_id = ctx.job_id(),
+        attempt = ctx.attempt(),
+        fencing_token = ctx.fencing_token(),
+        bytes = ctx.payload().len(),
+        "echoing"
+    );
+    Ok(ctx.payload().clone())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .init();
+
+    let addrs = std::env::var("GANTRY_ADDR").unwrap_or_else(|_| "127.0.0.1:50051".to_owned());
+    let queue =
+        std::env::args().nth(1).or_else(|| std::env::var("GANTRY_QUEUE").ok()).unwrap_or_else(|| "default".to_owned());
+
+    let worker = Worker::builder(addrs.split(',').map(str::trim).filter(|a| !a.is_empty())).queue(&queue).build()?;
+    tracing::info!(worker_id = worker.worker_id(), %queue, "echo worker starting");
+
+    let shutdown = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %e, "cannot listen for Ctrl-C; stopping");
+        }
+        tracing::info!("Ctrl-C: shutting down");
+    };
+    worker.run(echo, shutdown).await?;
+    Ok(())
+}
