@@ -23,6 +23,8 @@ const LEADERSHIP_TIMEOUT: Duration = Duration::from_secs(30);
 /// Largest gRPC message accepted: a full batch of maximal payloads is refused
 /// by validation with a clear message, not by the transport.
 const MAX_MESSAGE_BYTES: usize = 64 << 20;
+/// How long in-flight calls may take to finish once shutdown begins.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// A broker running in this process.
 pub struct RunningServer {
@@ -95,7 +97,8 @@ pub async fn start_with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<R
         let raft = Arc::new(raft);
         shards.push(ShardNode::start(raft, events_rx, clock.clone(), settings.clone(), shutdown_rx.clone()));
     }
-    let node = Arc::new(Node { node_id: config.node_id, advertise, shards, clock, settings });
+    let node =
+        Arc::new(Node { node_id: config.node_id, advertise, shards, clock, settings, shutdown: shutdown_rx.clone() });
 
     let limits = Limits { max_payload_bytes: config.max_payload_bytes, ..Limits::default() };
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
@@ -131,11 +134,23 @@ pub async fn start_with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<R
     let task_node = node.clone();
     tracing::info!(%local_addr, node_id = config.node_id, data_dir = %config.data_dir.display(), "gantry serving");
     let task = tokio::spawn(async move {
-        let served = router
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
-                let _ = serve_shutdown.wait_for(|stop| *stop).await;
-            })
-            .await;
+        let serving = router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+            let _ = serve_shutdown.wait_for(|stop| *stop).await;
+        });
+        tokio::pin!(serving);
+        // Streams end on shutdown by themselves; a client that ignores that
+        // must not hold the node up forever.
+        let mut stopping = task_node.shutdown.clone();
+        let served = tokio::select! {
+            served = &mut serving => served,
+            _ = async {
+                let _ = stopping.wait_for(|stop| *stop).await;
+                tokio::time::sleep(SHUTDOWN_GRACE).await;
+            } => {
+                tracing::warn!("connections still open {SHUTDOWN_GRACE:?} after shutdown began; closing them");
+                Ok(())
+            }
+        };
         for shard in &task_node.shards {
             shard.raft.shutdown().await;
         }

@@ -1,1 +1,329 @@
+//! Harness for Gantry's end-to-end tests: brokers started in-process or as
+//! the real `gantry` binary on loopback ports, raw gRPC clients, and bounded
+//! polling. Tests talk to the broker only through its public gRPC API.
 
+use std::{
+    future::Future,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use gantry_broker::{config::Config, server::RunningServer};
+use gantry_proto::v1::{
+    self as proto, admin_client::AdminClient, jobs_client::JobsClient, worker_client::WorkerClient,
+};
+use tonic::transport::Channel;
+
+pub use gantry_proto::v1;
+
+/// Short liveness settings so expiry scenarios take about a second.
+pub const TEST_HEARTBEAT: Duration = Duration::from_millis(100);
+pub const TEST_SESSION_TTL: Duration = Duration::from_millis(1000);
+
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+/// A broker running inside the test process, on an ephemeral port.
+pub struct TestBroker {
+    server: Option<RunningServer>,
+    pub addr: SocketAddr,
+    pub data_dir: tempfile::TempDir,
+}
+
+impl TestBroker {
+    pub async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    pub async fn start_with(adjust: impl FnOnce(&mut Config)) -> Self {
+        init_tracing();
+        let data_dir = tempfile::tempdir().expect("temp dir");
+        let mut config = Config {
+            data_dir: data_dir.path().to_path_buf(),
+            listen: "127.0.0.1:0".parse().expect("addr"),
+            heartbeat_interval: TEST_HEARTBEAT,
+            session_ttl: TEST_SESSION_TTL,
+            election_timeout: Duration::from_millis(200),
+            ..Config::default()
+        };
+        adjust(&mut config);
+        let server = gantry_broker::server::start(config).await.expect("broker starts");
+        let addr = server.local_addr();
+        TestBroker { server: Some(server), addr, data_dir }
+    }
+
+    pub fn endpoint(&self) -> String {
+        self.addr.to_string()
+    }
+
+    pub fn channel(&self) -> Channel {
+        channel(self.addr)
+    }
+
+    pub fn jobs(&self) -> JobsClient<Channel> {
+        JobsClient::new(self.channel())
+    }
+
+    pub fn admin(&self) -> AdminClient<Channel> {
+        AdminClient::new(self.channel())
+    }
+
+    pub fn worker(&self) -> WorkerClient<Channel> {
+        WorkerClient::new(self.channel())
+    }
+
+    pub async fn client(&self) -> gantry_worker::Client {
+        gantry_worker::Client::connect([self.endpoint()]).await.expect("client connects")
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(server) = self.server.take() {
+            server.shutdown().await.expect("clean shutdown");
+        }
+    }
+}
+
+pub fn channel(addr: SocketAddr) -> Channel {
+    tonic::transport::Endpoint::from_shared(format!("http://{addr}")).expect("endpoint").connect_lazy()
+}
+
+/// Polls `check` until it yields `Some`, at most `timeout`; panics naming
+/// `what` otherwise. Tests wait on conditions, never on fixed sleeps.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+pub async fn get_job(jobs: &mut JobsClient<Channel>, job_id: &str) -> proto::Job {
+    jobs.get_job(proto::GetJobRequest { job_id: job_id.into() }).await.expect("GetJob").into_inner()
+}
+
+pub async fn enqueue(jobs: &mut JobsClient<Channel>, queue: &str, payload: &[u8]) -> String {
+    jobs.enqueue(proto::EnqueueRequest { queue: queue.into(), payload: payload.to_vec(), ..Default::default() })
+        .await
+        .expect("Enqueue")
+        .into_inner()
+        .job_id
+}
+
+pub async fn wait_for_state(jobs: &mut JobsClient<Channel>, job_id: &str, state: proto::JobState) -> proto::Job {
+    let mut jobs = jobs.clone();
+    eventually(&format!("job {job_id} in {state:?}"), Duration::from_secs(20), || {
+        let mut jobs = jobs.clone();
+        async move {
+            let job = get_job(&mut jobs, job_id).await;
+            (job.state() == state).then_some(job)
+        }
+    })
+    .await;
+    get_job(&mut jobs, job_id).await
+}
+
+/// The `gantry` binary of this workspace, built if needed.
+pub fn gantry_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> -> target/<profile>/gantry
+    let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>");
+    let binary = profile_dir.join("gantry");
+    if !binary.exists() {
+        let status = Command::new(env!("CARGO"))
+            .args(["build", "-p", "gantry-broker", "--bin", "gantry"])
+            .status()
+            .expect("run cargo build");
+        assert!(status.success(), "cargo build of the gantry binary failed");
+    }
+    binary
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
+
+/// The real `gantry serve` as a child process.
+pub struct BinaryBroker {
+    child: Option<Child>,
+    pub addr: SocketAddr,
+    pub data_dir: PathBuf,
+    args: Vec<String>,
+    log: PathBuf,
+}
+
+impl BinaryBroker {
+    pub async fn start(data_dir: &Path, extra_args: &[&str]) -> Self {
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+        let mut broker = BinaryBroker {
+            child: None,
+            addr,
+            data_dir: data_dir.to_path_buf(),
+            args: extra_args.iter().map(|s| s.to_string()).collect(),
+            log: data_dir.with_extension("log"),
+        };
+        broker.spawn().await;
+        broker
+    }
+
+    async fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("log file");
+        let child = Command::new(gantry_binary())
+            .arg("serve")
+            .arg("--listen")
+            .arg(self.addr.to_string())
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .args(&self.args)
+            .env("GANTRY_LOG", "info,openraft=warn,raft_engine=warn")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn gantry serve");
+        self.child = Some(child);
+        self.wait_serving().await;
+    }
+
+    /// Bounded wait until the health service answers SERVING.
+    async fn wait_serving(&mut self) {
+        let addr = self.addr;
+        let log = self.log.clone();
+        let child = self.child.as_mut().expect("running");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!(
+                    "gantry serve exited with {status}; log:\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+            let mut health = tonic_health_client(addr);
+            let request = tonic_health::pb::HealthCheckRequest { service: String::new() };
+            if let Ok(Ok(response)) = tokio::time::timeout(Duration::from_secs(1), health.check(request)).await {
+                if response.into_inner().status
+                    == tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+                {
+                    return;
+                }
+            }
+            assert!(Instant::now() < deadline, "gantry serve did not become healthy within 60s");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn channel(&self) -> Channel {
+        channel(self.addr)
+    }
+
+    pub fn jobs(&self) -> JobsClient<Channel> {
+        JobsClient::new(self.channel())
+    }
+
+    pub fn admin(&self) -> AdminClient<Channel> {
+        AdminClient::new(self.channel())
+    }
+
+    pub fn worker(&self) -> WorkerClient<Channel> {
+        WorkerClient::new(self.channel())
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// SIGKILL: no shutdown hook runs, nothing is flushed that was not already.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().expect("SIGKILL");
+            child.wait().expect("reap");
+        }
+    }
+
+    /// Starts the binary again on the same data dir and port.
+    pub async fn restart(&mut self) {
+        assert!(self.child.is_none(), "restart of a running broker");
+        self.spawn().await;
+    }
+
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill").arg(format!("-{signal}")).arg(self.pid().to_string()).status().expect("kill");
+        assert!(status.success(), "kill -{signal} failed");
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for BinaryBroker {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+fn tonic_health_client(addr: SocketAddr) -> tonic_health::pb::health_client::HealthClient<Channel> {
+    tonic_health::pb::health_client::HealthClient::new(channel(addr))
+}
+
+/// An SDK worker running in a task of the test.
+pub struct RunningWorker {
+    pub handle: gantry_worker::WorkerHandle,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<Result<(), gantry_worker::Error>>,
+}
+
+impl RunningWorker {
+    pub fn spawn<H, Fut>(endpoint: &str, queue: &str, worker_id: &str, concurrency: u32, handler: H) -> Self
+    where
+        H: Fn(gantry_worker::JobContext) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<bytes::Bytes, gantry_worker::JobError>> + Send + 'static,
+    {
+        let worker = gantry_worker::Worker::builder([endpoint.to_owned()])
+            .queue(queue)
+            .worker_id(worker_id)
+            .concurrency(concurrency)
+            .reconnect_backoff(Duration::from_millis(50), Duration::from_millis(500))
+            .shutdown_timeout(Duration::from_secs(10))
+            .build()
+            .expect("worker config");
+        let handle = worker.handle();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(worker.run(handler, async move {
+            let _ = stopped.await;
+        }));
+        RunningWorker { handle, stop: Some(stop), task }
+    }
+
+    pub async fn wait_connected(&self) -> String {
+        tokio::time::timeout(Duration::from_secs(20), self.handle.wait_connected()).await.expect("worker connects")
+    }
+
+    /// Graceful shutdown: finish running jobs, release the rest, goodbye.
+    pub async fn shutdown(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let result = tokio::time::timeout(Duration::from_secs(30), &mut self.task).await;
+        result.expect("worker shuts down in time").expect("worker task").expect("worker run");
+    }
+
+    /// Like a process killed mid-job: the stream drops, no goodbye, no release.
+    pub fn kill(self) {
+        self.task.abort();
+    }
+}

@@ -16,6 +16,8 @@ use crate::proto::{self, admin_client::AdminClient, jobs_client::JobsClient};
 
 /// Tries per call when nodes answer `UNAVAILABLE` (no leader yet, node down).
 const MAX_TRIES: u32 = 5;
+/// The longest `WaitJob` timeout the broker accepts.
+const MAX_WAIT_PER_CALL: Duration = Duration::from_secs(60 * 60);
 /// Bound on remembered per-queue leaders, so a producer writing to an
 /// unbounded set of queue names cannot grow the map forever.
 const MAX_QUEUE_LEADERS: usize = 4096;
@@ -123,14 +125,24 @@ impl Client {
     }
 
     /// Waits until the job is terminal and returns it, or returns its current
-    /// state once `timeout` has passed (the broker caps `timeout` at 1 h).
+    /// state once `timeout` has passed. The broker holds one call for at most
+    /// an hour, so longer waits are made of several calls.
     pub async fn wait(&self, job_id: &str, timeout: Duration) -> Result<proto::Job, Error> {
-        let req = proto::WaitJobRequest { job_id: job_id.to_owned(), timeout: Some(to_proto_duration(timeout)) };
-        self.call(None, move |ch| {
-            let req = req.clone();
-            async move { JobsClient::new(ch).wait_job(req).await }
-        })
-        .await
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let chunk = remaining.min(MAX_WAIT_PER_CALL);
+            let req = proto::WaitJobRequest { job_id: job_id.to_owned(), timeout: Some(to_proto_duration(chunk)) };
+            let job = self
+                .call(None, move |ch| {
+                    let req = req.clone();
+                    async move { JobsClient::new(ch).wait_job(req).await }
+                })
+                .await?;
+            if is_terminal(job.state()) || remaining <= MAX_WAIT_PER_CALL {
+                return Ok(job);
+            }
+        }
     }
 
     /// Cancels a job that is not terminal; an active holder is sent `revoke`.
@@ -256,6 +268,10 @@ impl Client {
             }
         }
     }
+}
+
+fn is_terminal(state: proto::JobState) -> bool {
+    matches!(state, proto::JobState::Succeeded | proto::JobState::Failed | proto::JobState::Cancelled)
 }
 
 /// `UNAVAILABLE` is what the broker (no leader, shutting down) and tonic (no

@@ -598,3 +598,62 @@ async fn client_follows_leader_hints_and_returns_other_statuses() {
     let err = client.get("nope").await.expect_err("not found");
     assert_eq!(err.code(), Some(tonic::Code::NotFound));
 }
+
+#[tokio::test]
+async fn oversized_results_fail_for_good_instead_of_poisoning_the_stream() {
+    let mut broker = start_broker().await;
+    let handler = |_ctx: JobContext| async move { Ok(Bytes::from(vec![0u8; 1024 * 1024 + 1])) };
+    let (_handle, _stop, _task) = spawn_worker(worker(broker.addr, 1), handler);
+    let mut conn = broker.accept().await;
+    conn.hello().await;
+    conn.welcome("s1", false);
+    conn.assign("big", 1, b"");
+    match conn.recv().await {
+        Kind::Fail(f) => assert!(f.no_retry && f.error.contains("over the broker's limit"), "{f:?}"),
+        other => panic!("expected fail, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn zero_extension_is_sent_as_none() {
+    let mut broker = start_broker().await;
+    let handler = |ctx: JobContext| async move {
+        let _ = ctx.progress("tick", Some(Duration::ZERO)).await;
+        Ok(Bytes::new())
+    };
+    let (_handle, _stop, _task) = spawn_worker(worker(broker.addr, 1), handler);
+    let mut conn = broker.accept().await;
+    conn.hello().await;
+    conn.welcome("s1", false);
+    conn.assign("j", 1, b"");
+    match conn.recv().await {
+        Kind::Progress(p) => assert!(p.extend.is_none()),
+        other => panic!("expected progress, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_message_refused_on_every_stream_is_eventually_dropped() {
+    let mut broker = start_broker().await;
+    let (handle, _stop, _task) = spawn_worker(worker(broker.addr, 1), echo);
+    let mut conn = broker.accept().await;
+    conn.hello().await;
+    conn.welcome("s1", false);
+    conn.assign("poison", 1, b"x");
+    for _ in 0..3 {
+        assert!(matches!(conn.recv().await, Kind::Complete(_)));
+        conn.tx.send(Err(Status::invalid_argument("result: refused"))).unwrap();
+        drop(conn);
+        conn = broker.accept().await;
+        conn.hello().await;
+        conn.welcome("s1", true);
+    }
+    // Dropped after the third refusal: the new stream only carries new work.
+    conn.assign("next", 2, b"y");
+    match conn.recv().await {
+        Kind::Complete(c) => assert_eq!(c.job_id, "next"),
+        other => panic!("unexpected {other:?}"),
+    }
+    conn.ack("next", 2, AckStatus::Accepted);
+    eventually("next completed", || handle.stats().completed == 1).await;
+}

@@ -78,6 +78,8 @@ pub struct Node {
     pub shards: Vec<Arc<ShardNode>>,
     pub clock: Arc<dyn Clock>,
     pub settings: DispatchSettings,
+    /// Flips to true when the node shuts down: long-lived streams end then.
+    pub shutdown: watch::Receiver<bool>,
 }
 
 impl Node {

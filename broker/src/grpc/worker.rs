@@ -189,7 +189,18 @@ impl Connection {
     /// registry drops the sender: the session ended, or another stream of
     /// the same session took over.
     async fn forward(self: Arc<Self>, shard: Arc<ShardNode>, mut rx: mpsc::UnboundedReceiver<Outbound>) {
-        while let Some(outbound) = rx.recv().await {
+        let mut shutdown = self.node.shutdown.clone();
+        loop {
+            let outbound = tokio::select! {
+                outbound = rx.recv() => match outbound {
+                    Some(outbound) => outbound,
+                    None => break,
+                },
+                _ = shutdown.wait_for(|stop| *stop) => {
+                    let _ = self.out.send(Err(Status::unavailable("broker shutting down; reconnect to another node or retry")));
+                    return;
+                }
+            };
             let kind = match outbound {
                 Outbound::Assign(a) => {
                     let now = self.node.clock.now_ms();
@@ -230,8 +241,13 @@ impl Connection {
 
     /// Reads the worker's messages until the stream ends.
     async fn serve(self: Arc<Self>, mut inbound: Streaming<proto::WorkerMessage>, generations: Vec<u64>) {
+        let mut shutdown = self.node.shutdown.clone();
         loop {
-            let msg = match inbound.message().await {
+            let received = tokio::select! {
+                received = inbound.message() => received,
+                _ = shutdown.wait_for(|stop| *stop) => break,
+            };
+            let msg = match received {
                 Ok(Some(msg)) => msg,
                 Ok(None) => break,
                 Err(status) => {

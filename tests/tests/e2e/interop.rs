@@ -1,0 +1,94 @@
+//! Clients other than the Rust SDK: grpcurl through server reflection (no
+//! proto files), and the `gantry` CLI binary.
+
+use std::process::Command;
+
+use gantry_tests::{BinaryBroker, TestBroker, gantry_binary, get_job, v1 as proto};
+
+fn grpcurl(args: &[&str]) -> (bool, String, String) {
+    let output = Command::new("grpcurl").args(args).output().unwrap_or_else(|e| {
+        panic!("grpcurl could not be run ({e}); the test command (scripts/test.sh) installs it with pip")
+    });
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into(),
+        String::from_utf8_lossy(&output.stderr).into(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpcurl_lists_services_and_enqueues_with_json() {
+    let broker = TestBroker::start().await;
+    let addr = broker.endpoint();
+    let (ok, listed, err) = tokio::task::spawn_blocking({
+        let addr = addr.clone();
+        move || grpcurl(&["-plaintext", &addr, "list"])
+    })
+    .await
+    .unwrap();
+    assert!(ok, "grpcurl list failed: {err}");
+    for service in ["gantry.v1.Jobs", "gantry.v1.Worker", "gantry.v1.Admin", "grpc.health.v1.Health"] {
+        assert!(listed.lines().any(|l| l == service), "{service} missing from:\n{listed}");
+    }
+    let body = r#"{"queue":"from-grpcurl","payload":"aGVsbG8=","priority":3,"headers":{"k":"v"},"delay":"0s"}"#;
+    let (ok, out, err) = tokio::task::spawn_blocking({
+        let addr = addr.clone();
+        move || grpcurl(&["-plaintext", "-d", body, &addr, "gantry.v1.Jobs/Enqueue"])
+    })
+    .await
+    .unwrap();
+    assert!(ok, "grpcurl Enqueue failed: {err}");
+    let response: serde_json::Value = serde_json::from_str(&out).expect("JSON answer");
+    let job_id = response["jobId"].as_str().expect("jobId").to_owned();
+    assert_eq!(response["created"], true);
+    let job = get_job(&mut broker.jobs(), &job_id).await;
+    assert_eq!((job.payload.as_slice(), job.priority, job.queue.as_str()), (b"hello".as_slice(), 3, "from-grpcurl"));
+    // A bad request through grpcurl gets the field-naming error too.
+    let (ok, _, err) = tokio::task::spawn_blocking(move || {
+        grpcurl(&["-plaintext", "-d", r#"{"queue":"bad queue"}"#, &addr, "gantry.v1.Jobs/Enqueue"])
+    })
+    .await
+    .unwrap();
+    assert!(!ok);
+    assert!(err.contains("InvalidArgument") && err.contains("queue"), "{err}");
+    let (ok, health, _) = tokio::task::spawn_blocking(move || {
+        grpcurl(&["-plaintext", &broker.endpoint(), "grpc.health.v1.Health/Check"])
+    })
+    .await
+    .unwrap();
+    assert!(ok && health.contains("SERVING"), "{health}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_enqueues_and_reads_jobs() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BinaryBroker::start(&dir.path().join("node"), &[]).await;
+    let addr = broker.addr.to_string();
+    let cli = |args: &[&str]| {
+        let output = Command::new(gantry_binary()).args(args).env("GANTRY_ADDR", &addr).output().expect("run gantry");
+        (
+            output.status.success(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+    let (ok, out, err) = cli(&["enqueue", "cli-queue", "hello from the cli", "--priority", "4"]);
+    assert!(ok, "gantry enqueue failed: {err}");
+    let job_id = out.lines().next().expect("job id line").trim().to_owned();
+    let job = get_job(&mut broker.jobs(), &job_id).await;
+    assert_eq!((job.payload.as_slice(), job.priority), (b"hello from the cli".as_slice(), 4));
+    let (ok, out, err) = cli(&["job", "get", &job_id]);
+    assert!(ok, "gantry job get failed: {err}");
+    assert!(out.contains(&job_id) && out.to_lowercase().contains("ready"), "{out}");
+    let (ok, out, _) = cli(&["queues"]);
+    assert!(ok && out.contains("cli-queue"), "{out}");
+    let (ok, out, _) = cli(&["cluster", "status"]);
+    assert!(ok && out.to_lowercase().contains("leader"), "{out}");
+    let (ok, _, err) = cli(&["enqueue", "bad queue", "x"]);
+    assert!(!ok);
+    assert!(err.contains("INVALID_ARGUMENT") || err.contains("InvalidArgument"), "{err}");
+    let (ok, out, err) = cli(&["job", "cancel", &job_id]);
+    assert!(ok, "gantry job cancel failed: {err}");
+    assert!(out.to_lowercase().contains("cancelled"), "{out}");
+    assert_eq!(get_job(&mut broker.jobs(), &job_id).await.state(), proto::JobState::Cancelled);
+}

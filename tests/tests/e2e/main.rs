@@ -1,0 +1,9 @@
+//! End-to-end tests of Gantry over its public gRPC API: brokers in-process
+//! or as the real binary, the Rust SDK, raw streams, grpcurl and the CLI.
+
+mod catastrophes;
+mod durability;
+mod inputs;
+mod interop;
+mod lifecycle;
+mod protocol;
