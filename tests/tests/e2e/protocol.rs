@@ -171,3 +171,61 @@ async fn resuming_an_expired_session_revokes_its_old_jobs() {
     assert!(reassigned.fencing_token > assign.fencing_token);
     broker.stop().await;
 }
+
+/// Release gives a job back unstarted: READY again at once, attempt not counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn release_requeues_without_counting_the_attempt() {
+    let broker = TestBroker::start().await;
+    let mut jobs = broker.jobs();
+    let job_id = enqueue(&mut jobs, "release", b"x").await;
+    let (mut worker, _) = RawWorker::open(&broker, proto::Hello { max_in_flight: 1, ..hello("release", "") }).await.unwrap();
+    let first = worker.next_assign().await;
+    worker.send(In::Release(proto::Release { job_id: job_id.clone(), fencing_token: first.fencing_token }));
+    assert_eq!(worker.next_ack().await.status(), proto::AckStatus::Accepted);
+    // The same session gets it again, as attempt 1 with a new token.
+    let again = worker.next_assign().await;
+    assert_eq!((again.attempt, again.job.unwrap().id), (1, job_id.clone()));
+    assert!(again.fencing_token > first.fencing_token);
+    let job = get_job(&mut jobs, &job_id).await;
+    assert_eq!(job.history[0].outcome(), proto::AttemptOutcome::Released);
+    worker.send(In::Goodbye(proto::Goodbye {}));
+    drop(worker);
+    // Goodbye with the job still held: it goes back at once, not after session_ttl.
+    let job = gantry_tests::wait_for_state(&mut jobs, &job_id, proto::JobState::Ready).await;
+    assert_eq!(job.history.last().unwrap().outcome(), proto::AttemptOutcome::SessionExpired);
+    broker.stop().await;
+}
+
+/// Terminal jobs are kept for the queue's retention, then dropped (and
+/// their idempotency keys become free again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn terminal_jobs_are_dropped_after_retention() {
+    let broker = TestBroker::start().await;
+    let mut admin = broker.admin();
+    admin
+        .set_queue_config(proto::SetQueueConfigRequest {
+            queue: "short".into(),
+            config: Some(proto::QueueConfig {
+                retention: Some(prost_types::Duration { seconds: 0, nanos: 300_000_000 }),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap();
+    let mut jobs = broker.jobs();
+    let keyed = proto::EnqueueRequest { queue: "short".into(), idempotency_key: "k".into(), ..Default::default() };
+    let job_id = jobs.enqueue(keyed.clone()).await.unwrap().into_inner().job_id;
+    jobs.cancel_job(proto::CancelJobRequest { job_id: job_id.clone(), reason: "done".into() }).await.unwrap();
+    gantry_tests::eventually("job dropped after retention", Duration::from_secs(10), || {
+        let mut jobs = jobs.clone();
+        let job_id = job_id.clone();
+        async move {
+            let gone = jobs.get_job(proto::GetJobRequest { job_id }).await.err()?;
+            (gone.code() == tonic::Code::NotFound).then_some(())
+        }
+    })
+    .await;
+    let again = jobs.enqueue(keyed).await.unwrap().into_inner();
+    assert!(again.created && again.job_id != job_id, "the key is free again");
+    broker.stop().await;
+}
