@@ -6,6 +6,11 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use gantry_broker::{cli, config::Config, server};
 
+// The broker allocates per request and per job; glibc malloc showed up as a
+// fifth of its CPU time under load.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "gantry", version, about = "Gantry: a replicated job broker that never loses an acknowledged job")]
 struct Cli {

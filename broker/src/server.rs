@@ -6,7 +6,6 @@ use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use gantry_proto::v1::{admin_server::AdminServer, jobs_server::JobsServer, worker_server::WorkerServer};
 use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
-use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::{
     clock::{Clock, SystemClock},
@@ -20,6 +19,8 @@ use crate::{
 
 /// How long a fresh single-node group may take to elect itself.
 const LEADERSHIP_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long replaying the log after the last snapshot may take.
+const REPLAY_TIMEOUT: Duration = Duration::from_secs(600);
 /// Largest gRPC message accepted: a full batch of maximal payloads is refused
 /// by validation with a clear message, not by the transport.
 const MAX_MESSAGE_BYTES: usize = 64 << 20;
@@ -94,6 +95,7 @@ pub async fn start_with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<R
             ShardRaft::open(config.node_id, shard, engine.clone(), &config.data_dir, &raft_settings, events_tx).await?;
         raft.bootstrap_single(config.node_id, &advertise).await?;
         raft.wait_for_leadership(LEADERSHIP_TIMEOUT).await?;
+        raft.wait_caught_up(REPLAY_TIMEOUT).await?;
         let raft = Arc::new(raft);
         shards.push(ShardNode::start(raft, events_rx, clock.clone(), settings.clone(), shutdown_rx.clone()));
     }
@@ -134,7 +136,10 @@ pub async fn start_with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<R
     let task_node = node.clone();
     tracing::info!(%local_addr, node_id = config.node_id, data_dir = %config.data_dir.display(), "gantry serving");
     let task = tokio::spawn(async move {
-        let serving = router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+        // Without TCP_NODELAY, Nagle and delayed ACKs add up to 40 ms to small
+        // messages such as acks and assignments.
+        let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+        let serving = router.serve_with_incoming_shutdown(incoming, async move {
             let _ = serve_shutdown.wait_for(|stop| *stop).await;
         });
         tokio::pin!(serving);

@@ -72,6 +72,7 @@ pub const HISTORY_MAX: usize = 10;
 pub struct Job {
     pub id: JobId,
     pub queue: String,
+    #[serde(with = "serde_bytes")]
     pub payload: Vec<u8>,
     pub headers: BTreeMap<String, String>,
     pub priority: i32,
@@ -83,6 +84,7 @@ pub struct Job {
     pub created_ms: u64,
     pub run_at_ms: u64,
     pub finished_ms: Option<u64>,
+    #[serde(with = "serde_bytes")]
     pub result: Vec<u8>,
     pub error: String,
     pub idempotency_key: Option<String>,

@@ -188,6 +188,19 @@ impl ShardRaft {
             .map_err(|e| RaftError::Raft(e.to_string()))
     }
 
+    /// Waits (bounded) until everything in the local log is applied, so that
+    /// reads after a restart see every acknowledged job.
+    pub async fn wait_caught_up(&self, timeout: Duration) -> Result<(), RaftError> {
+        let last = self.raft.metrics().borrow_watched().last_log_index;
+        let Some(last) = last else { return Ok(()) };
+        self.raft
+            .wait(Some(timeout))
+            .applied_index_at_least(Some(last), "apply the local log")
+            .await
+            .map(|_| ())
+            .map_err(|e| RaftError::Raft(e.to_string()))
+    }
+
     /// Forces a snapshot now (tests, and an operator before maintenance).
     pub async fn snapshot_now(&self) -> Result<(), RaftError> {
         self.raft.trigger().snapshot().await.map_err(|e| RaftError::Raft(e.to_string()))

@@ -178,7 +178,8 @@ async fn release_requeues_without_counting_the_attempt() {
     let broker = TestBroker::start().await;
     let mut jobs = broker.jobs();
     let job_id = enqueue(&mut jobs, "release", b"x").await;
-    let (mut worker, _) = RawWorker::open(&broker, proto::Hello { max_in_flight: 1, ..hello("release", "") }).await.unwrap();
+    let (mut worker, _) =
+        RawWorker::open(&broker, proto::Hello { max_in_flight: 1, ..hello("release", "") }).await.unwrap();
     let first = worker.next_assign().await;
     worker.send(In::Release(proto::Release { job_id: job_id.clone(), fencing_token: first.fencing_token }));
     assert_eq!(worker.next_ack().await.status(), proto::AckStatus::Accepted);
