@@ -214,12 +214,11 @@ impl BinaryBroker {
             }
             let mut health = tonic_health_client(addr);
             let request = tonic_health::pb::HealthCheckRequest { service: String::new() };
-            if let Ok(Ok(response)) = tokio::time::timeout(Duration::from_secs(1), health.check(request)).await {
-                if response.into_inner().status
-                    == tonic_health::pb::health_check_response::ServingStatus::Serving as i32
-                {
-                    return;
-                }
+            let serving = tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
+            if let Ok(Ok(response)) = tokio::time::timeout(Duration::from_secs(1), health.check(request)).await
+                && response.into_inner().status == serving
+            {
+                return;
             }
             assert!(Instant::now() < deadline, "gantry serve did not become healthy within 60s");
             tokio::time::sleep(Duration::from_millis(50)).await;
