@@ -179,6 +179,23 @@ pub struct ApplyOutput {
     pub events: Vec<Event>,
 }
 
+/// Wake-ups are hints: one per queue per run of commands is enough, and a
+/// busy entry would otherwise carry one per job.
+fn note_work(events: &mut Vec<Event>, queue: &str) {
+    let recent = events.iter().rev().take(4).any(|e| matches!(e, Event::WorkAvailable { queue: q } if q == queue));
+    if !recent {
+        events.push(Event::WorkAvailable { queue: queue.to_owned() });
+    }
+}
+
+fn note_capacity(events: &mut Vec<Event>, session_id: SessionId) {
+    let recent =
+        events.iter().rev().take(4).any(|e| matches!(e, Event::CapacityFreed { session_id: s } if *s == session_id));
+    if !recent {
+        events.push(Event::CapacityFreed { session_id });
+    }
+}
+
 impl QueueState {
     pub fn new(shard: ShardId) -> Self {
         QueueState {
@@ -347,7 +364,7 @@ impl QueueState {
             }
             Command::ResumeQueue { queue } => {
                 self.queue_mut(queue).paused = false;
-                events.push(Event::WorkAvailable { queue: queue.clone() });
+                note_work(events, queue);
                 Applied::QueueUpdated
             }
             Command::Tick => Applied::Ticked,
@@ -409,7 +426,7 @@ impl QueueState {
         queue.pending.insert(PendingKey::of(&job));
         let state = job.state_at(now);
         self.jobs.insert(id, job);
-        events.push(Event::WorkAvailable { queue: new.queue.clone() });
+        note_work(events, &new.queue);
         Applied::Enqueued { job_id: id, created: true, state }
     }
 
@@ -518,7 +535,7 @@ impl QueueState {
         job.close_attempt(lease.token, now, Outcome::Succeeded, "");
         job.result = result.to_vec();
         self.finish(job_id, Status::Succeeded, events);
-        events.push(Event::CapacityFreed { session_id: lease.session_id });
+        note_capacity(events, lease.session_id);
         Applied::Accepted { lease_deadline_ms: None }
     }
 
@@ -556,7 +573,7 @@ impl QueueState {
             Some(delay) => self.requeue(job_id, now.saturating_add(delay), events),
             None => self.finish(job_id, Status::Failed, events),
         }
-        events.push(Event::CapacityFreed { session_id: lease.session_id });
+        note_capacity(events, lease.session_id);
         Applied::Accepted { lease_deadline_ms: None }
     }
 
@@ -576,7 +593,7 @@ impl QueueState {
         job.attempt -= 1;
         let run_at = job.run_at_ms;
         self.requeue(job_id, run_at.min(now), events);
-        events.push(Event::CapacityFreed { session_id: lease.session_id });
+        note_capacity(events, lease.session_id);
         Applied::Accepted { lease_deadline_ms: None }
     }
 
@@ -611,7 +628,7 @@ impl QueueState {
             token: lease.token,
             reason: why.to_owned(),
         });
-        events.push(Event::CapacityFreed { session_id: lease.session_id });
+        note_capacity(events, lease.session_id);
         if job.attempt >= job.max_attempts {
             job.error = format!("{why} (attempt {} of {})", job.attempt, job.max_attempts);
             self.finish(job_id, Status::Failed, events);
@@ -664,7 +681,7 @@ impl QueueState {
                 token: lease.token,
                 reason: why.clone(),
             });
-            events.push(Event::CapacityFreed { session_id: lease.session_id });
+            note_capacity(events, lease.session_id);
         } else {
             let key = PendingKey::of(job);
             let queue = job.queue.clone();
@@ -703,7 +720,7 @@ impl QueueState {
         let key = PendingKey::of(job);
         let queue = job.queue.clone();
         self.queues.get_mut(&queue).expect("queue of a job").pending.insert(key);
-        events.push(Event::WorkAvailable { queue });
+        note_work(events, &queue);
     }
 
     /// Into a terminal state; retained for the queue's `retention`.

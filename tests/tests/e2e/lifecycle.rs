@@ -248,15 +248,15 @@ async fn pause_resume_and_purge() {
 async fn lease_timeout_reassigns_and_progress_extends() {
     let broker = TestBroker::start().await;
     let client = broker.client().await;
-    let extended = client.enqueue("slow", "extend").lease_timeout(Duration::from_millis(600)).send().await.unwrap();
+    // Runs 2.5 s with a 1.5 s lease, renewed every 250 ms: only progress keeps it.
+    let extended = client.enqueue("slow", "extend").lease_timeout(Duration::from_millis(1500)).send().await.unwrap();
     let worker = RunningWorker::spawn(&broker.endpoint(), "slow", "w", 2, |ctx| async move {
         if ctx.payload().as_ref() == b"extend" {
-            // Three lease timeouts long, kept alive by progress.
-            for step in 0..6 {
-                ctx.progress(format!("step {step}"), Some(Duration::from_millis(600)))
+            for step in 0..10 {
+                ctx.progress(format!("step {step}"), Some(Duration::from_millis(1500)))
                     .await
                     .map_err(|e| JobError::failed(e.to_string()))?;
-                tokio::time::sleep(Duration::from_millis(300)).await;
+                tokio::time::sleep(Duration::from_millis(250)).await;
             }
             Ok(Bytes::from_static(b"extended"))
         } else if ctx.attempt() == 1 {
@@ -268,7 +268,7 @@ async fn lease_timeout_reassigns_and_progress_extends() {
     });
     let done = client.wait(&extended.job_id, Duration::from_secs(20)).await.unwrap();
     assert_eq!((done.state(), done.attempt), (JobState::Succeeded, 1), "progress kept the lease");
-    assert_eq!(done.progress, "step 5");
+    assert_eq!(done.progress, "step 9");
     let hung = client.enqueue("slow", "hang").lease_timeout(Duration::from_millis(300)).send().await.unwrap();
     let done = client.wait(&hung.job_id, Duration::from_secs(20)).await.unwrap();
     assert_eq!((done.state(), done.attempt), (JobState::Succeeded, 2));
