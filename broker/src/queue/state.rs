@@ -521,19 +521,32 @@ impl QueueState {
         lease
     }
 
-    fn complete(&mut self, job_id: JobId, token: FencingToken, result: &[u8], events: &mut Vec<Event>) -> Applied {
-        match self.check_lease(job_id, token, &[Outcome::Succeeded]) {
-            Err(rejection) => return Applied::Rejected(rejection),
-            Ok(None) => {
-                return Applied::Accepted { lease_deadline_ms: None };
-            }
-            Ok(Some(())) => {}
+    /// Ends the lease `token` holds with a result: the attempt is closed
+    /// with `outcome`. `Ok(None)` when this exact result was already
+    /// recorded (a resend after a reconnect), which changes nothing.
+    fn take_lease(
+        &mut self,
+        job_id: JobId,
+        token: FencingToken,
+        outcome: Outcome,
+        error: &str,
+    ) -> Result<Option<Lease>, Rejection> {
+        if self.check_lease(job_id, token, &[outcome])?.is_none() {
+            return Ok(None);
         }
         let lease = self.end_lease(job_id);
         let now = self.now_ms;
-        let job = self.jobs.get_mut(&job_id).expect("checked");
-        job.close_attempt(lease.token, now, Outcome::Succeeded, "");
-        job.result = result.to_vec();
+        self.jobs.get_mut(&job_id).expect("checked").close_attempt(lease.token, now, outcome, error);
+        Ok(Some(lease))
+    }
+
+    fn complete(&mut self, job_id: JobId, token: FencingToken, result: &[u8], events: &mut Vec<Event>) -> Applied {
+        let lease = match self.take_lease(job_id, token, Outcome::Succeeded, "") {
+            Ok(Some(lease)) => lease,
+            Ok(None) => return Applied::Accepted { lease_deadline_ms: None },
+            Err(rejection) => return Applied::Rejected(rejection),
+        };
+        self.jobs.get_mut(&job_id).expect("checked").result = result.to_vec();
         self.finish(job_id, Status::Succeeded, events);
         note_capacity(events, lease.session_id);
         Applied::Accepted { lease_deadline_ms: None }
@@ -547,17 +560,13 @@ impl QueueState {
         retry: &RetryRequest,
         events: &mut Vec<Event>,
     ) -> Applied {
-        match self.check_lease(job_id, token, &[Outcome::Failed]) {
+        let lease = match self.take_lease(job_id, token, Outcome::Failed, error) {
+            Ok(Some(lease)) => lease,
+            Ok(None) => return Applied::Accepted { lease_deadline_ms: None },
             Err(rejection) => return Applied::Rejected(rejection),
-            Ok(None) => {
-                return Applied::Accepted { lease_deadline_ms: None };
-            }
-            Ok(Some(())) => {}
-        }
-        let lease = self.end_lease(job_id);
+        };
         let now = self.now_ms;
         let job = self.jobs.get_mut(&job_id).expect("checked");
-        job.close_attempt(lease.token, now, Outcome::Failed, error);
         job.error = error.to_owned();
         let attempts_left = job.attempt < job.max_attempts;
         let delay_ms = match retry {
@@ -578,17 +587,13 @@ impl QueueState {
     }
 
     fn release(&mut self, job_id: JobId, token: FencingToken, events: &mut Vec<Event>) -> Applied {
-        match self.check_lease(job_id, token, &[Outcome::Released]) {
+        let lease = match self.take_lease(job_id, token, Outcome::Released, "") {
+            Ok(Some(lease)) => lease,
+            Ok(None) => return Applied::Accepted { lease_deadline_ms: None },
             Err(rejection) => return Applied::Rejected(rejection),
-            Ok(None) => {
-                return Applied::Accepted { lease_deadline_ms: None };
-            }
-            Ok(Some(())) => {}
-        }
-        let lease = self.end_lease(job_id);
+        };
         let now = self.now_ms;
         let job = self.jobs.get_mut(&job_id).expect("checked");
-        job.close_attempt(lease.token, now, Outcome::Released, "");
         // Given back unstarted: the attempt does not count.
         job.attempt -= 1;
         let run_at = job.run_at_ms;
