@@ -30,7 +30,9 @@ pub struct Config {
     pub election_timeout: Duration,
     /// Largest job payload in bytes (default 1 MiB).
     pub max_payload_bytes: usize,
-    /// Take a Raft snapshot after this many log entries (default 20000).
+    /// Take a Raft snapshot after this many applied commands (default 1000000);
+    /// the log behind it is purged. Fewer means faster restarts and more
+    /// frequent pauses while the state is written out.
     pub snapshot_every: u64,
 }
 
@@ -46,7 +48,7 @@ impl Default for Config {
             session_ttl: Duration::from_secs(10),
             election_timeout: Duration::from_secs(1),
             max_payload_bytes: 1 << 20,
-            snapshot_every: 20_000,
+            snapshot_every: 1_000_000,
         }
     }
 }

@@ -85,7 +85,7 @@ pub async fn start_with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<R
     let raft_settings = RaftSettings {
         heartbeat_interval: config.election_timeout / 10,
         election_timeout: config.election_timeout,
-        snapshot_every_entries: config.snapshot_every,
+        snapshot_every_commands: config.snapshot_every,
         ..RaftSettings::default()
     };
     let mut shards = Vec::new();
@@ -97,6 +97,7 @@ pub async fn start_with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<R
         raft.wait_for_leadership(LEADERSHIP_TIMEOUT).await?;
         raft.wait_caught_up(REPLAY_TIMEOUT).await?;
         let raft = Arc::new(raft);
+        raft.spawn_snapshot_policy(raft_settings.snapshot_every_commands, Duration::from_millis(500));
         shards.push(ShardNode::start(raft, events_rx, clock.clone(), settings.clone(), shutdown_rx.clone()));
     }
     let node =

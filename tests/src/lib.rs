@@ -138,20 +138,23 @@ pub async fn wait_for_state(jobs: &mut JobsClient<Channel>, job_id: &str, state:
     get_job(&mut jobs, job_id).await
 }
 
-/// The `gantry` binary of this workspace, built if needed.
+/// The `gantry` binary of this workspace, brought up to date once per test
+/// process (a stale binary would test old code).
 pub fn gantry_binary() -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    // target/<profile>/deps/<test> -> target/<profile>/gantry
-    let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>");
-    let binary = profile_dir.join("gantry");
-    if !binary.exists() {
-        let status = Command::new(env!("CARGO"))
-            .args(["build", "-p", "gantry-broker", "--bin", "gantry"])
-            .status()
-            .expect("run cargo build");
-        assert!(status.success(), "cargo build of the gantry binary failed");
-    }
-    binary
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let exe = std::env::current_exe().expect("test executable path");
+            // target/<profile>/deps/<test> -> target/<profile>/gantry
+            let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>");
+            let status = Command::new(env!("CARGO"))
+                .args(["build", "--quiet", "-p", "gantry-broker", "--bin", "gantry"])
+                .status()
+                .expect("run cargo build");
+            assert!(status.success(), "cargo build of the gantry binary failed");
+            profile_dir.join("gantry")
+        })
+        .clone()
 }
 
 pub fn free_port() -> u16 {

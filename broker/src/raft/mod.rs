@@ -20,8 +20,9 @@ use crate::queue::{Applied, Batch, ShardId};
 pub struct RaftSettings {
     pub heartbeat_interval: Duration,
     pub election_timeout: Duration,
-    /// Take a snapshot after this many log entries (each a batch of commands).
-    pub snapshot_every_entries: u64,
+    /// Take a snapshot after this many applied commands. Counted in
+    /// commands, not log entries: an entry holds one command or thousands.
+    pub snapshot_every_commands: u64,
     /// Entries kept behind a snapshot so a lagging follower needs no snapshot.
     pub keep_after_snapshot: u64,
 }
@@ -31,7 +32,7 @@ impl Default for RaftSettings {
         RaftSettings {
             heartbeat_interval: Duration::from_millis(100),
             election_timeout: Duration::from_millis(1000),
-            snapshot_every_entries: 20_000,
+            snapshot_every_commands: 1_000_000,
             keep_after_snapshot: 1_000,
         }
     }
@@ -93,7 +94,8 @@ impl ShardRaft {
             heartbeat_interval: settings.heartbeat_interval.as_millis() as u64,
             election_timeout_min: election_ms,
             election_timeout_max: election_ms * 2,
-            snapshot_policy: SnapshotPolicy::LogsSinceLast(settings.snapshot_every_entries),
+            // Triggered by `spawn_snapshot_policy`, which counts commands.
+            snapshot_policy: SnapshotPolicy::Never,
             max_in_snapshot_log_to_keep: settings.keep_after_snapshot,
             ..Default::default()
         }
@@ -199,6 +201,33 @@ impl ShardRaft {
             .await
             .map(|_| ())
             .map_err(|e| RaftError::Raft(e.to_string()))
+    }
+
+    /// Snapshots once `every_commands` commands were applied since the
+    /// last one, checked every `period`. Ends when the group shuts down.
+    pub fn spawn_snapshot_policy(
+        self: &Arc<Self>,
+        every_commands: u64,
+        period: Duration,
+    ) -> tokio::task::JoinHandle<()> {
+        let this = Arc::downgrade(self);
+        tokio::spawn(async move {
+            // Replayed commands count too: they sit in the log until a snapshot.
+            let mut last = 0;
+            loop {
+                tokio::time::sleep(period).await;
+                let Some(shard) = this.upgrade() else { return };
+                let applied = shard.state.applied_commands();
+                let since = applied - last;
+                if since >= every_commands {
+                    if let Err(e) = shard.snapshot_now().await {
+                        tracing::warn!(shard = %shard.shard, error = %e, "snapshot trigger failed");
+                        return;
+                    }
+                    last = applied;
+                }
+            }
+        })
     }
 
     /// Forces a snapshot now (tests, and an operator before maintenance).

@@ -40,11 +40,17 @@ pub struct AppliedState {
 pub struct ShardState {
     shard: ShardId,
     applied: RwLock<AppliedState>,
+    /// Commands applied since this process started (drives snapshots).
+    applied_commands: std::sync::atomic::AtomicU64,
 }
 
 impl ShardState {
     pub fn shard(&self) -> ShardId {
         self.shard
+    }
+
+    pub fn applied_commands(&self) -> u64 {
+        self.applied_commands.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// A consistent view of the applied state; hold it briefly (apply waits).
@@ -89,7 +95,7 @@ impl StateMachineStore {
             applied.membership = file.meta.last_membership.clone();
         }
         Ok(StateMachineStore {
-            shared: Arc::new(ShardState { shard, applied: RwLock::new(applied) }),
+            shared: Arc::new(ShardState { shard, applied: RwLock::new(applied), applied_commands: Default::default() }),
             snapshot_dir,
             events,
         })
@@ -167,6 +173,8 @@ impl RaftStateMachine<C> for StateMachineStore {
                 match &entry.payload {
                     EntryPayload::Blank => (BatchResponse::default(), Vec::new()),
                     EntryPayload::Normal(batch) => {
+                        let count = batch.commands.len() as u64;
+                        self.shared.applied_commands.fetch_add(count, std::sync::atomic::Ordering::Relaxed);
                         let out = applied.queue.apply(entry.log_id.index, batch);
                         (BatchResponse(out.results), out.events)
                     }

@@ -75,6 +75,34 @@ async fn acknowledged_jobs_survive_sigkill_and_restart() {
         all
     };
 
+    // A snapshot (with the log purged behind it) before the kill, and more
+    // entries after it: recovery has to combine both.
+    let mut admin = broker.admin();
+    gantry_tests::eventually("a snapshot", std::time::Duration::from_secs(20), || {
+        let mut admin = admin.clone();
+        async move {
+            let status = admin.cluster_status(proto::ClusterStatusRequest {}).await.ok()?.into_inner();
+            (status.shards[0].snapshot_index > 0).then_some(())
+        }
+    })
+    .await;
+    let late = jobs
+        .enqueue(proto::EnqueueRequest {
+            queue: "durable".into(),
+            payload: b"after the snapshot".to_vec(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .job_id;
+    let before: Vec<proto::Job> = {
+        let mut all = before;
+        all.push(jobs.get_job(proto::GetJobRequest { job_id: late }).await.unwrap().into_inner());
+        all
+    };
+    let _ = admin.list_queues(proto::ListQueuesRequest {}).await.unwrap();
+
     broker.kill9();
     broker.restart().await;
     let mut jobs = broker.jobs();
@@ -100,5 +128,5 @@ async fn acknowledged_jobs_survive_sigkill_and_restart() {
         .job_id;
     assert!(!acknowledged.contains(&id));
     let status = broker.admin().cluster_status(proto::ClusterStatusRequest {}).await.unwrap().into_inner();
-    assert!(status.shards[0].snapshot_index > 0, "snapshots were taken: {status:?}");
+    assert!(status.shards[0].snapshot_index > 0, "recovered from a snapshot: {status:?}");
 }
