@@ -1111,6 +1111,23 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A payload of `len` bytes that differs per job and does not compress, so
+/// the log and snapshot sizes measured are those of real data (raft-engine
+/// compresses its batches).
+fn incompressible(len: usize, seq: u64) -> Bytes {
+    let mut state = seq.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        // xorshift64*: cheap enough not to show in the producer's CPU time.
+        state ^= state >> 12;
+        state ^= state << 25;
+        state ^= state >> 27;
+        out.extend_from_slice(&state.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
+    }
+    out.truncate(len);
+    Bytes::from(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1221,21 +1238,4 @@ mod tests {
         assert!(json.get("complete_latency_ms").is_none());
         assert_eq!(json["lost"], 0);
     }
-}
-
-/// A payload of `len` bytes that differs per job and does not compress, so
-/// the log and snapshot sizes measured are those of real data (raft-engine
-/// compresses its batches).
-fn incompressible(len: usize, seq: u64) -> Bytes {
-    let mut state = seq.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        // xorshift64*: cheap enough not to show in the producer's CPU time.
-        state ^= state >> 12;
-        state ^= state << 25;
-        state ^= state >> 27;
-        out.extend_from_slice(&state.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
-    }
-    out.truncate(len);
-    Bytes::from(out)
 }
