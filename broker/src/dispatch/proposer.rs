@@ -19,6 +19,8 @@ use crate::{
 pub const MAX_COMMANDS_PER_ENTRY: usize = 4096;
 /// Entries being replicated at once; later commands wait and batch up.
 pub const MAX_ENTRIES_IN_FLIGHT: usize = 8;
+/// A commit slower than this is logged: it shows as latency to every caller.
+const SLOW_COMMIT: std::time::Duration = std::time::Duration::from_millis(50);
 
 struct Pending {
     commands: Vec<Command>,
@@ -82,8 +84,14 @@ async fn run(raft: Arc<ShardRaft>, clock: Arc<dyn Clock>, mut rx: mpsc::Unbounde
         }
         let raft = raft.clone();
         tokio::spawn(async move {
+            let started = std::time::Instant::now();
+            let count = commands.len();
             let outcome = raft.propose(Batch { proposed_at_ms: stamp, commands }).await;
             drop(permit);
+            let elapsed = started.elapsed();
+            if elapsed > SLOW_COMMIT {
+                tracing::warn!(shard = %raft.shard(), commands = count, ?elapsed, "slow commit");
+            }
             match outcome {
                 Ok(results) => {
                     assert_eq!(results.len(), sizes.iter().sum::<usize>(), "one outcome per command");
