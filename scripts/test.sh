@@ -23,8 +23,11 @@ if ! cargo nextest --version >/dev/null 2>&1; then
     cargo install --locked cargo-nextest
 fi
 
-# One build for every test binary and the `gantry` binary the process-level
-# tests start.
+# One build for every test binary, and the `gantry` binary the process-level
+# tests start, built the way their harness does (a package-only build can
+# resolve features differently from the workspace build) so that the
+# harness's own up-to-date check finds nothing to do.
 cargo build --workspace --all-targets
+cargo build -p gantry-broker --bin gantry
 cargo nextest run --workspace --profile ci
 cargo test --workspace --doc --quiet
