@@ -187,6 +187,7 @@ mod tests {
             created_ms: 1_700_000_000_001,
             run_at_ms: 1_700_000_001_999,
             finished_ms: None,
+            retain_until_ms: None,
             result: Vec::new(),
             error: "first try failed".into(),
             idempotency_key: Some("key-1".into()),

@@ -34,6 +34,10 @@ pub fn check_invariants(state: &QueueState) {
             Status::Cancelled => 4,
         };
         assert_eq!(job.is_terminal(), job.finished_ms.is_some(), "job {id}: finished_ms vs terminal");
+        assert_eq!(job.is_terminal(), job.retain_until_ms.is_some(), "job {id}: retain_until_ms vs terminal");
+        if let Some(until) = job.retain_until_ms {
+            assert!(state.retention_index_holds(until, *id), "job {id} missing from the retention index");
+        }
         counts.entry(job.queue.as_str()).or_default()[slot] += 1;
     }
     for (name, queue) in state.queues() {
@@ -47,6 +51,8 @@ pub fn check_invariants(state: &QueueState) {
         assert_eq!(session.held, expected, "session {id} held set");
     }
     assert!(held.is_empty(), "jobs held by unknown sessions: {held:?}");
+    let terminal = state.jobs().values().filter(|j| j.is_terminal()).count();
+    assert_eq!(state.retention_index_len(), terminal, "retention index entries without a terminal job");
     let active = state.jobs().values().filter(|j| j.lease().is_some()).count();
     assert_eq!(state.next_lease_deadline_ms().is_some(), active > 0);
     // The snapshot of a state must restore to an equal state.

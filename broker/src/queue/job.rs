@@ -84,6 +84,9 @@ pub struct Job {
     pub created_ms: u64,
     pub run_at_ms: u64,
     pub finished_ms: Option<u64>,
+    /// Terminal jobs: when retention drops it. Stored, not recomputed, since
+    /// the queue's retention may change meanwhile.
+    pub retain_until_ms: Option<u64>,
     #[serde(with = "serde_bytes")]
     pub result: Vec<u8>,
     pub error: String,

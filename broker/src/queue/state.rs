@@ -262,6 +262,16 @@ impl QueueState {
         self.lease_deadlines.first().map(|(d, _)| *d)
     }
 
+    #[cfg(test)]
+    pub(super) fn retention_index_holds(&self, until_ms: u64, job_id: JobId) -> bool {
+        self.retention.contains(&(until_ms, job_id))
+    }
+
+    #[cfg(test)]
+    pub(super) fn retention_index_len(&self) -> usize {
+        self.retention.len()
+    }
+
     pub fn next_retention_ms(&self) -> Option<u64> {
         self.retention.first().map(|(d, _)| *d)
     }
@@ -412,6 +422,7 @@ impl QueueState {
             created_ms: now,
             run_at_ms: new.run_at_ms.unwrap_or_else(|| now.saturating_add(new.delay_ms)),
             finished_ms: None,
+            retain_until_ms: None,
             result: Vec::new(),
             error: String::new(),
             idempotency_key: new.idempotency_key.clone(),
@@ -705,9 +716,7 @@ impl QueueState {
         if job.status != Status::Failed {
             return Applied::Rejected(Rejection::NotFailed { job_id, state: job.state_at(now) });
         }
-        let finished = job.finished_ms.expect("terminal job has finished_ms");
-        let retention_ms = self.queues[&job.queue].config.retention_ms;
-        self.retention.remove(&(finished.saturating_add(retention_ms), job_id));
+        self.unretain(job_id);
         let job = self.jobs.get_mut(&job_id).expect("exists");
         job.attempt = 0;
         job.finished_ms = None;
@@ -743,8 +752,18 @@ impl QueueState {
         }
         job.status = status;
         job.finished_ms = Some(now);
-        self.retention.insert((now.saturating_add(queue.config.retention_ms), job_id));
+        let until = now.saturating_add(queue.config.retention_ms);
+        job.retain_until_ms = Some(until);
+        self.retention.insert((until, job_id));
         events.push(Event::Finished { job_id });
+    }
+
+    /// Takes a terminal job out of the retention index (redrive or purge).
+    fn unretain(&mut self, job_id: JobId) {
+        let job = self.jobs.get_mut(&job_id).expect("unretain of a missing job");
+        if let Some(until) = job.retain_until_ms.take() {
+            self.retention.remove(&(until, job_id));
+        }
     }
 
     /// Forgets a terminal job (retention passed, or purged).
@@ -777,9 +796,7 @@ impl QueueState {
         for &job_id in &victims {
             let job = &self.jobs[&job_id];
             if job.is_terminal() {
-                let finished = job.finished_ms.expect("terminal job has finished_ms");
-                let retention_ms = self.queues[queue_name].config.retention_ms;
-                self.retention.remove(&(finished.saturating_add(retention_ms), job_id));
+                self.unretain(job_id);
                 self.drop_job(job_id);
             } else {
                 let key = PendingKey::of(job);

@@ -369,6 +369,24 @@ fn purge_by_state() {
 }
 
 #[test]
+fn redrive_after_a_retention_change_keeps_the_job() {
+    let mut h = Harness::new();
+    let s = h.open("s", &["q"], 1);
+    let id = h.enqueue(NewJob { max_attempts: Some(1), ..job("q") });
+    let a = h.dispatch(&s)[0].clone();
+    h.one(Command::Fail { job_id: id, token: a.token, error: "e".into(), retry: RetryRequest::Never });
+    // The retention the job was filed under is not the queue's any more.
+    h.one(Command::SetQueueConfig {
+        queue: "q".into(),
+        update: QueueConfigUpdate { retention_ms: Some(1000), ..Default::default() },
+    });
+    h.one(Command::RetryJob { job_id: id });
+    h.now += config::DEFAULT_RETENTION_MS + 1;
+    h.one(Command::Tick);
+    assert_eq!(h.state_of(id), JobState::Ready, "the redriven job must outlive its old retention");
+}
+
+#[test]
 fn time_never_moves_backwards() {
     let mut h = Harness::new();
     h.one(Command::Tick);
