@@ -121,7 +121,10 @@ impl Jobs for JobsService {
         if is_terminal(&job) {
             return Ok(Response::new(job));
         }
-        let _ = tokio::time::timeout(timeout, finished).await;
+        let woken = tokio::time::timeout(timeout, finished).await;
+        if woken.is_err() {
+            shard.waiters.forget_abandoned(job_id);
+        }
         read_job(shard, job_id).map(Response::new)
     }
 
