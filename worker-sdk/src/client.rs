@@ -27,6 +27,8 @@ const MAX_QUEUE_LEADERS: usize = 4096;
 #[derive(Clone)]
 pub struct Client {
     inner: Arc<Inner>,
+    /// Set by [`Client::coalescing`]: enqueues go through the batcher.
+    coalescer: Option<Arc<crate::coalesce::Coalescer>>,
 }
 
 struct Inner {
@@ -74,7 +76,10 @@ impl Client {
                 Ok(channel) => {
                     let mut routes = Routes { current: i, ..Routes::default() };
                     routes.channels.insert(uri.clone(), channel);
-                    return Ok(Client { inner: Arc::new(Inner { endpoints, routes: Mutex::new(routes) }) });
+                    return Ok(Client {
+                        inner: Arc::new(Inner { endpoints, routes: Mutex::new(routes) }),
+                        coalescer: None,
+                    });
                 }
                 Err(e) => {
                     tracing::debug!(endpoint = %uri, error = %e, "cannot connect");
@@ -86,6 +91,19 @@ impl Client {
             Some(e) => Error::Transport(e),
             None => Error::InvalidConfig("no broker endpoints given".to_owned()),
         })
+    }
+
+    /// A client whose concurrent `enqueue(..).send()` calls are packed into
+    /// `EnqueueBatch` RPCs of up to `max_batch` jobs (16 batches in flight).
+    /// Each call still returns only once its own job is committed, with its
+    /// own id or error; a job refused for its queue's depth gets
+    /// `RESOURCE_EXHAUSTED`, an invalid one `INVALID_ARGUMENT` as usual.
+    /// Worth it for producers with many enqueues in flight; a lone enqueue
+    /// costs the same as without. Needs a tokio runtime.
+    pub fn coalescing(&self, max_batch: usize) -> Client {
+        let plain = Client { inner: self.inner.clone(), coalescer: None };
+        let coalescer = crate::coalesce::Coalescer::spawn(plain, max_batch);
+        Client { inner: self.inner.clone(), coalescer: Some(Arc::new(coalescer)) }
     }
 
     /// Starts building an enqueue of `payload` into `queue`.
@@ -350,6 +368,9 @@ impl EnqueueBuilder {
     /// committed but its answer lost; set an idempotency key where that matters.
     pub async fn send(self) -> Result<Enqueued, Error> {
         let EnqueueBuilder { client, req } = self;
+        if let Some(coalescer) = &client.coalescer {
+            return coalescer.enqueue(req).await;
+        }
         let queue = req.queue.clone();
         let resp = client
             .call(Some(&queue), move |ch| {
@@ -381,6 +402,7 @@ mod tests {
                 endpoints: vec!["http://127.0.0.1:1".into()],
                 routes: Mutex::new(Routes::default()),
             }),
+            coalescer: None,
         };
         let req = client
             .enqueue("emails", &b"hi"[..])
@@ -420,6 +442,7 @@ mod tests {
                 endpoints: vec!["http://127.0.0.1:1".into(), "http://127.0.0.1:2".into()],
                 routes: Mutex::new(Routes::default()),
             }),
+            coalescer: None,
         };
         let mut seen = Vec::new();
         let err = client

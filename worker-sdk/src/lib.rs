@@ -76,6 +76,7 @@
 
 mod backoff;
 mod client;
+mod coalesce;
 mod context;
 mod convert;
 mod endpoint;

@@ -87,6 +87,11 @@ pub struct BenchArgs {
     /// Jobs per EnqueueBatch call; 1 uses plain Enqueue (enqueue and e2e scenarios).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=10_000))]
     pub batch: u64,
+    /// With --batch 1: let the SDK pack concurrent Enqueue calls into
+    /// EnqueueBatch RPCs of up to this many jobs (`Client::coalescing`); each
+    /// call still waits for its own job's commit. 0 = off.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=10_000))]
+    pub coalesce: u64,
     /// SDK workers (sessions) of the e2e and latency scenarios.
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub workers: u32,
@@ -288,6 +293,7 @@ struct BenchJson<'a> {
     connections: u32,
     in_flight: u64,
     batch: u64,
+    coalesce: u64,
     workers: u32,
     worker_concurrency: u32,
     scenarios: &'a [ScenarioReport],
@@ -731,6 +737,12 @@ impl Bench {
         report.errors = phase.attempted - phase.ok.min(phase.attempted);
         report.error_kinds = phase.errors.0.clone();
         report.latency_ms = summarize(&phase.hist);
+        if self.args.batch == 1 && self.args.coalesce > 0 {
+            report.notes.push(format!(
+                "one Enqueue call per job, packed by the SDK into EnqueueBatch RPCs of up to {} jobs",
+                self.args.coalesce
+            ));
+        }
         if self.args.batch > 1 {
             report.notes.push(format!("enqueue RPC latency is per EnqueueBatch call of {} jobs", self.args.batch));
         }
@@ -1033,7 +1045,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         let c = Client::connect(endpoints.clone())
             .await
             .with_context(|| format!("cannot connect to {}", endpoints.join(",")))?;
-        clients.push(c);
+        clients.push(if args.coalesce > 0 { c.coalescing(args.coalesce as usize) } else { c });
     }
     let json = args.client.json;
     let bench = Bench {
@@ -1046,12 +1058,13 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     if !json {
         let a = &bench.args;
         println!(
-            "gantry bench → {}: payload {} B, {} connections, {} in flight, batch {}, {} workers × {}",
+            "gantry bench → {}: payload {} B, {} connections, {} in flight, batch {}, coalesce {}, {} workers × {}",
             bench.endpoints.join(","),
             a.payload_bytes,
             a.connections,
             a.in_flight,
             a.batch,
+            a.coalesce,
             a.workers,
             a.worker_concurrency
         );
@@ -1085,6 +1098,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             connections: a.connections,
             in_flight: a.in_flight,
             batch: a.batch,
+            coalesce: a.coalesce,
             workers: a.workers,
             worker_concurrency: a.worker_concurrency,
             scenarios: &reports,

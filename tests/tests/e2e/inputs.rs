@@ -119,3 +119,53 @@ async fn a_full_queue_is_resource_exhausted() {
     assert!(results[1].job_id.is_empty() && results[1].error.contains("maximum depth"));
     broker.stop().await;
 }
+
+/// The SDK's coalescing client packs concurrent enqueues into EnqueueBatch
+/// calls; each caller still gets its own answer, and one bad job fails alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coalesced_enqueues_answer_each_caller() {
+    let broker = TestBroker::start().await;
+    let mut admin = broker.admin();
+    admin
+        .set_queue_config(proto::SetQueueConfigRequest {
+            queue: "capped".into(),
+            config: Some(proto::QueueConfig { max_depth: Some(1), ..Default::default() }),
+        })
+        .await
+        .unwrap();
+    let client = broker.client().await.coalescing(64);
+    let calls = (0..200).map(|i| {
+        let client = client.clone();
+        async move {
+            let queue = match i {
+                7 => "bad queue",
+                8 | 9 => "capped",
+                _ => "coalesced",
+            };
+            client.enqueue(queue, format!("job {i}")).send().await
+        }
+    });
+    let answers = futures::future::join_all(calls).await;
+    let mut ids = std::collections::HashSet::new();
+    for (i, answer) in answers.iter().enumerate() {
+        match (i, answer) {
+            (7, Err(e)) => {
+                assert_eq!(e.code(), Some(Code::InvalidArgument));
+                assert!(e.status().unwrap().message().starts_with("queue:"), "{e}");
+            }
+            (8 | 9, _) => {}
+            (_, Ok(enqueued)) => assert!(ids.insert(enqueued.job_id.clone()), "duplicate id"),
+            (_, Err(e)) => panic!("job {i} refused: {e}"),
+        }
+    }
+    // Exactly one of the two capped jobs fits.
+    let capped: Vec<_> = answers[8..10].iter().map(|a| a.as_ref().map_err(|e| e.code())).collect();
+    assert_eq!(capped.iter().filter(|a| a.is_ok()).count(), 1, "{capped:?}");
+    assert!(capped.iter().any(|a| *a == Err(Some(Code::ResourceExhausted))));
+    assert_eq!(ids.len(), 197);
+    let info = admin.get_queue(proto::GetQueueRequest { queue: "coalesced".into() }).await.unwrap().into_inner();
+    assert_eq!(info.ready, 197);
+    let job = get_job(&mut broker.jobs(), ids.iter().next().unwrap()).await;
+    assert!(String::from_utf8(job.payload).unwrap().starts_with("job "));
+    broker.stop().await;
+}
