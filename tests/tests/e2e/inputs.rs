@@ -161,7 +161,7 @@ async fn coalesced_enqueues_answer_each_caller() {
     // Exactly one of the two capped jobs fits.
     let capped: Vec<_> = answers[8..10].iter().map(|a| a.as_ref().map_err(|e| e.code())).collect();
     assert_eq!(capped.iter().filter(|a| a.is_ok()).count(), 1, "{capped:?}");
-    assert!(capped.iter().any(|a| *a == Err(Some(Code::ResourceExhausted))));
+    assert!(capped.contains(&Err(Some(Code::ResourceExhausted))));
     assert_eq!(ids.len(), 197);
     let info = admin.get_queue(proto::GetQueueRequest { queue: "coalesced".into() }).await.unwrap().into_inner();
     assert_eq!(info.ready, 197);
