@@ -29,5 +29,6 @@ fi
 # harness's own up-to-date check finds nothing to do.
 cargo build --workspace --all-targets
 cargo build -p gantry-broker --bin gantry
+cargo build -p gantry-worker --example echo_worker
 cargo nextest run --workspace --profile ci
 cargo test --workspace --doc --quiet

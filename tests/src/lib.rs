@@ -157,6 +157,24 @@ pub fn gantry_binary() -> PathBuf {
         .clone()
 }
 
+/// The SDK's `echo_worker` example, brought up to date once per test
+/// process: a worker that runs as its own OS process, to be killed.
+pub fn echo_worker_binary() -> PathBuf {
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let exe = std::env::current_exe().expect("test executable path");
+            let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>");
+            let status = Command::new(env!("CARGO"))
+                .args(["build", "--quiet", "-p", "gantry-worker", "--example", "echo_worker"])
+                .status()
+                .expect("run cargo build");
+            assert!(status.success(), "cargo build of the echo_worker example failed");
+            profile_dir.join("examples").join("echo_worker")
+        })
+        .clone()
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
 }

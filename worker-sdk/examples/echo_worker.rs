@@ -5,13 +5,20 @@
 //! ```
 //!
 //! The queue comes from the first argument, else `GANTRY_QUEUE`, else
-//! `default`. `GANTRY_ADDR` may list several nodes, comma-separated.
+//! `default`. `GANTRY_ADDR` may list several nodes, comma-separated;
+//! `GANTRY_WORKER_ID` names the worker; `ECHO_DELAY_MS` slows every job.
 //! Ctrl-C shuts down gracefully: running jobs finish, the rest go back.
 
 use bytes::Bytes;
 use gantry_worker::{JobContext, JobError, Worker};
 
+/// `ECHO_DELAY_MS` makes every job take that long (a slow job to watch, or
+/// to kill the worker in the middle of).
 async fn echo(ctx: JobContext) -> Result<Bytes, JobError> {
+    let delay_ms: u64 = std::env::var("ECHO_DELAY_MS").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
+    if delay_ms > 0 {
+        tokio::time::sleep(std::time::Duration::from_millis(delay_ms)).await;
+    }
     tracing::info!(
         job_id = ctx.job_id(),
         attempt = ctx.attempt(),
@@ -32,7 +39,11 @@ async fn main() -> anyhow::Result<()> {
     let queue =
         std::env::args().nth(1).or_else(|| std::env::var("GANTRY_QUEUE").ok()).unwrap_or_else(|| "default".to_owned());
 
-    let worker = Worker::builder(addrs.split(',').map(str::trim).filter(|a| !a.is_empty())).queue(&queue).build()?;
+    let mut builder = Worker::builder(addrs.split(',').map(str::trim).filter(|a| !a.is_empty())).queue(&queue);
+    if let Ok(id) = std::env::var("GANTRY_WORKER_ID") {
+        builder = builder.worker_id(id);
+    }
+    let worker = builder.build()?;
     tracing::info!(worker_id = worker.worker_id(), %queue, "echo worker starting");
 
     let shutdown = async {

@@ -110,6 +110,41 @@ async fn worker_killed_mid_job_is_finished_by_another() {
     broker.stop().await;
 }
 
+/// Gearman again, with a real process: a worker process (the SDK's
+/// echo_worker example) is SIGKILLed while its job runs; the job finishes
+/// on another worker, as attempt 2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_process_killed_mid_job_is_finished_by_another() {
+    let broker = TestBroker::start().await;
+    let client = broker.client().await;
+    let job = client.enqueue("gearman-process", "x").send().await.unwrap();
+    let mut process = std::process::Command::new(gantry_tests::echo_worker_binary())
+        .arg("gearman-process")
+        .env("GANTRY_ADDR", broker.endpoint())
+        .env("GANTRY_WORKER_ID", "doomed-process")
+        .env("ECHO_DELAY_MS", "600000")
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("start echo_worker");
+    let active = wait_for_state(&mut broker.jobs(), &job.job_id, JobState::Active).await;
+    assert_eq!(active.worker_id, "doomed-process");
+    process.kill().expect("SIGKILL the worker process");
+    process.wait().expect("reap");
+    let survivor = RunningWorker::spawn(&broker.endpoint(), "gearman-process", "survivor", 1, |ctx| async move {
+        Ok(Bytes::from(format!("attempt {}", ctx.attempt())))
+    });
+    let done = client.wait(&job.job_id, Duration::from_secs(20)).await.unwrap();
+    assert_eq!(
+        (done.state(), done.worker_id.as_str(), done.result.as_slice()),
+        (JobState::Succeeded, "survivor", b"attempt 2".as_slice())
+    );
+    assert_eq!(done.history[0].outcome(), proto::AttemptOutcome::SessionExpired);
+    assert_eq!(done.history[0].worker_id, "doomed-process");
+    survivor.shutdown().await;
+    broker.stop().await;
+}
+
 /// Admin.ExpireSession declares a worker dead by hand: its jobs go at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_expires_a_session_and_its_jobs_move() {
