@@ -138,41 +138,37 @@ pub async fn wait_for_state(jobs: &mut JobsClient<Channel>, job_id: &str, state:
     get_job(&mut jobs, job_id).await
 }
 
-/// The `gantry` binary of this workspace, brought up to date once per test
-/// process (a stale binary would test old code).
-pub fn gantry_binary() -> PathBuf {
-    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    BUILT
+/// A binary of this workspace, brought up to date once per test process (a
+/// stale binary would test old code). `cargo_args` say what to build,
+/// `path` where it lands below `target/<profile>/`.
+fn workspace_binary(built: &'static std::sync::OnceLock<PathBuf>, cargo_args: &[&str], path: &str) -> PathBuf {
+    built
         .get_or_init(|| {
             let exe = std::env::current_exe().expect("test executable path");
-            // target/<profile>/deps/<test> -> target/<profile>/gantry
+            // target/<profile>/deps/<test> -> target/<profile>/
             let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>");
             let status = Command::new(env!("CARGO"))
-                .args(["build", "--quiet", "-p", "gantry-broker", "--bin", "gantry"])
+                .args(["build", "--quiet"])
+                .args(cargo_args)
                 .status()
                 .expect("run cargo build");
-            assert!(status.success(), "cargo build of the gantry binary failed");
-            profile_dir.join("gantry")
+            assert!(status.success(), "cargo build {cargo_args:?} failed");
+            profile_dir.join(path)
         })
         .clone()
 }
 
-/// The SDK's `echo_worker` example, brought up to date once per test
-/// process: a worker that runs as its own OS process, to be killed.
+/// The `gantry` binary.
+pub fn gantry_binary() -> PathBuf {
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    workspace_binary(&BUILT, &["-p", "gantry-broker", "--bin", "gantry"], "gantry")
+}
+
+/// The SDK's `echo_worker` example: a worker that runs as its own OS
+/// process, to be killed.
 pub fn echo_worker_binary() -> PathBuf {
     static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    BUILT
-        .get_or_init(|| {
-            let exe = std::env::current_exe().expect("test executable path");
-            let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>");
-            let status = Command::new(env!("CARGO"))
-                .args(["build", "--quiet", "-p", "gantry-worker", "--example", "echo_worker"])
-                .status()
-                .expect("run cargo build");
-            assert!(status.success(), "cargo build of the echo_worker example failed");
-            profile_dir.join("examples").join("echo_worker")
-        })
-        .clone()
+    workspace_binary(&BUILT, &["-p", "gantry-worker", "--example", "echo_worker"], "examples/echo_worker")
 }
 
 pub fn free_port() -> u16 {

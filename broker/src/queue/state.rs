@@ -632,12 +632,12 @@ impl QueueState {
         Applied::Accepted { lease_deadline_ms: Some(lease.deadline_ms) }
     }
 
-    /// A lease lost without a result: the attempt counts.
-    fn lose_lease(&mut self, job_id: JobId, outcome: Outcome, why: &str, events: &mut Vec<Event>) {
+    /// Takes the lease away from its holder without a result: the attempt is
+    /// closed with `outcome`, and the holder is told (it may still be running).
+    fn revoke_lease(&mut self, job_id: JobId, outcome: Outcome, why: &str, events: &mut Vec<Event>) {
         let lease = self.end_lease(job_id);
         let now = self.now_ms;
-        let job = self.jobs.get_mut(&job_id).expect("had a lease");
-        job.close_attempt(lease.token, now, outcome, why);
+        self.jobs.get_mut(&job_id).expect("had a lease").close_attempt(lease.token, now, outcome, why);
         events.push(Event::Revoked {
             session_id: lease.session_id.clone(),
             job_id,
@@ -645,6 +645,13 @@ impl QueueState {
             reason: why.to_owned(),
         });
         note_capacity(events, lease.session_id);
+    }
+
+    /// A lease lost without a result: the attempt counts.
+    fn lose_lease(&mut self, job_id: JobId, outcome: Outcome, why: &str, events: &mut Vec<Event>) {
+        self.revoke_lease(job_id, outcome, why, events);
+        let now = self.now_ms;
+        let job = self.jobs.get_mut(&job_id).expect("had a lease");
         if job.attempt >= job.max_attempts {
             job.error = format!("{why} (attempt {} of {})", job.attempt, job.max_attempts);
             self.finish(job_id, Status::Failed, events);
@@ -688,16 +695,7 @@ impl QueueState {
         }
         let why = if reason.is_empty() { "cancelled".to_owned() } else { format!("cancelled: {reason}") };
         if job.lease().is_some() {
-            let lease = self.end_lease(job_id);
-            let job = self.jobs.get_mut(&job_id).expect("exists");
-            job.close_attempt(lease.token, now, Outcome::Cancelled, &why);
-            events.push(Event::Revoked {
-                session_id: lease.session_id.clone(),
-                job_id,
-                token: lease.token,
-                reason: why.clone(),
-            });
-            note_capacity(events, lease.session_id);
+            self.revoke_lease(job_id, Outcome::Cancelled, &why, events);
         } else {
             let key = PendingKey::of(job);
             let queue = job.queue.clone();
