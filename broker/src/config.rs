@@ -2,7 +2,7 @@
 //! file (`--config`), environment variables `GANTRY_<NAME>` and flags, in
 //! rising precedence. Keys are kebab-case, the same as the flags.
 
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, time::Duration};
 
 use serde::{Deserialize, Serialize};
 
@@ -15,8 +15,22 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// Client gRPC address (default `127.0.0.1:50051`).
     pub listen: SocketAddr,
-    /// Address clients and peers are told to use for this node (default: `listen`).
+    /// Address clients are told to use for this node (default: `listen`).
     pub advertise: Option<String>,
+    /// Peer gRPC address: Raft traffic and calls forwarded to the leader
+    /// (default `127.0.0.1:50052`).
+    pub peer_listen: SocketAddr,
+    /// Address other nodes use to reach this node's peer port (default:
+    /// `peer-listen`).
+    pub peer_advertise: Option<String>,
+    /// The voters of a new cluster, `id=peer-host:port,...` (their peer
+    /// addresses). Empty: a single-node cluster of this node. Read only
+    /// when the cluster is created; later changes go through AddNode.
+    #[serde(with = "initial_cluster_text")]
+    pub initial_cluster: InitialCluster,
+    /// Client addresses of a running cluster this node should join (with
+    /// AddNode) if it is not a member yet, e.g. after a scale-up.
+    pub join: Vec<String>,
     /// Number of shards (Raft groups) of a new cluster (default 1).
     pub shards: u32,
     /// How often workers must send something (default 1s).
@@ -25,9 +39,13 @@ pub struct Config {
     /// A worker silent this long loses its jobs (default 10s).
     #[serde(with = "humantime_serde_compat")]
     pub session_ttl: Duration,
-    /// Raft election timeout (default 1s); Raft heartbeats go every tenth of it.
+    /// Raft election timeout (default 1s): a follower that hears nothing
+    /// from the leader for between one and two of these starts an election.
     #[serde(with = "humantime_serde_compat")]
     pub election_timeout: Duration,
+    /// How often a Raft leader sends heartbeats to followers (default 100ms).
+    #[serde(with = "humantime_serde_compat")]
+    pub raft_heartbeat_interval: Duration,
     /// Largest job payload in bytes (default 1 MiB).
     pub max_payload_bytes: usize,
     /// Take a Raft snapshot after this many applied commands (default 1000000);
@@ -43,10 +61,15 @@ impl Default for Config {
             data_dir: PathBuf::from("./gantry-data"),
             listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
             advertise: None,
+            peer_listen: SocketAddr::from(([127, 0, 0, 1], 50052)),
+            peer_advertise: None,
+            initial_cluster: InitialCluster::default(),
+            join: Vec::new(),
             shards: 1,
             heartbeat_interval: Duration::from_secs(1),
             session_ttl: Duration::from_secs(10),
             election_timeout: Duration::from_secs(1),
+            raft_heartbeat_interval: Duration::from_millis(100),
             max_payload_bytes: 1 << 20,
             snapshot_every: 1_000_000,
         }
@@ -98,6 +121,42 @@ impl Config {
         if self.election_timeout < Duration::from_millis(50) {
             return Err(invalid("election-timeout", "must be at least 50ms"));
         }
+        if self.raft_heartbeat_interval < Duration::from_millis(5) || self.raft_heartbeat_interval * 3 > self.election_timeout
+        {
+            return Err(invalid(
+                "raft-heartbeat-interval",
+                format!(
+                    "{:?} must be at least 5ms and at most a third of election-timeout ({:?}), or followers start elections against a live leader",
+                    self.raft_heartbeat_interval, self.election_timeout
+                ),
+            ));
+        }
+        // A new leader grants every session a full ttl from its election;
+        // workers then need time to find it, which is about one more
+        // election timeout when a follower still points at the old leader.
+        if self.session_ttl < self.election_timeout * 2 {
+            return Err(invalid(
+                "session-ttl",
+                format!(
+                    "{:?} must be at least twice election-timeout ({:?}), so a leader change does not expire live workers",
+                    self.session_ttl, self.election_timeout
+                ),
+            ));
+        }
+        if self.listen == self.peer_listen && self.listen.port() != 0 {
+            return Err(invalid("peer-listen", format!("{} is also the client address (listen)", self.peer_listen)));
+        }
+        if !self.initial_cluster.0.is_empty() {
+            if !self.initial_cluster.0.contains_key(&self.node_id) {
+                return Err(invalid(
+                    "initial-cluster",
+                    format!("does not list this node (node-id {}): {}", self.node_id, self.initial_cluster),
+                ));
+            }
+            if self.initial_cluster.0.contains_key(&0) {
+                return Err(invalid("initial-cluster", "node ids start at 1"));
+            }
+        }
         if self.max_payload_bytes == 0 || self.max_payload_bytes > 64 << 20 {
             return Err(invalid("max-payload-bytes", "must be between 1 byte and 64 MiB"));
         }
@@ -109,6 +168,56 @@ impl Config {
 
     pub fn advertise_address(&self) -> String {
         self.advertise.clone().unwrap_or_else(|| self.listen.to_string())
+    }
+}
+
+/// Node id → peer address of the voters of a new cluster.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct InitialCluster(pub BTreeMap<u64, String>);
+
+impl std::fmt::Display for InitialCluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let parts: Vec<String> = self.0.iter().map(|(id, address)| format!("{id}={address}")).collect();
+        f.write_str(&parts.join(","))
+    }
+}
+
+impl std::str::FromStr for InitialCluster {
+    type Err = String;
+
+    /// `1=host-a:50052,2=host-b:50052,3=host-c:50052`; empty means none.
+    fn from_str(text: &str) -> Result<Self, String> {
+        let mut members = BTreeMap::new();
+        for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (id, address) =
+                part.split_once('=').ok_or_else(|| format!("{part:?} is not id=host:port (e.g. 1=10.0.0.1:50052)"))?;
+            let id: u64 = id.trim().parse().map_err(|_| format!("{part:?}: node id {id:?} is not a number"))?;
+            let address = address.trim();
+            let Some((host, port)) = address.rsplit_once(':') else {
+                return Err(format!("{part:?}: address {address:?} has no :port"));
+            };
+            if host.is_empty() || port.parse::<u16>().is_err() {
+                return Err(format!("{part:?}: address {address:?} is not host:port"));
+            }
+            if members.insert(id, address.to_string()).is_some() {
+                return Err(format!("node id {id} appears twice"));
+            }
+        }
+        Ok(InitialCluster(members))
+    }
+}
+
+mod initial_cluster_text {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use super::InitialCluster;
+
+    pub fn serialize<S: Serializer>(cluster: &InitialCluster, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&cluster.to_string())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<InitialCluster, D::Error> {
+        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
     }
 }
 
@@ -148,6 +257,27 @@ mod tests {
             ..Default::default()
         };
         assert!(matches!(c.validate(), Err(ConfigError::Invalid { field: "session-ttl", .. })));
+    }
+
+    #[test]
+    fn initial_cluster_parses_and_names_its_errors() {
+        let c: InitialCluster = "1=a:50052, 2=10.0.0.2:50052,3=[::1]:7".parse().unwrap();
+        assert_eq!(c.0.len(), 3);
+        assert_eq!(c.to_string(), "1=a:50052,2=10.0.0.2:50052,3=[::1]:7");
+        assert!("1=a".parse::<InitialCluster>().unwrap_err().contains("no :port"));
+        assert!("x=a:1".parse::<InitialCluster>().unwrap_err().contains("not a number"));
+        assert!("1=a:1,1=b:2".parse::<InitialCluster>().unwrap_err().contains("twice"));
+        assert_eq!("".parse::<InitialCluster>().unwrap(), InitialCluster::default());
+    }
+
+    #[test]
+    fn cluster_timing_is_checked_against_session_ttl() {
+        let c = Config { election_timeout: Duration::from_secs(6), ..Default::default() };
+        assert!(matches!(c.validate(), Err(ConfigError::Invalid { field: "session-ttl", .. })));
+        let c = Config { raft_heartbeat_interval: Duration::from_millis(400), ..Default::default() };
+        assert!(matches!(c.validate(), Err(ConfigError::Invalid { field: "raft-heartbeat-interval", .. })));
+        let c = Config { node_id: 4, initial_cluster: "1=a:1,2=b:1,3=c:1".parse().unwrap(), ..Default::default() };
+        assert!(matches!(c.validate(), Err(ConfigError::Invalid { field: "initial-cluster", .. })));
     }
 
     #[test]

@@ -17,6 +17,7 @@
 
 pub mod cli;
 pub mod clock;
+pub mod cluster;
 pub mod config;
 pub mod dispatch;
 pub mod error;

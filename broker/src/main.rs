@@ -43,9 +43,21 @@ struct ServeArgs {
     /// Client gRPC address, e.g. 127.0.0.1:50051.
     #[arg(long, env = "GANTRY_LISTEN")]
     listen: Option<std::net::SocketAddr>,
-    /// Address others should use to reach this node.
+    /// Client address others should use to reach this node (default: --listen).
     #[arg(long, env = "GANTRY_ADVERTISE")]
     advertise: Option<String>,
+    /// Peer gRPC address (Raft, forwarded calls), e.g. 127.0.0.1:50052.
+    #[arg(long, env = "GANTRY_PEER_LISTEN")]
+    peer_listen: Option<std::net::SocketAddr>,
+    /// Peer address others should use to reach this node (default: --peer-listen).
+    #[arg(long, env = "GANTRY_PEER_ADVERTISE")]
+    peer_advertise: Option<String>,
+    /// Voters of a new cluster by peer address: 1=host-a:50052,2=host-b:50052,3=host-c:50052.
+    #[arg(long, env = "GANTRY_INITIAL_CLUSTER")]
+    initial_cluster: Option<gantry_broker::config::InitialCluster>,
+    /// Client addresses of a running cluster to join with AddNode (comma-separated).
+    #[arg(long, env = "GANTRY_JOIN", value_delimiter = ',')]
+    join: Option<Vec<String>>,
     #[arg(long, env = "GANTRY_SHARDS")]
     shards: Option<u32>,
     /// e.g. 1s, 200ms.
@@ -56,6 +68,9 @@ struct ServeArgs {
     session_ttl: Option<Duration>,
     #[arg(long, env = "GANTRY_ELECTION_TIMEOUT", value_parser = humantime::parse_duration)]
     election_timeout: Option<Duration>,
+    /// How often a Raft leader heartbeats its followers, e.g. 100ms.
+    #[arg(long, env = "GANTRY_RAFT_HEARTBEAT_INTERVAL", value_parser = humantime::parse_duration)]
+    raft_heartbeat_interval: Option<Duration>,
     #[arg(long, env = "GANTRY_MAX_PAYLOAD_BYTES")]
     max_payload_bytes: Option<usize>,
     #[arg(long, env = "GANTRY_SNAPSHOT_EVERY")]
@@ -79,11 +94,18 @@ impl ServeArgs {
             heartbeat_interval,
             session_ttl,
             election_timeout,
+            raft_heartbeat_interval,
             max_payload_bytes,
-            snapshot_every
+            snapshot_every,
+            peer_listen,
+            initial_cluster,
+            join
         );
         if self.advertise.is_some() {
             config.advertise = self.advertise;
+        }
+        if self.peer_advertise.is_some() {
+            config.peer_advertise = self.peer_advertise;
         }
         config.validate()?;
         Ok(config)

@@ -2,22 +2,29 @@
 //! serves the gRPC services with health and reflection, and shuts down in
 //! order (stop accepting, stop Raft, release the log engine).
 
-use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
+use std::{collections::BTreeMap, future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
-use gantry_proto::v1::{admin_server::AdminServer, jobs_server::JobsServer, worker_server::WorkerServer};
+use gantry_proto::{
+    peer::peer_server::PeerServer,
+    v1::{admin_server::AdminServer, jobs_server::JobsServer, worker_server::WorkerServer},
+};
 use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 
 use crate::{
     clock::{Clock, SystemClock},
+    cluster,
     config::Config,
     dispatch::{DispatchSettings, Node, ShardNode},
     error::BrokerError,
-    grpc::{admin::AdminService, jobs::JobsService, validate::Limits, worker::WorkerService},
+    grpc::{admin::AdminService, forward::ForwardLayer, jobs::JobsService, validate::Limits, worker::WorkerService},
     queue::ShardId,
-    raft::{RaftSettings, ShardRaft, log_store},
+    raft::{
+        GantryNode, PeerChannels, RaftSettings, ShardRaft, log_store, network::PEER_MAX_MESSAGE_BYTES,
+        peer_service::PeerService,
+    },
 };
 
-/// How long a fresh single-node group may take to elect itself.
+/// How long a single-node group may take to elect itself.
 const LEADERSHIP_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long replaying the log after the last snapshot may take.
 const REPLAY_TIMEOUT: Duration = Duration::from_secs(600);
@@ -30,6 +37,7 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// A broker running in this process.
 pub struct RunningServer {
     local_addr: SocketAddr,
+    peer_addr: SocketAddr,
     node: Arc<Node>,
     shutdown: watch::Sender<bool>,
     task: JoinHandle<Result<(), BrokerError>>,
@@ -39,6 +47,11 @@ impl RunningServer {
     /// The address the client port is bound to (useful with port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The address the peer port is bound to.
+    pub fn peer_addr(&self) -> SocketAddr {
+        self.peer_addr
     }
 
     pub fn node(&self) -> &Arc<Node> {
@@ -65,17 +78,19 @@ pub async fn start(config: Config) -> Result<RunningServer, BrokerError> {
 
 pub async fn start_with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<RunningServer, BrokerError> {
     config.validate()?;
-    let listener = TcpListener::bind(config.listen)
-        .await
-        .map_err(|source| BrokerError::Listen { address: config.listen.to_string(), source })?;
+    let listener = bind(config.listen).await?;
+    let peer_listener = bind(config.peer_listen).await?;
     let local_addr = listener.local_addr().map_err(|e| BrokerError::Serve(e.to_string()))?;
+    let peer_addr = peer_listener.local_addr().map_err(|e| BrokerError::Serve(e.to_string()))?;
     let advertise = config.advertise.clone().unwrap_or_else(|| local_addr.to_string());
-    if !local_addr.ip().is_loopback() {
-        tracing::warn!(%local_addr, "listening beyond loopback WITHOUT authentication or TLS: anyone who can reach this port can enqueue, take and administer jobs");
+    let peer_advertise = config.peer_advertise.clone().unwrap_or_else(|| peer_addr.to_string());
+    for address in [local_addr, peer_addr] {
+        if !address.ip().is_loopback() {
+            tracing::warn!(%address, "listening beyond loopback WITHOUT authentication or TLS: anyone who can reach this port can enqueue, take and administer jobs");
+        }
     }
 
-    std::fs::create_dir_all(&config.data_dir)
-        .map_err(|e| BrokerError::Storage(format!("{}: {e}", config.data_dir.display())))?;
+    data_format::check_or_stamp(&config.data_dir)?;
     let engine =
         log_store::open_engine(&config.data_dir.join("raft")).map_err(|e| BrokerError::Storage(e.to_string()))?;
     let purge_task = log_store::spawn_purge_task(engine.clone(), Duration::from_secs(10));
@@ -83,31 +98,52 @@ pub async fn start_with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<R
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let settings = DispatchSettings { heartbeat_interval: config.heartbeat_interval, session_ttl: config.session_ttl };
     let raft_settings = RaftSettings {
-        heartbeat_interval: config.election_timeout / 10,
+        heartbeat_interval: config.raft_heartbeat_interval,
         election_timeout: config.election_timeout,
         snapshot_every_commands: config.snapshot_every,
         ..RaftSettings::default()
     };
+    let channels = PeerChannels::default();
+    let single_node = config.initial_cluster.0.is_empty() && config.join.is_empty();
     let mut shards = Vec::new();
     for shard in (0..config.shards).map(ShardId) {
         let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
-        let raft =
-            ShardRaft::open(config.node_id, shard, engine.clone(), &config.data_dir, &raft_settings, events_tx).await?;
-        raft.bootstrap_single(config.node_id, &advertise).await?;
-        raft.wait_for_leadership(LEADERSHIP_TIMEOUT).await?;
-        raft.wait_caught_up(REPLAY_TIMEOUT).await?;
+        let raft = ShardRaft::open(
+            config.node_id,
+            shard,
+            engine.clone(),
+            &config.data_dir,
+            &raft_settings,
+            channels.clone(),
+            events_tx,
+        )
+        .await?;
+        if single_node {
+            let me = GantryNode { client: advertise.clone(), peer: peer_advertise.clone() };
+            raft.initialize(BTreeMap::from([(config.node_id, me)])).await?;
+            raft.wait_for_leadership(LEADERSHIP_TIMEOUT).await?;
+            // One voter: everything in its log is committed, so reads after
+            // a restart see every acknowledged job once this returns.
+            raft.wait_caught_up(REPLAY_TIMEOUT).await?;
+        }
         let raft = Arc::new(raft);
         raft.spawn_snapshot_policy(raft_settings.snapshot_every_commands, Duration::from_millis(500));
         shards.push(ShardNode::start(raft, events_rx, clock.clone(), settings.clone(), shutdown_rx.clone()));
     }
-    let node =
-        Arc::new(Node { node_id: config.node_id, advertise, shards, clock, settings, shutdown: shutdown_rx.clone() });
+    let node = Arc::new(Node {
+        node_id: config.node_id,
+        advertise,
+        peer_advertise: peer_advertise.clone(),
+        channels: channels.clone(),
+        shards,
+        clock,
+        settings,
+        shutdown: shutdown_rx.clone(),
+    });
 
     let limits = Limits { max_payload_bytes: config.max_payload_bytes, ..Limits::default() };
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    health_reporter.set_serving::<JobsServer<JobsService>>().await;
-    health_reporter.set_serving::<WorkerServer<WorkerService>>().await;
-    health_reporter.set_serving::<AdminServer<AdminService>>().await;
+    let health_task = tokio::spawn(report_health(node.clone(), health_reporter));
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(gantry_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -119,30 +155,47 @@ pub async fn start_with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<R
         .build_v1alpha()
         .map_err(|e| BrokerError::Serve(e.to_string()))?;
 
+    // The peer port: Raft traffic, plus the public services for calls that
+    // followers forward here.
+    let peer_service = PeerService::new(
+        config.node_id,
+        node.advertise.clone(),
+        peer_advertise,
+        node.shards.iter().map(|s| s.raft.clone()).collect(),
+    );
+    let peer_router = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .layer(ForwardLayer::new(node.clone(), channels.clone()))
+        .add_service(
+            PeerServer::new(peer_service)
+                .max_decoding_message_size(PEER_MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(PEER_MAX_MESSAGE_BYTES),
+        )
+        .add_service(jobs_server(&node, &limits))
+        .add_service(worker_server(&node, &limits))
+        .add_service(AdminServer::new(AdminService::new(node.clone())));
+    let peer_task = tokio::spawn(serve(peer_router, peer_listener, shutdown_rx.clone()));
+
+    if !config.initial_cluster.0.is_empty() {
+        tokio::spawn(cluster::bootstrap(node.clone(), config.initial_cluster.0.clone(), shutdown_rx.clone()));
+    }
+    if !config.join.is_empty() {
+        tokio::spawn(cluster::join(node.clone(), config.join.clone(), shutdown_rx.clone()));
+    }
+
     let router = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .layer(ForwardLayer::new(node.clone(), channels))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(
-            JobsServer::new(JobsService::new(node.clone(), limits.clone()))
-                .max_decoding_message_size(MAX_MESSAGE_BYTES),
-        )
-        .add_service(
-            WorkerServer::new(WorkerService::new(node.clone(), limits.clone()))
-                .max_decoding_message_size(MAX_MESSAGE_BYTES),
-        )
+        .add_service(jobs_server(&node, &limits))
+        .add_service(worker_server(&node, &limits))
         .add_service(AdminServer::new(AdminService::new(node.clone())));
-    let mut serve_shutdown = shutdown_rx.clone();
+    tracing::info!(%local_addr, %peer_addr, node_id = config.node_id, data_dir = %config.data_dir.display(), "gantry serving");
     let task_node = node.clone();
-    tracing::info!(%local_addr, node_id = config.node_id, data_dir = %config.data_dir.display(), "gantry serving");
     let task = tokio::spawn(async move {
-        // Without TCP_NODELAY, Nagle and delayed ACKs add up to 40 ms to small
-        // messages such as acks and assignments.
-        let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-        let serving = router.serve_with_incoming_shutdown(incoming, async move {
-            let _ = serve_shutdown.wait_for(|stop| *stop).await;
-        });
+        let serving = serve(router, listener, shutdown_rx);
         tokio::pin!(serving);
         // Streams end on shutdown by themselves; a client that ignores that
         // must not hold the node up forever.
@@ -157,9 +210,12 @@ pub async fn start_with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<R
                 Ok(())
             }
         };
+        health_task.abort();
         for shard in &task_node.shards {
             shard.raft.shutdown().await;
         }
+        // Raft is down: nothing needs the peer port any more.
+        peer_task.abort();
         purge_task.abort();
         drop(task_node);
         if let Err(e) = log_store::close_engine(engine, Duration::from_secs(10)).await {
@@ -167,5 +223,102 @@ pub async fn start_with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<R
         }
         served.map_err(|e| BrokerError::Serve(e.to_string()))
     });
-    Ok(RunningServer { local_addr, node, shutdown: shutdown_tx, task })
+    Ok(RunningServer { local_addr, peer_addr, node, shutdown: shutdown_tx, task })
+}
+
+async fn bind(address: SocketAddr) -> Result<TcpListener, BrokerError> {
+    TcpListener::bind(address).await.map_err(|source| BrokerError::Listen { address: address.to_string(), source })
+}
+
+fn jobs_server(node: &Arc<Node>, limits: &Limits) -> JobsServer<JobsService> {
+    JobsServer::new(JobsService::new(node.clone(), limits.clone())).max_decoding_message_size(MAX_MESSAGE_BYTES)
+}
+
+fn worker_server(node: &Arc<Node>, limits: &Limits) -> WorkerServer<WorkerService> {
+    WorkerServer::new(WorkerService::new(node.clone(), limits.clone())).max_decoding_message_size(MAX_MESSAGE_BYTES)
+}
+
+async fn serve<L>(
+    router: tonic::transport::server::Router<L>,
+    listener: TcpListener,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), tonic::transport::Error>
+where
+    L: tower::Layer<tonic::service::Routes> + Clone,
+    L::Service: tower::Service<http::Request<tonic::body::Body>, Response = http::Response<tonic::body::Body>>
+        + Clone
+        + Send
+        + 'static,
+    <L::Service as tower::Service<http::Request<tonic::body::Body>>>::Future: Send,
+    <L::Service as tower::Service<http::Request<tonic::body::Body>>>::Error:
+        Into<Box<dyn std::error::Error + Send + Sync>> + Send,
+{
+    // Without TCP_NODELAY, Nagle and delayed ACKs add up to 40 ms to small
+    // messages such as acks and assignments.
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    router
+        .serve_with_incoming_shutdown(incoming, async move {
+            let _ = shutdown.wait_for(|stop| *stop).await;
+        })
+        .await
+}
+
+/// The public services are SERVING while this node knows a leader for its
+/// shards (it can answer or forward), NOT_SERVING otherwise. The overall
+/// status ("") stays SERVING while the process runs: a liveness signal.
+async fn report_health(node: Arc<Node>, reporter: tonic_health::server::HealthReporter) {
+    reporter.set_service_status("", tonic_health::ServingStatus::Serving).await;
+    let mut last = None;
+    loop {
+        let ready = node.shards.iter().all(|s| s.raft.leader().is_some());
+        if last != Some(ready) {
+            let status =
+                if ready { tonic_health::ServingStatus::Serving } else { tonic_health::ServingStatus::NotServing };
+            reporter.set_service_status(JOBS_SERVICE, status).await;
+            reporter.set_service_status(WORKER_SERVICE, status).await;
+            reporter.set_service_status(ADMIN_SERVICE, status).await;
+            last = Some(ready);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+const JOBS_SERVICE: &str = "gantry.v1.Jobs";
+const WORKER_SERVICE: &str = "gantry.v1.Worker";
+const ADMIN_SERVICE: &str = "gantry.v1.Admin";
+
+/// The data directory's format: a directory written by an incompatible
+/// version is refused with a clear message instead of being misread.
+mod data_format {
+    use std::path::Path;
+
+    use crate::error::BrokerError;
+
+    const FILE: &str = "FORMAT";
+    /// 2: cluster members carry client and peer addresses.
+    const CURRENT: &str = "gantry-data 2";
+
+    pub fn check_or_stamp(dir: &Path) -> Result<(), BrokerError> {
+        let storage = |e: std::io::Error| BrokerError::Storage(format!("{}: {e}", dir.display()));
+        std::fs::create_dir_all(dir).map_err(storage)?;
+        let file = dir.join(FILE);
+        match std::fs::read_to_string(&file) {
+            Ok(found) if found.trim() == CURRENT => Ok(()),
+            Ok(found) => Err(BrokerError::Storage(format!(
+                "{} holds data of format {:?}; this gantry reads {CURRENT:?}. Start with an empty --data-dir",
+                dir.display(),
+                found.trim()
+            ))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                if dir.join("raft").exists() {
+                    return Err(BrokerError::Storage(format!(
+                        "{} holds data of an older gantry (no {FILE} file); this gantry reads {CURRENT:?}. Start with an empty --data-dir",
+                        dir.display()
+                    )));
+                }
+                std::fs::write(&file, format!("{CURRENT}\n")).map_err(storage)
+            }
+            Err(e) => Err(storage(e)),
+        }
+    }
 }

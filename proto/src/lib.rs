@@ -10,6 +10,11 @@ pub mod v1 {
     tonic::include_proto!("gantry.v1");
 }
 
+/// Package `gantry.peer.v1`: broker-to-broker Raft transport. Internal.
+pub mod peer {
+    tonic::include_proto!("gantry.peer.v1");
+}
+
 /// Encoded `FileDescriptorSet` of every Gantry proto, for server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("gantry_descriptor");
 

@@ -50,9 +50,11 @@ impl TestBroker {
         let mut config = Config {
             data_dir: data_dir.path().to_path_buf(),
             listen: "127.0.0.1:0".parse().expect("addr"),
+            peer_listen: "127.0.0.1:0".parse().expect("addr"),
             heartbeat_interval: TEST_HEARTBEAT,
             session_ttl: TEST_SESSION_TTL,
             election_timeout: Duration::from_millis(200),
+            raft_heartbeat_interval: Duration::from_millis(50),
             ..Config::default()
         };
         adjust(&mut config);
@@ -179,6 +181,7 @@ pub fn free_port() -> u16 {
 pub struct BinaryBroker {
     child: Option<Child>,
     pub addr: SocketAddr,
+    pub peer_addr: SocketAddr,
     pub data_dir: PathBuf,
     args: Vec<String>,
     log: PathBuf,
@@ -187,9 +190,11 @@ pub struct BinaryBroker {
 impl BinaryBroker {
     pub async fn start(data_dir: &Path, extra_args: &[&str]) -> Self {
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+        let peer_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
         let mut broker = BinaryBroker {
             child: None,
             addr,
+            peer_addr,
             data_dir: data_dir.to_path_buf(),
             args: extra_args.iter().map(|s| s.to_string()).collect(),
             log: data_dir.with_extension("log"),
@@ -204,6 +209,8 @@ impl BinaryBroker {
             .arg("serve")
             .arg("--listen")
             .arg(self.addr.to_string())
+            .arg("--peer-listen")
+            .arg(self.peer_addr.to_string())
             .arg("--data-dir")
             .arg(&self.data_dir)
             .args(&self.args)

@@ -38,6 +38,26 @@ pub struct WorkersArgs {
 pub enum ClusterCommand {
     /// Nodes, and per shard: leader, term, commit/applied/last-log/snapshot index.
     Status,
+    /// Add a node (it joins as a learner, catches up, becomes a voter).
+    AddNode {
+        #[arg(long)]
+        node_id: u64,
+        /// The new node's peer address (host:port of its --peer-advertise).
+        #[arg(long)]
+        peer_address: String,
+    },
+    /// Remove a node from the cluster.
+    RemoveNode {
+        #[arg(long)]
+        node_id: u64,
+    },
+    /// Hand a shard's leadership to another voter.
+    TransferLeader {
+        #[arg(long, default_value_t = 0)]
+        shard: u32,
+        #[arg(long)]
+        node_id: u64,
+    },
 }
 
 #[derive(Debug, Serialize)]
@@ -266,7 +286,9 @@ pub async fn workers(args: WorkersArgs) -> anyhow::Result<()> {
 struct NodeJson {
     node_id: u64,
     address: String,
+    peer_address: String,
     role: String,
+    replication_lag: Option<u64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -292,10 +314,11 @@ struct ClusterJson {
 
 pub fn render_cluster(status: &proto::ClusterStatusResponse) -> String {
     let mut out = format!("answered by node {}\n\nnodes:\n", status.node_id);
-    let mut nodes = Table::new(&[">NODE", "ADDRESS", "ROLE"]);
+    let mut nodes = Table::new(&[">NODE", "ADDRESS", "PEER ADDRESS", "ROLE", ">LAG"]);
     for n in &status.nodes {
         let me = if n.node_id == status.node_id { " (this node)" } else { "" };
-        nodes.row(vec![n.node_id.to_string(), n.address.clone(), format!("{}{me}", n.role)]);
+        let lag = n.replication_lag.map_or_else(|| "-".to_owned(), |l| l.to_string());
+        nodes.row(vec![n.node_id.to_string(), n.address.clone(), n.peer_address.clone(), format!("{}{me}", n.role), lag]);
     }
     out.push_str(&nodes.render());
     out.push_str("\nshards:\n");
@@ -324,16 +347,32 @@ pub fn render_cluster(status: &proto::ClusterStatusResponse) -> String {
 }
 
 pub async fn cluster(client_args: ClientArgs, command: ClusterCommand) -> anyhow::Result<()> {
-    let ClusterCommand::Status = command;
     let client = client_args.connect().await?;
-    let status = client.admin().cluster_status(proto::ClusterStatusRequest {}).await?.into_inner();
+    let mut admin = client.admin();
+    let status = match command {
+        ClusterCommand::Status => admin.cluster_status(proto::ClusterStatusRequest {}).await?,
+        ClusterCommand::AddNode { node_id, peer_address } => {
+            admin.add_node(proto::AddNodeRequest { node_id, address: peer_address }).await?
+        }
+        ClusterCommand::RemoveNode { node_id } => admin.remove_node(proto::RemoveNodeRequest { node_id }).await?,
+        ClusterCommand::TransferLeader { shard, node_id } => {
+            admin.transfer_leader(proto::TransferLeaderRequest { shard, node_id }).await?
+        }
+    }
+    .into_inner();
     if client_args.json {
         return print_json(&ClusterJson {
             node_id: status.node_id,
             nodes: status
                 .nodes
                 .iter()
-                .map(|n| NodeJson { node_id: n.node_id, address: n.address.clone(), role: n.role.clone() })
+                .map(|n| NodeJson {
+                    node_id: n.node_id,
+                    address: n.address.clone(),
+                    peer_address: n.peer_address.clone(),
+                    role: n.role.clone(),
+                    replication_lag: n.replication_lag,
+                })
                 .collect(),
             shards: status
                 .shards
@@ -434,7 +473,7 @@ mod tests {
     fn cluster_rendering() {
         let status = proto::ClusterStatusResponse {
             node_id: 1,
-            nodes: vec![proto::NodeInfo { node_id: 1, address: "127.0.0.1:50052".into(), role: "voter".into() }],
+            nodes: vec![proto::NodeInfo { node_id: 1, address: "127.0.0.1:50051".into(), role: "voter".into(), ..Default::default() }],
             shards: vec![proto::ShardStatus {
                 shard: 0,
                 leader_id: 1,

@@ -62,6 +62,14 @@ pub(super) async fn run(
                     tracing::info!(shard = %node.raft.shard(), "leading the shard: every session gets a full session_ttl of grace");
                     node.registry.grant_grace();
                 }
+                if was_leader && !leader {
+                    // Proposals already fail here; the streams must also
+                    // end so workers find the new leader at once.
+                    let new_leader = node.raft.leader().map(|(id, n)| (id, n.client));
+                    tracing::warn!(shard = %node.raft.shard(), leader = ?new_leader, "no longer leading the shard: closing worker streams");
+                    node.registry.leader_lost(new_leader);
+                    expiring.clear();
+                }
                 was_leader = leader;
                 if leader {
                     expire_silent_sessions(&node, &mut expiring, &done_tx);

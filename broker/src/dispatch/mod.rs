@@ -16,7 +16,11 @@ pub use self::{
     registry::{Outbound, Registry},
     waiters::Waiters,
 };
-use crate::{clock::Clock, queue::Event, raft::ShardRaft};
+use crate::{
+    clock::Clock,
+    queue::Event,
+    raft::{PeerChannels, ShardRaft},
+};
 
 #[derive(Clone, Debug)]
 pub struct DispatchSettings {
@@ -74,7 +78,12 @@ impl ShardNode {
 /// This node's shards and how queues and jobs map onto them.
 pub struct Node {
     pub node_id: u64,
+    /// Client address of this node.
     pub advertise: String,
+    /// Peer address of this node.
+    pub peer_advertise: String,
+    /// Channels to other nodes' peer ports (Raft, forwarding, node info).
+    pub channels: PeerChannels,
     pub shards: Vec<Arc<ShardNode>>,
     pub clock: Arc<dyn Clock>,
     pub settings: DispatchSettings,

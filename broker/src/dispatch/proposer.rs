@@ -17,6 +17,9 @@ use crate::{
 
 /// Most commands in one log entry: bounds entry size and apply latency.
 pub const MAX_COMMANDS_PER_ENTRY: usize = 4096;
+/// Bytes in one log entry, roughly; a single larger command gets an entry
+/// of its own. Keeps AppendEntries messages on the peer port bounded.
+pub const MAX_ENTRY_BYTES: usize = 4 << 20;
 /// Entries being replicated at once; later commands wait and batch up.
 pub const MAX_ENTRIES_IN_FLIGHT: usize = 8;
 /// A commit slower than this is logged: it shows as latency to every caller.
@@ -59,18 +62,36 @@ async fn run(raft: Arc<ShardRaft>, clock: Arc<dyn Clock>, mut rx: mpsc::Unbounde
     let last_stamp = Arc::new(AtomicU64::new(0));
     // Waiting for a free slot *before* draining the queue is what makes
     // batches grow under load instead of entries multiplying.
+    let mut carry: Option<Pending> = None;
     while let Ok(permit) = in_flight.clone().acquire_owned().await {
-        let Some(first) = rx.recv().await else { return };
+        let first = match carry.take() {
+            Some(first) => first,
+            None => match rx.recv().await {
+                Some(first) => first,
+                None => return,
+            },
+        };
+        let size = |p: &Pending| p.commands.iter().map(Command::approx_bytes).sum::<usize>();
+        let mut count = first.commands.len();
+        let mut bytes = size(&first);
         let mut group = vec![first];
-        let mut count = group[0].commands.len();
-        while count < MAX_COMMANDS_PER_ENTRY {
-            match rx.try_recv() {
-                Ok(next) => {
-                    count += next.commands.len();
-                    group.push(next);
-                }
-                Err(_) => break,
+        // A request taken off the queue but too big for this entry opens the next one.
+        while count < MAX_COMMANDS_PER_ENTRY && bytes < MAX_ENTRY_BYTES {
+            let next = match carry.take() {
+                Some(next) => next,
+                None => match rx.try_recv() {
+                    Ok(next) => next,
+                    Err(_) => break,
+                },
+            };
+            let next_bytes = size(&next);
+            if bytes + next_bytes > MAX_ENTRY_BYTES {
+                carry = Some(next);
+                break;
             }
+            count += next.commands.len();
+            bytes += next_bytes;
+            group.push(next);
         }
         let stamp = clock.now_ms().max(last_stamp.load(Ordering::Relaxed));
         last_stamp.store(stamp, Ordering::Relaxed);

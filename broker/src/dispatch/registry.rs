@@ -17,6 +17,9 @@ use crate::queue::{Assignment, FencingToken, JobId, SessionId};
 pub enum Outbound {
     Assign(Assignment),
     Revoke { job_id: JobId, token: FencingToken, reason: String },
+    /// This node stopped leading the shard: the stream must end so the
+    /// worker resumes its session on the new leader (id, client address).
+    LeaderLost { leader: Option<(u64, String)> },
 }
 
 struct Stream {
@@ -105,6 +108,17 @@ impl Registry {
             })
             .cloned()
             .collect()
+    }
+
+    /// Leadership is gone: every stream is told so and dropped, and the
+    /// heartbeat table is forgotten (the next leader keeps its own).
+    pub fn leader_lost(&self, leader: Option<(u64, String)>) {
+        let sessions = std::mem::take(&mut *self.lock());
+        for live in sessions.into_values() {
+            if let Some(stream) = live.stream {
+                let _ = stream.tx.send(Outbound::LeaderLost { leader: leader.clone() });
+            }
+        }
     }
 
     /// A new leader restarts every session's clock (DESIGN §1.6).

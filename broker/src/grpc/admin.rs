@@ -7,7 +7,7 @@ use tonic::{Request, Response, Status};
 
 use super::{
     convert,
-    jobs::{propose_for_job, shard_of},
+    jobs::{linearizable, propose_for_job, shard_of},
     status, validate,
 };
 use crate::{
@@ -22,6 +22,57 @@ pub struct AdminService {
 impl AdminService {
     pub fn new(node: Arc<Node>) -> Self {
         AdminService { node }
+    }
+
+    async fn leader_cluster_status(&self, leader_peer: &str) -> Result<proto::ClusterStatusResponse, String> {
+        let channel = self.node.channels.channel(leader_peer)?;
+        let mut request = Request::new(proto::ClusterStatusRequest {});
+        request.set_timeout(std::time::Duration::from_secs(2));
+        proto::admin_client::AdminClient::new(channel)
+            .cluster_status(request)
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|s| s.message().to_string())
+    }
+
+    /// This node's view of the cluster; with replication progress when it
+    /// leads shard 0.
+    fn local_cluster_status(&self) -> proto::ClusterStatusResponse {
+        let mut nodes = std::collections::BTreeMap::new();
+        let shards = self
+            .node
+            .shards
+            .iter()
+            .map(|shard| {
+                let s = shard.raft.status();
+                for (id, member) in &s.nodes {
+                    let role = if s.voters.contains(id) { "voter" } else { "learner" };
+                    let progress = s.replication.as_ref().and_then(|r| r.get(id));
+                    let matched = progress.and_then(|p| p.matched_index);
+                    nodes.entry(*id).or_insert(proto::NodeInfo {
+                        node_id: *id,
+                        address: member.client.clone(),
+                        role: role.into(),
+                        peer_address: member.peer.clone(),
+                        replication_lag: progress.map(|_| s.last_log_index.saturating_sub(matched.unwrap_or(0))),
+                        matched_index: matched,
+                    });
+                }
+                proto::ShardStatus {
+                    shard: s.shard.0,
+                    leader_id: s.leader_id.unwrap_or(0),
+                    leader_address: s.leader_address.unwrap_or_default(),
+                    term: s.term,
+                    commit_index: s.commit_index,
+                    applied_index: s.applied_index,
+                    last_log_index: s.last_log_index,
+                    snapshot_index: s.snapshot_index,
+                    role: s.role.into(),
+                    voters: s.voters,
+                }
+            })
+            .collect();
+        proto::ClusterStatusResponse { node_id: self.node.node_id, nodes: nodes.into_values().collect(), shards }
     }
 
     fn queue_info(&self, name: &str) -> Result<proto::QueueInfo, Status> {
@@ -50,42 +101,96 @@ impl Admin for AdminService {
         &self,
         _request: Request<proto::ClusterStatusRequest>,
     ) -> Result<Response<proto::ClusterStatusResponse>, Status> {
-        let mut nodes = std::collections::BTreeMap::new();
-        let shards = self
+        // The leader knows every member's replication; a follower asks it,
+        // and answers with its own view when there is no reachable leader.
+        let shard = &self.node.shards[0];
+        if !shard.raft.is_leader()
+            && let Some((leader_id, leader)) = shard.raft.leader().filter(|(id, _)| *id != self.node.node_id)
+        {
+            match self.leader_cluster_status(&leader.peer).await {
+                Ok(status) => return Ok(Response::new(status)),
+                Err(e) => tracing::debug!(leader = leader_id, error = %e, "leader's cluster status unavailable"),
+            }
+        }
+        Ok(Response::new(self.local_cluster_status()))
+    }
+
+    async fn add_node(
+        &self,
+        request: Request<proto::AddNodeRequest>,
+    ) -> Result<Response<proto::ClusterStatusResponse>, Status> {
+        let request = request.into_inner();
+        if request.node_id == 0 {
+            return Err(Status::invalid_argument("node_id: node ids start at 1"));
+        }
+        validate::host_port("address", &request.address)?;
+        // Ask the node itself: a typo'd address or a node started with
+        // another id must not enter the membership.
+        let info = crate::cluster::node_info(&self.node.channels, &request.address).await.map_err(|e| {
+            Status::failed_precondition(format!("address: cannot reach node {} at {}: {e}", request.node_id, request.address))
+        })?;
+        if info.node_id != request.node_id {
+            return Err(Status::failed_precondition(format!(
+                "node_id: the node at {} is node {}, not node {}",
+                request.address, info.node_id, request.node_id
+            )));
+        }
+        let member = crate::raft::GantryNode { client: info.client_address, peer: request.address.clone() };
+        for shard in &self.node.shards {
+            tracing::info!(shard = %shard.raft.shard(), node = request.node_id, %member, "adding node: learner first, voter once caught up");
+            shard.raft.add_member(request.node_id, member.clone()).await.map_err(status::membership_error)?;
+        }
+        Ok(Response::new(self.local_cluster_status()))
+    }
+
+    async fn remove_node(
+        &self,
+        request: Request<proto::RemoveNodeRequest>,
+    ) -> Result<Response<proto::ClusterStatusResponse>, Status> {
+        let node_id = request.get_ref().node_id;
+        for shard in &self.node.shards {
+            tracing::info!(shard = %shard.raft.shard(), node = node_id, "removing node");
+            shard.raft.remove_member(node_id).await.map_err(status::membership_error)?;
+        }
+        Ok(Response::new(self.local_cluster_status()))
+    }
+
+    async fn transfer_leader(
+        &self,
+        request: Request<proto::TransferLeaderRequest>,
+    ) -> Result<Response<proto::ClusterStatusResponse>, Status> {
+        let request = request.into_inner();
+        let shard = self
             .node
             .shards
             .iter()
-            .map(|shard| {
-                let s = shard.raft.status();
-                for (id, address) in &s.nodes {
-                    let role = if s.voters.contains(id) { "voter" } else { "learner" };
-                    nodes.insert(*id, proto::NodeInfo { node_id: *id, address: address.clone(), role: role.into() });
-                }
-                proto::ShardStatus {
-                    shard: s.shard.0,
-                    leader_id: s.leader_id.unwrap_or(0),
-                    leader_address: s.leader_address.unwrap_or_default(),
-                    term: s.term,
-                    commit_index: s.commit_index,
-                    applied_index: s.applied_index,
-                    last_log_index: s.last_log_index,
-                    snapshot_index: s.snapshot_index,
-                    role: s.role.into(),
-                    voters: s.voters,
-                }
-            })
-            .collect();
-        Ok(Response::new(proto::ClusterStatusResponse {
-            node_id: self.node.node_id,
-            nodes: nodes.into_values().collect(),
-            shards,
-        }))
+            .find(|s| s.raft.shard().0 == request.shard)
+            .ok_or_else(|| Status::not_found(format!("shard: this cluster has no shard {}", request.shard)))?;
+        if shard.raft.leader().is_some_and(|(id, _)| id == request.node_id) {
+            return Ok(Response::new(self.local_cluster_status()));
+        }
+        shard.raft.transfer_leadership(request.node_id).await.map_err(status::membership_error)?;
+        // Answer once the handover happened (or failed), bounded.
+        let deadline = tokio::time::Instant::now() + self.node.settings.session_ttl;
+        while tokio::time::Instant::now() < deadline {
+            if shard.raft.leader().is_some_and(|(id, _)| id == request.node_id) {
+                return Ok(Response::new(self.local_cluster_status()));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        Err(Status::unavailable(format!(
+            "node {} did not take over shard {} in time; see ClusterStatus",
+            request.node_id, request.shard
+        )))
     }
 
     async fn list_queues(
         &self,
         _request: Request<proto::ListQueuesRequest>,
     ) -> Result<Response<proto::ListQueuesResponse>, Status> {
+        for shard in &self.node.shards {
+            linearizable(shard).await?;
+        }
         let now = self.node.clock.now_ms();
         let mut queues = Vec::new();
         for shard in &self.node.shards {
@@ -102,6 +207,7 @@ impl Admin for AdminService {
     async fn get_queue(&self, request: Request<proto::GetQueueRequest>) -> Result<Response<proto::QueueInfo>, Status> {
         let queue = &request.get_ref().queue;
         validate::queue_name("queue", queue)?;
+        linearizable(self.node.shard_for_queue(queue)).await?;
         self.queue_info(queue).map(Response::new)
     }
 
@@ -144,6 +250,7 @@ impl Admin for AdminService {
         let state = validate::list_state(request.state)?;
         let limit = validate::list_limit(request.limit) as usize;
         let after = validate::decode_page_token("page_token", &request.page_token)?;
+        linearizable(self.node.shard_for_queue(&request.queue)).await?;
         let shard = self.node.shard_for_queue(&request.queue);
         let now = self.node.clock.now_ms();
         let applied = shard.raft.state().read();
@@ -197,6 +304,9 @@ impl Admin for AdminService {
         &self,
         _request: Request<proto::ListWorkersRequest>,
     ) -> Result<Response<proto::ListWorkersResponse>, Status> {
+        for shard in &self.node.shards {
+            linearizable(shard).await?;
+        }
         let mut workers = Vec::new();
         for shard in &self.node.shards {
             workers.extend(list_shard_workers(shard));

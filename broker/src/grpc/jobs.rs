@@ -28,6 +28,13 @@ pub(super) fn shard_of(node: &Node, job_id: JobId) -> Result<&Arc<ShardNode>, St
     node.shard_for_job(job_id).ok_or_else(|| Status::not_found(format!("job {job_id} not found")))
 }
 
+/// Reads after this see every write acknowledged before the call, even
+/// across a leader change: a deposed leader finds out here instead of
+/// answering from a stale state.
+pub(super) async fn linearizable(shard: &ShardNode) -> Result<(), Status> {
+    shard.raft.ensure_linearizable().await.map_err(status::propose_error)
+}
+
 pub(super) fn read_job(shard: &ShardNode, job_id: JobId) -> Result<proto::Job, Status> {
     let now = shard.clock.now_ms();
     let applied = shard.raft.state().read();
@@ -107,6 +114,7 @@ impl Jobs for JobsService {
     async fn get_job(&self, request: Request<proto::GetJobRequest>) -> Result<Response<proto::Job>, Status> {
         let job_id = validate::job_id("job_id", &request.get_ref().job_id)?;
         let shard = shard_of(&self.node, job_id)?;
+        linearizable(shard).await?;
         read_job(shard, job_id).map(Response::new)
     }
 
@@ -117,6 +125,7 @@ impl Jobs for JobsService {
         let shard = shard_of(&self.node, job_id)?;
         // Register first: a finish between the read and the wait still wakes us.
         let finished = shard.waiters.register(job_id);
+        linearizable(shard).await?;
         let job = read_job(shard, job_id)?;
         if is_terminal(&job) {
             return Ok(Response::new(job));

@@ -4,6 +4,7 @@
 
 pub mod admin;
 pub mod convert;
+pub mod forward;
 pub mod jobs;
 pub mod status;
 pub mod validate;

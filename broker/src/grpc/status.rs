@@ -2,7 +2,10 @@
 
 use tonic::{Status, metadata::MetadataValue};
 
-use crate::{queue::Rejection, raft::ProposeError};
+use crate::{
+    queue::Rejection,
+    raft::{MembershipError, ProposeError},
+};
 
 /// Metadata key that names the leader's address on UNAVAILABLE.
 pub const LEADER_METADATA: &str = "gantry-leader";
@@ -20,6 +23,9 @@ pub fn propose_error(error: ProposeError) -> Status {
                 status.metadata_mut().insert(LEADER_METADATA, value);
             }
             status
+        }
+        ProposeError::NoQuorum { shard, message } => {
+            Status::unavailable(format!("shard {shard} cannot reach a quorum of its nodes ({message}); retry shortly"))
         }
         ProposeError::Stopped { shard, message } => {
             tracing::warn!(%shard, %message, "proposal failed");
@@ -45,4 +51,11 @@ pub fn rejection(rejection: Rejection) -> Status {
 pub fn unexpected(what: &str, applied: &crate::queue::Applied) -> Status {
     tracing::error!(?applied, "unexpected outcome for {what}");
     Status::internal(format!("unexpected outcome for {what}"))
+}
+
+pub fn membership_error(error: MembershipError) -> Status {
+    match error {
+        MembershipError::Propose(e) => propose_error(e),
+        MembershipError::Refused(message) => Status::failed_precondition(message),
+    }
 }

@@ -188,6 +188,15 @@ pub fn queue_name(field: &str, name: &str) -> Result<()> {
     if ok { Ok(()) } else { Err(invalid(field, format!("must match [A-Za-z0-9._-]{{1,128}}, got {}", shown(name)))) }
 }
 
+/// `host:port` of another node: a name or address and a port number.
+pub fn host_port(field: &str, address: &str) -> Result<()> {
+    let ok = address.len() <= 255
+        && address.rsplit_once(':').is_some_and(|(host, port)| {
+            !host.is_empty() && !host.contains(char::is_whitespace) && port.parse::<u16>().is_ok_and(|p| p != 0)
+        });
+    if ok { Ok(()) } else { Err(invalid(field, format!("must be host:port, got {}", shown(address)))) }
+}
+
 pub fn job_id(field: &str, id: &str) -> Result<JobId> {
     if id.is_empty() {
         return Err(invalid(field, "is required"));

@@ -220,6 +220,12 @@ impl Connection {
                 Outbound::Revoke { job_id, token, reason } => {
                     Out::Revoke(proto::Revoke { job_id: job_id.to_string(), fencing_token: token.0, reason })
                 }
+                Outbound::LeaderLost { leader } => {
+                    let shard = shard.raft.shard();
+                    let status = status::propose_error(crate::raft::ProposeError::NotLeader { shard, leader });
+                    let _ = self.out.send(Err(status));
+                    return;
+                }
             };
             if self.out.send(message(kind)).is_err() {
                 return;

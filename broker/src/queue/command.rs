@@ -88,6 +88,32 @@ pub enum Command {
     Tick,
 }
 
+impl Command {
+    /// Roughly how many bytes the command takes in a log entry: the large
+    /// fields only, enough to keep entries (and peer messages) bounded.
+    pub fn approx_bytes(&self) -> usize {
+        const SMALL: usize = 64;
+        SMALL
+            + match self {
+                Command::Enqueue(job) => {
+                    job.queue.len()
+                        + job.payload.len()
+                        + job.headers.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()
+                        + job.idempotency_key.as_ref().map_or(0, String::len)
+                }
+                Command::Complete { result, .. } => result.len(),
+                Command::Fail { error, .. } => error.len(),
+                Command::Progress { message, .. } => message.len(),
+                Command::Cancel { reason, .. } => reason.len(),
+                Command::OpenSession { worker_id, queues, .. } => {
+                    worker_id.len() + queues.iter().map(String::len).sum::<usize>()
+                }
+                Command::Dispatch { sessions } => sessions.len() * 32,
+                _ => 0,
+            }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum RetryRequest {
     /// The queue's exponential backoff, scaled by the leader's jitter.

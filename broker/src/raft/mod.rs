@@ -4,15 +4,25 @@
 
 pub mod log_store;
 pub mod network;
+pub mod peer_service;
 pub mod state_machine;
 pub mod types;
 
-use std::{collections::BTreeMap, path::Path, sync::Arc, time::Duration};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::Path,
+    sync::Arc,
+    time::Duration,
+};
 
-use openraft::{BasicNode, ServerState, SnapshotPolicy, async_runtime::watch::WatchReceiver};
+use openraft::{ChangeMembers, ReadPolicy, ServerState, SnapshotPolicy, async_runtime::watch::WatchReceiver};
 
-pub use self::state_machine::{AppliedState, EventSink, ShardState};
-use self::{log_store::EngineLogStore, network::NoPeers, state_machine::StateMachineStore, types::GantryRaft};
+pub use self::{
+    network::PeerChannels,
+    state_machine::{AppliedState, EventSink, ShardState},
+    types::GantryNode,
+};
+use self::{log_store::EngineLogStore, network::PeerNetwork, state_machine::StateMachineStore, types::GantryRaft};
 use crate::queue::{Applied, Batch, ShardId};
 
 /// Raft timing and log-compaction settings of a node.
@@ -50,10 +60,28 @@ pub enum RaftError {
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ProposeError {
+    /// `leader` is the leader's id and client address, when known.
     #[error("this node is not the leader of shard {shard}")]
     NotLeader { shard: ShardId, leader: Option<(u64, String)> },
+    #[error("shard {shard} cannot reach a quorum: {message}")]
+    NoQuorum { shard: ShardId, message: String },
     #[error("shard {shard} is shutting down or failed: {message}")]
     Stopped { shard: ShardId, message: String },
+}
+
+/// Why a membership change was refused.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum MembershipError {
+    #[error(transparent)]
+    Propose(#[from] ProposeError),
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// The leader's view of one member's replication.
+#[derive(Clone, Debug, Default)]
+pub struct MemberProgress {
+    pub matched_index: Option<u64>,
 }
 
 /// What ClusterStatus reports for a shard.
@@ -69,7 +97,9 @@ pub struct ShardStatus {
     pub last_log_index: u64,
     pub snapshot_index: u64,
     pub voters: Vec<u64>,
-    pub nodes: BTreeMap<u64, String>,
+    pub nodes: BTreeMap<u64, GantryNode>,
+    /// Filled on the leader only: what each member has replicated.
+    pub replication: Option<BTreeMap<u64, MemberProgress>>,
 }
 
 /// One shard's Raft group on this node.
@@ -86,6 +116,7 @@ impl ShardRaft {
         engine: Arc<raft_engine::Engine>,
         data_dir: &Path,
         settings: &RaftSettings,
+        channels: PeerChannels,
         events: EventSink,
     ) -> Result<Self, RaftError> {
         let election_ms = settings.election_timeout.as_millis() as u64;
@@ -97,6 +128,11 @@ impl ShardRaft {
             // Triggered by `spawn_snapshot_policy`, which counts commands.
             snapshot_policy: SnapshotPolicy::Never,
             max_in_snapshot_log_to_keep: settings.keep_after_snapshot,
+            max_payload_entries: network::MAX_ENTRIES_PER_APPEND,
+            // A node cut off for a while must not bump the term and depose a
+            // healthy leader when it comes back.
+            enable_pre_vote: Some(true),
+            install_snapshot_timeout: 60_000,
             ..Default::default()
         }
         .validate()
@@ -105,19 +141,24 @@ impl ShardRaft {
         let sm = StateMachineStore::open(shard, snapshot_dir, events)?;
         let state = sm.shared();
         let log = EngineLogStore::new(engine, u64::from(shard.0));
-        let raft = GantryRaft::new(node_id, Arc::new(config), NoPeers, log, sm)
+        let network = PeerNetwork { shard, channels };
+        let raft = GantryRaft::new(node_id, Arc::new(config), network, log, sm)
             .await
             .map_err(|e| RaftError::Raft(e.to_string()))?;
         Ok(ShardRaft { shard, raft, state })
     }
 
-    /// Makes this node the single voter of a brand-new group. A group that
-    /// was initialized before (any restart) is left alone.
-    pub async fn bootstrap_single(&self, node_id: u64, advertise: &str) -> Result<(), RaftError> {
-        if self.raft.is_initialized().await.map_err(|e| RaftError::Raft(e.to_string()))? {
+    /// Whether this group has a membership (from its log or a snapshot).
+    pub async fn is_initialized(&self) -> bool {
+        self.raft.is_initialized().await.unwrap_or(false)
+    }
+
+    /// Gives a brand-new group its first membership. Called on one node of
+    /// a new cluster only, and only when no member is initialized yet.
+    pub async fn initialize(&self, members: BTreeMap<u64, GantryNode>) -> Result<(), RaftError> {
+        if self.is_initialized().await {
             return Ok(());
         }
-        let members = BTreeMap::from([(node_id, BasicNode::new(advertise))]);
         self.raft.initialize(members).await.map_err(|e| RaftError::Raft(e.to_string()))
     }
 
@@ -131,21 +172,111 @@ impl ShardRaft {
 
     /// Commits a batch (fsync'd on a quorum) and returns each command's outcome.
     pub async fn propose(&self, batch: Batch) -> Result<Vec<Applied>, ProposeError> {
-        match self.raft.client_write(batch).await {
-            Ok(response) => Ok(response.data.0),
-            Err(openraft::errors::RaftError::APIError(err)) => {
-                use openraft::errors::ClientWriteError;
-                let forward = match err {
-                    ClientWriteError::ForwardToLeader(f) | ClientWriteError::LogEntryDiscarded(f) => f,
-                    other => return Err(ProposeError::Stopped { shard: self.shard, message: other.to_string() }),
-                };
-                let leader = forward.leader_id.zip(forward.leader_node.map(|n| n.addr));
-                Err(ProposeError::NotLeader { shard: self.shard, leader })
+        self.raft.client_write(batch).await.map(|response| response.data.0).map_err(|e| self.write_error(e))
+    }
+
+    fn write_error(
+        &self,
+        error: openraft::errors::RaftError<types::TypeConfig, openraft::errors::ClientWriteError<types::TypeConfig>>,
+    ) -> ProposeError {
+        use openraft::errors::{ClientWriteError, RaftError as E};
+        match error {
+            E::APIError(ClientWriteError::ForwardToLeader(f) | ClientWriteError::LogEntryDiscarded(f)) => {
+                ProposeError::NotLeader { shard: self.shard, leader: f.leader_id.zip(f.leader_node.map(|n| n.client)) }
             }
-            Err(openraft::errors::RaftError::Fatal(fatal)) => {
-                Err(ProposeError::Stopped { shard: self.shard, message: fatal.to_string() })
-            }
+            E::APIError(other) => ProposeError::Stopped { shard: self.shard, message: other.to_string() },
+            E::Fatal(fatal) => ProposeError::Stopped { shard: self.shard, message: fatal.to_string() },
         }
+    }
+
+    /// Returns once this node is confirmed as leader by a quorum and has
+    /// applied everything committed before the call: a read after it is
+    /// linearizable (a deposed leader cannot answer from stale state).
+    pub async fn ensure_linearizable(&self) -> Result<(), ProposeError> {
+        use openraft::errors::{LinearizableReadError, RaftError as E};
+        match self.raft.ensure_linearizable(ReadPolicy::ReadIndex).await {
+            Ok(_) => Ok(()),
+            Err(E::APIError(LinearizableReadError::ForwardToLeader(f))) => {
+                Err(ProposeError::NotLeader { shard: self.shard, leader: f.leader_id.zip(f.leader_node.map(|n| n.client)) })
+            }
+            Err(E::APIError(LinearizableReadError::QuorumNotEnough(q))) => {
+                Err(ProposeError::NoQuorum { shard: self.shard, message: q.to_string() })
+            }
+            Err(E::Fatal(fatal)) => Err(ProposeError::Stopped { shard: self.shard, message: fatal.to_string() }),
+        }
+    }
+
+    /// The leader this node knows of (itself included), with its addresses.
+    pub fn leader(&self) -> Option<(u64, GantryNode)> {
+        let metrics = self.raft.metrics();
+        let m = metrics.borrow_watched();
+        let id = m.current_leader?;
+        let node = m.membership_config.membership().get_node(&id)?.clone();
+        Some((id, node))
+    }
+
+    /// Adds a node as a learner, waits until it has caught up, then makes
+    /// it a voter. Idempotent: a member is left as it is.
+    pub async fn add_member(&self, node_id: u64, node: GantryNode) -> Result<(), MembershipError> {
+        let status = self.status();
+        if let Some(existing) = status.nodes.get(&node_id)
+            && existing != &node
+        {
+            return Err(MembershipError::Refused(format!(
+                "node {node_id} is already a member with {existing}; remove it first to change its addresses"
+            )));
+        }
+        if !status.voters.contains(&node_id) {
+            if !status.nodes.contains_key(&node_id) {
+                self.raft.add_learner(node_id, node, true).await.map_err(|e| self.write_error(e))?;
+            }
+            let voters = BTreeSet::from([node_id]);
+            self.raft
+                .change_membership(ChangeMembers::AddVoterIds(voters), false)
+                .await
+                .map_err(|e| self.write_error(e))?;
+        }
+        Ok(())
+    }
+
+    /// Removes a node from the group: first as a voter, then as a node.
+    pub async fn remove_member(&self, node_id: u64) -> Result<(), MembershipError> {
+        let status = self.status();
+        if !status.nodes.contains_key(&node_id) {
+            return Err(MembershipError::Refused(format!("node {node_id} is not a member of shard {}", self.shard)));
+        }
+        if status.voters.contains(&node_id) {
+            if status.voters.len() == 1 {
+                return Err(MembershipError::Refused(format!(
+                    "node {node_id} is the last voter of shard {}; a group cannot remove its only voter",
+                    self.shard
+                )));
+            }
+            let voters = BTreeSet::from([node_id]);
+            self.raft
+                .change_membership(ChangeMembers::RemoveVoters(voters), false)
+                .await
+                .map_err(|e| self.write_error(e))?;
+        }
+        let nodes = BTreeSet::from([node_id]);
+        self.raft.change_membership(ChangeMembers::RemoveNodes(nodes), false).await.map_err(|e| self.write_error(e))?;
+        Ok(())
+    }
+
+    /// Asks this leader to hand leadership to `to` (a voter).
+    pub async fn transfer_leadership(&self, to: u64) -> Result<(), MembershipError> {
+        if !self.status().voters.contains(&to) {
+            return Err(MembershipError::Refused(format!("node {to} is not a voter of shard {}", self.shard)));
+        }
+        if !self.is_leader() {
+            return Err(ProposeError::NotLeader { shard: self.shard, leader: self.leader().map(|(id, n)| (id, n.client)) }
+                .into());
+        }
+        self.raft
+            .trigger()
+            .transfer_leader(to)
+            .await
+            .map_err(|e| ProposeError::Stopped { shard: self.shard, message: e.to_string() }.into())
     }
 
     pub fn is_leader(&self) -> bool {
@@ -158,7 +289,7 @@ impl ShardRaft {
         let metrics = self.raft.metrics();
         let m = metrics.borrow_watched();
         let membership = m.membership_config.membership();
-        let nodes: BTreeMap<u64, String> = membership.nodes().map(|(id, node)| (*id, node.addr.clone())).collect();
+        let nodes: BTreeMap<u64, GantryNode> = membership.nodes().map(|(id, node)| (*id, node.clone())).collect();
         ShardStatus {
             shard: self.shard,
             role: match m.state {
@@ -170,13 +301,19 @@ impl ShardRaft {
             },
             term: m.current_term,
             leader_id: m.current_leader,
-            leader_address: m.current_leader.and_then(|id| nodes.get(&id).cloned()),
+            leader_address: m.current_leader.and_then(|id| nodes.get(&id).map(|n| n.client.clone())),
             commit_index: m.cluster_committed.map_or(0, |l| l.index),
             applied_index: m.last_applied.map_or(0, |l| l.index),
             last_log_index: m.last_log_index.unwrap_or(0),
             snapshot_index: m.snapshot.map_or(0, |l| l.index),
             voters: membership.voter_ids().collect(),
             nodes,
+            replication: m.replication.as_ref().map(|replication| {
+                replication
+                    .iter()
+                    .map(|(id, matched)| (*id, MemberProgress { matched_index: matched.as_ref().map(|l| l.index) }))
+                    .collect()
+            }),
         }
     }
 

@@ -1,64 +1,197 @@
-//! Raft network for a node with no peers. A single-voter group never sends
-//! a Raft RPC; if one is ever attempted (a membership change without the
-//! peer transport), it fails as unreachable instead of pretending to work.
+//! The Raft network over tonic on the peer port: one lazily connected
+//! channel per peer address, shared by every shard's group and by call
+//! forwarding. Each Raft RPC is a postcard-encoded openraft message inside a
+//! `gantry.peer.v1.Peer` call; snapshots go in bounded chunks.
 
-use std::{future::Future, io::Cursor};
-
-use openraft::{
-    BasicNode, OptionalSend, RaftNetworkFactory, RaftNetworkV2,
-    errors::{RPCError, ReplicationClosed, StreamingError, Unreachable},
-    network::RPCOption,
-    raft::{AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse},
-    type_config::alias::{SnapshotOf, VoteOf},
+use std::{
+    collections::HashMap,
+    future::Future,
+    io::Cursor,
+    sync::{Arc, Mutex},
+    time::Duration,
 };
 
-use super::types::TypeConfig;
+use gantry_proto::peer::{self as pb, peer_client::PeerClient as PeerRpcClient};
+use openraft::{
+    OptionalSend, RaftNetworkFactory, RaftNetworkV2,
+    errors::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable},
+    network::RPCOption,
+    raft::{
+        AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest, TransferLeaderResponse,
+        VoteRequest, VoteResponse,
+    },
+    type_config::alias::{SnapshotOf, VoteOf},
+};
+use serde::{Serialize, de::DeserializeOwned};
+use tonic::transport::{Channel, Endpoint};
+
+use super::types::{GantryNode, TypeConfig};
+use crate::queue::ShardId;
 
 type C = TypeConfig;
 
-#[derive(Clone, Debug, Default)]
-pub struct NoPeers;
+/// Largest message either side of the peer port accepts. An append carries
+/// at most `MAX_ENTRIES_PER_APPEND` entries of at most
+/// `proposer::MAX_ENTRY_BYTES` each (one command may exceed that alone, up to
+/// the 64 MiB payload limit), so this bound is never hit by a healthy node.
+pub const PEER_MAX_MESSAGE_BYTES: usize = 160 << 20;
+/// Entries per AppendEntries RPC (openraft `max_payload_entries`).
+pub const MAX_ENTRIES_PER_APPEND: u64 = 16;
+/// Snapshot data per InstallSnapshot chunk.
+const SNAPSHOT_CHUNK_BYTES: usize = 4 << 20;
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
-pub struct NoPeerClient {
+/// Channels to peers by address. Cheap to clone.
+#[derive(Clone, Default)]
+pub struct PeerChannels {
+    channels: Arc<Mutex<HashMap<String, Channel>>>,
+}
+
+impl PeerChannels {
+    /// The channel to `address` (host:port), created on first use. tonic
+    /// reconnects it by itself after the peer restarts.
+    pub fn channel(&self, address: &str) -> Result<Channel, String> {
+        let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(channel) = channels.get(address) {
+            return Ok(channel.clone());
+        }
+        let endpoint = Endpoint::from_shared(format!("http://{address}"))
+            .map_err(|e| format!("peer address {address:?}: {e}"))?
+            .connect_timeout(CONNECT_TIMEOUT)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(5))
+            .keep_alive_timeout(Duration::from_secs(5))
+            .keep_alive_while_idle(true);
+        let channel = endpoint.connect_lazy();
+        channels.insert(address.to_string(), channel.clone());
+        Ok(channel)
+    }
+
+    pub fn client(&self, address: &str) -> Result<PeerRpcClient<Channel>, String> {
+        Ok(PeerRpcClient::new(self.channel(address)?)
+            .max_decoding_message_size(PEER_MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(PEER_MAX_MESSAGE_BYTES))
+    }
+}
+
+pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, postcard::Error> {
+    postcard::to_allocvec(value)
+}
+
+pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, postcard::Error> {
+    postcard::from_bytes(bytes)
+}
+
+/// The network of one shard's group.
+#[derive(Clone)]
+pub struct PeerNetwork {
+    pub shard: ShardId,
+    pub channels: PeerChannels,
+}
+
+impl RaftNetworkFactory<C> for PeerNetwork {
+    type Network = PeerConnection;
+
+    async fn new_client(&mut self, target: u64, node: &GantryNode) -> PeerConnection {
+        PeerConnection { target, shard: self.shard, address: node.peer.clone(), channels: self.channels.clone() }
+    }
+}
+
+pub struct PeerConnection {
     target: u64,
+    shard: ShardId,
+    address: String,
+    channels: PeerChannels,
 }
 
-impl RaftNetworkFactory<C> for NoPeers {
-    type Network = NoPeerClient;
+impl PeerConnection {
+    fn unreachable(&self, why: impl std::fmt::Display) -> Unreachable<C> {
+        Unreachable::from_string(format!("node {} at {}: {why}", self.target, self.address))
+    }
 
-    async fn new_client(&mut self, target: u64, _node: &BasicNode) -> NoPeerClient {
-        NoPeerClient { target }
+    async fn call<Q: Serialize, P: DeserializeOwned>(
+        &self,
+        kind: pb::RaftKind,
+        request: &Q,
+        timeout: Duration,
+    ) -> Result<P, RPCError<C>> {
+        let mut client = self.channels.client(&self.address).map_err(|e| self.unreachable(e))?;
+        let payload = encode(request).map_err(|e| NetworkError::new(&e))?;
+        let mut request = tonic::Request::new(pb::RaftRequest { shard: self.shard.0, kind: kind as i32, payload });
+        request.set_timeout(timeout);
+        let reply = match client.raft(request).await {
+            Ok(reply) => reply.into_inner(),
+            // Down, restarting or partitioned: openraft backs off before retrying.
+            Err(status) => return Err(self.unreachable(status.message()).into()),
+        };
+        if !reply.error.is_empty() {
+            return Err(self.unreachable(reply.error).into());
+        }
+        decode(&reply.payload).map_err(|e| NetworkError::new(&e).into())
     }
 }
 
-impl NoPeerClient {
-    fn unreachable(&self) -> Unreachable<C> {
-        Unreachable::from_string(format!("node {} is a peer, but this node runs without a peer transport", self.target))
-    }
-}
-
-impl RaftNetworkV2<C> for NoPeerClient {
+impl RaftNetworkV2<C> for PeerConnection {
     type SnapshotData = Cursor<Vec<u8>>;
 
     async fn append_entries(
         &mut self,
-        _rpc: AppendEntriesRequest<C>,
-        _option: RPCOption,
+        rpc: AppendEntriesRequest<C>,
+        option: RPCOption,
     ) -> Result<AppendEntriesResponse<C>, RPCError<C>> {
-        Err(RPCError::Unreachable(self.unreachable()))
+        self.call(pb::RaftKind::AppendEntries, &rpc, option.hard_ttl()).await
     }
 
-    async fn vote(&mut self, _rpc: VoteRequest<C>, _option: RPCOption) -> Result<VoteResponse<C>, RPCError<C>> {
-        Err(RPCError::Unreachable(self.unreachable()))
+    async fn vote(&mut self, rpc: VoteRequest<C>, option: RPCOption) -> Result<VoteResponse<C>, RPCError<C>> {
+        self.call(pb::RaftKind::Vote, &rpc, option.hard_ttl()).await
+    }
+
+    async fn pre_vote(&mut self, rpc: VoteRequest<C>, option: RPCOption) -> Result<VoteResponse<C>, RPCError<C>> {
+        self.call(pb::RaftKind::PreVote, &rpc, option.hard_ttl()).await
+    }
+
+    async fn transfer_leader(
+        &mut self,
+        req: TransferLeaderRequest<C>,
+        option: RPCOption,
+    ) -> Result<TransferLeaderResponse<C>, RPCError<C>> {
+        self.call(pb::RaftKind::TransferLeader, &req, option.hard_ttl()).await
     }
 
     async fn full_snapshot(
         &mut self,
-        _vote: VoteOf<C>,
-        _snapshot: SnapshotOf<C, Cursor<Vec<u8>>>,
-        _cancel: impl Future<Output = ReplicationClosed> + OptionalSend + 'static,
+        vote: VoteOf<C>,
+        snapshot: SnapshotOf<C, Cursor<Vec<u8>>>,
+        cancel: impl Future<Output = ReplicationClosed> + OptionalSend + 'static,
         _option: RPCOption,
     ) -> Result<SnapshotResponse<C>, StreamingError<C>> {
-        Err(StreamingError::Unreachable(self.unreachable()))
+        let mut client = self.channels.client(&self.address).map_err(|e| self.unreachable(e))?;
+        let header = encode(&(vote, snapshot.meta.clone())).map_err(|e| NetworkError::new(&e))?;
+        let data = snapshot.snapshot.into_inner();
+        let shard = self.shard.0;
+        let total = data.len();
+        let chunks: Vec<pb::InstallSnapshotRequest> = if data.is_empty() {
+            vec![pb::InstallSnapshotRequest { shard, header, data: Vec::new() }]
+        } else {
+            data.chunks(SNAPSHOT_CHUNK_BYTES)
+                .enumerate()
+                .map(|(i, chunk)| pb::InstallSnapshotRequest {
+                    shard,
+                    header: if i == 0 { header.clone() } else { Vec::new() },
+                    data: chunk.to_vec(),
+                })
+                .collect()
+        };
+        tracing::info!(shard, target = self.target, bytes = total, chunks = chunks.len(), "sending snapshot");
+        let sent = client.install_snapshot(futures::stream::iter(chunks));
+        let reply = tokio::select! {
+            reply = sent => reply,
+            closed = cancel => return Err(StreamingError::Closed(closed)),
+        };
+        let reply = reply.map_err(|status| self.unreachable(status.message()))?.into_inner();
+        if !reply.error.is_empty() {
+            return Err(self.unreachable(reply.error).into());
+        }
+        decode(&reply.payload).map_err(|e| StreamingError::Network(NetworkError::new(&e)))
     }
 }

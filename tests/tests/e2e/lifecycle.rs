@@ -248,15 +248,16 @@ async fn pause_resume_and_purge() {
 async fn lease_timeout_reassigns_and_progress_extends() {
     let broker = TestBroker::start().await;
     let client = broker.client().await;
-    // Runs 2.5 s with a 1.5 s lease, renewed every 250 ms: only progress keeps it.
-    let extended = client.enqueue("slow", "extend").lease_timeout(Duration::from_millis(1500)).send().await.unwrap();
+    // Runs 4 s with a 2.5 s lease, renewed every 400 ms: only progress keeps
+    // it, with two seconds of slack for a slow commit on a loaded machine.
+    let extended = client.enqueue("slow", "extend").lease_timeout(Duration::from_millis(2500)).send().await.unwrap();
     let worker = RunningWorker::spawn(&broker.endpoint(), "slow", "w", 2, |ctx| async move {
         if ctx.payload().as_ref() == b"extend" {
             for step in 0..10 {
-                ctx.progress(format!("step {step}"), Some(Duration::from_millis(1500)))
+                ctx.progress(format!("step {step}"), Some(Duration::from_millis(2500)))
                     .await
                     .map_err(|e| JobError::failed(e.to_string()))?;
-                tokio::time::sleep(Duration::from_millis(250)).await;
+                tokio::time::sleep(Duration::from_millis(400)).await;
             }
             Ok(Bytes::from_static(b"extended"))
         } else if ctx.attempt() == 1 {

@@ -1,0 +1,158 @@
+//! Any node serves every RPC: a tower layer in front of the public services
+//! that sends calls for a shard this node does not lead to the leader's
+//! peer port, untouched (unary calls and `Worker.Connect` streams alike),
+//! and says who the leader is in `gantry-leader` metadata.
+//!
+//! With one shard per cluster every public call belongs to shard 0, so the
+//! route is decided from the path alone, without decoding the request.
+
+use std::{
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+};
+
+use http::{HeaderValue, Request, Response};
+use tonic::{Status, body::Body};
+use tower::{Layer, Service};
+
+use super::status::LEADER_METADATA;
+use crate::{dispatch::Node, raft::PeerChannels};
+
+/// Set on a forwarded call, so a node that is not the leader either (a
+/// stale view during an election) answers UNAVAILABLE instead of forwarding
+/// again: no call ever travels in a loop.
+pub const FORWARDED_METADATA: &str = "gantry-forwarded-by";
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+type BoxFuture = Pin<Box<dyn Future<Output = Result<Response<Body>, BoxError>> + Send>>;
+
+#[derive(Clone)]
+pub struct ForwardLayer {
+    node: Arc<Node>,
+    channels: PeerChannels,
+}
+
+impl ForwardLayer {
+    pub fn new(node: Arc<Node>, channels: PeerChannels) -> Self {
+        ForwardLayer { node, channels }
+    }
+}
+
+impl<S> Layer<S> for ForwardLayer {
+    type Service = Forward<S>;
+
+    fn layer(&self, inner: S) -> Forward<S> {
+        Forward { inner, node: self.node.clone(), channels: self.channels.clone() }
+    }
+}
+
+#[derive(Clone)]
+pub struct Forward<S> {
+    inner: S,
+    node: Arc<Node>,
+    channels: PeerChannels,
+}
+
+/// Whether a call needs the shard leader. Health, reflection, the peer
+/// service and ClusterStatus (which must answer even without a leader) are
+/// served by every node itself.
+fn needs_leader(path: &str) -> bool {
+    let public = ["/gantry.v1.Jobs/", "/gantry.v1.Worker/", "/gantry.v1.Admin/"];
+    public.iter().any(|prefix| path.starts_with(prefix)) && path != "/gantry.v1.Admin/ClusterStatus"
+}
+
+fn status_response(status: Status, leader_client: Option<&str>) -> Response<Body> {
+    let mut response = status.into_http::<Body>();
+    if let Some(value) = leader_client.and_then(|a| HeaderValue::from_str(a).ok()) {
+        response.headers_mut().insert(LEADER_METADATA, value);
+    }
+    response
+}
+
+impl<S> Service<Request<Body>> for Forward<S>
+where
+    S: Service<Request<Body>, Response = Response<Body>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError> + Send,
+{
+    type Response = Response<Body>;
+    type Error = BoxError;
+    type Future = BoxFuture;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, mut request: Request<Body>) -> BoxFuture {
+        let shard = &self.node.shards[0];
+        if !needs_leader(request.uri().path()) || shard.raft.is_leader() {
+            // The clone is not ready; the ready one serves this call.
+            let clone = self.inner.clone();
+            let mut inner = std::mem::replace(&mut self.inner, clone);
+            return Box::pin(async move { inner.call(request).await.map_err(Into::into) });
+        }
+        let shard_id = shard.raft.shard();
+        let leader = shard.raft.leader().filter(|(id, _)| *id != self.node.node_id);
+        let Some((leader_id, leader)) = leader else {
+            let status = Status::unavailable(format!(
+                "shard {shard_id} has no leader right now (election in progress, or no quorum); retry shortly"
+            ));
+            return Box::pin(async move { Ok(status_response(status, None)) });
+        };
+        if let Some(from) = request.headers().get(FORWARDED_METADATA) {
+            let status = Status::unavailable(format!(
+                "node {} is not the leader of shard {shard_id} either (forwarded by node {}); node {leader_id} at {} is",
+                self.node.node_id,
+                from.to_str().unwrap_or("?"),
+                leader.client
+            ));
+            return Box::pin(async move { Ok(status_response(status, Some(&leader.client))) });
+        }
+        let channel = match self.channels.channel(&leader.peer) {
+            Ok(channel) => channel,
+            Err(e) => {
+                let status = Status::unavailable(format!("cannot reach the leader of shard {shard_id}: {e}"));
+                return Box::pin(async move { Ok(status_response(status, Some(&leader.client))) });
+            }
+        };
+        request.headers_mut().insert(FORWARDED_METADATA, HeaderValue::from(self.node.node_id));
+        let node_id = self.node.node_id;
+        Box::pin(async move {
+            let mut channel = channel;
+            let hint = HeaderValue::from_str(&leader.client).ok();
+            match Service::call(&mut channel, request).await {
+                Ok(mut response) => {
+                    if let Some(hint) = hint {
+                        response.headers_mut().insert(LEADER_METADATA, hint);
+                    }
+                    Ok(response)
+                }
+                Err(e) => {
+                    tracing::debug!(leader = leader_id, error = %e, "forwarding to the leader failed");
+                    let status = Status::unavailable(format!(
+                        "node {node_id} cannot reach node {leader_id}, the leader of shard {shard_id} ({}); retry shortly",
+                        leader.peer
+                    ));
+                    Ok(status_response(status, Some(&leader.client)))
+                }
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::needs_leader;
+
+    #[test]
+    fn routes_by_path() {
+        assert!(needs_leader("/gantry.v1.Jobs/Enqueue"));
+        assert!(needs_leader("/gantry.v1.Worker/Connect"));
+        assert!(needs_leader("/gantry.v1.Admin/AddNode"));
+        assert!(!needs_leader("/gantry.v1.Admin/ClusterStatus"));
+        assert!(!needs_leader("/grpc.health.v1.Health/Check"));
+        assert!(!needs_leader("/gantry.peer.v1.Peer/Raft"));
+        assert!(!needs_leader("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"));
+    }
+}

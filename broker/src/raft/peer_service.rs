@@ -1,0 +1,112 @@
+//! The server half of the peer port's Raft transport: decodes each
+//! `gantry.peer.v1.Peer` call and hands it to the shard's group.
+
+use std::{io::Cursor, sync::Arc};
+
+use gantry_proto::peer::{self as pb, peer_server::Peer};
+use openraft::type_config::alias::{SnapshotMetaOf, SnapshotOf, VoteOf};
+use serde::Serialize;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::{
+    ShardRaft,
+    network::{decode, encode},
+    types::TypeConfig,
+};
+
+type C = TypeConfig;
+
+/// Largest snapshot a follower accepts (the whole state of a shard).
+const MAX_SNAPSHOT_BYTES: usize = 16 << 30;
+
+pub struct PeerService {
+    node_id: u64,
+    client_address: String,
+    peer_address: String,
+    shards: Vec<Arc<ShardRaft>>,
+}
+
+impl PeerService {
+    pub fn new(node_id: u64, client_address: String, peer_address: String, shards: Vec<Arc<ShardRaft>>) -> Self {
+        PeerService { node_id, client_address, peer_address, shards }
+    }
+
+    fn shard(&self, shard: u32) -> Result<&Arc<ShardRaft>, Status> {
+        self.shards
+            .iter()
+            .find(|s| s.shard().0 == shard)
+            .ok_or_else(|| Status::not_found(format!("shard {shard} is not on node {}", self.node_id)))
+    }
+}
+
+fn bad_payload(e: postcard::Error) -> Status {
+    Status::invalid_argument(format!("payload: {e}"))
+}
+
+/// A Raft-level refusal travels as `error`, not as a gRPC failure, so the
+/// sender can tell a live but unwilling peer from an unreachable one.
+fn reply<T: Serialize, E: std::fmt::Display>(outcome: Result<T, E>) -> Result<Response<pb::RaftResponse>, Status> {
+    let response = match outcome {
+        Ok(value) => match encode(&value) {
+            Ok(payload) => pb::RaftResponse { payload, error: String::new() },
+            Err(e) => pb::RaftResponse { payload: Vec::new(), error: format!("encode response: {e}") },
+        },
+        Err(e) => pb::RaftResponse { payload: Vec::new(), error: e.to_string() },
+    };
+    Ok(Response::new(response))
+}
+
+#[tonic::async_trait]
+impl Peer for PeerService {
+    async fn raft(&self, request: Request<pb::RaftRequest>) -> Result<Response<pb::RaftResponse>, Status> {
+        let request = request.into_inner();
+        let raft = &self.shard(request.shard)?.raft;
+        let payload = &request.payload;
+        match pb::RaftKind::try_from(request.kind) {
+            Ok(pb::RaftKind::AppendEntries) => reply(raft.append_entries(decode(payload).map_err(bad_payload)?).await),
+            Ok(pb::RaftKind::Vote) => reply(raft.vote(decode(payload).map_err(bad_payload)?).await),
+            Ok(pb::RaftKind::PreVote) => reply(raft.pre_vote(decode(payload).map_err(bad_payload)?).await),
+            Ok(pb::RaftKind::TransferLeader) => {
+                reply(raft.handle_transfer_leader(decode(payload).map_err(bad_payload)?).await)
+            }
+            Ok(pb::RaftKind::Unspecified) | Err(_) => {
+                Err(Status::invalid_argument(format!("kind: unknown Raft RPC kind {}", request.kind)))
+            }
+        }
+    }
+
+    async fn install_snapshot(
+        &self,
+        request: Request<Streaming<pb::InstallSnapshotRequest>>,
+    ) -> Result<Response<pb::RaftResponse>, Status> {
+        let mut chunks = request.into_inner();
+        let first = chunks.message().await?.ok_or_else(|| Status::invalid_argument("install_snapshot: no chunks"))?;
+        let (vote, meta): (VoteOf<C>, SnapshotMetaOf<C>) = decode(&first.header).map_err(bad_payload)?;
+        let shard = self.shard(first.shard)?.clone();
+        let mut data = first.data;
+        while let Some(chunk) = chunks.message().await? {
+            if data.len() + chunk.data.len() > MAX_SNAPSHOT_BYTES {
+                return Err(Status::resource_exhausted(format!(
+                    "install_snapshot: snapshot larger than {MAX_SNAPSHOT_BYTES} bytes"
+                )));
+            }
+            data.extend_from_slice(&chunk.data);
+        }
+        tracing::info!(shard = %shard.shard(), bytes = data.len(), index = ?meta.last_log_id.map(|l| l.index), "installing snapshot from the leader");
+        let snapshot = SnapshotOf::<C, _> { meta, snapshot: Cursor::new(data) };
+        reply(shard.raft.install_full_snapshot(vote, snapshot).await)
+    }
+
+    async fn node_info(&self, _request: Request<pb::NodeInfoRequest>) -> Result<Response<pb::NodeInfoResponse>, Status> {
+        let initialized = match self.shards.first() {
+            Some(shard) => shard.is_initialized().await,
+            None => false,
+        };
+        Ok(Response::new(pb::NodeInfoResponse {
+            node_id: self.node_id,
+            client_address: self.client_address.clone(),
+            peer_address: self.peer_address.clone(),
+            initialized,
+        }))
+    }
+}
