@@ -4,12 +4,8 @@ use std::{env, path::PathBuf};
 
 use protox::prost::Message as _;
 
-const PROTOS: &[&str] = &[
-    "gantry/v1/job.proto",
-    "gantry/v1/jobs.proto",
-    "gantry/v1/worker.proto",
-    "gantry/v1/admin.proto",
-];
+const PROTOS: &[&str] =
+    &["gantry/v1/job.proto", "gantry/v1/jobs.proto", "gantry/v1/worker.proto", "gantry/v1/admin.proto"];
 /// Broker-to-broker only: compiled, but not advertised by client-port reflection.
 const INTERNAL_PROTOS: &[&str] = &["gantry/peer/v1/peer.proto"];
 

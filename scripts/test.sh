@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The test command: installs what the tests need that cargo does not bring
-# (grpcurl, for the reflection interop test), builds once, runs everything.
+# (grpcurl, for the reflection interop test; grpcio, for the Python examples'
+# test), builds once, runs everything.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,6 +17,24 @@ if ! command -v grpcurl >/dev/null 2>&1; then
         command -v pyenv >/dev/null 2>&1 && pyenv rehash || true
     fi
     command -v grpcurl >/dev/null 2>&1 || { echo "grpcurl is still not on PATH after installing it" >&2; exit 1; }
+fi
+
+# The Python examples' test (tests/tests/e2e/python.rs) needs grpcio and
+# grpcio-tools at the versions examples/python/requirements.txt pins.
+PY_REQUIREMENTS=examples/python/requirements.txt
+python_deps_pinned() {
+    python3 - "$PY_REQUIREMENTS" 2>/dev/null <<'PY'
+import importlib.metadata, sys
+for line in open(sys.argv[1]):
+    name, _, version = line.split("#")[0].strip().partition("==")
+    if name and importlib.metadata.version(name) != version:
+        sys.exit(1)
+PY
+}
+if ! python_deps_pinned; then
+    echo "installing the Python examples' requirements ($PY_REQUIREMENTS)" >&2
+    python3 -m pip install --quiet --disable-pip-version-check -r "$PY_REQUIREMENTS"
+    python_deps_pinned || { echo "python3 still lacks what $PY_REQUIREMENTS pins after pip install" >&2; exit 1; }
 fi
 
 if ! cargo nextest --version >/dev/null 2>&1; then

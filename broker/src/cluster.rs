@@ -72,7 +72,9 @@ pub async fn bootstrap(node: Arc<Node>, initial: BTreeMap<u64, String>, mut shut
     }
     for shard in &node.shards {
         match shard.raft.initialize(members.clone()).await {
-            Ok(()) => tracing::info!(shard = %shard.raft.shard(), members = ?members.keys().collect::<Vec<_>>(), "initialized a new cluster"),
+            Ok(()) => {
+                tracing::info!(shard = %shard.raft.shard(), members = ?members.keys().collect::<Vec<_>>(), "initialized a new cluster")
+            }
             Err(e) => tracing::error!(shard = %shard.raft.shard(), error = %e, "cluster initialization failed"),
         }
     }

@@ -121,7 +121,8 @@ impl Config {
         if self.election_timeout < Duration::from_millis(50) {
             return Err(invalid("election-timeout", "must be at least 50ms"));
         }
-        if self.raft_heartbeat_interval < Duration::from_millis(5) || self.raft_heartbeat_interval * 3 > self.election_timeout
+        if self.raft_heartbeat_interval < Duration::from_millis(5)
+            || self.raft_heartbeat_interval * 3 > self.election_timeout
         {
             return Err(invalid(
                 "raft-heartbeat-interval",

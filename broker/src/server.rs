@@ -5,7 +5,7 @@
 use std::{collections::BTreeMap, future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use gantry_proto::{
-    peer::peer_server::PeerServer,
+    peer::peer_service_server::PeerServiceServer,
     v1::{admin_server::AdminServer, jobs_server::JobsServer, worker_server::WorkerServer},
 };
 use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
@@ -167,7 +167,7 @@ pub async fn start_with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<R
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .layer(ForwardLayer::new(node.clone(), channels.clone()))
         .add_service(
-            PeerServer::new(peer_service)
+            PeerServiceServer::new(peer_service)
                 .max_decoding_message_size(PEER_MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(PEER_MAX_MESSAGE_BYTES),
         )

@@ -18,6 +18,8 @@ use tonic::transport::Channel;
 
 pub use gantry_proto::v1;
 
+pub mod cluster;
+
 /// Short liveness settings so expiry scenarios take about a second.
 pub const TEST_HEARTBEAT: Duration = Duration::from_millis(100);
 pub const TEST_SESSION_TTL: Duration = Duration::from_millis(1000);
@@ -191,6 +193,19 @@ impl BinaryBroker {
     pub async fn start(data_dir: &Path, extra_args: &[&str]) -> Self {
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
         let peer_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+        Self::start_at(data_dir, addr, peer_addr, extra_args, true).await
+    }
+
+    /// Starts on given ports; with `wait_ready` false it returns once the
+    /// process answers health checks at all (a cluster member needs its
+    /// peers before its services are ready).
+    pub async fn start_at(
+        data_dir: &Path,
+        addr: SocketAddr,
+        peer_addr: SocketAddr,
+        extra_args: &[&str],
+        wait_ready: bool,
+    ) -> Self {
         let mut broker = BinaryBroker {
             child: None,
             addr,
@@ -200,7 +215,28 @@ impl BinaryBroker {
             log: data_dir.with_extension("log"),
         };
         broker.spawn().await;
+        if wait_ready {
+            broker.wait_ready().await;
+        }
         broker
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// Bounded wait until the node's public services are SERVING: it knows
+    /// a leader and can answer or forward.
+    pub async fn wait_ready(&self) {
+        let addr = self.addr;
+        eventually(&format!("node at {addr} ready"), Duration::from_secs(60), || async move {
+            let mut health = tonic_health_client(addr);
+            let request = tonic_health::pb::HealthCheckRequest { service: "gantry.v1.Jobs".into() };
+            let serving = tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
+            let response = tokio::time::timeout(Duration::from_secs(1), health.check(request)).await.ok()?.ok()?;
+            (response.into_inner().status == serving).then_some(())
+        })
+        .await
     }
 
     async fn spawn(&mut self) {
@@ -316,7 +352,8 @@ impl RunningWorker {
         H: Fn(gantry_worker::JobContext) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<bytes::Bytes, gantry_worker::JobError>> + Send + 'static,
     {
-        let worker = gantry_worker::Worker::builder([endpoint.to_owned()])
+        // `endpoint` may list several nodes, comma-separated.
+        let worker = gantry_worker::Worker::builder(endpoint.split(',').map(str::to_owned))
             .queue(queue)
             .worker_id(worker_id)
             .concurrency(concurrency)

@@ -318,7 +318,13 @@ pub fn render_cluster(status: &proto::ClusterStatusResponse) -> String {
     for n in &status.nodes {
         let me = if n.node_id == status.node_id { " (this node)" } else { "" };
         let lag = n.replication_lag.map_or_else(|| "-".to_owned(), |l| l.to_string());
-        nodes.row(vec![n.node_id.to_string(), n.address.clone(), n.peer_address.clone(), format!("{}{me}", n.role), lag]);
+        nodes.row(vec![
+            n.node_id.to_string(),
+            n.address.clone(),
+            n.peer_address.clone(),
+            format!("{}{me}", n.role),
+            lag,
+        ]);
     }
     out.push_str(&nodes.render());
     out.push_str("\nshards:\n");
@@ -473,7 +479,12 @@ mod tests {
     fn cluster_rendering() {
         let status = proto::ClusterStatusResponse {
             node_id: 1,
-            nodes: vec![proto::NodeInfo { node_id: 1, address: "127.0.0.1:50051".into(), role: "voter".into(), ..Default::default() }],
+            nodes: vec![proto::NodeInfo {
+                node_id: 1,
+                address: "127.0.0.1:50051".into(),
+                role: "voter".into(),
+                ..Default::default()
+            }],
             shards: vec![proto::ShardStatus {
                 shard: 0,
                 leader_id: 1,

@@ -16,10 +16,16 @@ use crate::queue::{Assignment, FencingToken, JobId, SessionId};
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Outbound {
     Assign(Assignment),
-    Revoke { job_id: JobId, token: FencingToken, reason: String },
+    Revoke {
+        job_id: JobId,
+        token: FencingToken,
+        reason: String,
+    },
     /// This node stopped leading the shard: the stream must end so the
     /// worker resumes its session on the new leader (id, client address).
-    LeaderLost { leader: Option<(u64, String)> },
+    LeaderLost {
+        leader: Option<(u64, String)>,
+    },
 }
 
 struct Stream {

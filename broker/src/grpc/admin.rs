@@ -127,7 +127,10 @@ impl Admin for AdminService {
         // Ask the node itself: a typo'd address or a node started with
         // another id must not enter the membership.
         let info = crate::cluster::node_info(&self.node.channels, &request.address).await.map_err(|e| {
-            Status::failed_precondition(format!("address: cannot reach node {} at {}: {e}", request.node_id, request.address))
+            Status::failed_precondition(format!(
+                "address: cannot reach node {} at {}: {e}",
+                request.node_id, request.address
+            ))
         })?;
         if info.node_id != request.node_id {
             return Err(Status::failed_precondition(format!(

@@ -121,7 +121,13 @@ where
         Box::pin(async move {
             let mut channel = channel;
             let hint = HeaderValue::from_str(&leader.client).ok();
-            match Service::call(&mut channel, request).await {
+            // A channel (a buffer) takes a call only after it said it is ready.
+            let ready = std::future::poll_fn(|cx| Service::poll_ready(&mut channel, cx)).await;
+            let sent = match ready {
+                Ok(()) => Service::call(&mut channel, request).await,
+                Err(e) => Err(e),
+            };
+            match sent {
                 Ok(mut response) => {
                     if let Some(hint) = hint {
                         response.headers_mut().insert(LEADER_METADATA, hint);
@@ -152,7 +158,7 @@ mod tests {
         assert!(needs_leader("/gantry.v1.Admin/AddNode"));
         assert!(!needs_leader("/gantry.v1.Admin/ClusterStatus"));
         assert!(!needs_leader("/grpc.health.v1.Health/Check"));
-        assert!(!needs_leader("/gantry.peer.v1.Peer/Raft"));
+        assert!(!needs_leader("/gantry.peer.v1.PeerService/Raft"));
         assert!(!needs_leader("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"));
     }
 }

@@ -17,12 +17,12 @@ use std::{
 
 use openraft::{ChangeMembers, ReadPolicy, ServerState, SnapshotPolicy, async_runtime::watch::WatchReceiver};
 
+use self::{log_store::EngineLogStore, network::PeerNetwork, state_machine::StateMachineStore, types::GantryRaft};
 pub use self::{
     network::PeerChannels,
     state_machine::{AppliedState, EventSink, ShardState},
     types::GantryNode,
 };
-use self::{log_store::EngineLogStore, network::PeerNetwork, state_machine::StateMachineStore, types::GantryRaft};
 use crate::queue::{Applied, Batch, ShardId};
 
 /// Raft timing and log-compaction settings of a node.
@@ -196,9 +196,10 @@ impl ShardRaft {
         use openraft::errors::{LinearizableReadError, RaftError as E};
         match self.raft.ensure_linearizable(ReadPolicy::ReadIndex).await {
             Ok(_) => Ok(()),
-            Err(E::APIError(LinearizableReadError::ForwardToLeader(f))) => {
-                Err(ProposeError::NotLeader { shard: self.shard, leader: f.leader_id.zip(f.leader_node.map(|n| n.client)) })
-            }
+            Err(E::APIError(LinearizableReadError::ForwardToLeader(f))) => Err(ProposeError::NotLeader {
+                shard: self.shard,
+                leader: f.leader_id.zip(f.leader_node.map(|n| n.client)),
+            }),
             Err(E::APIError(LinearizableReadError::QuorumNotEnough(q))) => {
                 Err(ProposeError::NoQuorum { shard: self.shard, message: q.to_string() })
             }
@@ -269,8 +270,11 @@ impl ShardRaft {
             return Err(MembershipError::Refused(format!("node {to} is not a voter of shard {}", self.shard)));
         }
         if !self.is_leader() {
-            return Err(ProposeError::NotLeader { shard: self.shard, leader: self.leader().map(|(id, n)| (id, n.client)) }
-                .into());
+            return Err(ProposeError::NotLeader {
+                shard: self.shard,
+                leader: self.leader().map(|(id, n)| (id, n.client)),
+            }
+            .into());
         }
         self.raft
             .trigger()

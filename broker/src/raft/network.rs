@@ -11,7 +11,7 @@ use std::{
     time::Duration,
 };
 
-use gantry_proto::peer::{self as pb, peer_client::PeerClient as PeerRpcClient};
+use gantry_proto::peer::{self as pb, peer_service_client::PeerServiceClient as PeerRpcClient};
 use openraft::{
     OptionalSend, RaftNetworkFactory, RaftNetworkV2,
     errors::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable},

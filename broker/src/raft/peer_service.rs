@@ -3,7 +3,7 @@
 
 use std::{io::Cursor, sync::Arc};
 
-use gantry_proto::peer::{self as pb, peer_server::Peer};
+use gantry_proto::peer::{self as pb, peer_service_server::PeerService as PeerRpc};
 use openraft::type_config::alias::{SnapshotMetaOf, SnapshotOf, VoteOf};
 use serde::Serialize;
 use tonic::{Request, Response, Status, Streaming};
@@ -45,19 +45,23 @@ fn bad_payload(e: postcard::Error) -> Status {
 
 /// A Raft-level refusal travels as `error`, not as a gRPC failure, so the
 /// sender can tell a live but unwilling peer from an unreachable one.
-fn reply<T: Serialize, E: std::fmt::Display>(outcome: Result<T, E>) -> Result<Response<pb::RaftResponse>, Status> {
-    let response = match outcome {
+fn encode_outcome<T: Serialize, E: std::fmt::Display>(outcome: Result<T, E>) -> (Vec<u8>, String) {
+    match outcome {
         Ok(value) => match encode(&value) {
-            Ok(payload) => pb::RaftResponse { payload, error: String::new() },
-            Err(e) => pb::RaftResponse { payload: Vec::new(), error: format!("encode response: {e}") },
+            Ok(payload) => (payload, String::new()),
+            Err(e) => (Vec::new(), format!("encode response: {e}")),
         },
-        Err(e) => pb::RaftResponse { payload: Vec::new(), error: e.to_string() },
-    };
-    Ok(Response::new(response))
+        Err(e) => (Vec::new(), e.to_string()),
+    }
+}
+
+fn reply<T: Serialize, E: std::fmt::Display>(outcome: Result<T, E>) -> Result<Response<pb::RaftResponse>, Status> {
+    let (payload, error) = encode_outcome(outcome);
+    Ok(Response::new(pb::RaftResponse { payload, error }))
 }
 
 #[tonic::async_trait]
-impl Peer for PeerService {
+impl PeerRpc for PeerService {
     async fn raft(&self, request: Request<pb::RaftRequest>) -> Result<Response<pb::RaftResponse>, Status> {
         let request = request.into_inner();
         let raft = &self.shard(request.shard)?.raft;
@@ -78,7 +82,7 @@ impl Peer for PeerService {
     async fn install_snapshot(
         &self,
         request: Request<Streaming<pb::InstallSnapshotRequest>>,
-    ) -> Result<Response<pb::RaftResponse>, Status> {
+    ) -> Result<Response<pb::InstallSnapshotResponse>, Status> {
         let mut chunks = request.into_inner();
         let first = chunks.message().await?.ok_or_else(|| Status::invalid_argument("install_snapshot: no chunks"))?;
         let (vote, meta): (VoteOf<C>, SnapshotMetaOf<C>) = decode(&first.header).map_err(bad_payload)?;
@@ -94,10 +98,14 @@ impl Peer for PeerService {
         }
         tracing::info!(shard = %shard.shard(), bytes = data.len(), index = ?meta.last_log_id.map(|l| l.index), "installing snapshot from the leader");
         let snapshot = SnapshotOf::<C, _> { meta, snapshot: Cursor::new(data) };
-        reply(shard.raft.install_full_snapshot(vote, snapshot).await)
+        let (payload, error) = encode_outcome(shard.raft.install_full_snapshot(vote, snapshot).await);
+        Ok(Response::new(pb::InstallSnapshotResponse { payload, error }))
     }
 
-    async fn node_info(&self, _request: Request<pb::NodeInfoRequest>) -> Result<Response<pb::NodeInfoResponse>, Status> {
+    async fn node_info(
+        &self,
+        _request: Request<pb::NodeInfoRequest>,
+    ) -> Result<Response<pb::NodeInfoResponse>, Status> {
         let initialized = match self.shards.first() {
             Some(shard) => shard.is_initialized().await,
             None => false,

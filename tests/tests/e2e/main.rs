@@ -7,3 +7,4 @@ mod inputs;
 mod interop;
 mod lifecycle;
 mod protocol;
+mod python;

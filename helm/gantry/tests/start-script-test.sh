@@ -1,0 +1,255 @@
+#!/usr/bin/env bash
+# Tests helm/gantry/files/gantry-start.sh, the broker pods' start-up script,
+# outside Kubernetes: pod names are faked and DNS names are replaced by
+# loopback stand-ins (HOST_TEMPLATE, BIND_HOST, PORT_STRIDE), so no cluster
+# and no /etc/hosts edits are needed. The script's dry-run mode (DRY_RUN=1)
+# prints the `gantry serve` command line it would exec; this test compares
+# those lines with the expected ones, under every POSIX shell it finds (dash
+# is what the image's /bin/sh is).
+#
+#   bash helm/gantry/tests/start-script-test.sh
+#
+# The live three-node start-up (real `gantry serve` processes) is at the end,
+# marked TODO(cluster): it runs only with GANTRY_LIVE_TEST=1.
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")" && pwd)
+script=$here/../files/gantry-start.sh
+work=$(mktemp -d)
+live_pids=() # broker processes of the live test; stopped by PID on any exit
+stop_live_nodes() {
+    local pid
+    for pid in "${live_pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+    for pid in "${live_pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+    live_pids=()
+}
+trap 'stop_live_nodes; rm -rf "$work"' EXIT
+
+shells=()
+for candidate in dash "bash --posix" "busybox sh" posh mksh; do
+    if command -v "${candidate%% *}" >/dev/null 2>&1; then
+        shells+=("$candidate")
+    fi
+done
+[[ ${#shells[@]} -gt 0 ]] || shells=(sh)
+
+failures=0
+checks=0
+fail() {
+    echo "FAIL: $*" >&2
+    failures=$((failures + 1))
+}
+
+# run_start SHELL VAR=VALUE... -- ARG...: runs the script in a clean
+# environment under SHELL; prints its stdout, leaves its stderr in
+# $work/stderr, and returns its exit status.
+run_start() {
+    local shell=$1
+    shift
+    local envs=()
+    while [[ $# -gt 0 && $1 != -- ]]; do
+        envs+=("$1")
+        shift
+    done
+    [[ $# -gt 0 ]] && shift
+    local sh_cmd
+    read -ra sh_cmd <<<"$shell"
+    env -i PATH="$PATH" "${envs[@]}" "${sh_cmd[@]}" "$script" "$@" 2>"$work/stderr"
+}
+
+# expect_line NAME EXPECTED VAR=VALUE... [-- ARG...]
+expect_line() {
+    local name=$1 expected=$2 shell actual status
+    shift 2
+    for shell in "${shells[@]}"; do
+        checks=$((checks + 1))
+        status=0
+        actual=$(run_start "$shell" DRY_RUN=1 "$@") || status=$?
+        if [[ $status -ne 0 ]]; then
+            fail "$name [$shell]: exit status $status: $(cat "$work/stderr")"
+        elif [[ $actual != "$expected" ]]; then
+            fail "$name [$shell]: wrong command line"
+            echo "  expected: $expected" >&2
+            echo "  actual:   $actual" >&2
+        fi
+    done
+}
+
+# expect_error NAME MESSAGE-FRAGMENT VAR=VALUE... [-- ARG...]
+expect_error() {
+    local name=$1 fragment=$2 shell status
+    shift 2
+    for shell in "${shells[@]}"; do
+        checks=$((checks + 1))
+        status=0
+        run_start "$shell" DRY_RUN=1 "$@" >"$work/stdout" || status=$?
+        if [[ $status -eq 0 ]]; then
+            fail "$name [$shell]: accepted, printed: $(cat "$work/stdout")"
+        elif ! grep -qF -- "$fragment" "$work/stderr"; then
+            fail "$name [$shell]: exit status $status, but stderr lacks '$fragment': $(cat "$work/stderr")"
+        elif [[ -s $work/stdout ]]; then
+            fail "$name [$shell]: failed but still printed a command: $(cat "$work/stdout")"
+        fi
+    done
+}
+
+timing=(--heartbeat-interval 1s --session-ttl 10s --election-timeout 1s)
+
+# --- Three copies on loopback: one host, ports 10 apart per ordinal. ---
+loopback=(POD_NAMESPACE=test STATEFULSET_NAME=gantry PEER_SERVICE=gantry-headless CLIENT_SERVICE=gantry
+    BOOTSTRAP_SIZE=3 HOST_TEMPLATE=127.0.0.1 BIND_HOST=127.0.0.1 PORT_STRIDE=10
+    CLIENT_PORT=46051 PEER_PORT=46052 METRICS_PORT=46464)
+members=1=127.0.0.1:46052,2=127.0.0.1:46062,3=127.0.0.1:46072
+expect_line "loopback gantry-0" \
+    "gantry serve --node-id 1 --data-dir /tmp/g/node-0 --listen 127.0.0.1:46051 --peer-listen 127.0.0.1:46052 --advertise 127.0.0.1:46051 --peer-advertise 127.0.0.1:46052 --initial-cluster $members --metrics-listen 127.0.0.1:46464 --heartbeat-interval 1s --session-ttl 10s --election-timeout 1s" \
+    "${loopback[@]}" POD_NAME=gantry-0 DATA_DIR=/tmp/g/node-0 -- "${timing[@]}"
+expect_line "loopback gantry-1" \
+    "gantry serve --node-id 2 --data-dir /tmp/g/node-1 --listen 127.0.0.1:46061 --peer-listen 127.0.0.1:46062 --advertise 127.0.0.1:46061 --peer-advertise 127.0.0.1:46062 --initial-cluster $members --metrics-listen 127.0.0.1:46474 --heartbeat-interval 1s --session-ttl 10s --election-timeout 1s" \
+    "${loopback[@]}" POD_NAME=gantry-1 DATA_DIR=/tmp/g/node-1 -- "${timing[@]}"
+expect_line "loopback gantry-2" \
+    "gantry serve --node-id 3 --data-dir /tmp/g/node-2 --listen 127.0.0.1:46071 --peer-listen 127.0.0.1:46072 --advertise 127.0.0.1:46071 --peer-advertise 127.0.0.1:46072 --initial-cluster $members --metrics-listen 127.0.0.1:46484 --heartbeat-interval 1s --session-ttl 10s --election-timeout 1s" \
+    "${loopback[@]}" POD_NAME=gantry-2 DATA_DIR=/tmp/g/node-2 -- "${timing[@]}"
+# A fourth pod (scale-up) joins through a running node instead of bootstrapping.
+expect_line "loopback gantry-3 joins" \
+    "gantry serve --node-id 4 --data-dir /tmp/g/node-3 --listen 127.0.0.1:46081 --peer-listen 127.0.0.1:46082 --advertise 127.0.0.1:46081 --peer-advertise 127.0.0.1:46082 --join 127.0.0.1:46051 --metrics-listen 127.0.0.1:46494" \
+    "${loopback[@]}" POD_NAME=gantry-3 DATA_DIR=/tmp/g/node-3 JOIN_ADDR=127.0.0.1:46051
+# One loopback address per node instead of port offsets: 127.0.0.<id>.
+expect_line "loopback address per node" \
+    "gantry serve --node-id 2 --data-dir /data --listen 127.0.0.2:50051 --peer-listen 127.0.0.2:50052 --advertise 127.0.0.2:50051 --peer-advertise 127.0.0.2:50052 --initial-cluster 1=127.0.0.1:50052,2=127.0.0.2:50052,3=127.0.0.3:50052 --metrics-listen 127.0.0.2:9464" \
+    POD_NAME=gantry-1 POD_NAMESPACE=test STATEFULSET_NAME=gantry PEER_SERVICE=gantry-headless BOOTSTRAP_SIZE=3 \
+    'HOST_TEMPLATE=127.0.0.{id}' BIND_HOST=127.0.0.2
+
+# --- Kubernetes names, as the chart sets them. ---
+k8s=(POD_NAMESPACE=jobs STATEFULSET_NAME=gantry PEER_SERVICE=gantry-headless CLIENT_SERVICE=gantry BOOTSTRAP_SIZE=3)
+fqdn='gantry-headless.jobs.svc.cluster.local'
+k8s_members=1=gantry-0.$fqdn:50052,2=gantry-1.$fqdn:50052,3=gantry-2.$fqdn:50052
+expect_line "kubernetes gantry-0" \
+    "gantry serve --node-id 1 --data-dir /data --listen 0.0.0.0:50051 --peer-listen 0.0.0.0:50052 --advertise gantry-0.$fqdn:50051 --peer-advertise gantry-0.$fqdn:50052 --initial-cluster $k8s_members --metrics-listen 0.0.0.0:9464 --heartbeat-interval 1s --session-ttl 10s --election-timeout 1s" \
+    "${k8s[@]}" POD_NAME=gantry-0 -- "${timing[@]}"
+expect_line "kubernetes gantry-2" \
+    "gantry serve --node-id 3 --data-dir /data --listen 0.0.0.0:50051 --peer-listen 0.0.0.0:50052 --advertise gantry-2.$fqdn:50051 --peer-advertise gantry-2.$fqdn:50052 --initial-cluster $k8s_members --metrics-listen 0.0.0.0:9464" \
+    "${k8s[@]}" POD_NAME=gantry-2
+expect_line "kubernetes gantry-4 (scale-up) joins the client Service" \
+    "gantry serve --node-id 5 --data-dir /data --listen 0.0.0.0:50051 --peer-listen 0.0.0.0:50052 --advertise gantry-4.$fqdn:50051 --peer-advertise gantry-4.$fqdn:50052 --join gantry.jobs.svc.cluster.local:50051 --metrics-listen 0.0.0.0:9464" \
+    "${k8s[@]}" POD_NAME=gantry-4
+expect_line "a single-node cluster" \
+    "gantry serve --node-id 1 --data-dir /data --listen 0.0.0.0:50051 --peer-listen 0.0.0.0:50052 --advertise solo-0.solo-headless.ns.svc.example.org:50051 --peer-advertise solo-0.solo-headless.ns.svc.example.org:50052 --initial-cluster 1=solo-0.solo-headless.ns.svc.example.org:50052 --metrics-listen 0.0.0.0:9464" \
+    POD_NAME=solo-0 POD_NAMESPACE=ns STATEFULSET_NAME=solo PEER_SERVICE=solo-headless CLIENT_SERVICE=solo BOOTSTRAP_SIZE=1 CLUSTER_DOMAIN=example.org
+# A release whose name has dashes and digits: only the last part is the ordinal.
+expect_line "release name with dashes" \
+    "gantry serve --node-id 2 --data-dir /data --listen 0.0.0.0:50051 --peer-listen 0.0.0.0:50052 --advertise my-gantry-2-1.my-gantry-2-headless.q.svc.cluster.local:50051 --peer-advertise my-gantry-2-1.my-gantry-2-headless.q.svc.cluster.local:50052 --initial-cluster 1=my-gantry-2-0.my-gantry-2-headless.q.svc.cluster.local:50052,2=my-gantry-2-1.my-gantry-2-headless.q.svc.cluster.local:50052,3=my-gantry-2-2.my-gantry-2-headless.q.svc.cluster.local:50052 --metrics-listen 0.0.0.0:9464" \
+    POD_NAME=my-gantry-2-1 POD_NAMESPACE=q STATEFULSET_NAME=my-gantry-2 PEER_SERVICE=my-gantry-2-headless CLIENT_SERVICE=my-gantry-2 BOOTSTRAP_SIZE=3
+# Arguments pass through untouched, after the identity flags; the dry run quotes them.
+expect_line "TLS and token flags pass through" \
+    "gantry serve --node-id 5 --data-dir /data --listen 0.0.0.0:50051 --peer-listen 0.0.0.0:50052 --advertise gantry-4.$fqdn:50051 --peer-advertise gantry-4.$fqdn:50052 --join gantry.jobs.svc.cluster.local:50051 --metrics-listen 0.0.0.0:9464 --tls-cert /etc/gantry/tls/tls.crt --token-file '/etc/gantry/my tokens' ''" \
+    "${k8s[@]}" POD_NAME=gantry-4 -- --tls-cert /etc/gantry/tls/tls.crt --token-file "/etc/gantry/my tokens" ""
+
+# --- Without DRY_RUN the script execs the broker with exactly those arguments. ---
+cat >"$work/fake-gantry" <<'EOF'
+#!/bin/sh
+for arg in "$@"; do printf '[%s]' "$arg"; done
+echo
+EOF
+chmod +x "$work/fake-gantry"
+for shell in "${shells[@]}"; do
+    checks=$((checks + 1))
+    status=0
+    actual=$(run_start "$shell" "${k8s[@]}" POD_NAME=gantry-1 GANTRY_BIN="$work/fake-gantry" -- --token-file "/a b") || status=$?
+    expected="[serve][--node-id][2][--data-dir][/data][--listen][0.0.0.0:50051][--peer-listen][0.0.0.0:50052][--advertise][gantry-1.$fqdn:50051][--peer-advertise][gantry-1.$fqdn:50052][--initial-cluster][$k8s_members][--metrics-listen][0.0.0.0:9464][--token-file][/a b]"
+    if [[ $status -ne 0 || $actual != "$expected" ]]; then
+        fail "exec [$shell]: status $status, argv $actual, expected $expected; stderr: $(cat "$work/stderr")"
+    elif ! grep -qF "gantry-start: node 2 (gantry-1): $work/fake-gantry serve --node-id 2" "$work/stderr"; then
+        fail "exec [$shell]: the command was not logged on stderr: $(cat "$work/stderr")"
+    fi
+done
+
+# --- Unexpected input fails with a message that says what is wrong. ---
+expect_error "no POD_NAME" "POD_NAME is not set" "${k8s[@]}"
+expect_error "pod of another StatefulSet" "POD_NAME 'other-0' is not 'gantry-<ordinal>'" "${k8s[@]}" POD_NAME=other-0
+expect_error "name without ordinal" "POD_NAME 'gantry' is not 'gantry-<ordinal>'" "${k8s[@]}" POD_NAME=gantry
+expect_error "empty ordinal" "POD_NAME 'gantry-': '' is not an ordinal" "${k8s[@]}" POD_NAME=gantry-
+expect_error "ordinal not a number" "POD_NAME 'gantry-x': 'x' is not an ordinal" "${k8s[@]}" POD_NAME=gantry-x
+expect_error "ordinal with a leading zero" "'01' is not an ordinal" "${k8s[@]}" POD_NAME=gantry-01
+expect_error "name with an extra part" "'abc-1' is not an ordinal" "${k8s[@]}" POD_NAME=gantry-abc-1
+expect_error "negative-looking ordinal" "'-1' is not an ordinal" "${k8s[@]}" POD_NAME=gantry--1
+expect_error "absurd ordinal" "'99999999999999999999' is not an ordinal" "${k8s[@]}" POD_NAME=gantry-99999999999999999999
+expect_error "no BOOTSTRAP_SIZE" "BOOTSTRAP_SIZE is not set" POD_NAME=gantry-0 POD_NAMESPACE=jobs STATEFULSET_NAME=gantry PEER_SERVICE=gantry-headless
+expect_error "BOOTSTRAP_SIZE 0" "BOOTSTRAP_SIZE '0' is not a number of at least 1" "${k8s[@]}" POD_NAME=gantry-0 BOOTSTRAP_SIZE=0
+expect_error "BOOTSTRAP_SIZE not a number" "BOOTSTRAP_SIZE 'three'" "${k8s[@]}" POD_NAME=gantry-0 BOOTSTRAP_SIZE=three
+expect_error "bad port" "port '5005x' is not a port number" "${k8s[@]}" POD_NAME=gantry-0 PEER_PORT=5005x
+expect_error "port offset beyond 65535" "is beyond 65535" "${loopback[@]}" POD_NAME=gantry-1 CLIENT_PORT=65530
+expect_error "member port beyond 65535" "is beyond 65535" "${loopback[@]}" POD_NAME=gantry-0 PORT_STRIDE=10000
+expect_error "scale-up pod without a join address" "CLIENT_SERVICE (or JOIN_ADDR) is not set" \
+    POD_NAME=gantry-3 POD_NAMESPACE=jobs STATEFULSET_NAME=gantry PEER_SERVICE=gantry-headless BOOTSTRAP_SIZE=3
+
+# --- TODO(cluster): live three-node start-up --------------------------------
+# Not run by default yet: `gantry serve` does not take --metrics-listen (nor
+# the TLS and token flags) yet. When it does, run
+#   GANTRY_LIVE_TEST=1 GANTRY_BIN=target/debug/gantry bash helm/gantry/tests/start-script-test.sh
+# and, once it passes, drop the GANTRY_LIVE_TEST gate (keep GANTRY_BIN's
+# default). It starts gantry-0..2 through the script on loopback exactly as
+# the dry runs above print them, waits (bounded) until
+#   gantry cluster status --addr 127.0.0.1:46051 --json
+# reports a leader and voters [1,2,3], then starts gantry-3 with
+# JOIN_ADDR=127.0.0.1:46051, waits until it is a voter too, prints the
+# status and stops every node by its PID.
+# Tried on the work-in-progress binary with a GANTRY_BIN stand-in that drops
+# --metrics-listen: the three nodes formed a cluster and the fourth joined
+# as voter 4, in about 4 s.
+live_cluster_test() {
+    local gantry=${GANTRY_BIN:-$here/../../../target/debug/gantry}
+    local ordinal deadline status
+    [[ -x $gantry ]] || {
+        fail "live test: no gantry binary at $gantry (cargo build -p gantry-broker --bin gantry)"
+        return
+    }
+    gantry=$(cd "$(dirname "$gantry")" && pwd)/$(basename "$gantry")
+    # cluster_has VOTERS: the status JSON names a leader and exactly these voters.
+    cluster_has() {
+        "$gantry" cluster status --addr 127.0.0.1:46051 --json 2>/dev/null | python3 -c '
+import json, sys
+s = json.load(sys.stdin)["shards"][0]
+sys.exit(0 if s["leader_id"] and sorted(s["voters"]) == [int(v) for v in sys.argv[1].split(",")] else 1)
+' "$1" 2>/dev/null
+    }
+    # wait_for VOTERS SECONDS
+    wait_for() {
+        deadline=$((SECONDS + $2))
+        until cluster_has "$1"; do
+            if ((SECONDS >= deadline)); then
+                fail "live test: no leader with voters [$1] after $2 s; logs:"
+                tail -n 20 "$work"/node-*.log >&2 || true
+                return 1
+            fi
+            sleep 0.5
+        done
+    }
+    for ordinal in 0 1 2; do
+        env -i PATH="$PATH" "${loopback[@]}" POD_NAME="gantry-$ordinal" DATA_DIR="$work/node-$ordinal" \
+            GANTRY_BIN="$gantry" sh "$script" "${timing[@]}" >"$work/node-$ordinal.log" 2>&1 &
+        live_pids+=($!)
+    done
+    status=0
+    wait_for 1,2,3 60 || status=1
+    if [[ $status -eq 0 ]]; then
+        env -i PATH="$PATH" "${loopback[@]}" POD_NAME=gantry-3 DATA_DIR="$work/node-3" JOIN_ADDR=127.0.0.1:46051 \
+            GANTRY_BIN="$gantry" sh "$script" "${timing[@]}" >"$work/node-3.log" 2>&1 &
+        live_pids+=($!)
+        # The joined node may stay a learner until it has caught up.
+        wait_for 1,2,3,4 60 || status=1
+    fi
+    [[ $status -eq 0 ]] && "$gantry" cluster status --addr 127.0.0.1:46051 || true
+    stop_live_nodes
+    checks=$((checks + 1))
+    [[ $status -eq 0 ]] && echo "live three-node start-up: ok (and a fourth node joined)"
+}
+if [[ ${GANTRY_LIVE_TEST:-0} == 1 ]]; then
+    live_cluster_test
+fi
+# --- end TODO(cluster) -------------------------------------------------------
+
+if [[ $failures -gt 0 ]]; then
+    echo "start-script-test: $failures of $checks checks FAILED (shells: ${shells[*]})" >&2
+    exit 1
+fi
+echo "start-script-test: all $checks checks passed (shells: ${shells[*]})"

@@ -1,0 +1,136 @@
+//! Three nodes in the test process: replication, forwarding from any node,
+//! and failover that keeps jobs and worker leases.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use gantry_tests::{
+    RunningWorker,
+    cluster::{CLUSTER_WAIT, TestCluster, cluster_status},
+    eventually, get_job,
+    v1::{self as proto, JobState},
+    wait_for_state,
+};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_node_serves_every_rpc_and_names_the_leader() {
+    let cluster = TestCluster::start(3).await;
+    let leader = cluster.wait_for_leader().await;
+    let follower = cluster.other(leader);
+
+    // Enqueue through a follower: forwarded, acknowledged after the commit,
+    // and answered with the leader's address.
+    let mut jobs = cluster.jobs(follower);
+    let response = jobs
+        .enqueue(proto::EnqueueRequest { queue: "q".into(), payload: b"via follower".to_vec(), ..Default::default() })
+        .await
+        .expect("enqueue through a follower");
+    let hint = response.metadata().get("gantry-leader").expect("gantry-leader metadata").to_str().unwrap().to_owned();
+    assert_eq!(hint, cluster.endpoint(leader));
+    let job_id = response.into_inner().job_id;
+
+    // Every node reads it (reads go to the leader: never stale).
+    for i in 0..3 {
+        let job = get_job(&mut cluster.jobs(i), &job_id).await;
+        assert_eq!((job.state(), job.payload.as_slice()), (JobState::Ready, b"via follower".as_slice()));
+    }
+
+    // A worker that only knows a follower is proxied to the leader.
+    let worker = RunningWorker::spawn(&cluster.endpoint(follower), "q", "w-follower", 4, |ctx| async move {
+        Ok(Bytes::from(format!("done {}", ctx.job_id())))
+    });
+    worker.wait_connected().await;
+    let done = wait_for_state(&mut cluster.jobs(follower), &job_id, JobState::Succeeded).await;
+    assert_eq!(done.result, format!("done {job_id}").into_bytes());
+    worker.shutdown().await;
+
+    // ClusterStatus from any node: three voters, one leader, lag known.
+    for i in 0..3 {
+        let status = cluster_status(cluster.addrs[i]).await.expect("cluster status");
+        assert_eq!(status.nodes.len(), 3, "{status:?}");
+        assert!(status.nodes.iter().all(|n| n.role == "voter"), "{status:?}");
+        assert_eq!(status.shards[0].leader_id, leader as u64 + 1);
+        assert_eq!(status.shards[0].voters.len(), 3);
+        assert_eq!(status.node_id, leader as u64 + 1, "a follower asks the leader, who knows replication");
+        assert!(status.nodes.iter().all(|n| n.replication_lag.is_some()), "{status:?}");
+    }
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failover_keeps_acknowledged_jobs_and_worker_leases() {
+    let mut cluster = TestCluster::start(3).await;
+    let leader = cluster.wait_for_leader().await;
+    let client = gantry_worker::Client::connect(cluster.endpoints()).await.expect("client");
+
+    // A worker holds slow jobs while the leader goes away.
+    let release = Arc::new(tokio::sync::Notify::new());
+    let runs: Arc<Mutex<HashMap<String, Vec<(u32, u64)>>>> = Arc::default();
+    let worker = {
+        let (release, runs) = (release.clone(), runs.clone());
+        RunningWorker::spawn(&cluster.endpoints().join(","), "slow", "w1", 4, move |ctx| {
+            let (release, runs) = (release.clone(), runs.clone());
+            async move {
+                runs.lock()
+                    .unwrap()
+                    .entry(ctx.job_id().to_owned())
+                    .or_default()
+                    .push((ctx.attempt(), ctx.fencing_token()));
+                release.notified().await;
+                Ok(Bytes::from_static(b"ok"))
+            }
+        })
+    };
+    worker.wait_connected().await;
+    let mut ids = Vec::new();
+    for i in 0..4 {
+        ids.push(client.enqueue("slow", format!("job {i}")).send().await.expect("enqueue").job_id);
+    }
+    eventually("four jobs running on the worker", CLUSTER_WAIT, || async {
+        (runs.lock().unwrap().len() == 4).then_some(())
+    })
+    .await;
+
+    cluster.stop(leader).await;
+    let new_leader = cluster.wait_for_leader().await;
+    assert_ne!(new_leader, leader);
+
+    // Enqueues still work (the SDK finds the new leader by itself).
+    let after = client.enqueue("slow", "after failover").send().await.expect("enqueue after failover").job_id;
+    ids.push(after);
+
+    // The worker resumes its session on the new leader and keeps its
+    // leases: its results are accepted, no job runs twice.
+    eventually("the worker reconnected", CLUSTER_WAIT, || async {
+        (worker.handle.stats().sessions >= 2 && worker.handle.is_connected()).then_some(())
+    })
+    .await;
+    release.notify_waiters();
+    for id in &ids {
+        loop {
+            let job = client.wait(id, Duration::from_secs(1)).await.expect("wait");
+            if job.state() == JobState::Succeeded {
+                assert_eq!(job.attempt, 1, "job {id} ran again: {job:?}");
+                break;
+            }
+            release.notify_waiters();
+        }
+    }
+    let runs = runs.lock().unwrap().clone();
+    assert!(runs.values().all(|r| r.len() == 1), "a job ran twice: {runs:?}");
+    worker.shutdown().await;
+
+    // The old leader comes back as a follower and catches up.
+    cluster.restart(leader).await;
+    let status = cluster_status(cluster.addrs[new_leader]).await.expect("status");
+    cluster.wait_applied(leader, status.shards[0].commit_index).await;
+    for id in &ids {
+        let job = get_job(&mut cluster.jobs(leader), id).await;
+        assert_eq!(job.state(), JobState::Succeeded);
+    }
+    cluster.shutdown().await;
+}
