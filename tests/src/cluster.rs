@@ -41,16 +41,21 @@ pub struct TestCluster {
 
 impl TestCluster {
     pub async fn start(size: usize) -> Self {
-        Self::start_nodes(size, 0).await
+        Self::start_nodes(size, 0, |_| {}).await
+    }
+
+    /// Like `start`, with `adjust` applied to every node's config.
+    pub async fn start_with(size: usize, adjust: impl Fn(&mut Config)) -> Self {
+        Self::start_nodes(size, 0, adjust).await
     }
 
     /// `size` voters plus one more node (the last) that is configured but
     /// not started: started later, it waits for an AddNode.
     pub async fn start_with_spare(size: usize) -> Self {
-        Self::start_nodes(size, 1).await
+        Self::start_nodes(size, 1, |_| {}).await
     }
 
-    async fn start_nodes(size: usize, spares: usize) -> Self {
+    async fn start_nodes(size: usize, spares: usize, adjust: impl Fn(&mut Config)) -> Self {
         init_tracing();
         let dir = tempfile::tempdir().expect("temp dir");
         let total = size + spares;
@@ -81,6 +86,10 @@ impl TestCluster {
                 raft_heartbeat_interval: Duration::from_millis(50),
                 ..Config::default()
             })
+            .map(|mut config| {
+                adjust(&mut config);
+                config
+            })
             .collect();
         let mut nodes = Vec::new();
         for config in &configs[..size] {
@@ -90,6 +99,11 @@ impl TestCluster {
         let cluster = TestCluster { nodes, configs, addrs, _dir: dir };
         cluster.wait_for_leader().await;
         cluster
+    }
+
+    /// The server of node `i`, while it runs (for in-process inspection).
+    pub fn server(&self, i: usize) -> &RunningServer {
+        self.nodes[i].as_ref().expect("node runs")
     }
 
     pub fn peer_addr(&self, i: usize) -> SocketAddr {

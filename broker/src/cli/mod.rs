@@ -9,6 +9,7 @@
 
 mod admin;
 mod bench;
+mod dev;
 mod jobs;
 mod output;
 
@@ -20,6 +21,7 @@ use gantry_worker::Client;
 
 pub use admin::{ClusterCommand, QueuesArgs, QueuesCommand, WorkersArgs};
 pub use bench::{BenchArgs, Scenario};
+pub use dev::DevArgs;
 pub use jobs::{EnqueueArgs, JobCommand};
 
 #[derive(Subcommand, Debug)]
@@ -47,6 +49,8 @@ pub enum Command {
     /// Load generator over the public API: enqueue throughput, end-to-end
     /// throughput, and latency under a fixed offered rate.
     Bench(Box<BenchArgs>),
+    /// Start a local cluster (`--nodes 3`) for demos; prints its addresses.
+    Dev(DevArgs),
 }
 
 /// Flags shared by every client subcommand.
@@ -88,6 +92,7 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
         Command::Workers(args) => admin::workers(args).await,
         Command::Cluster { client, command } => admin::cluster(client, command).await,
         Command::Bench(args) => bench::run(*args).await,
+        Command::Dev(args) => dev::run(args).await,
     };
     if let Err(e) = result {
         let _ = std::io::stdout().flush();

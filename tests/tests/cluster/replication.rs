@@ -134,3 +134,41 @@ async fn failover_keeps_acknowledged_jobs_and_worker_leases() {
     }
     cluster.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_far_behind_is_caught_up_with_a_snapshot() {
+    let mut cluster = TestCluster::start_with(3, |c| c.snapshot_every = 200).await;
+    let leader = cluster.wait_for_leader().await;
+    let behind = cluster.other(leader);
+    cluster.stop(behind).await;
+
+    // More entries than a leader keeps behind its snapshot (1000), one
+    // command each, so the stopped node's next entry is purged.
+    let mut jobs = cluster.jobs(leader);
+    let mut ids = Vec::new();
+    for i in 0..1200u32 {
+        let request =
+            proto::EnqueueRequest { queue: "bulk".into(), payload: i.to_be_bytes().to_vec(), ..Default::default() };
+        ids.push(jobs.enqueue(request).await.expect("enqueue").into_inner().job_id);
+    }
+    let raft = &cluster.server(leader).node().shards[0].raft;
+    raft.snapshot_now().await.expect("snapshot");
+    eventually("the leader purged its log behind a snapshot", CLUSTER_WAIT, || async {
+        (raft.status().snapshot_index > 1000).then_some(())
+    })
+    .await;
+
+    cluster.restart(behind).await;
+    let commit = cluster_status(cluster.addrs[leader]).await.expect("status").shards[0].commit_index;
+    cluster.wait_applied(behind, commit).await;
+    let status = cluster.server(behind).node().shards[0].raft.status();
+    assert!(status.snapshot_index > 0, "caught up without a snapshot: {status:?}");
+    // The restored state is the leader's: read it on the caught-up node.
+    let applied = cluster.server(behind).node().shards[0].raft.state().read();
+    for id in [&ids[0], &ids[600], &ids[1199]] {
+        let job_id = id.parse().expect("job id");
+        assert!(applied.queue.job(job_id).is_some(), "job {id} missing after the snapshot install");
+    }
+    drop(applied);
+    cluster.shutdown().await;
+}
