@@ -112,6 +112,10 @@ struct Args {
     stream: String,
     #[arg(long, value_enum, default_value_t = Retention::Workqueue)]
     retention: Retention,
+    /// Stream replicas (3 against a three-node cluster: every publish is
+    /// acknowledged once a majority stored it).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=5))]
+    replicas: u64,
     /// The durable consumer's max_ack_pending.
     #[arg(long, default_value_t = 65_536)]
     max_ack_pending: i64,
@@ -514,7 +518,7 @@ impl Bench {
                 Retention::Workqueue => stream::RetentionPolicy::WorkQueue,
                 Retention::Limits => stream::RetentionPolicy::Limits,
             },
-            num_replicas: 1,
+            num_replicas: self.args.replicas as usize,
             ..Default::default()
         };
         self.admin.create_stream(cfg).await.context("creating the stream")

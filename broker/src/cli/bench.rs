@@ -245,6 +245,13 @@ pub struct ScenarioReport {
     pub broker_count: Option<u64>,
     /// Acknowledged jobs not accounted for after the drain timeout.
     pub lost: u64,
+    /// latency: the longest time between two consecutive acknowledged
+    /// enqueues, and when it started (seconds into the run). Under a fixed
+    /// offered rate this is the unavailability window of a leader change.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub longest_ack_gap_ms: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub longest_ack_gap_at_s: Option<f64>,
     /// Stopped early: `--max-errors` enqueues failed.
     pub aborted: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -276,6 +283,8 @@ impl ScenarioReport {
             handler_runs: None,
             broker_count: None,
             lost: 0,
+            longest_ack_gap_ms: None,
+            longest_ack_gap_at_s: None,
             aborted: false,
             offered_rate: None,
             skipped: None,
@@ -889,6 +898,7 @@ impl Bench {
         let errors = Arc::new(Mutex::new(ErrorKinds::default()));
         let wait_misses = Arc::new(AtomicU64::new(0));
         let last_answer = Arc::new(AtomicU64::new(0));
+        let acked_at = Arc::new(Mutex::new(Vec::with_capacity(total as usize)));
         let outstanding = Arc::new(Semaphore::new(MAX_OUTSTANDING));
         let mut base = self.payload.to_vec();
         base.resize(base.len().max(8), 0);
@@ -915,7 +925,7 @@ impl Bench {
             let mut payload = base.clone();
             write_stamp(&mut payload, due.duration_since(epoch).as_nanos() as u64);
             let client = self.clients[i as usize % self.clients.len()].clone();
-            let (queue, counters, rpc_hist, done_hist, errors, wait_misses, last_answer) = (
+            let (queue, counters, rpc_hist, done_hist, errors, wait_misses, last_answer, acked_at) = (
                 queue_arc.clone(),
                 counters.clone(),
                 rpc_hist.clone(),
@@ -923,6 +933,7 @@ impl Bench {
                 errors.clone(),
                 wait_misses.clone(),
                 last_answer.clone(),
+                acked_at.clone(),
             );
             set.spawn(async move {
                 let _permit = permit;
@@ -930,6 +941,7 @@ impl Bench {
                 last_answer.fetch_max(start.elapsed().as_nanos() as u64, Relaxed);
                 match sent {
                     Ok(job) => {
+                        lock(&acked_at).push(start.elapsed().as_nanos() as u64);
                         lock(&rpc_hist).saturating_record(micros(due.elapsed()));
                         counters.enqueued.fetch_add(1, Relaxed);
                         if sample > 0 && i % sample == 0 {
@@ -977,6 +989,15 @@ impl Bench {
         report.offered_rate = Some(rate);
         report.skipped = Some(skipped);
         report.latency_ms = summarize(&lock(&rpc_hist));
+        if let Some((gap, at)) = longest_gap(&mut lock(&acked_at)) {
+            report.longest_ack_gap_ms = Some(round3(gap as f64 / 1e6));
+            report.longest_ack_gap_at_s = Some(round3(at as f64 / 1e9));
+            report.notes.push(format!(
+                "longest gap between acknowledged enqueues: {:.1} ms, from {:.3} s into the run",
+                gap as f64 / 1e6,
+                at as f64 / 1e9
+            ));
+        }
         report.start_latency_ms = summarize(&lock(&start_hist));
         report.complete_latency_ms = summarize(&lock(&done_hist));
         report.completed = Some(completed);
@@ -1125,6 +1146,12 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The longest interval between consecutive instants (ns) and its start.
+fn longest_gap(instants: &mut [u64]) -> Option<(u64, u64)> {
+    instants.sort_unstable();
+    instants.windows(2).map(|w| (w[1] - w[0], w[0])).max_by_key(|(gap, _)| *gap)
+}
+
 /// A payload of `len` bytes that differs per job and does not compress, so
 /// the log and snapshot sizes measured are those of real data (raft-engine
 /// compresses its batches).
@@ -1145,6 +1172,13 @@ fn incompressible(len: usize, seq: u64) -> Bytes {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn longest_gap_finds_the_outage() {
+        let mut acks = vec![30, 10, 20, 500, 510];
+        assert_eq!(longest_gap(&mut acks), Some((470, 30)));
+        assert_eq!(longest_gap(&mut [7]), None);
+    }
 
     #[test]
     fn summaries_in_milliseconds() {
