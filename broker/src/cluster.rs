@@ -112,8 +112,10 @@ pub async fn join(node: Arc<Node>, addresses: Vec<String>, mut shutdown: watch::
 }
 
 async fn add_self(node: &Node, address: &str) -> Result<(), String> {
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
-        .map_err(|e| e.to_string())?
+    // TLS and an admin token when the cluster uses them (security/mod.rs).
+    let channel = node
+        .channels
+        .client_port_endpoint(address)?
         .connect_timeout(CALL_TIMEOUT)
         .connect()
         .await
@@ -123,5 +125,6 @@ async fn add_self(node: &Node, address: &str) -> Result<(), String> {
         tonic::Request::new(proto::AddNodeRequest { node_id: node.node_id, address: node.peer_advertise.clone() });
     // Catching up a large state can take a while.
     request.set_timeout(Duration::from_secs(600));
+    node.channels.authorize(&mut request);
     admin.add_node(request).await.map(|_| ()).map_err(|s| format!("{}: {}", s.code(), s.message()))
 }

@@ -52,6 +52,26 @@ pub struct Config {
     /// the log behind it is purged. Fewer means faster restarts and more
     /// frequent pauses while the state is written out.
     pub snapshot_every: u64,
+    /// Plain-HTTP address of `/metrics` (Prometheus), `/healthz` and
+    /// `/readyz` (default `127.0.0.1:9464`); `off` (or empty) serves none.
+    #[serde(with = "metrics_listen_text")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// PEM certificate (chain) and key of the client port: TLS when set
+    /// (default: none, plaintext).
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA bundle: the client port then requires client certificates
+    /// signed by it (mutual TLS). Needs `tls-cert`.
+    pub tls_client_ca: Option<PathBuf>,
+    /// PEM certificate and key this node serves on the peer port and
+    /// presents when it dials other nodes, and the CA both sides' peer
+    /// certificates must be signed by (mutual TLS). All three or none.
+    pub peer_tls_cert: Option<PathBuf>,
+    pub peer_tls_key: Option<PathBuf>,
+    pub peer_tls_ca: Option<PathBuf>,
+    /// Bearer tokens and their roles (see `security::tokens` for the
+    /// format). Default: none, every client may call everything.
+    pub token_file: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -72,6 +92,14 @@ impl Default for Config {
             raft_heartbeat_interval: Duration::from_millis(100),
             max_payload_bytes: 1 << 20,
             snapshot_every: 1_000_000,
+            metrics_listen: Some(SocketAddr::from(([127, 0, 0, 1], 9464))),
+            tls_cert: None,
+            tls_key: None,
+            tls_client_ca: None,
+            peer_tls_cert: None,
+            peer_tls_key: None,
+            peer_tls_ca: None,
+            token_file: None,
         }
     }
 }
@@ -164,6 +192,33 @@ impl Config {
         if self.snapshot_every == 0 {
             return Err(invalid("snapshot-every", "must be at least 1"));
         }
+        if let Some(metrics) = self.metrics_listen
+            && metrics.port() != 0
+            && (metrics == self.listen || metrics == self.peer_listen)
+        {
+            return Err(invalid("metrics-listen", format!("{metrics} is also the client or peer address")));
+        }
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(_), None) => return Err(invalid("tls-key", "missing: tls-cert needs its key")),
+            (None, Some(_)) => return Err(invalid("tls-cert", "missing: tls-key needs its certificate")),
+            _ => {}
+        }
+        if self.tls_client_ca.is_some() && self.tls_cert.is_none() {
+            return Err(invalid("tls-client-ca", "client certificates need TLS on the client port: set tls-cert and tls-key"));
+        }
+        let peer_tls = [&self.peer_tls_cert, &self.peer_tls_key, &self.peer_tls_ca];
+        if peer_tls.iter().any(|f| f.is_some()) && !peer_tls.iter().all(|f| f.is_some()) {
+            let missing: Vec<&str> = ["peer-tls-cert", "peer-tls-key", "peer-tls-ca"]
+                .into_iter()
+                .zip(peer_tls)
+                .filter(|(_, f)| f.is_none())
+                .map(|(name, _)| name)
+                .collect();
+            return Err(invalid(
+                "peer-tls-cert",
+                format!("the peer port's mutual TLS needs peer-tls-cert, peer-tls-key and peer-tls-ca; missing {}", missing.join(", ")),
+            ));
+        }
         Ok(())
     }
 
@@ -219,6 +274,44 @@ mod initial_cluster_text {
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<InitialCluster, D::Error> {
         String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// `--metrics-listen`: an address, or `off` (or empty) for no metrics port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MetricsListen(pub Option<SocketAddr>);
+
+impl std::str::FromStr for MetricsListen {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let text = text.trim();
+        if text.is_empty() || text.eq_ignore_ascii_case("off") {
+            return Ok(MetricsListen(None));
+        }
+        text.parse()
+            .map(|address| MetricsListen(Some(address)))
+            .map_err(|_| format!("{text:?} is not ip:port (e.g. 127.0.0.1:9464) or `off`"))
+    }
+}
+
+mod metrics_listen_text {
+    use std::net::SocketAddr;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use super::MetricsListen;
+
+    pub fn serialize<S: Serializer>(address: &Option<SocketAddr>, s: S) -> Result<S::Ok, S::Error> {
+        match address {
+            Some(address) => s.serialize_str(&address.to_string()),
+            None => s.serialize_str("off"),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse::<MetricsListen>().map(|m| m.0).map_err(serde::de::Error::custom)
     }
 }
 
@@ -289,5 +382,43 @@ mod tests {
             (3, Duration::from_secs(2), Duration::from_millis(200))
         );
         assert!(toml::from_str::<Config>("sesion-ttl = \"2s\"").is_err(), "typos are refused");
+    }
+
+    #[test]
+    fn metrics_listen_takes_an_address_or_off() {
+        assert_eq!(Config::default().metrics_listen, Some("127.0.0.1:9464".parse().unwrap()));
+        let c: Config = toml::from_str("metrics-listen = \"0.0.0.0:9000\"").unwrap();
+        assert_eq!(c.metrics_listen, Some("0.0.0.0:9000".parse().unwrap()));
+        for off in ["off", "OFF", ""] {
+            assert_eq!(off.parse::<MetricsListen>().unwrap(), MetricsListen(None));
+        }
+        assert!("nowhere".parse::<MetricsListen>().unwrap_err().contains("ip:port"));
+        let c = Config { metrics_listen: Some(Config::default().listen), ..Default::default() };
+        assert!(matches!(c.validate(), Err(ConfigError::Invalid { field: "metrics-listen", .. })));
+    }
+
+    #[test]
+    fn tls_files_come_in_sets() {
+        let file = || Some(PathBuf::from("x.pem"));
+        let c = Config { tls_cert: file(), ..Default::default() };
+        assert!(matches!(c.validate(), Err(ConfigError::Invalid { field: "tls-key", .. })));
+        let c = Config { tls_client_ca: file(), ..Default::default() };
+        assert!(matches!(c.validate(), Err(ConfigError::Invalid { field: "tls-client-ca", .. })));
+        let c = Config { peer_tls_cert: file(), peer_tls_key: file(), ..Default::default() };
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("missing peer-tls-ca"), "{err}");
+        let c = Config {
+            tls_cert: file(),
+            tls_key: file(),
+            tls_client_ca: file(),
+            peer_tls_cert: file(),
+            peer_tls_key: file(),
+            peer_tls_ca: file(),
+            token_file: file(),
+            ..Default::default()
+        };
+        c.validate().unwrap();
+        let c: Config = toml::from_str("tls-cert = \"a.pem\"\ntls-key = \"b.pem\"\ntoken-file = \"t\"\n").unwrap();
+        assert_eq!(c.token_file, Some(PathBuf::from("t")));
     }
 }

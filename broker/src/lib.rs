@@ -7,6 +7,8 @@
 //!        └─> raft/  openraft glue: raft-engine log store, state-machine adapter, network
 //!             └─> queue/  the pure state machine: no async, no I/O, no clock, no RNG
 //! server.rs  wiring: storage, shards, services, health, reflection, shutdown
+//! metrics/   /metrics, /healthz, /readyz over HTTP; counters fed from applied tallies
+//! security/  TLS files and bearer tokens (checked on the client port by grpc/auth.rs)
 //! cli/       the `gantry` subcommands other than `serve`, and `gantry bench`
 //! ```
 //!
@@ -22,6 +24,8 @@ pub mod config;
 pub mod dispatch;
 pub mod error;
 pub mod grpc;
+pub mod metrics;
 pub mod queue;
 pub mod raft;
+pub mod security;
 pub mod server;

@@ -75,6 +75,31 @@ struct ServeArgs {
     max_payload_bytes: Option<usize>,
     #[arg(long, env = "GANTRY_SNAPSHOT_EVERY")]
     snapshot_every: Option<u64>,
+    /// Plain-HTTP address of /metrics, /healthz and /readyz (default
+    /// 127.0.0.1:9464), or `off`.
+    #[arg(long, env = "GANTRY_METRICS_LISTEN")]
+    metrics_listen: Option<gantry_broker::config::MetricsListen>,
+    /// PEM certificate (chain) of the client port; with --tls-key the client port speaks TLS.
+    #[arg(long, env = "GANTRY_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "GANTRY_TLS_KEY")]
+    tls_key: Option<PathBuf>,
+    /// PEM CA: the client port then requires client certificates it signed (mutual TLS).
+    #[arg(long, env = "GANTRY_TLS_CLIENT_CA")]
+    tls_client_ca: Option<PathBuf>,
+    /// PEM certificate this node serves on the peer port and presents to other nodes.
+    #[arg(long, env = "GANTRY_PEER_TLS_CERT")]
+    peer_tls_cert: Option<PathBuf>,
+    /// PEM private key of --peer-tls-cert.
+    #[arg(long, env = "GANTRY_PEER_TLS_KEY")]
+    peer_tls_key: Option<PathBuf>,
+    /// PEM CA that signed every node's peer certificate (the peer port requires one).
+    #[arg(long, env = "GANTRY_PEER_TLS_CA")]
+    peer_tls_ca: Option<PathBuf>,
+    /// Bearer tokens and their roles (producer, worker, admin): one `<token> <role>` per line, # comments.
+    #[arg(long, env = "GANTRY_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
 }
 
 impl ServeArgs {
@@ -106,6 +131,22 @@ impl ServeArgs {
         }
         if self.peer_advertise.is_some() {
             config.peer_advertise = self.peer_advertise;
+        }
+        if let Some(metrics_listen) = self.metrics_listen {
+            config.metrics_listen = metrics_listen.0;
+        }
+        for (flag, field) in [
+            (self.tls_cert, &mut config.tls_cert),
+            (self.tls_key, &mut config.tls_key),
+            (self.tls_client_ca, &mut config.tls_client_ca),
+            (self.peer_tls_cert, &mut config.peer_tls_cert),
+            (self.peer_tls_key, &mut config.peer_tls_key),
+            (self.peer_tls_ca, &mut config.peer_tls_ca),
+            (self.token_file, &mut config.token_file),
+        ] {
+            if flag.is_some() {
+                *field = flag;
+            }
         }
         config.validate()?;
         Ok(config)

@@ -9,6 +9,7 @@ use gantry_proto::{
     v1::{admin_server::AdminServer, jobs_server::JobsServer, worker_server::WorkerServer},
 };
 use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
+use tonic::transport::ServerTlsConfig;
 
 use crate::{
     clock::{Clock, SystemClock},
@@ -16,12 +17,16 @@ use crate::{
     config::Config,
     dispatch::{DispatchSettings, Node, ShardNode},
     error::BrokerError,
-    grpc::{admin::AdminService, forward::ForwardLayer, jobs::JobsService, validate::Limits, worker::WorkerService},
+    grpc::{
+        admin::AdminService, auth::AuthLayer, forward::ForwardLayer, jobs::JobsService, validate::Limits,
+        worker::WorkerService,
+    },
     queue::ShardId,
     raft::{
         GantryNode, PeerChannels, RaftSettings, ShardRaft, log_store, network::PEER_MAX_MESSAGE_BYTES,
         peer_service::PeerService,
     },
+    security::Security,
 };
 
 /// How long a single-node group may take to elect itself.
@@ -31,6 +36,8 @@ const REPLAY_TIMEOUT: Duration = Duration::from_secs(600);
 /// Largest gRPC message accepted: a full batch of maximal payloads is refused
 /// by validation with a clear message, not by the transport.
 const MAX_MESSAGE_BYTES: usize = 64 << 20;
+/// How long a leader that shuts down waits for a successor to take over.
+const HANDOVER_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long in-flight calls may take to finish once shutdown begins.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
@@ -38,6 +45,7 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 pub struct RunningServer {
     local_addr: SocketAddr,
     peer_addr: SocketAddr,
+    metrics_addr: Option<SocketAddr>,
     node: Arc<Node>,
     shutdown: watch::Sender<bool>,
     task: JoinHandle<Result<(), BrokerError>>,
@@ -52,6 +60,11 @@ impl RunningServer {
     /// The address the peer port is bound to.
     pub fn peer_addr(&self) -> SocketAddr {
         self.peer_addr
+    }
+
+    /// The address the metrics port is bound to (`None`: metrics are off).
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     pub fn node(&self) -> &Arc<Node> {
@@ -78,17 +91,22 @@ pub async fn start(config: Config) -> Result<RunningServer, BrokerError> {
 
 pub async fn start_with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<RunningServer, BrokerError> {
     config.validate()?;
+    let security = Security::load(&config)?;
     let listener = bind(config.listen).await?;
     let peer_listener = bind(config.peer_listen).await?;
     let local_addr = listener.local_addr().map_err(|e| BrokerError::Serve(e.to_string()))?;
     let peer_addr = peer_listener.local_addr().map_err(|e| BrokerError::Serve(e.to_string()))?;
+    let metrics_listener = match config.metrics_listen {
+        Some(address) => Some(bind(address).await?),
+        None => None,
+    };
+    let metrics_addr = match &metrics_listener {
+        Some(listener) => Some(listener.local_addr().map_err(|e| BrokerError::Serve(e.to_string()))?),
+        None => None,
+    };
     let advertise = config.advertise.clone().unwrap_or_else(|| local_addr.to_string());
     let peer_advertise = config.peer_advertise.clone().unwrap_or_else(|| peer_addr.to_string());
-    for address in [local_addr, peer_addr] {
-        if !address.ip().is_loopback() {
-            tracing::warn!(%address, "listening beyond loopback WITHOUT authentication or TLS: anyone who can reach this port can enqueue, take and administer jobs");
-        }
-    }
+    security.warn_if_open(local_addr, peer_addr);
 
     data_format::check_or_stamp(&config.data_dir)?;
     let engine =
@@ -103,7 +121,7 @@ pub async fn start_with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<R
         snapshot_every_commands: config.snapshot_every,
         ..RaftSettings::default()
     };
-    let channels = PeerChannels::default();
+    let channels = PeerChannels::new(security.dial.clone());
     let single_node = config.initial_cluster.0.is_empty() && config.join.is_empty();
     let mut shards = Vec::new();
     for shard in (0..config.shards).map(ShardId) {
@@ -120,6 +138,7 @@ pub async fn start_with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<R
         .await?;
         if single_node {
             let me = GantryNode { client: advertise.clone(), peer: peer_advertise.clone() };
+            raft.lift_vote_barrier();
             raft.initialize(BTreeMap::from([(config.node_id, me)])).await?;
             raft.wait_for_leadership(LEADERSHIP_TIMEOUT).await?;
             // One voter: everything in its log is committed, so reads after
@@ -163,7 +182,7 @@ pub async fn start_with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<R
         peer_advertise,
         node.shards.iter().map(|s| s.raft.clone()).collect(),
     );
-    let peer_router = tonic::transport::Server::builder()
+    let peer_router = server_builder(security.peer_tls.as_ref())?
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .layer(ForwardLayer::new(node.clone(), channels.clone()))
         .add_service(
@@ -175,6 +194,9 @@ pub async fn start_with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<R
         .add_service(worker_server(&node, &limits))
         .add_service(AdminServer::new(AdminService::new(node.clone())));
     let peer_task = tokio::spawn(serve(peer_router, peer_listener, shutdown_rx.clone()));
+    if let Some(listener) = metrics_listener {
+        tokio::spawn(crate::metrics::http::serve(listener, node.clone(), shutdown_rx.clone()));
+    }
 
     if !config.initial_cluster.0.is_empty() {
         tokio::spawn(cluster::bootstrap(node.clone(), config.initial_cluster.0.clone(), shutdown_rx.clone()));
@@ -183,8 +205,11 @@ pub async fn start_with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<R
         tokio::spawn(cluster::join(node.clone(), config.join.clone(), shutdown_rx.clone()));
     }
 
-    let router = tonic::transport::Server::builder()
+    let router = server_builder(security.client_tls.as_ref())?
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        // Tokens are checked where a call enters the cluster, before it is
+        // served or forwarded; the peer port trusts its mTLS peers instead.
+        .layer(AuthLayer::new(security.tokens.clone()))
         .layer(ForwardLayer::new(node.clone(), channels))
         .add_service(health_service)
         .add_service(reflection_v1)
@@ -192,7 +217,7 @@ pub async fn start_with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<R
         .add_service(jobs_server(&node, &limits))
         .add_service(worker_server(&node, &limits))
         .add_service(AdminServer::new(AdminService::new(node.clone())));
-    tracing::info!(%local_addr, %peer_addr, node_id = config.node_id, data_dir = %config.data_dir.display(), "gantry serving");
+    tracing::info!(%local_addr, %peer_addr, ?metrics_addr, node_id = config.node_id, data_dir = %config.data_dir.display(), "gantry serving");
     let task_node = node.clone();
     let task = tokio::spawn(async move {
         let serving = serve(router, listener, shutdown_rx);
@@ -212,6 +237,7 @@ pub async fn start_with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<R
         };
         health_task.abort();
         for shard in &task_node.shards {
+            shard.raft.hand_over_leadership(HANDOVER_TIMEOUT).await;
             shard.raft.shutdown().await;
         }
         // Raft is down: nothing needs the peer port any more.
@@ -223,7 +249,16 @@ pub async fn start_with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<R
         }
         served.map_err(|e| BrokerError::Serve(e.to_string()))
     });
-    Ok(RunningServer { local_addr, peer_addr, node, shutdown: shutdown_tx, task })
+    Ok(RunningServer { local_addr, peer_addr, metrics_addr, node, shutdown: shutdown_tx, task })
+}
+
+/// A server builder, speaking TLS when `tls` is set.
+fn server_builder(tls: Option<&ServerTlsConfig>) -> Result<tonic::transport::Server, BrokerError> {
+    let builder = tonic::transport::Server::builder();
+    match tls {
+        Some(tls) => builder.tls_config(tls.clone()).map_err(|e| BrokerError::Serve(format!("TLS: {e}"))),
+        None => Ok(builder),
+    }
 }
 
 async fn bind(address: SocketAddr) -> Result<TcpListener, BrokerError> {
@@ -270,6 +305,11 @@ async fn report_health(node: Arc<Node>, reporter: tonic_health::server::HealthRe
     reporter.set_service_status("", tonic_health::ServingStatus::Serving).await;
     let mut last = None;
     loop {
+        for shard in &node.shards {
+            // Lifts the vote barrier of a node that lost acknowledged entries
+            // once the leader has replicated them again.
+            let _ = shard.raft.may_vote();
+        }
         let ready = node.shards.iter().all(|s| s.raft.leader().is_some());
         if last != Some(ready) {
             let status =

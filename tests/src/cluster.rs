@@ -84,6 +84,7 @@ impl TestCluster {
                 session_ttl: TEST_SESSION_TTL,
                 election_timeout: Duration::from_millis(300),
                 raft_heartbeat_interval: Duration::from_millis(50),
+                metrics_listen: Some("127.0.0.1:0".parse().expect("addr")),
                 ..Config::default()
             })
             .map(|mut config| {
@@ -104,6 +105,10 @@ impl TestCluster {
     /// The server of node `i`, while it runs (for in-process inspection).
     pub fn server(&self, i: usize) -> &RunningServer {
         self.nodes[i].as_ref().expect("node runs")
+    }
+
+    pub fn data_dir(&self, i: usize) -> &Path {
+        &self.configs[i].data_dir
     }
 
     pub fn peer_addr(&self, i: usize) -> SocketAddr {
@@ -135,8 +140,10 @@ impl TestCluster {
     pub async fn wait_for_leader(&self) -> usize {
         eventually("one leader seen by every running node", CLUSTER_WAIT, || async {
             let mut seen = None;
-            for (_, addr) in self.addrs.iter().enumerate().filter(|(i, _)| self.is_running(*i) && self.is_member(*i)) {
-                let leader = leader_seen_by(*addr).await?;
+            // Asked in-process, not over the client port: clusters with TLS
+            // or tokens there work the same.
+            for i in (0..self.addrs.len()).filter(|i| self.is_running(*i) && self.is_member(*i)) {
+                let leader = self.nodes[i].as_ref()?.node().shards[0].raft.status().leader_id?;
                 if seen.is_some_and(|s| s != leader) {
                     return None;
                 }
@@ -192,9 +199,12 @@ async fn cluster_status_local(server: &Option<RunningServer>) -> Option<u64> {
     Some(server.node().shards[0].raft.status().applied_index)
 }
 
-/// Real `gantry serve` processes forming one cluster on loopback.
+/// Real `gantry serve` processes forming one cluster on loopback. Node `i`
+/// (0-based) has Raft id `i + 1`; each logs to `<root>/node-<id>.log`.
 pub struct BinaryCluster {
     pub nodes: Vec<BinaryBroker>,
+    /// Nodes stopped with SIGSTOP (alive, but answering nothing).
+    paused: Vec<bool>,
 }
 
 impl BinaryCluster {
@@ -214,7 +224,7 @@ impl BinaryCluster {
                 BinaryBroker::start_at(&root.join(format!("node-{}", i + 1)), addrs[i], peers[i], &args, false).await,
             );
         }
-        let cluster = BinaryCluster { nodes };
+        let cluster = BinaryCluster { nodes, paused: vec![false; size] };
         for node in &cluster.nodes {
             node.wait_ready().await;
         }
@@ -225,20 +235,176 @@ impl BinaryCluster {
         self.nodes.iter().map(|n| n.addr.to_string()).collect()
     }
 
+    pub fn endpoint(&self, i: usize) -> String {
+        self.nodes[i].addr.to_string()
+    }
+
+    /// Running and not paused: it answers.
+    pub fn is_live(&self, i: usize) -> bool {
+        self.nodes[i].is_running() && !self.paused[i]
+    }
+
+    /// SIGKILL node `i`.
+    pub fn kill9(&mut self, i: usize) {
+        self.nodes[i].kill9();
+        self.paused[i] = false;
+    }
+
+    /// Starts node `i` again on its data dir and ports.
+    pub async fn restart(&mut self, i: usize) {
+        self.nodes[i].restart().await;
+    }
+
+    /// SIGSTOP node `i`: its sockets stay open, it answers nothing.
+    pub fn pause(&mut self, i: usize) {
+        self.nodes[i].signal("STOP");
+        self.paused[i] = true;
+    }
+
+    /// SIGCONT node `i`.
+    pub fn resume(&mut self, i: usize) {
+        self.nodes[i].signal("CONT");
+        self.paused[i] = false;
+    }
+
     /// The index of the node every live node names as leader.
     pub async fn wait_for_leader(&self) -> usize {
-        eventually("one leader seen by every running node", CLUSTER_WAIT, || async {
+        self.wait_for_leader_other_than(None).await
+    }
+
+    /// Like [`wait_for_leader`](Self::wait_for_leader), for a leader that
+    /// is not node `old` (after `old` was killed or paused).
+    pub async fn wait_for_leader_other_than(&self, old: Option<usize>) -> usize {
+        let what = match old {
+            Some(old) => format!("a leader other than node {} seen by every live node", old + 1),
+            None => "one leader seen by every live node".to_owned(),
+        };
+        eventually(&what, CLUSTER_WAIT, || async {
             let mut seen = None;
-            for node in self.nodes.iter().filter(|n| n.is_running()) {
-                let leader = leader_seen_by(node.addr).await?;
+            for i in (0..self.nodes.len()).filter(|i| self.is_live(*i)) {
+                let leader = leader_seen_by(self.nodes[i].addr).await?;
                 if seen.is_some_and(|s| s != leader) {
                     return None;
                 }
                 seen = Some(leader);
             }
             let index = seen? as usize - 1;
-            self.nodes[index].is_running().then_some(index)
+            (self.is_live(index) && Some(index) != old).then_some(index)
         })
         .await
+    }
+
+    /// ClusterStatus as node `i` answers it: its own view when it leads (or
+    /// knows no leader), else the leader's (a follower forwards the call).
+    pub async fn status(&self, i: usize) -> Option<proto::ClusterStatusResponse> {
+        cluster_status(self.nodes[i].addr).await
+    }
+
+    /// Waits until the leader sees node `i`'s log hold everything the
+    /// leader had committed when the wait began; returns that index.
+    pub async fn wait_replicated(&self, i: usize) -> u64 {
+        let leader = self.wait_for_leader().await;
+        let commit = self.status(leader).await.expect("leader's status").shards[0].commit_index;
+        let node_id = i as u64 + 1;
+        eventually(&format!("node {node_id} holds the log up to {commit}"), CLUSTER_WAIT, || async {
+            let status = self.status(leader).await?;
+            let matched = status.nodes.iter().find(|n| n.node_id == node_id)?.matched_index?;
+            (matched >= commit).then_some(())
+        })
+        .await;
+        commit
+    }
+
+    /// Makes node `i` the leader (Admin.TransferLeader) and returns its own
+    /// status once it has applied at least `index`: what it serves from
+    /// then on comes from its own state machine.
+    pub async fn lead_from(&self, i: usize, index: u64) -> proto::ClusterStatusResponse {
+        let node_id = i as u64 + 1;
+        eventually(&format!("node {node_id} leads"), CLUSTER_WAIT, || async {
+            let mut request = tonic::Request::new(proto::TransferLeaderRequest { shard: 0, node_id });
+            request.set_timeout(Duration::from_secs(5));
+            let mut admin = AdminClient::new(channel(self.nodes[i].addr));
+            let status = admin.transfer_leader(request).await.ok()?.into_inner();
+            (status.shards.first()?.leader_id == node_id).then_some(())
+        })
+        .await;
+        eventually(&format!("node {node_id} leads and applied index {index}"), CLUSTER_WAIT, || async {
+            let status = self.status(i).await?;
+            let shard = status.shards.first()?;
+            (status.node_id == node_id && shard.role == "leader" && shard.applied_index >= index).then_some(status)
+        })
+        .await
+    }
+
+    /// Bytes of node `i`'s log so far (to read only what comes later).
+    pub fn log_len(&self, i: usize) -> usize {
+        self.nodes[i].log().len()
+    }
+
+    /// Node `i`'s log from byte `from` on.
+    pub fn log_since(&self, i: usize, from: usize) -> String {
+        self.nodes[i].log().get(from..).unwrap_or_default().to_owned()
+    }
+
+    /// Starts watching who claims leadership, until the watch is finished.
+    pub fn watch_leadership(&self) -> LeadershipWatch {
+        LeadershipWatch::start(self.nodes.iter().map(|n| n.addr).collect())
+    }
+}
+
+/// Polls every node's ClusterStatus (every 50 ms, bounded to 5 min) and
+/// records which node claimed to lead in which term: the answering node
+/// names itself and its role, so two leaders of one term would show.
+pub struct LeadershipWatch {
+    stop: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<LeaderClaims>,
+}
+
+/// Term -> the nodes that answered as its leader.
+pub type LeaderClaims = std::collections::BTreeMap<u64, std::collections::BTreeSet<u64>>;
+
+impl LeadershipWatch {
+    fn start(addrs: Vec<SocketAddr>) -> Self {
+        let (stop, mut stopped) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(async move {
+            let mut claims = LeaderClaims::new();
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(300);
+            while !*stopped.borrow() && tokio::time::Instant::now() < deadline {
+                let polls = addrs.iter().map(|addr| async move {
+                    let mut admin = AdminClient::new(channel(*addr));
+                    let mut request = tonic::Request::new(proto::ClusterStatusRequest {});
+                    request.set_timeout(Duration::from_millis(500));
+                    tokio::time::timeout(Duration::from_millis(600), admin.cluster_status(request)).await
+                });
+                for answer in futures::future::join_all(polls).await {
+                    let Ok(Ok(status)) = answer else { continue };
+                    let status = status.into_inner();
+                    if let Some(shard) = status.shards.first()
+                        && shard.role == "leader"
+                    {
+                        claims.entry(shard.term).or_default().insert(status.node_id);
+                    }
+                }
+                let _ = tokio::time::timeout(Duration::from_millis(50), stopped.changed()).await;
+            }
+            claims
+        });
+        LeadershipWatch { stop, task }
+    }
+
+    /// Stops watching; `Err` names every term two nodes claimed.
+    pub async fn finish(self) -> Result<LeaderClaims, String> {
+        let _ = self.stop.send(true);
+        let claims = self.task.await.expect("leadership watch");
+        let split: Vec<String> = claims
+            .iter()
+            .filter(|(_, nodes)| nodes.len() > 1)
+            .map(|(term, nodes)| format!("term {term} claimed by nodes {nodes:?}"))
+            .collect();
+        if split.is_empty() {
+            Ok(claims)
+        } else {
+            Err(format!("split brain: {}; all claims: {claims:?}", split.join(", ")))
+        }
     }
 }

@@ -19,6 +19,8 @@ use tonic::transport::Channel;
 pub use gantry_proto::v1;
 
 pub mod cluster;
+pub mod history;
+pub mod security;
 
 /// Short liveness settings so expiry scenarios take about a second.
 pub const TEST_HEARTBEAT: Duration = Duration::from_millis(100);
@@ -38,6 +40,8 @@ pub fn init_tracing() {
 pub struct TestBroker {
     server: Option<RunningServer>,
     pub addr: SocketAddr,
+    /// The metrics port (`/metrics`, `/healthz`, `/readyz`), if not turned off.
+    pub metrics_addr: Option<SocketAddr>,
     pub data_dir: tempfile::TempDir,
 }
 
@@ -57,12 +61,19 @@ impl TestBroker {
             session_ttl: TEST_SESSION_TTL,
             election_timeout: Duration::from_millis(200),
             raft_heartbeat_interval: Duration::from_millis(50),
+            metrics_listen: Some("127.0.0.1:0".parse().expect("addr")),
             ..Config::default()
         };
         adjust(&mut config);
         let server = gantry_broker::server::start(config).await.expect("broker starts");
         let addr = server.local_addr();
-        TestBroker { server: Some(server), addr, data_dir }
+        let metrics_addr = server.metrics_addr();
+        TestBroker { server: Some(server), addr, metrics_addr, data_dir }
+    }
+
+    /// The metrics port; panics when the test turned it off.
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.metrics_addr.expect("metrics port on")
     }
 
     pub fn endpoint(&self) -> String {
@@ -94,6 +105,25 @@ impl TestBroker {
             server.shutdown().await.expect("clean shutdown");
         }
     }
+}
+
+/// A plain HTTP/1.1 GET (the metrics port): status code and body, or
+/// `None` when the port does not answer within 5 s.
+pub async fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+        let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.ok()?;
+        let mut raw = Vec::new();
+        stream.read_to_end(&mut raw).await.ok()?;
+        let text = String::from_utf8(raw).ok()?;
+        let (head, body) = text.split_once("\r\n\r\n")?;
+        let status = head.split_whitespace().nth(1)?.parse().ok()?;
+        // The metrics port answers with Content-Length, never chunked.
+        Some((status, body.to_owned()))
+    };
+    tokio::time::timeout(Duration::from_secs(5), exchange).await.ok().flatten()
 }
 
 pub fn channel(addr: SocketAddr) -> Channel {
@@ -184,6 +214,9 @@ pub struct BinaryBroker {
     child: Option<Child>,
     pub addr: SocketAddr,
     pub peer_addr: SocketAddr,
+    /// The metrics port: a free port picked at start, unless `extra_args`
+    /// set `--metrics-listen` themselves (then that address, if any).
+    pub metrics_addr: Option<SocketAddr>,
     pub data_dir: PathBuf,
     args: Vec<String>,
     log: PathBuf,
@@ -206,12 +239,23 @@ impl BinaryBroker {
         extra_args: &[&str],
         wait_ready: bool,
     ) -> Self {
+        let mut args: Vec<String> = extra_args.iter().map(|s| s.to_string()).collect();
+        // Not the default 9464: tests run brokers side by side.
+        let metrics_addr = match args.iter().position(|a| a == "--metrics-listen") {
+            Some(i) => args.get(i + 1).and_then(|a| a.parse().ok()),
+            None => {
+                let metrics_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+                args.extend(["--metrics-listen".to_owned(), metrics_addr.to_string()]);
+                Some(metrics_addr)
+            }
+        };
         let mut broker = BinaryBroker {
             child: None,
             addr,
             peer_addr,
+            metrics_addr,
             data_dir: data_dir.to_path_buf(),
-            args: extra_args.iter().map(|s| s.to_string()).collect(),
+            args,
             log: data_dir.with_extension("log"),
         };
         broker.spawn().await;

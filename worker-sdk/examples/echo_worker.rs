@@ -7,10 +7,13 @@
 //! The queue comes from the first argument, else `GANTRY_QUEUE`, else
 //! `default`. `GANTRY_ADDR` may list several nodes, comma-separated;
 //! `GANTRY_WORKER_ID` names the worker; `ECHO_DELAY_MS` slows every job.
+//! Brokers with TLS and tokens: `GANTRY_TLS_CA` (PEM CA of the brokers'
+//! certificates), `GANTRY_TLS_CLIENT_CERT`/`GANTRY_TLS_CLIENT_KEY` (a client
+//! certificate, if they require one) and `GANTRY_TOKEN` (a `worker` token).
 //! Ctrl-C shuts down gracefully: running jobs finish, the rest go back.
 
 use bytes::Bytes;
-use gantry_worker::{JobContext, JobError, Worker};
+use gantry_worker::{JobContext, JobError, Tls, Worker};
 
 /// `ECHO_DELAY_MS` makes every job take that long (a slow job to watch, or
 /// to kill the worker in the middle of).
@@ -42,6 +45,16 @@ async fn main() -> anyhow::Result<()> {
     let mut builder = Worker::builder(addrs.split(',').map(str::trim).filter(|a| !a.is_empty())).queue(&queue);
     if let Ok(id) = std::env::var("GANTRY_WORKER_ID") {
         builder = builder.worker_id(id);
+    }
+    if let Ok(ca) = std::env::var("GANTRY_TLS_CA") {
+        let mut tls = Tls::ca_file(ca)?;
+        if let (Ok(cert), Ok(key)) = (std::env::var("GANTRY_TLS_CLIENT_CERT"), std::env::var("GANTRY_TLS_CLIENT_KEY")) {
+            tls = tls.identity_files(cert, key)?;
+        }
+        builder = builder.tls(tls);
+    }
+    if let Ok(token) = std::env::var("GANTRY_TOKEN") {
+        builder = builder.token(token);
     }
     let worker = builder.build()?;
     tracing::info!(worker_id = worker.worker_id(), %queue, "echo worker starting");

@@ -11,7 +11,7 @@ use tonic::transport::Channel;
 use crate::Error;
 use crate::backoff::Backoff;
 use crate::convert::{to_proto_duration, to_proto_timestamp};
-use crate::endpoint::{self, leader_hint};
+use crate::endpoint::{self, BrokerChannel, Connect, Tls, leader_hint};
 use crate::proto::{self, admin_client::AdminClient, jobs_client::JobsClient};
 
 /// Tries per call when nodes answer `UNAVAILABLE` (no leader yet, node down).
@@ -33,12 +33,13 @@ pub struct Client {
 
 struct Inner {
     endpoints: Vec<String>,
+    connect: Connect,
     routes: Mutex<Routes>,
 }
 
 #[derive(Default)]
 struct Routes {
-    channels: HashMap<String, Channel>,
+    channels: HashMap<String, BrokerChannel>,
     /// Index into `endpoints` of the node calls go to by default.
     current: usize,
     /// Leader of each queue's shard, learned from `gantry-leader` metadata,
@@ -60,24 +61,54 @@ pub struct Enqueued {
     pub created: bool,
 }
 
-impl Client {
-    /// Connects to the first reachable node of `endpoints` (`host:port` or
-    /// `http://host:port`). The other nodes are used when that one fails or
-    /// names another leader.
-    pub async fn connect<I, S>(endpoints: I) -> Result<Client, Error>
-    where
-        I: IntoIterator<Item = S>,
-        S: Into<String>,
-    {
-        let endpoints = endpoint::parse_endpoints(endpoints)?;
+/// Configures a [`Client`]: endpoints, TLS and a bearer token.
+///
+/// ```no_run
+/// # async fn connect() -> Result<(), gantry_worker::Error> {
+/// use gantry_worker::{Client, Tls};
+/// let client = Client::builder(["https://gantry.jobs.svc:50051"])
+///     .tls(Tls::ca_file("/etc/gantry/tls/ca.crt")?)
+///     .token(std::env::var("GANTRY_TOKEN").unwrap_or_default())
+///     .connect()
+///     .await?;
+/// # Ok(()) }
+/// ```
+#[must_use]
+#[derive(Debug, Clone)]
+pub struct ClientBuilder {
+    endpoints: Vec<String>,
+    tls: Option<Tls>,
+    token: Option<String>,
+}
+
+impl ClientBuilder {
+    /// Speaks TLS to the brokers (`https://` or bare `host:port` endpoints).
+    pub fn tls(mut self, tls: Tls) -> Self {
+        self.tls = Some(tls);
+        self
+    }
+
+    /// Sends `authorization: Bearer <token>` with every call (brokers
+    /// started with `--token-file`; the token needs the `producer` role for
+    /// jobs, `admin` for the admin service).
+    pub fn token(mut self, token: impl Into<String>) -> Self {
+        self.token = Some(token.into());
+        self
+    }
+
+    /// Connects to the first reachable node. The other nodes are used when
+    /// that one fails or names another leader.
+    pub async fn connect(self) -> Result<Client, Error> {
+        let connect = Connect::new(self.tls.as_ref(), self.token.as_deref())?;
+        let endpoints = endpoint::parse_endpoints(self.endpoints, connect.uses_tls())?;
         let mut last_err = None;
         for (i, uri) in endpoints.iter().enumerate() {
-            match endpoint::endpoint(uri, false)?.connect().await {
+            match endpoint::endpoint(uri, false, &connect)?.connect().await {
                 Ok(channel) => {
                     let mut routes = Routes { current: i, ..Routes::default() };
-                    routes.channels.insert(uri.clone(), channel);
+                    routes.channels.insert(uri.clone(), endpoint::with_credentials(channel, &connect));
                     return Ok(Client {
-                        inner: Arc::new(Inner { endpoints, routes: Mutex::new(routes) }),
+                        inner: Arc::new(Inner { endpoints, connect, routes: Mutex::new(routes) }),
                         coalescer: None,
                     });
                 }
@@ -91,6 +122,29 @@ impl Client {
             Some(e) => Error::Transport(e),
             None => Error::InvalidConfig("no broker endpoints given".to_owned()),
         })
+    }
+}
+
+impl Client {
+    /// Connects to the first reachable node of `endpoints` (`host:port` or
+    /// `http://host:port`), without TLS or token; see [`Client::builder`]
+    /// for those. The other nodes are used when that one fails or names
+    /// another leader.
+    pub async fn connect<I, S>(endpoints: I) -> Result<Client, Error>
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        Client::builder(endpoints).connect().await
+    }
+
+    /// Starts configuring a client for `endpoints` (any nodes of the cluster).
+    pub fn builder<I, S>(endpoints: I) -> ClientBuilder
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        ClientBuilder { endpoints: endpoints.into_iter().map(Into::into).collect(), tls: None, token: None }
     }
 
     /// A client whose concurrent `enqueue(..).send()` calls are packed into
@@ -174,12 +228,12 @@ impl Client {
     }
 
     /// A raw `Admin` client on the current node (no retries: tools decide).
-    pub fn admin(&self) -> AdminClient<Channel> {
+    pub fn admin(&self) -> AdminClient<BrokerChannel> {
         AdminClient::new(self.current_channel())
     }
 
     /// A raw `Jobs` client on the current node (no retries: callers decide).
-    pub fn jobs(&self) -> JobsClient<Channel> {
+    pub fn jobs(&self) -> JobsClient<BrokerChannel> {
         JobsClient::new(self.current_channel())
     }
 
@@ -194,7 +248,7 @@ impl Client {
         self.inner.routes.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn current_channel(&self) -> Channel {
+    fn current_channel(&self) -> BrokerChannel {
         let target = {
             let routes = self.routes();
             self.inner.endpoints[routes.current % self.inner.endpoints.len()].clone()
@@ -202,18 +256,21 @@ impl Client {
         self.channel(&target)
     }
 
-    fn channel(&self, target: &str) -> Channel {
+    fn channel(&self, target: &str) -> BrokerChannel {
         let mut routes = self.routes();
         if let Some(ch) = routes.channels.get(target) {
             return ch.clone();
         }
         // Every target went through `parse_endpoint`, so `from_shared` cannot
         // fail; fall back to the first known channel rather than panic.
-        let ch = match endpoint::lazy_channel(target, false) {
+        let ch = match endpoint::lazy_channel(target, false, &self.inner.connect) {
             Ok(ch) => ch,
             Err(_) => match routes.channels.values().next() {
                 Some(ch) => return ch.clone(),
-                None => Channel::from_static("http://127.0.0.1:50051").connect_lazy(),
+                None => endpoint::with_credentials(
+                    Channel::from_static("http://127.0.0.1:50051").connect_lazy(),
+                    &self.inner.connect,
+                ),
             },
         };
         routes.channels.insert(target.to_owned(), ch.clone());
@@ -253,7 +310,7 @@ impl Client {
     /// hint in the status first), up to [`MAX_TRIES`] with backoff.
     pub(crate) async fn call<T, F, Fut>(&self, queue: Option<&str>, mut f: F) -> Result<T, Error>
     where
-        F: FnMut(Channel) -> Fut,
+        F: FnMut(BrokerChannel) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
@@ -264,13 +321,13 @@ impl Client {
             let target = next_target.take().unwrap_or_else(|| self.pick(queue));
             match f(self.channel(&target)).await {
                 Ok(resp) => {
-                    if let (Some(q), Some(leader)) = (queue, leader_hint(resp.metadata())) {
+                    if let (Some(q), Some(leader)) = (queue, leader_hint(resp.metadata(), self.inner.connect.uses_tls())) {
                         self.learn_leader(q, leader);
                     }
                     return Ok(resp.into_inner());
                 }
                 Err(status) if is_retryable(&status) && tries < MAX_TRIES => {
-                    let hint = leader_hint(status.metadata()).filter(|h| *h != target);
+                    let hint = leader_hint(status.metadata(), self.inner.connect.uses_tls()).filter(|h| *h != target);
                     tracing::debug!(
                         node = %target, code = ?status.code(), message = status.message(),
                         leader = ?hint, "call failed, retrying"

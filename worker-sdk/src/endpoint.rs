@@ -1,12 +1,157 @@
-//! Broker addresses: parsing, leader hints, channels, and which node to try next.
+//! Broker addresses: parsing, leader hints, channels (with TLS and the
+//! bearer token), and which node to try next.
 
+use std::path::Path;
 use std::time::Duration;
 
 use tonic::codegen::http::Uri;
-use tonic::metadata::MetadataMap;
-use tonic::transport::{Channel, Endpoint};
+use tonic::metadata::{AsciiMetadataValue, MetadataMap};
+use tonic::service::{Interceptor, interceptor::InterceptedService};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 use crate::Error;
+
+/// A channel to one broker node that adds this client's bearer token (if
+/// any) to every call. What [`Client::admin`](crate::Client::admin) and
+/// [`Client::jobs`](crate::Client::jobs) wrap.
+pub type BrokerChannel = InterceptedService<Channel, Credentials>;
+
+/// Adds `authorization: Bearer <token>` to each call when a token is set.
+#[derive(Clone, Default)]
+pub struct Credentials {
+    authorization: Option<AsciiMetadataValue>,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the token.
+        f.debug_struct("Credentials").field("token", &self.authorization.as_ref().map(|_| "<set>")).finish()
+    }
+}
+
+impl Credentials {
+    pub(crate) fn bearer(token: &str) -> Result<Credentials, Error> {
+        let invalid = || Error::InvalidConfig("token: must be visible ASCII characters without spaces".to_owned());
+        let token = token.trim();
+        if token.is_empty() || !token.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(invalid());
+        }
+        let value = format!("Bearer {token}").parse::<AsciiMetadataValue>().map_err(|_| invalid())?;
+        Ok(Credentials { authorization: Some(value) })
+    }
+}
+
+impl Interceptor for Credentials {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.authorization {
+            request.metadata_mut().insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// TLS settings for brokers that serve `https://`: the CA that signed their
+/// certificates, and optionally this client's own certificate (for brokers
+/// started with `--tls-client-ca`).
+///
+/// ```no_run
+/// # fn tls() -> Result<(), gantry_worker::Error> {
+/// use gantry_worker::Tls;
+/// let tls = Tls::ca_file("/etc/gantry/tls/ca.crt")?.identity_files("client.crt", "client.key")?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Debug)]
+pub struct Tls {
+    ca_pem: Vec<u8>,
+    identity: Option<(Vec<u8>, Vec<u8>)>,
+    domain: Option<String>,
+}
+
+impl Tls {
+    /// Trusts the CA (PEM, one or more certificates) that signed the brokers' certificates.
+    pub fn ca_pem(pem: impl Into<Vec<u8>>) -> Tls {
+        Tls { ca_pem: pem.into(), identity: None, domain: None }
+    }
+
+    /// Like [`Tls::ca_pem`], read from a file.
+    pub fn ca_file(path: impl AsRef<Path>) -> Result<Tls, Error> {
+        Ok(Tls::ca_pem(read_pem("CA", path.as_ref())?))
+    }
+
+    /// Presents this certificate (PEM chain) and key (PEM) to the broker.
+    pub fn identity_pem(mut self, cert: impl Into<Vec<u8>>, key: impl Into<Vec<u8>>) -> Tls {
+        self.identity = Some((cert.into(), key.into()));
+        self
+    }
+
+    /// Like [`Tls::identity_pem`], read from files.
+    pub fn identity_files(self, cert: impl AsRef<Path>, key: impl AsRef<Path>) -> Result<Tls, Error> {
+        let cert = read_pem("certificate", cert.as_ref())?;
+        let key = read_pem("key", key.as_ref())?;
+        Ok(self.identity_pem(cert, key))
+    }
+
+    /// Checks the brokers' certificates for this name instead of the host
+    /// of each address (e.g. when connecting by IP to a certificate for a name).
+    pub fn domain_name(mut self, name: impl Into<String>) -> Tls {
+        self.domain = Some(name.into());
+        self
+    }
+
+    pub(crate) fn client_config(&self) -> ClientTlsConfig {
+        let mut config = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&self.ca_pem));
+        if let Some((cert, key)) = &self.identity {
+            config = config.identity(Identity::from_pem(cert, key));
+        }
+        if let Some(domain) = &self.domain {
+            config = config.domain_name(domain.clone());
+        }
+        config
+    }
+}
+
+fn read_pem(what: &str, path: &Path) -> Result<Vec<u8>, Error> {
+    std::fs::read(path).map_err(|e| Error::InvalidConfig(format!("TLS {what} {}: {e}", path.display())))
+}
+
+/// How a client or worker reaches brokers: TLS or not, and the token.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Connect {
+    pub(crate) tls: Option<ClientTlsConfig>,
+    pub(crate) credentials: Credentials,
+}
+
+impl Connect {
+    pub(crate) fn new(tls: Option<&Tls>, token: Option<&str>) -> Result<Connect, Error> {
+        let credentials = match token {
+            Some(token) => Credentials::bearer(token)?,
+            None => Credentials::default(),
+        };
+        let tls = tls.map(Tls::client_config);
+        if let Some(config) = &tls {
+            // Parse the PEM now: a bad file is a configuration error, not a
+            // failed connection later.
+            Endpoint::from_static("https://localhost")
+                .tls_config(config.clone())
+                .map_err(|e| Error::InvalidConfig(format!("TLS: {}", error_chain(&e))))?;
+        }
+        Ok(Connect { tls, credentials })
+    }
+
+    pub(crate) fn uses_tls(&self) -> bool {
+        self.tls.is_some()
+    }
+}
+
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut parts = vec![error.to_string()];
+    let mut source = error.source();
+    while let Some(cause) = source {
+        parts.push(cause.to_string());
+        source = cause.source();
+    }
+    parts.join(": ")
+}
 
 /// Metadata key in which a node names the shard leader (DESIGN §5, §6).
 pub(crate) const LEADER_METADATA: &str = "gantry-leader";
@@ -16,21 +161,34 @@ const DEFAULT_PORT: u16 = 50051;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Normalises `host:port`, `host` or `http://host:port` into `http://host:port`.
+/// Normalises `host:port`, `host` or `http://host:port` into
+/// `http://host:port`; with `tls`, `host:port`, `host` or `https://host:port`
+/// into `https://host:port`.
 ///
-/// `https://` is refused rather than accepted and failing later: this build
-/// has no TLS support, and a clear error at startup beats a transport error
-/// on the first call.
-pub(crate) fn parse_endpoint(raw: &str) -> Result<String, Error> {
+/// A scheme that does not match the TLS settings is refused rather than
+/// failing later: a clear error at startup beats a transport error (or a
+/// plaintext token) on the first call.
+pub(crate) fn parse_endpoint(raw: &str, tls: bool) -> Result<String, Error> {
     let invalid = || Error::InvalidEndpoint(raw.to_owned());
     let s = raw.trim();
     if s.is_empty() {
         return Err(invalid());
     }
+    let scheme = if tls { "https" } else { "http" };
     let (with_scheme, bare) = match s.split_once("://") {
-        Some((scheme, _)) if scheme.eq_ignore_ascii_case("http") => (s.to_owned(), false),
+        Some((given, rest)) if given.eq_ignore_ascii_case(scheme) => (format!("{scheme}://{rest}"), false),
+        Some((given, _)) if given.eq_ignore_ascii_case("https") => {
+            return Err(Error::InvalidConfig(format!(
+                "endpoint {s:?} is https:// but no TLS settings were given (Tls::ca_file, gantry --tls-ca)"
+            )));
+        }
+        Some((given, _)) if given.eq_ignore_ascii_case("http") => {
+            return Err(Error::InvalidConfig(format!(
+                "endpoint {s:?} is plaintext http:// but TLS is configured; use https:// or host:port"
+            )));
+        }
         Some(_) => return Err(invalid()),
-        None => (format!("http://{s}"), true),
+        None => (format!("{scheme}://{s}"), true),
     };
     let uri: Uri = with_scheme.parse().map_err(|_| invalid())?;
     let authority = uri.authority().ok_or_else(invalid)?;
@@ -51,19 +209,19 @@ pub(crate) fn parse_endpoint(raw: &str) -> Result<String, Error> {
         return Err(invalid());
     }
     Ok(match (port, bare) {
-        (None, true) => format!("http://{host}:{DEFAULT_PORT}"),
-        _ => format!("http://{rebuilt}"),
+        (None, true) => format!("{scheme}://{host}:{DEFAULT_PORT}"),
+        _ => format!("{scheme}://{rebuilt}"),
     })
 }
 
-pub(crate) fn parse_endpoints<I, S>(endpoints: I) -> Result<Vec<String>, Error>
+pub(crate) fn parse_endpoints<I, S>(endpoints: I, tls: bool) -> Result<Vec<String>, Error>
 where
     I: IntoIterator<Item = S>,
     S: Into<String>,
 {
     let mut out = Vec::new();
     for e in endpoints {
-        let e = parse_endpoint(&e.into())?;
+        let e = parse_endpoint(&e.into(), tls)?;
         if !out.contains(&e) {
             out.push(e);
         }
@@ -75,20 +233,23 @@ where
 }
 
 /// The leader a node named in `gantry-leader`, if it named a usable one.
-pub(crate) fn leader_hint(metadata: &MetadataMap) -> Option<String> {
+pub(crate) fn leader_hint(metadata: &MetadataMap, tls: bool) -> Option<String> {
     let value = metadata.get(LEADER_METADATA)?.to_str().ok()?;
-    parse_endpoint(value).ok()
+    parse_endpoint(value, tls).ok()
 }
 
 /// `stream` channels also get HTTP/2 keepalive: a worker's stream is mostly
 /// idle from the broker's side, and without pings a frozen or partitioned
 /// broker would only be noticed after the kernel's TCP timeout (minutes),
 /// long after its session and leases are gone.
-pub(crate) fn endpoint(uri: &str, stream: bool) -> Result<Endpoint, Error> {
-    let ep = Endpoint::from_shared(uri.to_owned())
+pub(crate) fn endpoint(uri: &str, stream: bool, connect: &Connect) -> Result<Endpoint, Error> {
+    let mut ep = Endpoint::from_shared(uri.to_owned())
         .map_err(|_| Error::InvalidEndpoint(uri.to_owned()))?
         .connect_timeout(CONNECT_TIMEOUT)
         .tcp_nodelay(true);
+    if let Some(tls) = &connect.tls {
+        ep = ep.tls_config(tls.clone()).map_err(|e| Error::InvalidConfig(format!("TLS: {}", error_chain(&e))))?;
+    }
     Ok(if stream {
         ep.http2_keep_alive_interval(Duration::from_secs(5))
             .keep_alive_timeout(Duration::from_secs(5))
@@ -99,8 +260,12 @@ pub(crate) fn endpoint(uri: &str, stream: bool) -> Result<Endpoint, Error> {
 }
 
 /// Creates a lazily-connected channel (needs a Tokio runtime).
-pub(crate) fn lazy_channel(uri: &str, stream: bool) -> Result<Channel, Error> {
-    Ok(endpoint(uri, stream)?.connect_lazy())
+pub(crate) fn lazy_channel(uri: &str, stream: bool, connect: &Connect) -> Result<BrokerChannel, Error> {
+    Ok(with_credentials(endpoint(uri, stream, connect)?.connect_lazy(), connect))
+}
+
+pub(crate) fn with_credentials(channel: Channel, connect: &Connect) -> BrokerChannel {
+    InterceptedService::new(channel, connect.credentials.clone())
 }
 
 /// Which address to try next: a one-shot hint (redirect or `gantry-leader`)
@@ -163,21 +328,46 @@ mod tests {
 
     #[test]
     fn bare_addresses_get_a_scheme() {
-        assert_eq!(parse_endpoint("127.0.0.1:50051").unwrap(), "http://127.0.0.1:50051");
-        assert_eq!(parse_endpoint(" node-1:7000 ").unwrap(), "http://node-1:7000");
-        assert_eq!(parse_endpoint("[::1]:50051").unwrap(), "http://[::1]:50051");
+        assert_eq!(parse_endpoint("127.0.0.1:50051", false).unwrap(), "http://127.0.0.1:50051");
+        assert_eq!(parse_endpoint(" node-1:7000 ", false).unwrap(), "http://node-1:7000");
+        assert_eq!(parse_endpoint("[::1]:50051", false).unwrap(), "http://[::1]:50051");
+        assert_eq!(parse_endpoint("node-1:7000", true).unwrap(), "https://node-1:7000");
     }
 
     #[test]
     fn bare_host_gets_default_port() {
-        assert_eq!(parse_endpoint("localhost").unwrap(), "http://localhost:50051");
+        assert_eq!(parse_endpoint("localhost", false).unwrap(), "http://localhost:50051");
+        assert_eq!(parse_endpoint("localhost", true).unwrap(), "https://localhost:50051");
     }
 
     #[test]
     fn http_urls_are_kept() {
-        assert_eq!(parse_endpoint("http://10.0.0.1:50051").unwrap(), "http://10.0.0.1:50051");
-        assert_eq!(parse_endpoint("http://10.0.0.1:50051/").unwrap(), "http://10.0.0.1:50051");
-        assert_eq!(parse_endpoint("HTTP://h:1").unwrap(), "http://h:1");
+        assert_eq!(parse_endpoint("http://10.0.0.1:50051", false).unwrap(), "http://10.0.0.1:50051");
+        assert_eq!(parse_endpoint("http://10.0.0.1:50051/", false).unwrap(), "http://10.0.0.1:50051");
+        assert_eq!(parse_endpoint("HTTP://h:1", false).unwrap(), "http://h:1");
+    }
+
+    #[test]
+    fn the_scheme_follows_the_tls_settings() {
+        assert_eq!(parse_endpoint("https://h:1", true).unwrap(), "https://h:1");
+        assert_eq!(parse_endpoint("HTTPS://h", true).unwrap(), "https://h:50051");
+        let err = parse_endpoint("https://h:1", false).unwrap_err().to_string();
+        assert!(err.contains("no TLS settings"), "{err}");
+        let err = parse_endpoint("http://h:1", true).unwrap_err().to_string();
+        assert!(err.contains("plaintext"), "{err}");
+        assert!(matches!(parse_endpoint("ftp://h:1", true), Err(Error::InvalidEndpoint(_))));
+    }
+
+    #[test]
+    fn tokens_become_bearer_metadata() {
+        let mut credentials = Credentials::bearer("secret-token-0001").unwrap();
+        let request = credentials.call(tonic::Request::new(())).unwrap();
+        assert_eq!(request.metadata().get("authorization").unwrap(), "Bearer secret-token-0001");
+        assert!(!format!("{credentials:?}").contains("secret"), "Debug never prints the token");
+        assert!(Credentials::bearer("two words").is_err());
+        assert!(Credentials::bearer("").is_err());
+        let mut none = Credentials::default();
+        assert!(none.call(tonic::Request::new(())).unwrap().metadata().get("authorization").is_none());
     }
 
     #[test]
@@ -195,25 +385,29 @@ mod tests {
             "h:1?x=1",
             "h:",
         ] {
-            assert!(matches!(parse_endpoint(bad), Err(Error::InvalidEndpoint(_))), "{bad:?} accepted");
+            assert!(
+                matches!(parse_endpoint(bad, false), Err(Error::InvalidEndpoint(_) | Error::InvalidConfig(_))),
+                "{bad:?} accepted"
+            );
         }
     }
 
     #[test]
     fn endpoint_lists_dedupe_and_reject_empty() {
-        let v = parse_endpoints(["a:1", "http://a:1", "b:2"]).unwrap();
+        let v = parse_endpoints(["a:1", "http://a:1", "b:2"], false).unwrap();
         assert_eq!(v, vec!["http://a:1", "http://b:2"]);
-        assert!(matches!(parse_endpoints(Vec::<String>::new()), Err(Error::InvalidConfig(_))));
+        assert!(matches!(parse_endpoints(Vec::<String>::new(), false), Err(Error::InvalidConfig(_))));
     }
 
     #[test]
     fn leader_hint_from_metadata() {
         let mut md = MetadataMap::new();
-        assert_eq!(leader_hint(&md), None);
+        assert_eq!(leader_hint(&md, false), None);
         md.insert(LEADER_METADATA, "10.0.0.2:50051".parse().unwrap());
-        assert_eq!(leader_hint(&md).as_deref(), Some("http://10.0.0.2:50051"));
+        assert_eq!(leader_hint(&md, false).as_deref(), Some("http://10.0.0.2:50051"));
+        assert_eq!(leader_hint(&md, true).as_deref(), Some("https://10.0.0.2:50051"));
         md.insert(LEADER_METADATA, "".parse().unwrap());
-        assert_eq!(leader_hint(&md), None);
+        assert_eq!(leader_hint(&md, false), None);
     }
 
     #[test]

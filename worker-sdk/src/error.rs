@@ -15,7 +15,8 @@ pub enum Error {
     /// No connection could be made to any endpoint.
     #[error("transport error: {0}")]
     Transport(#[from] tonic::transport::Error),
-    /// An endpoint string that is not `host:port` or `http://host:port`.
+    /// An endpoint string that is not `host:port`, `http://host:port` or
+    /// (with TLS) `https://host:port`.
     #[error("invalid endpoint {0:?}")]
     InvalidEndpoint(String),
     /// A builder was given settings that cannot work (no queue, zero concurrency, ...).

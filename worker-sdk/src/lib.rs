@@ -90,7 +90,8 @@ pub use gantry_proto::prost_types;
 /// The generated `gantry.v1` types and raw gRPC clients.
 pub use gantry_proto::v1 as proto;
 
-pub use client::{Client, EnqueueBuilder, Enqueued};
+pub use client::{Client, ClientBuilder, EnqueueBuilder, Enqueued};
+pub use endpoint::{BrokerChannel, Credentials, Tls};
 pub use context::JobContext;
 pub use error::{Error, JobError, LeaseLost};
 pub use worker::{Worker, WorkerBuilder, WorkerHandle, WorkerStats};

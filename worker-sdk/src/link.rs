@@ -5,9 +5,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::codec::Streaming;
-use tonic::transport::Channel;
-
-use crate::endpoint::leader_hint;
+use crate::endpoint::{BrokerChannel, leader_hint};
 use crate::proto::{self, broker_message, worker_client::WorkerClient, worker_message};
 
 /// A stream that got its `welcome`.
@@ -44,18 +42,24 @@ pub(crate) fn message(kind: worker_message::Kind) -> proto::WorkerMessage {
     proto::WorkerMessage { kind: Some(kind) }
 }
 
-pub(crate) async fn open(channel: Channel, hello: proto::Hello, timeout: Duration) -> Result<Opened, OpenError> {
-    tokio::time::timeout(timeout, open_inner(channel, hello)).await.unwrap_or(Err(OpenError::Timeout))
+/// `tls`: leader hints are `https://` addresses.
+pub(crate) async fn open(
+    channel: BrokerChannel,
+    hello: proto::Hello,
+    timeout: Duration,
+    tls: bool,
+) -> Result<Opened, OpenError> {
+    tokio::time::timeout(timeout, open_inner(channel, hello, tls)).await.unwrap_or(Err(OpenError::Timeout))
 }
 
-async fn open_inner(channel: Channel, hello: proto::Hello) -> Result<Opened, OpenError> {
+async fn open_inner(channel: BrokerChannel, hello: proto::Hello, tls: bool) -> Result<Opened, OpenError> {
     let (tx, rx) = mpsc::unbounded_channel();
     // Queued before the call starts, so `hello` is the first message sent.
     tx.send(message(worker_message::Kind::Hello(hello)))
         .map_err(|_| OpenError::Protocol("request stream closed before hello".to_owned()))?;
     let response =
         WorkerClient::new(channel).connect(UnboundedReceiverStream::new(rx)).await.map_err(OpenError::Status)?;
-    let leader = leader_hint(response.metadata());
+    let leader = leader_hint(response.metadata(), tls);
     let mut inbound = response.into_inner();
     match inbound.message().await.map_err(OpenError::Status)? {
         Some(proto::BrokerMessage { kind: Some(broker_message::Kind::Welcome(welcome)) }) => {

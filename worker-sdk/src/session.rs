@@ -14,7 +14,6 @@ use futures::FutureExt as _;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 use tokio::time::{Instant, Interval, MissedTickBehavior};
-use tonic::transport::Channel;
 use tracing::Instrument as _;
 
 use crate::backoff::Backoff;
@@ -77,7 +76,7 @@ pub(crate) struct Session {
     fast_redirects: u32,
     invalid_streams: u32,
     session_id: Option<String>,
-    channels: HashMap<String, Channel>,
+    channels: HashMap<String, endpoint::BrokerChannel>,
     stopping: Option<Stopping>,
 }
 
@@ -207,7 +206,7 @@ impl Session {
             }
             Event::Inbound(Err(status)) => {
                 tracing::warn!(code = ?status.code(), message = status.message(), "stream broke; reconnecting");
-                if let Some(leader) = endpoint::leader_hint(status.metadata()) {
+                if let Some(leader) = endpoint::leader_hint(status.metadata(), self.cfg.connect.uses_tls()) {
                     self.targets.set_hint(leader);
                 }
                 if status.code() == tonic::Code::InvalidArgument {
@@ -235,7 +234,7 @@ impl Session {
         let target = self.targets.pick();
         let channel = match self.channels.get(&target) {
             Some(ch) => ch.clone(),
-            None => match endpoint::lazy_channel(&target, true) {
+            None => match endpoint::lazy_channel(&target, true, &self.cfg.connect) {
                 Ok(ch) => {
                     self.channels.insert(target.clone(), ch.clone());
                     ch
@@ -255,7 +254,8 @@ impl Session {
             resume_session_id: self.session_id.clone().unwrap_or_default(),
         };
         tracing::debug!(node = %target, resume = %hello.resume_session_id, "connecting");
-        self.link = Link::Connecting { target, fut: Box::pin(link::open(channel, hello, WELCOME_TIMEOUT)) };
+        let tls = self.cfg.connect.uses_tls();
+        self.link = Link::Connecting { target, fut: Box::pin(link::open(channel, hello, WELCOME_TIMEOUT, tls)) };
     }
 
     fn opened(&mut self, result: Result<Opened, OpenError>) -> Result<(), Error> {
@@ -281,7 +281,7 @@ impl Session {
                         self.link = Link::Closed;
                         return Err(Error::Status(status.clone()));
                     }
-                    if let Some(leader) = endpoint::leader_hint(status.metadata()).filter(|l| *l != target) {
+                    if let Some(leader) = endpoint::leader_hint(status.metadata(), self.cfg.connect.uses_tls()).filter(|l| *l != target) {
                         self.targets.set_hint(leader);
                     }
                 }
@@ -373,7 +373,7 @@ impl Session {
     }
 
     fn redirect(&mut self, from: &str, address: &str) {
-        match endpoint::parse_endpoint(address) {
+        match endpoint::parse_endpoint(address, self.cfg.connect.uses_tls()) {
             Ok(leader) => {
                 tracing::info!(node = %from, leader = %leader, "redirected to the leader");
                 self.targets.set_hint(leader);

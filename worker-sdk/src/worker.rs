@@ -9,7 +9,7 @@ use bytes::Bytes;
 use tokio::sync::watch;
 
 use crate::context::JobContext;
-use crate::endpoint::parse_endpoints;
+use crate::endpoint::{Connect, Tls, parse_endpoints};
 use crate::error::{Error, JobError};
 use crate::session;
 
@@ -33,6 +33,7 @@ pub(crate) struct Config {
     pub(crate) backoff_min: Duration,
     pub(crate) backoff_max: Duration,
     pub(crate) shutdown_timeout: Duration,
+    pub(crate) connect: Connect,
 }
 
 /// Configures a [`Worker`]. Errors are reported by [`build`](Self::build).
@@ -46,9 +47,24 @@ pub struct WorkerBuilder {
     backoff_min: Duration,
     backoff_max: Duration,
     shutdown_timeout: Duration,
+    tls: Option<Tls>,
+    token: Option<String>,
 }
 
 impl WorkerBuilder {
+    /// Speaks TLS to the brokers (`https://` or bare `host:port` endpoints).
+    pub fn tls(mut self, tls: Tls) -> Self {
+        self.tls = Some(tls);
+        self
+    }
+
+    /// Sends `authorization: Bearer <token>` on the stream (brokers started
+    /// with `--token-file`; the token needs the `worker` role).
+    pub fn token(mut self, token: impl Into<String>) -> Self {
+        self.token = Some(token.into());
+        self
+    }
+
     /// Adds a queue to take jobs from.
     pub fn queue(mut self, queue: impl Into<String>) -> Self {
         self.queues.push(queue.into());
@@ -93,7 +109,8 @@ impl WorkerBuilder {
     }
 
     pub fn build(self) -> Result<Worker, Error> {
-        let endpoints = parse_endpoints(self.endpoints)?;
+        let connect = Connect::new(self.tls.as_ref(), self.token.as_deref())?;
+        let endpoints = parse_endpoints(self.endpoints, connect.uses_tls())?;
         let mut queues: Vec<String> = Vec::new();
         for q in self.queues {
             if !valid_queue_name(&q) {
@@ -132,6 +149,7 @@ impl WorkerBuilder {
                 backoff_min: self.backoff_min,
                 backoff_max: self.backoff_max,
                 shutdown_timeout: self.shutdown_timeout,
+                connect,
             },
             shared: Arc::new(Shared::default()),
         })
@@ -170,6 +188,8 @@ impl Worker {
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_secs(5),
             shutdown_timeout: Duration::from_secs(30),
+            tls: None,
+            token: None,
         }
     }
 

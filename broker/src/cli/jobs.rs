@@ -188,7 +188,7 @@ mod tests {
 
     fn args(payload: Option<&str>, file: Option<&str>) -> EnqueueArgs {
         EnqueueArgs {
-            client: ClientArgs { addr: "x:1".into(), json: false },
+            client: ClientArgs { addr: "x:1".into(), ..ClientArgs::default() },
             queue: "q".into(),
             payload: payload.map(str::to_owned),
             payload_file: file.map(PathBuf::from),

@@ -13,11 +13,11 @@ mod dev;
 mod jobs;
 mod output;
 
-use std::io::Write as _;
+use std::{io::Write as _, path::PathBuf};
 
 use anyhow::Context as _;
 use clap::{Args, Subcommand};
-use gantry_worker::Client;
+use gantry_worker::{Client, ClientBuilder, Tls, WorkerBuilder};
 
 pub use admin::{ClusterCommand, QueuesArgs, QueuesCommand, WorkersArgs};
 pub use bench::{BenchArgs, Scenario};
@@ -54,7 +54,7 @@ pub enum Command {
 }
 
 /// Flags shared by every client subcommand.
-#[derive(Args, Debug, Clone, PartialEq, Eq)]
+#[derive(Args, Debug, Clone, Default, PartialEq, Eq)]
 pub struct ClientArgs {
     /// Broker address(es), comma-separated: host:port or http://host:port.
     /// Any node of the cluster will do; the others are tried when it fails.
@@ -63,6 +63,26 @@ pub struct ClientArgs {
     /// Print machine-readable JSON on stdout instead of text.
     #[arg(long, global = true)]
     pub json: bool,
+    /// Boxed: `Command` holds client flags inline and must stay small.
+    #[command(flatten)]
+    pub security: Box<SecurityArgs>,
+}
+
+/// TLS and token flags of every client subcommand.
+#[derive(Args, Debug, Clone, Default, PartialEq, Eq)]
+pub struct SecurityArgs {
+    /// Bearer token sent with every call (brokers started with --token-file).
+    #[arg(long, global = true, env = "GANTRY_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// PEM CA that signed the brokers' certificates: talk TLS (https://) to them.
+    #[arg(long, global = true, env = "GANTRY_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+    /// PEM client certificate, for brokers started with --tls-client-ca (with --tls-key).
+    #[arg(long, global = true, env = "GANTRY_TLS_CLIENT_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, global = true, env = "GANTRY_TLS_CLIENT_KEY")]
+    pub tls_key: Option<PathBuf>,
 }
 
 impl ClientArgs {
@@ -78,7 +98,48 @@ impl ClientArgs {
 
     pub async fn connect(&self) -> anyhow::Result<Client> {
         let eps = self.endpoints()?;
-        Client::connect(eps.clone()).await.with_context(|| format!("cannot connect to {}", eps.join(",")))
+        self.client_builder()?.connect().await.with_context(|| format!("cannot connect to {}", eps.join(",")))
+    }
+
+    /// `--tls-ca`, `--tls-cert`, `--tls-key` as SDK settings; `None` without TLS.
+    pub fn tls(&self) -> anyhow::Result<Option<Tls>> {
+        let security = &self.security;
+        let Some(ca) = &security.tls_ca else {
+            if security.tls_cert.is_some() || security.tls_key.is_some() {
+                anyhow::bail!("--tls-cert/--tls-key need --tls-ca (the CA that signed the brokers' certificates)");
+            }
+            return Ok(None);
+        };
+        let tls = Tls::ca_file(ca)?;
+        Ok(Some(match (&security.tls_cert, &security.tls_key) {
+            (Some(cert), Some(key)) => tls.identity_files(cert, key)?,
+            (None, None) => tls,
+            _ => anyhow::bail!("--tls-cert and --tls-key go together"),
+        }))
+    }
+
+    /// A client builder with these flags' addresses, TLS and token.
+    pub fn client_builder(&self) -> anyhow::Result<ClientBuilder> {
+        let mut builder = Client::builder(self.endpoints()?);
+        if let Some(tls) = self.tls()? {
+            builder = builder.tls(tls);
+        }
+        if let Some(token) = &self.security.token {
+            builder = builder.token(token.clone());
+        }
+        Ok(builder)
+    }
+
+    /// A worker builder with these flags' addresses, TLS and token.
+    pub fn worker_builder(&self) -> anyhow::Result<WorkerBuilder> {
+        let mut builder = gantry_worker::Worker::builder(self.endpoints()?);
+        if let Some(tls) = self.tls()? {
+            builder = builder.tls(tls);
+        }
+        if let Some(token) = &self.security.token {
+            builder = builder.token(token.clone());
+        }
+        Ok(builder)
     }
 }
 
@@ -390,8 +451,29 @@ mod tests {
     }
 
     #[test]
+    fn tls_and_token_flags() {
+        let Command::Queues(q) = parse(&["queues", "--token", "secret-token-0001", "--tls-ca", "/etc/ca.pem"]) else {
+            panic!("not queues")
+        };
+        assert_eq!(q.client.security.token.as_deref(), Some("secret-token-0001"));
+        assert_eq!(q.client.security.tls_ca, Some(PathBuf::from("/etc/ca.pem")));
+        let Command::Job { client, .. } =
+            parse(&["job", "get", "0-1", "--tls-ca", "c", "--tls-cert", "crt", "--tls-key", "key"])
+        else {
+            panic!("not job get")
+        };
+        assert_eq!(client.security.tls_key, Some(PathBuf::from("key")));
+        let half = ClientArgs {
+            security: Box::new(SecurityArgs { tls_cert: Some("crt".into()), ..Default::default() }),
+            ..ClientArgs::default()
+        };
+        assert!(half.tls().unwrap_err().to_string().contains("need --tls-ca"));
+        assert!(ClientArgs::default().tls().unwrap().is_none());
+    }
+
+    #[test]
     fn empty_addr_is_an_error() {
-        let c = ClientArgs { addr: " , ".into(), json: false };
+        let c = ClientArgs { addr: " , ".into(), ..ClientArgs::default() };
         assert!(c.endpoints().is_err());
     }
 

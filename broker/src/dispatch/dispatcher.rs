@@ -47,6 +47,7 @@ pub(super) async fn run(
                     dirty |= !assignments.is_empty();
                     for assignment in assignments {
                         let session_id = assignment.session_id.clone();
+                        tracing::debug!(shard = %node.raft.shard(), job_id = %assignment.job_id, session = %session_id, token = assignment.token.0, attempt = assignment.attempt, "assigned");
                         // A session without a stream gets it again when it
                         // resumes, or loses it when it expires.
                         node.registry.send(&session_id, Outbound::Assign(assignment));
@@ -118,6 +119,9 @@ pub(super) async fn run(
 fn handle_event(node: &ShardNode, event: Event) -> bool {
     match event {
         Event::Revoked { session_id, job_id, token, reason } => {
+            if node.raft.is_leader() {
+                tracing::info!(shard = %node.raft.shard(), %job_id, session = %session_id, token = token.0, %reason, "lease revoked");
+            }
             node.registry.send(&session_id, Outbound::Revoke { job_id, token, reason });
             false
         }

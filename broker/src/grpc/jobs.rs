@@ -4,6 +4,7 @@ use std::{collections::BTreeMap, sync::Arc};
 
 use gantry_proto::v1::{self as proto, jobs_server::Jobs};
 use tonic::{Request, Response, Status};
+use tracing::Instrument as _;
 
 use super::{convert, status, validate};
 use crate::{
@@ -59,15 +60,24 @@ impl Jobs for JobsService {
     ) -> Result<Response<proto::EnqueueResponse>, Status> {
         let new = validate::enqueue(request.get_ref(), &self.limits, self.node.clock.now_ms())?;
         let shard = self.node.shard_for_queue(&new.queue);
-        match shard.proposer.propose(Command::Enqueue(new)).await.map_err(status::propose_error)? {
-            Applied::Enqueued { job_id, created, state } => Ok(Response::new(proto::EnqueueResponse {
-                job_id: job_id.to_string(),
-                created,
-                state: convert::job_state_to_proto(state) as i32,
-            })),
-            Applied::Rejected(rejection) => Err(status::rejection(rejection)),
-            other => Err(status::unexpected("enqueue", &other)),
+        let span = tracing::debug_span!("enqueue", queue = %new.queue, shard = %shard.raft.shard(), job_id = tracing::field::Empty);
+        async move {
+            match shard.proposer.propose(Command::Enqueue(new)).await.map_err(status::propose_error)? {
+                Applied::Enqueued { job_id, created, state } => {
+                    tracing::Span::current().record("job_id", tracing::field::display(job_id));
+                    tracing::debug!(created, ?state, "enqueued");
+                    Ok(Response::new(proto::EnqueueResponse {
+                        job_id: job_id.to_string(),
+                        created,
+                        state: convert::job_state_to_proto(state) as i32,
+                    }))
+                }
+                Applied::Rejected(rejection) => Err(status::rejection(rejection)),
+                other => Err(status::unexpected("enqueue", &other)),
+            }
         }
+        .instrument(span)
+        .await
     }
 
     async fn enqueue_batch(
@@ -141,7 +151,10 @@ impl Jobs for JobsService {
         let command = validate::cancel(request.get_ref(), &self.limits)?;
         let Command::Cancel { job_id, .. } = &command else { unreachable!("validate::cancel builds a Cancel") };
         let shard = shard_of(&self.node, *job_id)?;
-        propose_for_job(shard, command, "cancel").await.map(Response::new)
+        let span = tracing::info_span!("cancel", job_id = %job_id, shard = %shard.raft.shard());
+        let job = propose_for_job(shard, command, "cancel").instrument(span.clone()).await?;
+        span.in_scope(|| tracing::info!(queue = %job.queue, "job cancelled"));
+        Ok(Response::new(job))
     }
 }
 

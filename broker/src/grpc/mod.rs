@@ -3,6 +3,7 @@
 //! `tonic::Status` happen here, once.
 
 pub mod admin;
+pub mod auth;
 pub mod convert;
 pub mod forward;
 pub mod jobs;

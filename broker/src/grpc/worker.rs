@@ -16,6 +16,7 @@ use gantry_proto::v1::{self as proto, broker_message::Kind as Out, worker_messag
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument as _;
 
 use super::{convert, status, validate};
 use crate::{
@@ -325,8 +326,16 @@ impl Connection {
             let _ = self.out.send(ack(proto::AckStatus::UnknownJob, format!("job {job_id_text} not found"), None));
             return;
         };
+        let kind = command_kind(&command);
+        let span = tracing::debug_span!("result", job_id = %job_id_text, shard = %shard.raft.shard(), session = %self.session_id, token, kind);
         tokio::spawn(async move {
-            let reply = match shard.proposer.propose(command).await {
+            let outcome = shard.proposer.propose(command).await;
+            match &outcome {
+                Ok(Applied::Accepted { .. }) => tracing::debug!("accepted"),
+                Ok(Applied::Rejected(rejection)) => tracing::info!(%rejection, "result refused"),
+                _ => {}
+            }
+            let reply = match outcome {
                 Ok(Applied::Accepted { lease_deadline_ms }) => {
                     ack(proto::AckStatus::Accepted, String::new(), lease_deadline_ms)
                 }
@@ -344,7 +353,7 @@ impl Connection {
                 Err(e) => Err(status::propose_error(e)),
             };
             let _ = self.out.send(reply);
-        });
+        }.instrument(span));
     }
 
     /// Clean shutdown: jobs still held go back to the queue at once.
@@ -364,6 +373,16 @@ impl Connection {
 
 fn message_ack(ack: proto::Ack) -> Result<proto::BrokerMessage, Status> {
     message(Out::Ack(ack))
+}
+
+fn command_kind(command: &Command) -> &'static str {
+    match command {
+        Command::Complete { .. } => "complete",
+        Command::Fail { .. } => "fail",
+        Command::Release { .. } => "release",
+        Command::Progress { .. } => "progress",
+        _ => "other",
+    }
 }
 
 fn command_job(command: &Command) -> Option<JobId> {

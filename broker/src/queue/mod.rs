@@ -11,6 +11,7 @@ pub mod ids;
 pub mod job;
 pub mod snapshot;
 pub mod state;
+pub mod tally;
 
 #[cfg(test)]
 mod invariants;
@@ -22,3 +23,4 @@ pub use config::{QueueConfig, QueueConfigUpdate};
 pub use ids::{FencingToken, JobId, SessionId, ShardId};
 pub use job::{AttemptRecord, Job, JobState, JobView, Outcome, Status};
 pub use state::{ApplyOutput, QueueState, Session};
+pub use tally::{QueueTally, Tally};

@@ -10,6 +10,7 @@ use super::{
     config::{QueueConfig, QueueConfigUpdate},
     ids::{FencingToken, JobId, SessionId, ShardId},
     job::{AttemptRecord, Job, JobState, JobView, Lease, Outcome, Status},
+    tally::Tally,
 };
 
 /// Expired sessions are remembered this long so that a worker resuming one
@@ -172,11 +173,13 @@ pub struct QueueState {
     retention: BTreeSet<(u64, JobId)>,
 }
 
-/// What one entry did: a result per command, and events for the leader.
+/// What one entry did: a result per command, events for the leader, and
+/// counts per queue for metrics.
 #[derive(Debug, Default)]
 pub struct ApplyOutput {
     pub results: Vec<Applied>,
     pub events: Vec<Event>,
+    pub tally: Tally,
 }
 
 /// Wake-ups are hints: one per queue per run of commands is enough, and a
@@ -292,19 +295,23 @@ impl QueueState {
 
     /// Applies one committed log entry at `log_index`.
     pub fn apply(&mut self, log_index: u64, batch: &Batch) -> ApplyOutput {
-        let mut out = ApplyOutput { results: Vec::with_capacity(batch.commands.len()), events: Vec::new() };
+        let mut out = ApplyOutput {
+            results: Vec::with_capacity(batch.commands.len()),
+            events: Vec::new(),
+            tally: Tally::default(),
+        };
         // Time passes first: a result that arrives in the same entry as its
         // lease's deadline is late.
-        self.advance_time(batch.proposed_at_ms, &mut out.events);
+        self.advance_time(batch.proposed_at_ms, &mut out.events, &mut out.tally);
         let mut position = 0u64;
         for command in &batch.commands {
-            let applied = self.apply_command(log_index, &mut position, command, &mut out.events);
+            let applied = self.apply_command(log_index, &mut position, command, &mut out.events, &mut out.tally);
             out.results.push(applied);
         }
         out
     }
 
-    fn advance_time(&mut self, stamp_ms: u64, events: &mut Vec<Event>) {
+    fn advance_time(&mut self, stamp_ms: u64, events: &mut Vec<Event>, tally: &mut Tally) {
         self.now_ms = self.now_ms.max(stamp_ms);
         let now = self.now_ms;
         while let Some(&(deadline, job_id)) = self.lease_deadlines.first() {
@@ -312,7 +319,7 @@ impl QueueState {
                 break;
             }
             // end_lease removes this index entry, so the loop moves on.
-            self.lose_lease(job_id, Outcome::LeaseTimedOut, "lease_timeout passed without a result", events);
+            self.lose_lease(job_id, Outcome::LeaseTimedOut, "lease_timeout passed without a result", events, tally);
         }
         while let Some(&(expires, job_id)) = self.retention.first() {
             if expires > now {
@@ -330,9 +337,16 @@ impl QueueState {
         }
     }
 
-    fn apply_command(&mut self, index: u64, position: &mut u64, command: &Command, events: &mut Vec<Event>) -> Applied {
+    fn apply_command(
+        &mut self,
+        index: u64,
+        position: &mut u64,
+        command: &Command,
+        events: &mut Vec<Event>,
+        tally: &mut Tally,
+    ) -> Applied {
         match command {
-            Command::Enqueue(new) => self.enqueue(new, events),
+            Command::Enqueue(new) => self.enqueue(new, events, tally),
             Command::OpenSession { session_id, worker_id, queues, max_in_flight } => {
                 self.expired_sessions.remove(session_id);
                 let session = self.sessions.entry(session_id.clone()).or_insert_with(|| Session {
@@ -350,18 +364,18 @@ impl QueueState {
             Command::Dispatch { sessions } => {
                 let mut assignments = Vec::new();
                 for session_id in sessions {
-                    self.fill_session(index, position, session_id, &mut assignments);
+                    self.fill_session(index, position, session_id, &mut assignments, tally);
                 }
                 Applied::Dispatched { assignments }
             }
-            Command::Complete { job_id, token, result } => self.complete(*job_id, *token, result, events),
-            Command::Fail { job_id, token, error, retry } => self.fail(*job_id, *token, error, retry, events),
+            Command::Complete { job_id, token, result } => self.complete(*job_id, *token, result, events, tally),
+            Command::Fail { job_id, token, error, retry } => self.fail(*job_id, *token, error, retry, events, tally),
             Command::Release { job_id, token } => self.release(*job_id, *token, events),
             Command::Progress { job_id, token, message, extend_ms } => {
                 self.progress(*job_id, *token, message, *extend_ms)
             }
-            Command::ExpireSession { session_id, reason } => self.expire_session(session_id, *reason, events),
-            Command::Cancel { job_id, reason } => self.cancel(*job_id, reason, events),
+            Command::ExpireSession { session_id, reason } => self.expire_session(session_id, *reason, events, tally),
+            Command::Cancel { job_id, reason } => self.cancel(*job_id, reason, events, tally),
             Command::RetryJob { job_id } => self.retry_job(*job_id, events),
             Command::PurgeQueue { queue, state } => self.purge(queue, *state),
             Command::SetQueueConfig { queue, update } => {
@@ -392,7 +406,7 @@ impl QueueState {
         self.queue_mut(queue).config.apply(update);
     }
 
-    fn enqueue(&mut self, new: &NewJob, events: &mut Vec<Event>) -> Applied {
+    fn enqueue(&mut self, new: &NewJob, events: &mut Vec<Event>, tally: &mut Tally) -> Applied {
         let now = self.now_ms;
         self.queue_mut(&new.queue);
         // Field access, not queue_mut(), so jobs and counters stay borrowable.
@@ -438,10 +452,18 @@ impl QueueState {
         let state = job.state_at(now);
         self.jobs.insert(id, job);
         note_work(events, &new.queue);
+        tally.queue(&new.queue).enqueued += 1;
         Applied::Enqueued { job_id: id, created: true, state }
     }
 
-    fn fill_session(&mut self, index: u64, position: &mut u64, session_id: &SessionId, out: &mut Vec<Assignment>) {
+    fn fill_session(
+        &mut self,
+        index: u64,
+        position: &mut u64,
+        session_id: &SessionId,
+        out: &mut Vec<Assignment>,
+        tally: &mut Tally,
+    ) {
         let now = self.now_ms;
         let Some(session) = self.sessions.get(session_id) else {
             return;
@@ -473,6 +495,11 @@ impl QueueState {
             queue.active += 1;
             queue.note_dispatch(now);
             let job = self.jobs.get_mut(&job_id).expect("pending key of a missing job");
+            // Due since its run_at, its enqueue (a run_at in the past) or the
+            // end of its last attempt (a released job keeps its old run_at).
+            let last_end = job.history.last().and_then(|r| r.finished_ms).unwrap_or(0);
+            let due_ms = job.run_at_ms.max(job.created_ms).max(last_end);
+            tally.queue(&queue_name).dispatch_waits_ms.push(now.saturating_sub(due_ms));
             job.attempt += 1;
             let deadline = now.saturating_add(job.lease_timeout_ms);
             job.status =
@@ -551,14 +578,21 @@ impl QueueState {
         Ok(Some(lease))
     }
 
-    fn complete(&mut self, job_id: JobId, token: FencingToken, result: &[u8], events: &mut Vec<Event>) -> Applied {
+    fn complete(
+        &mut self,
+        job_id: JobId,
+        token: FencingToken,
+        result: &[u8],
+        events: &mut Vec<Event>,
+        tally: &mut Tally,
+    ) -> Applied {
         let lease = match self.take_lease(job_id, token, Outcome::Succeeded, "") {
             Ok(Some(lease)) => lease,
             Ok(None) => return Applied::Accepted { lease_deadline_ms: None },
             Err(rejection) => return Applied::Rejected(rejection),
         };
         self.jobs.get_mut(&job_id).expect("checked").result = result.to_vec();
-        self.finish(job_id, Status::Succeeded, events);
+        self.finish(job_id, Status::Succeeded, events, tally);
         note_capacity(events, lease.session_id);
         Applied::Accepted { lease_deadline_ms: None }
     }
@@ -570,6 +604,7 @@ impl QueueState {
         error: &str,
         retry: &RetryRequest,
         events: &mut Vec<Event>,
+        tally: &mut Tally,
     ) -> Applied {
         let lease = match self.take_lease(job_id, token, Outcome::Failed, error) {
             Ok(Some(lease)) => lease,
@@ -590,8 +625,11 @@ impl QueueState {
             }
         };
         match delay_ms {
-            Some(delay) => self.requeue(job_id, now.saturating_add(delay), events),
-            None => self.finish(job_id, Status::Failed, events),
+            Some(delay) => {
+                tally.queue(&job.queue).retried += 1;
+                self.requeue(job_id, now.saturating_add(delay), events);
+            }
+            None => self.finish(job_id, Status::Failed, events, tally),
         }
         note_capacity(events, lease.session_id);
         Applied::Accepted { lease_deadline_ms: None }
@@ -648,19 +686,26 @@ impl QueueState {
     }
 
     /// A lease lost without a result: the attempt counts.
-    fn lose_lease(&mut self, job_id: JobId, outcome: Outcome, why: &str, events: &mut Vec<Event>) {
+    fn lose_lease(&mut self, job_id: JobId, outcome: Outcome, why: &str, events: &mut Vec<Event>, tally: &mut Tally) {
         self.revoke_lease(job_id, outcome, why, events);
         let now = self.now_ms;
         let job = self.jobs.get_mut(&job_id).expect("had a lease");
+        tally.queue(&job.queue).lease_expired += 1;
         if job.attempt >= job.max_attempts {
             job.error = format!("{why} (attempt {} of {})", job.attempt, job.max_attempts);
-            self.finish(job_id, Status::Failed, events);
+            self.finish(job_id, Status::Failed, events, tally);
         } else {
             self.requeue(job_id, now, events);
         }
     }
 
-    fn expire_session(&mut self, session_id: &SessionId, reason: ExpiryReason, events: &mut Vec<Event>) -> Applied {
+    fn expire_session(
+        &mut self,
+        session_id: &SessionId,
+        reason: ExpiryReason,
+        events: &mut Vec<Event>,
+        tally: &mut Tally,
+    ) -> Applied {
         let Some(session) = self.sessions.get(session_id) else {
             return Applied::Rejected(Rejection::SessionNotFound(session_id.clone()));
         };
@@ -674,7 +719,7 @@ impl QueueState {
         for job_id in held {
             let token = self.jobs[&job_id].lease().expect("held job has a lease").token;
             lost.push((job_id, token));
-            self.lose_lease(job_id, Outcome::SessionExpired, why, events);
+            self.lose_lease(job_id, Outcome::SessionExpired, why, events, tally);
         }
         self.sessions.remove(session_id);
         events.push(Event::SessionEnded { session_id: session_id.clone() });
@@ -685,7 +730,7 @@ impl QueueState {
         Applied::SessionExpired { released }
     }
 
-    fn cancel(&mut self, job_id: JobId, reason: &str, events: &mut Vec<Event>) -> Applied {
+    fn cancel(&mut self, job_id: JobId, reason: &str, events: &mut Vec<Event>, tally: &mut Tally) -> Applied {
         let Some(job) = self.jobs.get(&job_id) else {
             return Applied::Rejected(Rejection::JobNotFound(job_id));
         };
@@ -702,7 +747,7 @@ impl QueueState {
             self.queues.get_mut(&queue).expect("queue of a job").pending.remove(&key);
         }
         self.jobs.get_mut(&job_id).expect("exists").error = why;
-        self.finish(job_id, Status::Cancelled, events);
+        self.finish(job_id, Status::Cancelled, events, tally);
         Applied::Job(Box::new(self.view(job_id, now).expect("exists")))
     }
 
@@ -736,14 +781,24 @@ impl QueueState {
     }
 
     /// Into a terminal state; retained for the queue's `retention`.
-    fn finish(&mut self, job_id: JobId, status: Status, events: &mut Vec<Event>) {
+    fn finish(&mut self, job_id: JobId, status: Status, events: &mut Vec<Event>, tally: &mut Tally) {
         let now = self.now_ms;
         let job = self.jobs.get_mut(&job_id).expect("finish of a missing job");
         let queue = self.queues.get_mut(&job.queue).expect("queue of a job");
+        let counts = tally.queue(&job.queue);
         match status {
-            Status::Succeeded => queue.succeeded += 1,
-            Status::Failed => queue.failed += 1,
-            Status::Cancelled => queue.cancelled += 1,
+            Status::Succeeded => {
+                queue.succeeded += 1;
+                counts.succeeded += 1;
+            }
+            Status::Failed => {
+                queue.failed += 1;
+                counts.failed += 1;
+            }
+            Status::Cancelled => {
+                queue.cancelled += 1;
+                counts.cancelled += 1;
+            }
             Status::Pending | Status::Active(_) => {
                 unreachable!("finish into a non-terminal status")
             }

@@ -25,6 +25,7 @@ use std::ops::RangeInclusive;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::PoisonError;
 use std::sync::Weak;
 use std::time::Duration;
@@ -50,6 +51,8 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::runtime::Handle;
 use tokio::sync::mpsc;
+
+use super::watermark::Watermark;
 use tokio::task::JoinHandle;
 
 #[cfg(test)]
@@ -111,6 +114,13 @@ pub enum StorageError {
 
     #[error("storage task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
+
+    #[error("group {group}: cannot write the durability watermark: {source}")]
+    Watermark {
+        group: u64,
+        #[source]
+        source: io::Error,
+    },
 
     #[error("group {group}: an earlier log flush failed: {reason}")]
     FlushFailed { group: u64, reason: String },
@@ -277,11 +287,39 @@ pub struct EngineLogStore<C: RaftTypeConfig> {
     reader: EngineLogReader<C>,
     /// Started on the first append; see [`run_flusher`].
     flusher: Option<mpsc::UnboundedSender<IOFlushed<C>>>,
+    durable: Option<Arc<DurableMark>>,
+}
+
+/// What the flush task raises the group's watermark to: the last index
+/// appended before a sync is durable after it.
+struct DurableMark {
+    watermark: Arc<Watermark>,
+    appended: AtomicU64,
 }
 
 impl<C: RaftTypeConfig> EngineLogStore<C> {
     pub fn new(engine: Arc<Engine>, group: u64) -> Self {
-        Self { reader: EngineLogReader { io: io_threads(&engine), engine, group, _config: PhantomData }, flusher: None }
+        Self {
+            reader: EngineLogReader { io: io_threads(&engine), engine, group, _config: PhantomData },
+            flusher: None,
+            durable: None,
+        }
+    }
+
+    /// Keeps `watermark` at the highest index this store acknowledged as
+    /// durable (raised with every flush, lowered by truncation).
+    pub fn with_watermark(mut self, watermark: Arc<Watermark>) -> Self {
+        let appended = AtomicU64::new(watermark.recorded());
+        self.durable = Some(Arc::new(DurableMark { watermark, appended }));
+        self
+    }
+
+    /// The last index the recovered log holds (entries or the purge point).
+    pub fn recovered_last_index(&self) -> Result<u64> {
+        let engine = self.engine();
+        let purged: Option<LogIdOf<C>> = get_meta(engine, self.group(), KEY_PURGED_V1)?;
+        let last = engine.last_index(self.group()).unwrap_or(0);
+        Ok(last.max(purged.map_or(0, |p| p.index())))
     }
 
     pub fn group(&self) -> u64 {
@@ -296,7 +334,7 @@ impl<C: RaftTypeConfig> EngineLogStore<C> {
         let reader = &self.reader;
         self.flusher.get_or_insert_with(|| {
             let (tx, rx) = mpsc::unbounded_channel();
-            tokio::spawn(run_flusher(reader.engine.clone(), reader.io.clone(), reader.group, rx));
+            tokio::spawn(run_flusher(reader.engine.clone(), reader.io.clone(), reader.group, self.durable.clone(), rx));
             tx
         })
     }
@@ -320,10 +358,15 @@ impl<C: RaftTypeConfig> EngineLogStore<C> {
 /// file is synced when rotated out). Callbacks queued meanwhile share the next
 /// sync, and the synced writes of all groups share one fdatasync when they
 /// meet in raft-engine's write group.
+///
+/// The watermark is written on another thread at the same time as the log
+/// sync (one more fdatasync, in parallel): if the log sync then fails, the
+/// watermark is ahead of the log, which only makes a restart cautious.
 async fn run_flusher<C: RaftTypeConfig>(
     engine: Arc<Engine>,
     io: Handle,
     group: u64,
+    durable: Option<Arc<DurableMark>>,
     mut callbacks: mpsc::UnboundedReceiver<IOFlushed<C>>,
 ) {
     let mut waiting = Vec::new();
@@ -332,11 +375,22 @@ async fn run_flusher<C: RaftTypeConfig>(
     while callbacks.recv_many(&mut waiting, 1024).await > 0 {
         if failure.is_none() {
             let engine = engine.clone();
+            let marked = durable.clone().map(|durable| {
+                let target = durable.appended.load(Ordering::Acquire);
+                io.spawn_blocking(move || durable.watermark.record(target))
+            });
             let synced = io.spawn_blocking(move || sync_group(&engine, group)).await;
             match synced {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => failure = Some(e.to_string()),
                 Err(e) => failure = Some(e.to_string()),
+            }
+            if let Some(marked) = marked {
+                match marked.await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => failure = Some(format!("watermark: {e}")),
+                    Err(e) => failure = Some(format!("watermark: {e}")),
+                }
             }
             if let Some(reason) = &failure {
                 tracing::error!(group, %reason, "raft log flush failed");
@@ -606,6 +660,7 @@ impl<C: RaftTypeConfig> RaftLogStorage<C> for EngineLogStore<C> {
         I::IntoIter: OptionalSend,
     {
         let entries: Vec<EntryOf<C>> = entries.into_iter().collect();
+        let last_index = entries.last().map(|e| e.index());
         if !entries.is_empty() {
             self.blocking(move |engine, group| {
                 check_contiguous::<C>(engine, group, &entries)?;
@@ -616,6 +671,9 @@ impl<C: RaftTypeConfig> RaftLogStorage<C> for EngineLogStore<C> {
                 Ok(())
             })
             .await?;
+        }
+        if let (Some(durable), Some(last)) = (&self.durable, last_index) {
+            durable.appended.store(last, Ordering::Release);
         }
         // Even an empty append is acknowledged only after a sync: its callback
         // tells openraft that all earlier log I/O is durable.
@@ -629,6 +687,7 @@ impl<C: RaftTypeConfig> RaftLogStorage<C> for EngineLogStore<C> {
 
     async fn truncate_after(&mut self, last_log_id: Option<LogIdOf<C>>) -> io::Result<()> {
         let keep = last_log_id.map(|log_id| log_id.index());
+        let durable = self.durable.clone();
         self.blocking(move |engine, group| {
             let (Some(first), Some(last)) = (engine.first_index(group), engine.last_index(group)) else {
                 return Ok(()); // no entries: nothing after `keep`
@@ -660,6 +719,15 @@ impl<C: RaftTypeConfig> RaftLogStorage<C> for EngineLogStore<C> {
             // entries, then purges past them. Were either lost in a crash, entries
             // that contradict the snapshot would come back under it. Both are rare.
             engine.write(&mut batch, true)?;
+            // Entries past `keep` were never committed: not acknowledged any
+            // more either.
+            if let Some(durable) = durable {
+                let keep = keep.unwrap_or(0);
+                durable.appended.store(keep, Ordering::Release);
+                if durable.watermark.recorded() > keep {
+                    durable.watermark.record(keep).map_err(|source| StorageError::Watermark { group, source })?;
+                }
+            }
             Ok(())
         })
         .await?;

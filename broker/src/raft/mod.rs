@@ -7,6 +7,7 @@ pub mod network;
 pub mod peer_service;
 pub mod state_machine;
 pub mod types;
+pub mod watermark;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -107,6 +108,13 @@ pub struct ShardRaft {
     shard: ShardId,
     raft: GantryRaft,
     state: Arc<ShardState>,
+    /// Non-zero after a restart that recovered less log than this node had
+    /// acknowledged: the index it must hold again before it may vote or
+    /// stand for election.
+    vote_barrier: std::sync::atomic::AtomicU64,
+    /// (recovered, acknowledged) last indexes when the log came back shorter
+    /// than this node had acknowledged.
+    lost_at_open: Option<(u64, u64)>,
 }
 
 impl ShardRaft {
@@ -133,19 +141,72 @@ impl ShardRaft {
             // healthy leader when it comes back.
             enable_pre_vote: Some(true),
             install_snapshot_timeout: 60_000,
+            // A follower whose disk lost a log tail (dropped as corrupt by
+            // raft-engine at open) must be caught up again, not panic the
+            // leader. Such a follower does not vote until it is (see
+            // `vote_barrier`), so the reversion cannot cost a committed entry.
+            allow_log_reversion: Some(true),
             ..Default::default()
         }
         .validate()
         .map_err(|e| RaftError::Config(e.to_string()))?;
         let snapshot_dir = data_dir.join("snapshots").join(shard.0.to_string());
-        let sm = StateMachineStore::open(shard, snapshot_dir, events)?;
+        let local_log_end = engine.last_index(u64::from(shard.0)).unwrap_or(0);
+        let sm = StateMachineStore::open(shard, snapshot_dir, events, local_log_end)?;
         let state = sm.shared();
-        let log = EngineLogStore::new(engine, u64::from(shard.0));
+        let watermark_path = data_dir.join("raft-watermark").join(shard.0.to_string());
+        let (watermark, acknowledged) = watermark::Watermark::open(&watermark_path)?;
+        let log = EngineLogStore::new(engine, u64::from(shard.0)).with_watermark(Arc::new(watermark));
+        let recovered = log.recovered_last_index().map_err(std::io::Error::from)?;
         let network = PeerNetwork { shard, channels };
         let raft = GantryRaft::new(node_id, Arc::new(config), network, log, sm)
             .await
             .map_err(|e| RaftError::Raft(e.to_string()))?;
-        Ok(ShardRaft { shard, raft, state })
+        let lost_at_open = (recovered < acknowledged).then_some((recovered, acknowledged));
+        let shard_raft = ShardRaft { shard, raft, state, vote_barrier: Default::default(), lost_at_open };
+        if recovered < acknowledged {
+            tracing::error!(
+                %shard, recovered, acknowledged,
+                "the raft log lost entries this node had acknowledged (a corrupt or truncated tail was dropped at open); \
+                 this node will not vote or lead until the leader has replicated them again"
+            );
+            shard_raft.vote_barrier.store(acknowledged, std::sync::atomic::Ordering::Release);
+            shard_raft.raft.runtime_config().elect(false);
+        }
+        Ok(shard_raft)
+    }
+
+    /// Set when the log was found shorter at open than what this node had
+    /// acknowledged: (recovered, acknowledged) last indexes.
+    pub fn lost_at_open(&self) -> Option<(u64, u64)> {
+        self.lost_at_open
+    }
+
+    /// Whether this node may grant votes (and stand for election): not
+    /// while it lacks entries it once acknowledged (see `vote_barrier`).
+    pub fn may_vote(&self) -> Result<(), String> {
+        use std::sync::atomic::Ordering;
+        let barrier = self.vote_barrier.load(Ordering::Acquire);
+        if barrier == 0 {
+            return Ok(());
+        }
+        let last = self.raft.metrics().borrow_watched().last_log_index.unwrap_or(0);
+        if last >= barrier {
+            self.vote_barrier.store(0, Ordering::Release);
+            self.raft.runtime_config().elect(true);
+            tracing::info!(shard = %self.shard, last, "the log holds every acknowledged entry again: voting resumes");
+            return Ok(());
+        }
+        Err(format!(
+            "node lost acknowledged log entries at restart and holds {last} of {barrier}: not voting until caught up"
+        ))
+    }
+
+    /// A single voter cannot get lost entries back from anyone: it goes on
+    /// with what it has (the error at open says what was lost).
+    pub fn lift_vote_barrier(&self) {
+        self.vote_barrier.store(0, std::sync::atomic::Ordering::Release);
+        self.raft.runtime_config().elect(true);
     }
 
     /// Whether this group has a membership (from its log or a snapshot).
@@ -369,6 +430,38 @@ impl ShardRaft {
                 }
             }
         })
+    }
+
+    /// On a clean shutdown of a leader: hands leadership to the voter that
+    /// has replicated the most, and waits (bounded) for it to take over, so
+    /// a rolling restart costs a handover instead of an election timeout.
+    pub async fn hand_over_leadership(&self, timeout: Duration) {
+        let status = self.status();
+        if !self.is_leader() || status.voters.len() < 2 {
+            return;
+        }
+        let me = self.raft.node_id();
+        let successor = status
+            .replication
+            .iter()
+            .flatten()
+            .filter(|(id, _)| *id != me && status.voters.contains(id))
+            .max_by_key(|(_, progress)| progress.matched_index)
+            .map(|(id, _)| *id);
+        let Some(successor) = successor else { return };
+        if let Err(e) = self.transfer_leadership(successor).await {
+            tracing::warn!(shard = %self.shard, error = %e, "leadership handover at shutdown failed");
+            return;
+        }
+        let handed_over = self
+            .raft
+            .wait(Some(timeout))
+            .metrics(|m| m.current_leader.is_some_and(|l| l != *me), "another node leads")
+            .await;
+        match handed_over {
+            Ok(_) => tracing::info!(shard = %self.shard, successor, "handed leadership over before shutting down"),
+            Err(e) => tracing::warn!(shard = %self.shard, successor, error = %e, "leadership handover did not finish"),
+        }
     }
 
     /// Forces a snapshot now (tests, and an operator before maintenance).

@@ -23,7 +23,7 @@ use openraft::{
     type_config::alias::{SnapshotOf, VoteOf},
 };
 use serde::{Serialize, de::DeserializeOwned};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 use super::types::{GantryNode, TypeConfig};
 use crate::queue::ShardId;
@@ -41,13 +41,41 @@ pub const MAX_ENTRIES_PER_APPEND: u64 = 16;
 const SNAPSHOT_CHUNK_BYTES: usize = 4 << 20;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// How this node dials other nodes (`security::Security` fills it in).
+#[derive(Clone, Default)]
+pub struct DialSettings {
+    /// Mutual TLS to peer ports: the peer CA and this node's certificate.
+    pub peer_tls: Option<ClientTlsConfig>,
+    /// TLS to a running cluster's client port (`--join`).
+    pub client_tls: Option<ClientTlsConfig>,
+    /// A token with the admin role for calls to client ports (`--join`
+    /// calls AddNode), when the cluster checks tokens.
+    pub client_token: Option<String>,
+}
+
+impl std::fmt::Debug for DialSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the token.
+        f.debug_struct("DialSettings")
+            .field("peer_tls", &self.peer_tls.is_some())
+            .field("client_tls", &self.client_tls.is_some())
+            .field("client_token", &self.client_token.is_some())
+            .finish()
+    }
+}
+
 /// Channels to peers by address. Cheap to clone.
 #[derive(Clone, Default)]
 pub struct PeerChannels {
     channels: Arc<Mutex<HashMap<String, Channel>>>,
+    dial: Arc<DialSettings>,
 }
 
 impl PeerChannels {
+    pub fn new(dial: DialSettings) -> Self {
+        PeerChannels { channels: Default::default(), dial: Arc::new(dial) }
+    }
+
     /// The channel to `address` (host:port), created on first use. tonic
     /// reconnects it by itself after the peer restarts.
     pub fn channel(&self, address: &str) -> Result<Channel, String> {
@@ -55,7 +83,7 @@ impl PeerChannels {
         if let Some(channel) = channels.get(address) {
             return Ok(channel.clone());
         }
-        let endpoint = Endpoint::from_shared(format!("http://{address}"))
+        let endpoint = tls_endpoint(address, self.dial.peer_tls.as_ref())
             .map_err(|e| format!("peer address {address:?}: {e}"))?
             .connect_timeout(CONNECT_TIMEOUT)
             .tcp_nodelay(true)
@@ -67,10 +95,35 @@ impl PeerChannels {
         Ok(channel)
     }
 
+    /// An endpoint for another node's client port (`--join`): TLS and the
+    /// token as `DialSettings` say.
+    pub fn client_port_endpoint(&self, address: &str) -> Result<Endpoint, String> {
+        tls_endpoint(address, self.dial.client_tls.as_ref()).map_err(|e| format!("address {address:?}: {e}"))
+    }
+
+    /// Adds the admin token for client-port calls, if the cluster uses tokens.
+    pub fn authorize<T>(&self, request: &mut tonic::Request<T>) {
+        if let Some(value) =
+            self.dial.client_token.as_ref().and_then(|t| format!("Bearer {t}").parse::<tonic::metadata::AsciiMetadataValue>().ok())
+        {
+            request.metadata_mut().insert("authorization", value);
+        }
+    }
+
     pub fn client(&self, address: &str) -> Result<PeerRpcClient<Channel>, String> {
         Ok(PeerRpcClient::new(self.channel(address)?)
             .max_decoding_message_size(PEER_MAX_MESSAGE_BYTES)
             .max_encoding_message_size(PEER_MAX_MESSAGE_BYTES))
+    }
+}
+
+/// `https` with `tls`, `http` without.
+fn tls_endpoint(address: &str, tls: Option<&ClientTlsConfig>) -> Result<Endpoint, String> {
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let endpoint = Endpoint::from_shared(format!("{scheme}://{address}")).map_err(|e| e.to_string())?;
+    match tls {
+        Some(tls) => endpoint.tls_config(tls.clone()).map_err(|e| e.to_string()),
+        None => Ok(endpoint),
     }
 }
 

@@ -64,9 +64,16 @@ fn reply<T: Serialize, E: std::fmt::Display>(outcome: Result<T, E>) -> Result<Re
 impl PeerRpc for PeerService {
     async fn raft(&self, request: Request<pb::RaftRequest>) -> Result<Response<pb::RaftResponse>, Status> {
         let request = request.into_inner();
-        let raft = &self.shard(request.shard)?.raft;
+        let shard = self.shard(request.shard)?;
+        let raft = &shard.raft;
         let payload = &request.payload;
-        match pb::RaftKind::try_from(request.kind) {
+        let kind = pb::RaftKind::try_from(request.kind);
+        if matches!(kind, Ok(pb::RaftKind::Vote | pb::RaftKind::PreVote | pb::RaftKind::TransferLeader))
+            && let Err(refusal) = shard.may_vote()
+        {
+            return reply::<(), _>(Err(refusal));
+        }
+        match kind {
             Ok(pb::RaftKind::AppendEntries) => reply(raft.append_entries(decode(payload).map_err(bad_payload)?).await),
             Ok(pb::RaftKind::Vote) => reply(raft.vote(decode(payload).map_err(bad_payload)?).await),
             Ok(pb::RaftKind::PreVote) => reply(raft.pre_vote(decode(payload).map_err(bad_payload)?).await),

@@ -18,6 +18,7 @@ use openraft::{
 use tokio::sync::mpsc;
 
 use super::types::{BatchResponse, TypeConfig};
+use crate::metrics::Counters;
 use crate::queue::{
     Event, QueueState, ShardId,
     snapshot::{decode_snapshot_v1, encode_snapshot_v1},
@@ -42,6 +43,11 @@ pub struct ShardState {
     applied: RwLock<AppliedState>,
     /// Commands applied since this process started (drives snapshots).
     applied_commands: std::sync::atomic::AtomicU64,
+    /// Job transitions per queue, for `/metrics`.
+    counters: Counters,
+    /// Entries up to this index were in the local log when the process
+    /// started: replaying them is not counted again (see `metrics::counters`).
+    replayed_up_to: u64,
 }
 
 impl ShardState {
@@ -51,6 +57,11 @@ impl ShardState {
 
     pub fn applied_commands(&self) -> u64 {
         self.applied_commands.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Job transitions this node applied since it started, per queue.
+    pub fn counters(&self) -> &Counters {
+        &self.counters
     }
 
     /// A consistent view of the applied state; hold it briefly (apply waits).
@@ -77,8 +88,10 @@ struct SnapshotFileV1 {
 
 impl StateMachineStore {
     /// Opens the shard's state machine, restoring the last snapshot if any;
-    /// openraft then replays the committed log after it.
-    pub fn open(shard: ShardId, snapshot_dir: PathBuf, events: EventSink) -> io::Result<Self> {
+    /// openraft then replays the committed log after it. `replayed_up_to` is
+    /// the last index of the local log now: entries up to it are not counted
+    /// in the metrics again.
+    pub fn open(shard: ShardId, snapshot_dir: PathBuf, events: EventSink, replayed_up_to: u64) -> io::Result<Self> {
         fs::create_dir_all(&snapshot_dir)?;
         let mut applied =
             AppliedState { queue: QueueState::new(shard), last_applied: None, membership: Default::default() };
@@ -95,7 +108,13 @@ impl StateMachineStore {
             applied.membership = file.meta.last_membership.clone();
         }
         Ok(StateMachineStore {
-            shared: Arc::new(ShardState { shard, applied: RwLock::new(applied), applied_commands: Default::default() }),
+            shared: Arc::new(ShardState {
+                shard,
+                applied: RwLock::new(applied),
+                applied_commands: Default::default(),
+                counters: Counters::default(),
+                replayed_up_to,
+            }),
             snapshot_dir,
             events,
         })
@@ -176,6 +195,9 @@ impl RaftStateMachine<C> for StateMachineStore {
                         let count = batch.commands.len() as u64;
                         self.shared.applied_commands.fetch_add(count, std::sync::atomic::Ordering::Relaxed);
                         let out = applied.queue.apply(entry.log_id.index, batch);
+                        if entry.log_id.index > self.shared.replayed_up_to {
+                            self.shared.counters.record(&out.tally);
+                        }
                         (BatchResponse(out.results), out.events)
                     }
                     EntryPayload::Membership(membership) => {

@@ -2,5 +2,8 @@
 //! runs nodes inside the test process; `processes` runs the real binary and
 //! kills, stops and restarts it.
 
+mod admin_guide;
 mod membership;
+mod processes;
 mod replication;
+mod tls;

@@ -172,3 +172,55 @@ async fn a_node_far_behind_is_caught_up_with_a_snapshot() {
     drop(applied);
     cluster.shutdown().await;
 }
+
+/// raft-engine drops a damaged log tail silently at open; the node must
+/// notice it lost entries it had acknowledged, stay out of elections until
+/// the leader gave them back, and no acknowledged job may be lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_log_tail_was_lost_does_not_vote_until_caught_up() {
+    let mut cluster = TestCluster::start(3).await;
+    let leader = cluster.wait_for_leader().await;
+    let victim = cluster.other(leader);
+    let mut jobs = cluster.jobs(leader);
+    let mut ids = Vec::new();
+    for i in 0..300u32 {
+        let request =
+            proto::EnqueueRequest { queue: "tail".into(), payload: vec![7; 2048 + i as usize], ..Default::default() };
+        ids.push(jobs.enqueue(request).await.expect("enqueue").into_inner().job_id);
+    }
+    let commit = cluster_status(cluster.addrs[leader]).await.expect("status").shards[0].commit_index;
+    cluster.wait_applied(victim, commit).await;
+    cluster.stop(victim).await;
+
+    // Cut the newest raft-engine file of the stopped node in half.
+    let raft_dir = cluster.data_dir(victim).join("raft");
+    let newest = std::fs::read_dir(&raft_dir)
+        .expect("raft dir")
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "raftlog"))
+        .max()
+        .expect("a raft-engine log file");
+    let len = std::fs::metadata(&newest).unwrap().len();
+    std::fs::OpenOptions::new().write(true).open(&newest).unwrap().set_len(len / 2).unwrap();
+
+    cluster.restart(victim).await;
+    let raft = &cluster.server(victim).node().shards[0].raft;
+    let (recovered, acknowledged) = raft.lost_at_open().expect("the restart noticed the lost tail");
+    assert!(recovered < acknowledged && acknowledged >= commit, "{recovered} {acknowledged} {commit}");
+
+    // The leader replicates the lost entries again; then it votes again.
+    cluster.wait_applied(victim, commit).await;
+    eventually("the node votes again once caught up", CLUSTER_WAIT, || async {
+        cluster.server(victim).node().shards[0].raft.may_vote().ok()
+    })
+    .await;
+    // Nothing acknowledged is lost, even with the old leader gone.
+    cluster.stop(leader).await;
+    cluster.wait_for_leader().await;
+    let reader = cluster.other(leader);
+    for id in [&ids[0], &ids[150], &ids[299]] {
+        assert_eq!(get_job(&mut cluster.jobs(reader), id).await.state(), JobState::Ready, "job {id}");
+    }
+    cluster.shutdown().await;
+}

@@ -6,5 +6,8 @@ mod durability;
 mod inputs;
 mod interop;
 mod lifecycle;
+mod logs;
+mod metrics;
 mod protocol;
 mod python;
+mod security;

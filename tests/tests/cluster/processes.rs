@@ -1,0 +1,756 @@
+//! Three real `gantry` processes on loopback, killed (SIGKILL), frozen
+//! (SIGSTOP) and restarted under load. Producers and workers record what
+//! they were told in a `History`; the checker then holds it against every
+//! job as it ended (DESIGN §1: nothing acknowledged is lost, exactly one
+//! outcome, fencing tokens grow, one holder at a time).
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use gantry_tests::{
+    cluster::{BinaryCluster, CLUSTER_WAIT},
+    eventually,
+    history::{
+        Expect, History, final_jobs, sdk_worker,
+        worker::{Outcome, RecordingWorker},
+    },
+    v1::{self as proto, JobState},
+};
+use tokio::sync::watch;
+
+/// Short liveness, and snapshots often, so a restarted node recovers
+/// through a snapshot and the log behind it.
+const ARGS: &[&str] = &[
+    "--heartbeat-interval",
+    "100ms",
+    "--session-ttl",
+    "1s",
+    "--election-timeout",
+    "300ms",
+    "--raft-heartbeat-interval",
+    "50ms",
+    "--snapshot-every",
+    "100",
+];
+
+async fn start_cluster() -> (tempfile::TempDir, BinaryCluster) {
+    gantry_tests::init_tracing();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let cluster = BinaryCluster::start(dir.path(), 3, ARGS).await;
+    (dir, cluster)
+}
+
+async fn client(endpoints: &[String]) -> gantry_worker::Client {
+    gantry_worker::Client::connect(endpoints.to_vec()).await.expect("client connects")
+}
+
+/// Producer tasks enqueueing through the SDK client (all endpoints) until
+/// stopped, each at most `max_each` jobs; every answer goes to the history.
+struct Producers {
+    stop: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Producers {
+    fn spawn(history: &History, endpoints: &[String], queue: &str, count: usize, max_each: usize) -> Self {
+        let (stop, stopped) = watch::channel(false);
+        let tasks = (0..count)
+            .map(|p| {
+                let (history, endpoints, queue, stopped) =
+                    (history.clone(), endpoints.to_vec(), queue.to_owned(), stopped.clone());
+                tokio::spawn(async move {
+                    let client = client(&endpoints).await;
+                    for i in 0..max_each {
+                        if *stopped.borrow() {
+                            break;
+                        }
+                        let payload = format!("producer {p} job {i}");
+                        match tokio::time::timeout(Duration::from_secs(10), client.enqueue(&queue, payload).send())
+                            .await
+                        {
+                            Ok(Ok(enqueued)) => history.enqueued(&enqueued.job_id),
+                            Ok(Err(e)) => {
+                                history.enqueue_unacknowledged(&queue, e);
+                                tokio::time::sleep(Duration::from_millis(50)).await;
+                            }
+                            Err(_) => history.enqueue_unacknowledged(&queue, "no answer within 10s"),
+                        }
+                        // Pacing, so producers do not starve the nodes on 2 cores.
+                        tokio::time::sleep(Duration::from_millis(2)).await;
+                    }
+                })
+            })
+            .collect();
+        Producers { stop, tasks }
+    }
+
+    async fn stop(self) {
+        let _ = self.stop.send(true);
+        for task in self.tasks {
+            tokio::time::timeout(Duration::from_secs(30), task).await.expect("producer stops").expect("producer");
+        }
+    }
+}
+
+/// A handler for recording workers: a few milliseconds of work, then the
+/// payload back.
+async fn echo(assign: proto::Assign) -> Outcome {
+    let job = assign.job.unwrap_or_default();
+    tokio::time::sleep(Duration::from_millis(2 + job.payload.len() as u64 % 10)).await;
+    Outcome::Complete(job.payload)
+}
+
+/// Waits until `queue` has nothing left to do: no job scheduled, ready or active.
+async fn wait_drained(cluster: &BinaryCluster, queue: &str, timeout: Duration) -> proto::QueueInfo {
+    eventually(&format!("queue {queue} drained"), timeout, || async {
+        for i in (0..cluster.nodes.len()).filter(|i| cluster.is_live(*i)) {
+            let mut admin = cluster.nodes[i].admin();
+            let mut request = tonic::Request::new(proto::GetQueueRequest { queue: queue.to_owned() });
+            request.set_timeout(Duration::from_secs(2));
+            if let Ok(info) = admin.get_queue(request).await {
+                let info = info.into_inner();
+                return (info.scheduled + info.ready + info.active == 0).then_some(info);
+            }
+        }
+        None
+    })
+    .await
+}
+
+/// Waits until every recording worker has no handler running and no
+/// result unanswered, so the history holds every ack.
+async fn wait_idle(workers: &[&RecordingWorker]) {
+    eventually("recording workers idle", Duration::from_secs(20), || async {
+        workers.iter().all(|w| w.is_idle()).then_some(())
+    })
+    .await
+}
+
+async fn check(history: &History, client: &gantry_worker::Client, queues: &[&str], expect: Expect) {
+    let finals = final_jobs(client, queues, history.job_ids()).await;
+    match history.check(&finals, expect) {
+        Ok(summary) => eprintln!("history check passed: {summary}"),
+        Err(violations) => panic!("{violations}"),
+    }
+}
+
+/// 1. SIGKILL the leader under continuous enqueue and processing load: a
+/// new leader serves, every acknowledged job ends SUCCEEDED with exactly
+/// one outcome. The killed node, restarted, catches up from a snapshot and
+/// the log, and then serves every job itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_the_leader_under_load() {
+    let (_dir, mut cluster) = start_cluster().await;
+    let endpoints = cluster.endpoints();
+    let leader = cluster.wait_for_leader().await;
+    let history = History::new();
+    let queue = "load";
+
+    let raw: Vec<RecordingWorker> =
+        (0..2).map(|i| RecordingWorker::spawn(&history, &format!("raw-{i}"), &endpoints, queue, 8, echo)).collect();
+    let sdk = sdk_worker(&history, &endpoints.join(","), queue, "sdk-0", 8, |ctx| async move {
+        tokio::time::sleep(Duration::from_millis(3)).await;
+        Ok(ctx.payload().clone())
+    });
+    for worker in &raw {
+        worker.wait_connected().await;
+    }
+    sdk.wait_connected().await;
+    let producers = Producers::spawn(&history, &endpoints, queue, 3, 2000);
+
+    eventually("100 jobs acknowledged before the kill", CLUSTER_WAIT, || async {
+        (history.acknowledged().len() >= 100).then_some(())
+    })
+    .await;
+    let before_kill = history.acknowledged().len();
+    let killed_at = Instant::now();
+    cluster.kill9(leader);
+    let new_leader = cluster.wait_for_leader_other_than(Some(leader)).await;
+    eprintln!(
+        "node {} killed with {before_kill} jobs acknowledged; node {} leads after {:?}",
+        leader + 1,
+        new_leader + 1,
+        killed_at.elapsed()
+    );
+    eventually("300 more jobs acknowledged by the new leader", CLUSTER_WAIT, || async {
+        (history.acknowledged().len() >= before_kill + 300).then_some(())
+    })
+    .await;
+    producers.stop().await;
+    let drained = wait_drained(&cluster, queue, CLUSTER_WAIT).await;
+    wait_idle(&raw.iter().collect::<Vec<_>>()).await;
+    let sdk_handle = sdk.handle.clone();
+    sdk.shutdown().await;
+    history.sdk_stats("sdk-0", &sdk_handle);
+    let client = client(&endpoints).await;
+    check(&history, &client, &[queue], Expect::Succeeded).await;
+    eprintln!("queue after the load: {drained:?}");
+
+    let t = Instant::now();
+    let mut jobs = cluster.nodes[new_leader].jobs();
+    for i in 0..1100u32 {
+        let request =
+            proto::EnqueueRequest { queue: "filler".into(), payload: i.to_be_bytes().to_vec(), ..Default::default() };
+        history.enqueued(&jobs.enqueue(request).await.expect("enqueue").into_inner().job_id);
+    }
+    eprintln!("1100 sequential enqueues took {:?}", t.elapsed());
+
+    // The killed node comes back: it restores its last snapshot, replays
+    // its log, and catches up from the leader.
+    let log_from = cluster.log_len(leader);
+    cluster.restart(leader).await;
+    let commit = cluster.wait_replicated(leader).await;
+    let status = cluster.lead_from(leader, commit).await;
+    let shard = &status.shards[0];
+    let log = cluster.log_since(leader, log_from);
+    let installed = log.contains("installing snapshot from the leader");
+    assert!(
+        shard.snapshot_index > 0 || installed,
+        "node {} caught up with no snapshot at all (snapshot-every 100): {status:?}",
+        leader + 1
+    );
+    eprintln!(
+        "node {} caught up to {commit}: snapshot index {}, applied {}, snapshot installed from the leader: {installed}",
+        leader + 1,
+        shard.snapshot_index,
+        shard.applied_index
+    );
+    // Every job as the restarted node's own state machine has it.
+    check(&history, &client, &[queue, "filler"], Expect::Present).await;
+    drop(raw);
+}
+
+/// Asserts that `check` stays true for `period`, polled every 50 ms: for
+/// what must *not* happen (a refused result retried, a job changed).
+async fn holds_for<F, Fut>(what: &str, period: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), String>>,
+{
+    let end = Instant::now() + period;
+    while Instant::now() < end {
+        if let Err(e) = check().await {
+            panic!("{what}: {e}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn get(client: &gantry_worker::Client, job_id: &str) -> proto::Job {
+    client.get(job_id).await.unwrap_or_else(|e| panic!("GetJob {job_id}: {e}"))
+}
+
+/// 2. SIGSTOP the leader past the election timeout, then SIGCONT it: the
+/// others elect a new leader, the old one steps down when it wakes, no
+/// term ever has two leaders, and nothing the old leader acknowledges
+/// after waking (enqueues sent to it while it was frozen) is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigstop_the_leader_then_sigcont_it_steps_down() {
+    let (_dir, mut cluster) = start_cluster().await;
+    let endpoints = cluster.endpoints();
+    let leader = cluster.wait_for_leader().await;
+    let watch = cluster.watch_leadership();
+    let history = History::new();
+    let queue = "frozen";
+    let workers: Vec<RecordingWorker> =
+        (0..2).map(|i| RecordingWorker::spawn(&history, &format!("raw-{i}"), &endpoints, queue, 8, echo)).collect();
+    for worker in &workers {
+        worker.wait_connected().await;
+    }
+    let producers = Producers::spawn(&history, &endpoints, queue, 2, 1000);
+    eventually("50 jobs acknowledged", CLUSTER_WAIT, || async { (history.acknowledged().len() >= 50).then_some(()) })
+        .await;
+
+    cluster.pause(leader);
+    // Enqueues sent to the frozen leader: answered (if ever) once it wakes.
+    let frozen_addr = cluster.nodes[leader].addr;
+    let stale_writes: Vec<_> = (0..5)
+        .map(|i| {
+            let history = history.clone();
+            tokio::spawn(async move {
+                let mut jobs = proto::jobs_client::JobsClient::new(gantry_tests::channel(frozen_addr));
+                let mut request = tonic::Request::new(proto::EnqueueRequest {
+                    queue: queue.into(),
+                    payload: format!("sent to the frozen leader {i}").into_bytes(),
+                    ..Default::default()
+                });
+                request.set_timeout(Duration::from_secs(20));
+                match jobs.enqueue(request).await {
+                    Ok(response) => {
+                        history.enqueued(&response.into_inner().job_id);
+                        true
+                    }
+                    Err(status) => {
+                        history.enqueue_unacknowledged(queue, &status);
+                        false
+                    }
+                }
+            })
+        })
+        .collect();
+    let new_leader = cluster.wait_for_leader_other_than(Some(leader)).await;
+    // The new leader serves while the old one is frozen.
+    let mut jobs = cluster.nodes[new_leader].jobs();
+    for i in 0..20 {
+        let request = proto::EnqueueRequest {
+            queue: queue.into(),
+            payload: format!("while frozen {i}").into_bytes(),
+            ..Default::default()
+        };
+        history.enqueued(&jobs.enqueue(request).await.expect("the new leader acknowledges").into_inner().job_id);
+    }
+
+    cluster.resume(leader);
+    let (old_id, new_id) = (leader as u64 + 1, new_leader as u64 + 1);
+    let seen = eventually(&format!("node {old_id} steps down and names node {new_id}"), CLUSTER_WAIT, || async {
+        // A node that leads answers itself; a follower forwards to the leader.
+        let status = cluster.status(leader).await?;
+        (status.node_id == new_id && status.shards[0].leader_id == new_id).then_some(status)
+    })
+    .await;
+    assert_eq!(seen.shards[0].role, "leader", "{seen:?}");
+    let mut acknowledged_late = 0;
+    for write in stale_writes {
+        acknowledged_late += usize::from(write.await.expect("stale write task"));
+    }
+    producers.stop().await;
+    wait_drained(&cluster, queue, CLUSTER_WAIT).await;
+    wait_idle(&workers.iter().collect::<Vec<_>>()).await;
+    let client = client(&endpoints).await;
+    check(&history, &client, &[queue], Expect::Succeeded).await;
+    let claims = watch.finish().await.unwrap_or_else(|e| panic!("{e}"));
+    let old_terms: Vec<u64> = claims.iter().filter(|(_, n)| n.contains(&old_id)).map(|(t, _)| *t).collect();
+    let new_terms: Vec<u64> = claims.iter().filter(|(_, n)| n.contains(&new_id)).map(|(t, _)| *t).collect();
+    assert!(
+        old_terms.iter().all(|old| new_terms.iter().all(|new| old < new)),
+        "node {old_id} led in terms {old_terms:?}, node {new_id} in {new_terms:?}: the new leader's terms must be later"
+    );
+    eprintln!(
+        "leaders by term: {claims:?}; of 5 enqueues sent to the frozen leader, {acknowledged_late} were acknowledged \
+         after it woke (all found SUCCEEDED)"
+    );
+}
+
+/// 3. SIGSTOP a follower: the cluster keeps taking and running jobs with
+/// the same leader; SIGCONT: the follower catches up and can lead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigstop_a_follower_the_cluster_keeps_serving() {
+    let (_dir, mut cluster) = start_cluster().await;
+    let endpoints = cluster.endpoints();
+    let leader = cluster.wait_for_leader().await;
+    let follower = (leader + 1) % 3;
+    let history = History::new();
+    let queue = "follower-frozen";
+    let worker = RecordingWorker::spawn(&history, "raw", &endpoints, queue, 8, echo);
+    worker.wait_connected().await;
+    let producers = Producers::spawn(&history, &endpoints, queue, 2, 1000);
+    eventually("30 jobs acknowledged", CLUSTER_WAIT, || async { (history.acknowledged().len() >= 30).then_some(()) })
+        .await;
+
+    cluster.pause(follower);
+    let at_pause = history.acknowledged().len();
+    eventually("150 jobs acknowledged with a follower frozen", CLUSTER_WAIT, || async {
+        (history.acknowledged().len() >= at_pause + 150).then_some(())
+    })
+    .await;
+    assert_eq!(cluster.wait_for_leader().await, leader, "a frozen follower must not cost the leader its office");
+    cluster.resume(follower);
+    producers.stop().await;
+    wait_drained(&cluster, queue, CLUSTER_WAIT).await;
+    wait_idle(&[&worker]).await;
+    let commit = cluster.wait_replicated(follower).await;
+    let status = cluster.lead_from(follower, commit).await;
+    eprintln!(
+        "node {} caught up: applied {} of commit {commit}, snapshot {}",
+        follower + 1,
+        status.shards[0].applied_index,
+        status.shards[0].snapshot_index
+    );
+    // Read back from the caught-up node, now the leader.
+    let client = client(&endpoints).await;
+    check(&history, &client, &[queue], Expect::Succeeded).await;
+}
+
+/// 4. SIGKILL all three nodes at once and start them again: every
+/// acknowledged job is there, in the state it had (SUCCEEDED, FAILED,
+/// ACTIVE with the same lease, READY, SCHEDULED, CANCELLED).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whole_cluster_sigkill_and_restart_keeps_every_job() {
+    let (_dir, mut cluster) = start_cluster().await;
+    let endpoints = cluster.endpoints();
+    let history = History::new();
+    let client = client(&endpoints).await;
+    // The worker finishes "ok" jobs, fails "bad" ones for good, and holds
+    // "hold" ones forever (they stay ACTIVE).
+    let worker = RecordingWorker::spawn(&history, "raw", &endpoints, "work", 16, |assign| async move {
+        let job = assign.job.unwrap_or_default();
+        match job.payload.as_slice() {
+            b"ok" => Outcome::Complete(b"done".to_vec()),
+            b"bad" => Outcome::FailFinal("bad input".into()),
+            _ => std::future::pending().await,
+        }
+    });
+    worker.wait_connected().await;
+    let mut ids = Vec::new();
+    for payload in ["ok"; 20].into_iter().chain(["bad"; 2]).chain(["hold"; 3]) {
+        ids.push(client.enqueue("work", payload).send().await.expect("enqueue").job_id);
+    }
+    for i in 0..30 {
+        ids.push(client.enqueue("idle", format!("ready {i}")).send().await.expect("enqueue").job_id);
+    }
+    for i in 0..5 {
+        let later = client.enqueue("idle", format!("later {i}")).delay(Duration::from_secs(3600));
+        ids.push(later.send().await.expect("enqueue").job_id);
+    }
+    let cancelled = client.enqueue("idle", "cancel me").send().await.expect("enqueue").job_id;
+    client.cancel(&cancelled, "not needed").await.expect("cancel");
+    ids.push(cancelled);
+    for id in &ids {
+        history.enqueued(id);
+    }
+    let before = eventually("work jobs settled", CLUSTER_WAIT, || async {
+        let jobs = read_all(&client, &ids).await;
+        let count = |s: JobState| jobs.iter().filter(|j| j.state() == s).count();
+        (count(JobState::Succeeded) == 20 && count(JobState::Failed) == 2 && count(JobState::Active) == 3)
+            .then_some(jobs)
+    })
+    .await;
+    wait_idle(&[&worker]).await;
+
+    for i in 0..3 {
+        cluster.kill9(i);
+    }
+    for i in 0..3 {
+        cluster.restart(i).await;
+    }
+    let leader = cluster.wait_for_leader().await;
+    eprintln!("all three nodes restarted; node {} leads", leader + 1);
+    let after = read_all(&client, &ids).await;
+    for (was, now) in before.iter().zip(&after) {
+        assert_eq!(
+            (now.state(), now.attempt, now.fencing_token, &now.result, &now.payload),
+            (was.state(), was.attempt, was.fencing_token, &was.result, &was.payload),
+            "job {} changed across the whole-cluster restart: was {was:?}, now {now:?}",
+            was.id
+        );
+    }
+    let count = |s: JobState| after.iter().filter(|j| j.state() == s).count();
+    assert_eq!(
+        [
+            JobState::Succeeded,
+            JobState::Failed,
+            JobState::Active,
+            JobState::Ready,
+            JobState::Scheduled,
+            JobState::Cancelled
+        ]
+        .map(count),
+        [20, 2, 3, 30, 5, 1]
+    );
+    check(&history, &client, &["work", "idle"], Expect::Present).await;
+}
+
+async fn read_all(client: &gantry_worker::Client, ids: &[String]) -> Vec<proto::Job> {
+    let mut jobs = Vec::with_capacity(ids.len());
+    for id in ids {
+        jobs.push(get(client, id).await);
+    }
+    jobs
+}
+
+/// 5. A worker that knows only a follower's address works through that
+/// node's proxy; the leader is SIGKILLed while the worker holds jobs, and
+/// the worker still finishes them: it resumes its session (leases kept,
+/// DESIGN §1.6), so no job runs twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_behind_a_follower_proxy_survives_a_leader_kill() {
+    let (_dir, mut cluster) = start_cluster().await;
+    let endpoints = cluster.endpoints();
+    let leader = cluster.wait_for_leader().await;
+    let follower = (leader + 1) % 3;
+    let history = History::new();
+    let client = client(&endpoints).await;
+    let queue = "proxied";
+    let gate = Arc::new(tokio::sync::Notify::new());
+    let running = Arc::new(AtomicU64::new(0));
+    let (handler_gate, handler_running) = (gate.clone(), running.clone());
+    let worker = sdk_worker(&history, &cluster.endpoint(follower), queue, "behind-proxy", 8, move |ctx| {
+        let (gate, running) = (handler_gate.clone(), handler_running.clone());
+        async move {
+            if ctx.payload().starts_with(b"slow") {
+                running.fetch_add(1, Ordering::SeqCst);
+                gate.notified().await;
+            }
+            Ok(Bytes::from(format!("done by attempt {}", ctx.attempt())))
+        }
+    });
+    worker.wait_connected().await;
+
+    // Through the proxy: quick jobs are done.
+    for i in 0..5 {
+        history.enqueued(&client.enqueue(queue, format!("quick {i}")).send().await.expect("enqueue").job_id);
+    }
+    let mut slow = Vec::new();
+    for i in 0..4 {
+        slow.push(client.enqueue(queue, format!("slow {i}")).send().await.expect("enqueue").job_id);
+    }
+    for id in &slow {
+        history.enqueued(id);
+    }
+    eventually("four slow jobs running behind the proxy", CLUSTER_WAIT, || async {
+        (running.load(Ordering::SeqCst) == 4).then_some(())
+    })
+    .await;
+    for id in history.acknowledged().iter().filter(|id| !slow.contains(id)) {
+        let job = client.wait(id, Duration::from_secs(10)).await.expect("wait");
+        assert_eq!(job.state(), JobState::Succeeded, "quick job {id} through the proxy: {job:?}");
+    }
+
+    cluster.kill9(leader);
+    let new_leader = cluster.wait_for_leader_other_than(Some(leader)).await;
+    eventually("the worker reconnected through its one node", CLUSTER_WAIT, || async {
+        (worker.handle.stats().sessions >= 2 && worker.handle.is_connected()).then_some(())
+    })
+    .await;
+    // Enqueued after the kill: proxied (or served) by the worker's node.
+    for i in 0..3 {
+        history.enqueued(&client.enqueue(queue, format!("after {i}")).send().await.expect("enqueue").job_id);
+    }
+    let ids = history.acknowledged();
+    for id in &ids {
+        let job = eventually(&format!("job {id} finished after the leader kill"), CLUSTER_WAIT, || async {
+            gate.notify_waiters();
+            let job = client.wait(id, Duration::from_millis(500)).await.ok()?;
+            (job.state() == JobState::Succeeded).then_some(job)
+        })
+        .await;
+        assert_eq!(
+            (job.attempt, job.history.len()),
+            (1, 1),
+            "job {id} ran again after the leader change (its lease should have been kept): {job:?}"
+        );
+    }
+    let stats = worker.handle.stats();
+    assert_eq!(stats.lease_lost, 0, "the worker lost leases across the leader kill: {stats:?}");
+    let handle = worker.handle.clone();
+    worker.shutdown().await;
+    history.sdk_stats("behind-proxy", &handle);
+    check(&history, &client, &[queue], Expect::Succeeded).await;
+    eprintln!(
+        "worker behind node {} (proxy): {} sessions, node {} killed, node {} leads",
+        follower + 1,
+        stats.sessions,
+        leader + 1,
+        new_leader + 1
+    );
+}
+
+/// 6. zc.async across a leader change: the first worker's heartbeats stop
+/// (it only looks dead) and the leader is SIGKILLed. On the new leader its
+/// session expires after the grace, the job goes to a second worker with a
+/// greater token, and the first worker's late result is refused
+/// (STALE_LEASE), changes nothing, and is not sent again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zc_async_late_result_refused_across_a_leader_change() {
+    let (_dir, mut cluster) = start_cluster().await;
+    let endpoints = cluster.endpoints().join(",");
+    let leader = cluster.wait_for_leader().await;
+    let history = History::new();
+    let client = client(&cluster.endpoints()).await;
+    let gate = Arc::new(tokio::sync::Notify::new());
+    let handler_gate = gate.clone();
+    let first = sdk_worker(&history, &endpoints, "zc", "looks-dead", 1, move |_ctx| {
+        let gate = handler_gate.clone();
+        async move {
+            // A long commit: the handler keeps working, unaware.
+            gate.notified().await;
+            Ok(Bytes::from_static(b"from the first worker"))
+        }
+    });
+    first.wait_connected().await;
+    let job_id = client.enqueue("zc", "payload").send().await.expect("enqueue").job_id;
+    history.enqueued(&job_id);
+    let active = eventually("the job runs on the first worker", CLUSTER_WAIT, || async {
+        let job = client.get(&job_id).await.ok()?;
+        (job.state() == JobState::Active).then_some(job)
+    })
+    .await;
+    assert_eq!(active.worker_id, "looks-dead");
+    let first_token = active.fencing_token;
+    let second = sdk_worker(&history, &endpoints, "zc", "healthy", 1, |ctx| async move {
+        Ok(Bytes::from(format!("from the second worker, token {}", ctx.fencing_token())))
+    });
+    second.wait_connected().await;
+
+    first.handle.pause_heartbeats(true);
+    cluster.kill9(leader);
+    let new_leader = cluster.wait_for_leader_other_than(Some(leader)).await;
+    let done = eventually("the job finished on the second worker", CLUSTER_WAIT, || async {
+        let job = client.wait(&job_id, Duration::from_secs(1)).await.ok()?;
+        (job.state() == JobState::Succeeded).then_some(job)
+    })
+    .await;
+    assert_eq!(done.worker_id, "healthy", "{done:?}");
+    assert!(
+        done.fencing_token > first_token,
+        "the new holder's token {} must be greater than the first worker's {first_token}",
+        done.fencing_token
+    );
+    assert_eq!(done.result, format!("from the second worker, token {}", done.fencing_token).as_bytes());
+    assert_eq!((done.attempt, done.history[0].outcome()), (2, proto::AttemptOutcome::SessionExpired), "{done:?}");
+    eventually("the first worker saw its lease lost", CLUSTER_WAIT, || async {
+        (first.handle.stats().lease_lost >= 1).then_some(())
+    })
+    .await;
+
+    // The first worker finishes at last: refused, not retried, nothing changed.
+    gate.notify_one();
+    eventually("the late result answered STALE_LEASE", CLUSTER_WAIT, || async {
+        (first.handle.stats().stale_results == 1).then_some(())
+    })
+    .await;
+    first.handle.pause_heartbeats(false);
+    holds_for("the refused result stays refused", Duration::from_millis(600), || async {
+        let stats = first.handle.stats();
+        if stats.stale_results != 1 || stats.completed != 0 {
+            return Err(format!("the SDK sent the refused result again: {stats:?}"));
+        }
+        let now = get(&client, &job_id).await;
+        if now != done {
+            return Err(format!("a stale result changed the job: was {done:?}, now {now:?}"));
+        }
+        Ok(())
+    })
+    .await;
+    for (name, worker) in [("looks-dead", first), ("healthy", second)] {
+        let handle = worker.handle.clone();
+        worker.shutdown().await;
+        history.sdk_stats(name, &handle);
+    }
+    check(&history, &client, &["zc"], Expect::Succeeded).await;
+    eprintln!(
+        "node {} killed, node {} leads; tokens {first_token} -> {}",
+        leader + 1,
+        new_leader + 1,
+        done.fencing_token
+    );
+}
+
+/// 7. Gearman across a leader kill: a worker process (echo_worker) is
+/// SIGKILLed mid-job, then the leader is SIGKILLed; the job finishes on
+/// another worker once the dead worker's session runs out on the new
+/// leader. And a handler's retry_after, accepted by the old leader, is
+/// honoured by the new one: the next attempt starts no sooner.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gearman_worker_process_and_retry_after_across_a_leader_kill() {
+    const RETRY_AFTER: Duration = Duration::from_secs(3);
+    let (_dir, mut cluster) = start_cluster().await;
+    let endpoints = cluster.endpoints().join(",");
+    let leader = cluster.wait_for_leader().await;
+    let history = History::new();
+    let client = client(&cluster.endpoints()).await;
+
+    let doomed_job = client.enqueue("gearman", "x").send().await.expect("enqueue").job_id;
+    history.enqueued(&doomed_job);
+    let mut process = std::process::Command::new(gantry_tests::echo_worker_binary())
+        .arg("gearman")
+        .env("GANTRY_ADDR", &endpoints)
+        .env("GANTRY_WORKER_ID", "doomed-process")
+        .env("ECHO_DELAY_MS", "600000")
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("start echo_worker");
+    let active = eventually("the job runs in the worker process", CLUSTER_WAIT, || async {
+        let job = client.get(&doomed_job).await.ok()?;
+        (job.state() == JobState::Active).then_some(job)
+    })
+    .await;
+    assert_eq!(active.worker_id, "doomed-process");
+
+    // A handler asks for a retry in RETRY_AFTER, and the old leader takes it.
+    let first_failed_at: Arc<std::sync::Mutex<Option<Instant>>> = Arc::default();
+    let second_started_at: Arc<std::sync::Mutex<Option<Instant>>> = Arc::default();
+    let (failed_at, started_at) = (first_failed_at.clone(), second_started_at.clone());
+    let retrier = sdk_worker(&history, &endpoints, "retry", "retrier", 1, move |ctx| {
+        let (failed_at, started_at) = (failed_at.clone(), started_at.clone());
+        async move {
+            if ctx.attempt() == 1 {
+                *failed_at.lock().unwrap() = Some(Instant::now());
+                return Err(gantry_worker::JobError::retry_after(RETRY_AFTER));
+            }
+            *started_at.lock().unwrap() = Some(Instant::now());
+            Ok(Bytes::from(format!("attempt {}", ctx.attempt())))
+        }
+    });
+    let retry_job = client.enqueue("retry", "y").send().await.expect("enqueue").job_id;
+    history.enqueued(&retry_job);
+    let scheduled = eventually("the retry request accepted", CLUSTER_WAIT, || async {
+        let job = client.get(&retry_job).await.ok()?;
+        (job.state() == JobState::Scheduled).then_some(job)
+    })
+    .await;
+
+    process.kill().expect("SIGKILL the worker process");
+    process.wait().expect("reap");
+    cluster.kill9(leader);
+    let new_leader = cluster.wait_for_leader_other_than(Some(leader)).await;
+    let survivor = sdk_worker(&history, &endpoints, "gearman", "survivor", 1, |ctx| async move {
+        Ok(Bytes::from(format!("attempt {}", ctx.attempt())))
+    });
+
+    let done = eventually("the killed process's job finished elsewhere", CLUSTER_WAIT, || async {
+        let job = client.wait(&doomed_job, Duration::from_secs(1)).await.ok()?;
+        (job.state() == JobState::Succeeded).then_some(job)
+    })
+    .await;
+    assert_eq!((done.worker_id.as_str(), done.result.as_slice()), ("survivor", b"attempt 2".as_slice()), "{done:?}");
+    assert_eq!(
+        (done.history[0].worker_id.as_str(), done.history[0].outcome()),
+        ("doomed-process", proto::AttemptOutcome::SessionExpired),
+        "{done:?}"
+    );
+
+    let retried = eventually("the retried job finished", CLUSTER_WAIT, || async {
+        let job = client.wait(&retry_job, Duration::from_secs(1)).await.ok()?;
+        (job.state() == JobState::Succeeded).then_some(job)
+    })
+    .await;
+    let ms = |t: &Option<prost_types::Timestamp>| {
+        t.as_ref().map(|t| t.seconds as u64 * 1000 + t.nanos as u64 / 1_000_000).expect("timestamp")
+    };
+    let failed_record = &retried.history[0];
+    let run_at = ms(&scheduled.run_at);
+    assert_eq!(failed_record.outcome(), proto::AttemptOutcome::Failed, "{retried:?}");
+    assert!(
+        run_at >= ms(&failed_record.finished_at) + RETRY_AFTER.as_millis() as u64,
+        "run_at {run_at} is not RETRY_AFTER after the failure: {scheduled:?}"
+    );
+    let second_start = ms(&retried.history[1].started_at);
+    assert!(
+        second_start >= run_at,
+        "attempt 2 started at {second_start} ms, before its run_at {run_at} ms: {retried:?}"
+    );
+    let waited = second_started_at.lock().unwrap().expect("second attempt ran")
+        - first_failed_at.lock().unwrap().expect("first attempt ran");
+    assert!(waited >= RETRY_AFTER, "the handler ran again after {waited:?}, before retry_after {RETRY_AFTER:?}");
+    assert_eq!((retried.attempt, retried.result.as_slice()), (2, b"attempt 2".as_slice()));
+
+    for (name, worker) in [("retrier", retrier), ("survivor", survivor)] {
+        let handle = worker.handle.clone();
+        worker.shutdown().await;
+        history.sdk_stats(name, &handle);
+    }
+    check(&history, &client, &["gearman", "retry"], Expect::Succeeded).await;
+    eprintln!(
+        "node {} killed, node {} leads; retry_after {RETRY_AFTER:?} honoured: next attempt {waited:?} later",
+        leader + 1,
+        new_leader + 1
+    );
+}
