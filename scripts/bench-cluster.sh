@@ -29,7 +29,7 @@ start_node() {
     --data-dir "$ROOT/n$i" --initial-cluster "$INITIAL" "${EXTRA[@]}" >>"$ROOT/n$i.log" 2>&1 &
   PIDS[$i]=$!
 }
-cleanup() { for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done; rm -rf "$ROOT"; }
+cleanup() { for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done; if [[ -n "${KEEP:-}" ]]; then echo "kept $ROOT" >&2; else rm -rf "$ROOT"; fi; }
 trap cleanup EXIT
 EXTRA=(${GANTRY_SERVE_ARGS:-})
 for i in 1 2 3; do start_node "$i"; done
@@ -62,7 +62,7 @@ fi
 if [[ $WHAT == all || $WHAT == failover ]]; then
   LEADER=$(wait_leader)
   echo "== failover: 1000 jobs/s for 20 s, leader (node $LEADER) SIGKILLed 6 s in" >&2
-  "$BIN" bench --addr "$ALL" --scenario latency --rate 1000 --duration 20s -q --json > "$ROOT/failover.json" &
+  "$BIN" bench --addr "$ALL" --scenario latency --rate 1000 --duration 20s --max-errors 1000000 -q --json > "$ROOT/failover.json" &
   BENCH=$!
   sleep 6
   KILLED_AT=$(date +%s.%N)
@@ -72,7 +72,7 @@ if [[ $WHAT == all || $WHAT == failover ]]; then
 import json, sys
 r = json.load(open(sys.argv[1]))["scenarios"][0]
 print(f"leader SIGKILL -> first acknowledged enqueue: longest gap between acks {r['longest_ack_gap_ms']:.0f} ms "
-      f"(at {r['longest_ack_gap_at_s']:.1f} s); {r['jobs']} acked, {r['errors']} errors, lost {r['lost']}")
+      f"(at {r['longest_ack_gap_at_s']:.1f} s); {r['jobs']} acked, {r['errors']} errors {r.get('error_kinds', {})}, lost {r['lost']}")
 PY
   NEW=$(wait_leader)
   start_node "$LEADER"
@@ -80,14 +80,14 @@ PY
 
   echo "== dead worker -> its job reassigned (session ttl ${SESSION_TTL:-10s})" >&2
   Q=failover-worker-$RANDOM
-  GANTRY_ADDR=$ALL GANTRY_QUEUE=$Q GANTRY_WORKER_ID=victim ECHO_DELAY_MS=600000 "$ECHO" $Q >"$ROOT/victim.log" 2>&1 &
+  GANTRY_ADDR=$ALL GANTRY_WORKER_ID=victim ECHO_DELAY_MS=600000 "$ECHO" $Q >"$ROOT/victim.log" 2>&1 &
   VICTIM=$!
-  JOB=$("$BIN" enqueue --addr "$ALL" --queue "$Q" payload | head -n 1)
+  JOB=$("$BIN" enqueue --addr "$ALL" "$Q" payload | head -n 1)
   for _ in $(seq 1 200); do
     "$BIN" job get --addr "$ALL" "$JOB" --json | grep -q '"state": *"ACTIVE"' && break
     sleep 0.05
   done
-  GANTRY_ADDR=$ALL GANTRY_QUEUE=$Q GANTRY_WORKER_ID=rescuer ECHO_DELAY_MS=0 "$ECHO" $Q >"$ROOT/rescuer.log" 2>&1 &
+  GANTRY_ADDR=$ALL GANTRY_WORKER_ID=rescuer ECHO_DELAY_MS=0 "$ECHO" $Q >"$ROOT/rescuer.log" 2>&1 &
   RESCUER=$!
   T0=$(date +%s%N)
   kill -9 "$VICTIM"

@@ -204,7 +204,10 @@ impl Config {
             _ => {}
         }
         if self.tls_client_ca.is_some() && self.tls_cert.is_none() {
-            return Err(invalid("tls-client-ca", "client certificates need TLS on the client port: set tls-cert and tls-key"));
+            return Err(invalid(
+                "tls-client-ca",
+                "client certificates need TLS on the client port: set tls-cert and tls-key",
+            ));
         }
         let peer_tls = [&self.peer_tls_cert, &self.peer_tls_key, &self.peer_tls_ca];
         if peer_tls.iter().any(|f| f.is_some()) && !peer_tls.iter().all(|f| f.is_some()) {
@@ -216,7 +219,10 @@ impl Config {
                 .collect();
             return Err(invalid(
                 "peer-tls-cert",
-                format!("the peer port's mutual TLS needs peer-tls-cert, peer-tls-key and peer-tls-ca; missing {}", missing.join(", ")),
+                format!(
+                    "the peer port's mutual TLS needs peer-tls-cert, peer-tls-key and peer-tls-ca; missing {}",
+                    missing.join(", ")
+                ),
             ));
         }
         Ok(())

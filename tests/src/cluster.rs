@@ -141,16 +141,18 @@ impl TestCluster {
         eventually("one leader seen by every running node", CLUSTER_WAIT, || async {
             let mut seen = None;
             // Asked in-process, not over the client port: clusters with TLS
-            // or tokens there work the same.
+            // or tokens there work the same. `leader()` also needs the
+            // leader's addresses, which forwarding uses.
             for i in (0..self.addrs.len()).filter(|i| self.is_running(*i) && self.is_member(*i)) {
-                let leader = self.nodes[i].as_ref()?.node().shards[0].raft.status().leader_id?;
+                let (leader, _) = self.nodes[i].as_ref()?.node().shards[0].raft.leader()?;
                 if seen.is_some_and(|s| s != leader) {
                     return None;
                 }
                 seen = Some(leader);
             }
             let index = seen? as usize - 1;
-            self.is_running(index).then_some(index)
+            let leads = self.nodes.get(index)?.as_ref()?.node().shards[0].raft.is_leader();
+            leads.then_some(index)
         })
         .await
     }

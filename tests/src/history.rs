@@ -141,6 +141,11 @@ pub enum Event {
         failed: u64,
         stale_results: u64,
     },
+    /// What the test did (killed a node, paused heartbeats...), for the
+    /// timeline printed with a failure.
+    Note {
+        text: String,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -175,6 +180,40 @@ impl History {
 
     pub fn records(&self) -> Vec<Record> {
         self.records.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Notes what the test did, for the timeline.
+    pub fn note(&self, text: impl Into<String>) {
+        self.record(Event::Note { text: text.into() });
+    }
+
+    /// Notes, sessions, revokes and refused results in order, one a line:
+    /// what to read first when a check fails.
+    pub fn timeline(&self) -> String {
+        let mut out = String::new();
+        for record in self.records() {
+            let line = match &record.event {
+                Event::Note { text } => format!("test: {text}"),
+                Event::SessionStarted { worker, session, resumed, node_id } => {
+                    let how = if *resumed { "resumed" } else { "opened" };
+                    format!("{worker}: session {session} {how} (welcome from node {node_id})")
+                }
+                Event::SessionLost { worker, session, replaced_by } => {
+                    format!("{worker}: session {session} could not be resumed; new session {replaced_by}")
+                }
+                Event::Revoked { worker, job_id, token, reason, .. } => {
+                    format!("{worker}: revoke of job {job_id} token {token}: {reason}")
+                }
+                Event::Result { worker, job_id, token, kind, ack }
+                    if matches!(ack, Ack::StaleLease | Ack::UnknownJob) =>
+                {
+                    format!("{worker}: {kind:?} of job {job_id} token {token} answered {ack:?}")
+                }
+                _ => continue,
+            };
+            out.push_str(&format!("  {:>10.3?} {line}\n", record.at));
+        }
+        out
     }
 
     pub fn enqueued(&self, job_id: &str) {
@@ -474,6 +513,15 @@ fn describe(record: &proto::AttemptRecord) -> String {
     )
 }
 
+/// One result as the workers saw it answered.
+struct Sent<'a> {
+    at: Duration,
+    worker: &'a str,
+    token: u64,
+    kind: ResultKind,
+    ack: Ack,
+}
+
 /// One assignment as the workers saw it.
 struct Seen<'a> {
     at: Duration,
@@ -494,7 +542,7 @@ pub fn check(records: &[Record], finals: &FinalJobs, expect: Expect) -> Result<S
 
     // What the workers saw, per job.
     let mut assigned: BTreeMap<&str, Vec<Seen<'_>>> = BTreeMap::new();
-    let mut results: BTreeMap<&str, Vec<(Duration, &str, u64, ResultKind, Ack)>> = BTreeMap::new();
+    let mut results: BTreeMap<&str, Vec<Sent<'_>>> = BTreeMap::new();
     let mut lost_sessions: BTreeMap<&str, Duration> = BTreeMap::new();
     let mut sdk_stats: BTreeMap<&str, u64> = BTreeMap::new();
     for record in records {
@@ -519,9 +567,15 @@ pub fn check(records: &[Record], finals: &FinalJobs, expect: Expect) -> Result<S
                     attempt: *attempt,
                 });
             }
-            Event::Revoked { .. } => {}
+            Event::Revoked { .. } | Event::Note { .. } => {}
             Event::Result { worker, job_id, token, kind, ack } => {
-                results.entry(job_id).or_default().push((record.at, worker, *token, *kind, *ack));
+                results.entry(job_id).or_default().push(Sent {
+                    at: record.at,
+                    worker,
+                    token: *token,
+                    kind: *kind,
+                    ack: *ack,
+                });
             }
             Event::SdkStats { worker, completed, .. } => {
                 sdk_stats.insert(worker, *completed);
@@ -689,20 +743,21 @@ pub fn check(records: &[Record], finals: &FinalJobs, expect: Expect) -> Result<S
                         describe(record)
                     ),
                 ),
-                Some(record) => {
-                    if lost_sessions.contains_key(s.session) && record.outcome() == AttemptOutcome::Running {
-                        violation(
-                            ViolationKind::DoubleHolder,
-                            job_id,
-                            format!(
-                                "worker {} saw session {} lost, but the broker still leases the job to it: {}",
-                                s.worker,
-                                s.session,
-                                describe(record)
-                            ),
-                        );
-                    }
+                Some(record)
+                    if lost_sessions.contains_key(s.session) && record.outcome() == AttemptOutcome::Running =>
+                {
+                    violation(
+                        ViolationKind::DoubleHolder,
+                        job_id,
+                        format!(
+                            "worker {} saw session {} lost, but the broker still leases the job to it: {}",
+                            s.worker,
+                            s.session,
+                            describe(record)
+                        ),
+                    )
                 }
+                Some(_) => {}
                 None if job.is_some() && !(truncated && s.token < oldest_kept) => violation(
                     ViolationKind::Contradiction,
                     job_id,
@@ -749,13 +804,11 @@ pub fn check(records: &[Record], finals: &FinalJobs, expect: Expect) -> Result<S
 
     for (job_id, sent) in &results {
         let job = finals.get(*job_id).cloned().flatten();
-        let outcomes: BTreeSet<u64> = sent
-            .iter()
-            .filter(|(_, _, _, kind, ack)| kind.is_outcome() && *ack == Ack::Accepted)
-            .map(|(_, _, token, ..)| *token)
-            .collect();
-        summary.accepted += sent.iter().filter(|r| r.4 == Ack::Accepted).map(|r| r.2).collect::<BTreeSet<_>>().len();
-        summary.stale += sent.iter().filter(|r| r.4 == Ack::StaleLease).count();
+        let outcomes: BTreeSet<u64> =
+            sent.iter().filter(|r| r.kind.is_outcome() && r.ack == Ack::Accepted).map(|r| r.token).collect();
+        summary.accepted +=
+            sent.iter().filter(|r| r.ack == Ack::Accepted).map(|r| r.token).collect::<BTreeSet<_>>().len();
+        summary.stale += sent.iter().filter(|r| r.ack == Ack::StaleLease).count();
         if outcomes.len() > 1 {
             violation(
                 ViolationKind::DoubleOutcome,
@@ -778,7 +831,7 @@ pub fn check(records: &[Record], finals: &FinalJobs, expect: Expect) -> Result<S
             );
         }
         let Some(job) = job else { continue };
-        for (at, worker, token, kind, ack) in sent {
+        for Sent { at, worker, token, kind, ack } in sent {
             let won = job.state() == JobState::Succeeded && job.fencing_token == *token;
             let contradiction = match (kind, ack) {
                 (ResultKind::Complete, Ack::Accepted) => !won,

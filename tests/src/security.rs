@@ -151,9 +151,8 @@ impl Default for TestPki {
 /// with comments) into `dir`; returns its path.
 pub fn token_file(dir: &Path) -> PathBuf {
     let path = dir.join("tokens");
-    let text = format!(
-        "# Gantry test tokens\n{PRODUCER_TOKEN} producer\n\nworker {WORKER_TOKEN}\n  {ADMIN_TOKEN}\tadmin  \n"
-    );
+    let text =
+        format!("# Gantry test tokens\n{PRODUCER_TOKEN} producer\n\nworker {WORKER_TOKEN}\n  {ADMIN_TOKEN}\tadmin  \n");
     std::fs::write(&path, text).expect("write token file");
     path
 }

@@ -14,8 +14,10 @@ use crate::convert::{to_proto_duration, to_proto_timestamp};
 use crate::endpoint::{self, BrokerChannel, Connect, Tls, leader_hint};
 use crate::proto::{self, admin_client::AdminClient, jobs_client::JobsClient};
 
-/// Tries per call when nodes answer `UNAVAILABLE` (no leader yet, node down).
-const MAX_TRIES: u32 = 5;
+/// How long a call keeps trying while nodes answer `UNAVAILABLE` (no
+/// leader yet, node down): long enough to ride out a leader election (up to
+/// two election timeouts) and a restart of the node it talked to.
+const RETRY_BUDGET: Duration = Duration::from_secs(10);
 /// The longest `WaitJob` timeout the broker accepts.
 const MAX_WAIT_PER_CALL: Duration = Duration::from_secs(60 * 60);
 /// Bound on remembered per-queue leaders, so a producer writing to an
@@ -307,26 +309,27 @@ impl Client {
     }
 
     /// Runs a unary call, retrying on `UNAVAILABLE` across nodes (a leader
-    /// hint in the status first), up to [`MAX_TRIES`] with backoff.
+    /// hint in the status first), for up to [`RETRY_BUDGET`] with backoff.
     pub(crate) async fn call<T, F, Fut>(&self, queue: Option<&str>, mut f: F) -> Result<T, Error>
     where
         F: FnMut(BrokerChannel) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
-        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+        let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
         let mut next_target: Option<String> = None;
-        let mut tries = 0;
+        let started = tokio::time::Instant::now();
         loop {
-            tries += 1;
             let target = next_target.take().unwrap_or_else(|| self.pick(queue));
             match f(self.channel(&target)).await {
                 Ok(resp) => {
-                    if let (Some(q), Some(leader)) = (queue, leader_hint(resp.metadata(), self.inner.connect.uses_tls())) {
+                    if let (Some(q), Some(leader)) =
+                        (queue, leader_hint(resp.metadata(), self.inner.connect.uses_tls()))
+                    {
                         self.learn_leader(q, leader);
                     }
                     return Ok(resp.into_inner());
                 }
-                Err(status) if is_retryable(&status) && tries < MAX_TRIES => {
+                Err(status) if is_retryable(&status) && started.elapsed() < RETRY_BUDGET => {
                     let hint = leader_hint(status.metadata(), self.inner.connect.uses_tls()).filter(|h| *h != target);
                     tracing::debug!(
                         node = %target, code = ?status.code(), message = status.message(),
@@ -457,6 +460,7 @@ mod tests {
         let client = Client {
             inner: Arc::new(Inner {
                 endpoints: vec!["http://127.0.0.1:1".into()],
+                connect: Connect::default(),
                 routes: Mutex::new(Routes::default()),
             }),
             coalescer: None,
@@ -492,11 +496,12 @@ mod tests {
         assert!(matches!(Client::connect(["ftp://x"]).await, Err(Error::InvalidEndpoint(_))));
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn unavailable_is_retried_then_returned() {
         let client = Client {
             inner: Arc::new(Inner {
                 endpoints: vec!["http://127.0.0.1:1".into(), "http://127.0.0.1:2".into()],
+                connect: Connect::default(),
                 routes: Mutex::new(Routes::default()),
             }),
             coalescer: None,
@@ -510,7 +515,8 @@ mod tests {
             .await
             .expect_err("always unavailable");
         assert_eq!(err.code(), Some(tonic::Code::Unavailable));
-        assert_eq!(seen.len(), MAX_TRIES as usize);
+        // Backoff from 50 ms doubling to 1 s, for the 10 s budget.
+        assert!((10..=20).contains(&seen.len()), "{} tries", seen.len());
 
         let mut calls = 0;
         let err = client

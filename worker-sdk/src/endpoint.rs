@@ -350,7 +350,12 @@ mod tests {
     #[test]
     fn the_scheme_follows_the_tls_settings() {
         assert_eq!(parse_endpoint("https://h:1", true).unwrap(), "https://h:1");
-        assert_eq!(parse_endpoint("HTTPS://h", true).unwrap(), "https://h:50051");
+        assert_eq!(
+            parse_endpoint("HTTPS://h", true).unwrap(),
+            "https://h",
+            "an explicit scheme keeps its default port"
+        );
+        assert_eq!(parse_endpoint("h", true).unwrap(), "https://h:50051");
         let err = parse_endpoint("https://h:1", false).unwrap_err().to_string();
         assert!(err.contains("no TLS settings"), "{err}");
         let err = parse_endpoint("http://h:1", true).unwrap_err().to_string();

@@ -91,7 +91,7 @@ pub use gantry_proto::prost_types;
 pub use gantry_proto::v1 as proto;
 
 pub use client::{Client, ClientBuilder, EnqueueBuilder, Enqueued};
-pub use endpoint::{BrokerChannel, Credentials, Tls};
 pub use context::JobContext;
+pub use endpoint::{BrokerChannel, Credentials, Tls};
 pub use error::{Error, JobError, LeaseLost};
 pub use worker::{Worker, WorkerBuilder, WorkerHandle, WorkerStats};

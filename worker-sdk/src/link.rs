@@ -5,6 +5,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::codec::Streaming;
+
 use crate::endpoint::{BrokerChannel, leader_hint};
 use crate::proto::{self, broker_message, worker_client::WorkerClient, worker_message};
 

@@ -281,7 +281,9 @@ impl Session {
                         self.link = Link::Closed;
                         return Err(Error::Status(status.clone()));
                     }
-                    if let Some(leader) = endpoint::leader_hint(status.metadata(), self.cfg.connect.uses_tls()).filter(|l| *l != target) {
+                    if let Some(leader) =
+                        endpoint::leader_hint(status.metadata(), self.cfg.connect.uses_tls()).filter(|l| *l != target)
+                    {
                         self.targets.set_hint(leader);
                     }
                 }

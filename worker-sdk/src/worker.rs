@@ -369,8 +369,12 @@ mod tests {
         assert!(matches!(bad_queue, Err(Error::InvalidConfig(_))));
         let zero = Worker::builder(["127.0.0.1:50051"]).queue("q").concurrency(0).build();
         assert!(matches!(zero, Err(Error::InvalidConfig(_))));
-        let bad_ep = Worker::builder(["https://x:1"]).queue("q").build();
+        let bad_ep = Worker::builder(["ftp://x:1"]).queue("q").build();
         assert!(matches!(bad_ep, Err(Error::InvalidEndpoint(_))));
+        let https_without_tls = Worker::builder(["https://x:1"]).queue("q").build();
+        assert!(matches!(https_without_tls, Err(Error::InvalidConfig(m)) if m.contains("no TLS settings")));
+        let bad_token = Worker::builder(["x:1"]).queue("q").token("two words").build();
+        assert!(matches!(bad_token, Err(Error::InvalidConfig(m)) if m.contains("token")));
         let backoff = Worker::builder(["x:1"])
             .queue("q")
             .reconnect_backoff(Duration::from_secs(2), Duration::from_secs(1))

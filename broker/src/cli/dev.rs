@@ -21,7 +21,7 @@ pub struct DevArgs {
     #[arg(long, default_value = "./gantry-dev")]
     pub data_dir: PathBuf,
     /// Client port of node 1. Node i listens on base + 10*(i-1) for clients,
-    /// one above for peers; metrics on 9464 + (i-1).
+    /// one above for peers, two above for metrics.
     #[arg(long, default_value_t = 50051)]
     pub base_port: u16,
     /// More flags for every `gantry serve`, after `--`, e.g. `-- --session-ttl 5s`.
@@ -29,6 +29,7 @@ pub struct DevArgs {
     pub serve_args: Vec<String>,
 }
 
+#[derive(Debug)]
 struct DevNode {
     id: u16,
     client: String,
@@ -41,7 +42,7 @@ fn plan(args: &DevArgs) -> anyhow::Result<Vec<DevNode>> {
     if !(1..=7).contains(&args.nodes) {
         bail!("--nodes: must be between 1 and 7, got {}", args.nodes);
     }
-    let last_port = u32::from(args.base_port) + 10 * u32::from(args.nodes - 1) + 1;
+    let last_port = u32::from(args.base_port) + 10 * u32::from(args.nodes - 1) + 2;
     if last_port > u32::from(u16::MAX) || args.base_port == 0 {
         bail!("--base-port: {} leaves no room for {} nodes", args.base_port, args.nodes);
     }
@@ -52,7 +53,7 @@ fn plan(args: &DevArgs) -> anyhow::Result<Vec<DevNode>> {
                 id,
                 client: format!("127.0.0.1:{client_port}"),
                 peer: format!("127.0.0.1:{}", client_port + 1),
-                metrics: format!("127.0.0.1:{}", 9464 + id - 1),
+                metrics: format!("127.0.0.1:{}", client_port + 2),
                 log: args.data_dir.join(format!("node-{id}.log")),
             }
         })
@@ -93,7 +94,15 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     println!("{:>4}  {:<18} {:<18} {:<18} {:>7}  log", "node", "client", "peer", "metrics", "pid");
     for (node, (_, child)) in nodes.iter().zip(&children) {
         let pid = child.id().map_or_else(|| "-".to_owned(), |p| p.to_string());
-        println!("{:>4}  {:<18} {:<18} {:<18} {:>7}  {}", node.id, node.client, node.peer, node.metrics, pid, node.log.display());
+        println!(
+            "{:>4}  {:<18} {:<18} {:<18} {:>7}  {}",
+            node.id,
+            node.client,
+            node.peer,
+            node.metrics,
+            pid,
+            node.log.display()
+        );
     }
     let endpoints: Vec<String> = nodes.iter().map(|n| n.client.clone()).collect();
     match wait_for_leader(&endpoints, &mut children).await {

@@ -24,6 +24,21 @@ impl AdminService {
         AdminService { node }
     }
 
+    /// The leader knows every member's replication; a follower asks it, and
+    /// answers with its own view when there is no reachable leader.
+    async fn cluster_view(&self) -> proto::ClusterStatusResponse {
+        let shard = &self.node.shards[0];
+        if !shard.raft.is_leader()
+            && let Some((leader_id, leader)) = shard.raft.leader().filter(|(id, _)| *id != self.node.node_id)
+        {
+            match self.leader_cluster_status(&leader.peer).await {
+                Ok(status) => return status,
+                Err(e) => tracing::debug!(leader = leader_id, error = %e, "leader's cluster status unavailable"),
+            }
+        }
+        self.local_cluster_status()
+    }
+
     async fn leader_cluster_status(&self, leader_peer: &str) -> Result<proto::ClusterStatusResponse, String> {
         let channel = self.node.channels.channel(leader_peer)?;
         let mut request = Request::new(proto::ClusterStatusRequest {});
@@ -101,18 +116,7 @@ impl Admin for AdminService {
         &self,
         _request: Request<proto::ClusterStatusRequest>,
     ) -> Result<Response<proto::ClusterStatusResponse>, Status> {
-        // The leader knows every member's replication; a follower asks it,
-        // and answers with its own view when there is no reachable leader.
-        let shard = &self.node.shards[0];
-        if !shard.raft.is_leader()
-            && let Some((leader_id, leader)) = shard.raft.leader().filter(|(id, _)| *id != self.node.node_id)
-        {
-            match self.leader_cluster_status(&leader.peer).await {
-                Ok(status) => return Ok(Response::new(status)),
-                Err(e) => tracing::debug!(leader = leader_id, error = %e, "leader's cluster status unavailable"),
-            }
-        }
-        Ok(Response::new(self.local_cluster_status()))
+        Ok(Response::new(self.cluster_view().await))
     }
 
     async fn add_node(
@@ -143,7 +147,7 @@ impl Admin for AdminService {
             tracing::info!(shard = %shard.raft.shard(), node = request.node_id, %member, "adding node: learner first, voter once caught up");
             shard.raft.add_member(request.node_id, member.clone()).await.map_err(status::membership_error)?;
         }
-        Ok(Response::new(self.local_cluster_status()))
+        Ok(Response::new(self.cluster_view().await))
     }
 
     async fn remove_node(
@@ -155,7 +159,7 @@ impl Admin for AdminService {
             tracing::info!(shard = %shard.raft.shard(), node = node_id, "removing node");
             shard.raft.remove_member(node_id).await.map_err(status::membership_error)?;
         }
-        Ok(Response::new(self.local_cluster_status()))
+        Ok(Response::new(self.cluster_view().await))
     }
 
     async fn transfer_leader(
@@ -170,14 +174,14 @@ impl Admin for AdminService {
             .find(|s| s.raft.shard().0 == request.shard)
             .ok_or_else(|| Status::not_found(format!("shard: this cluster has no shard {}", request.shard)))?;
         if shard.raft.leader().is_some_and(|(id, _)| id == request.node_id) {
-            return Ok(Response::new(self.local_cluster_status()));
+            return Ok(Response::new(self.cluster_view().await));
         }
         shard.raft.transfer_leadership(request.node_id).await.map_err(status::membership_error)?;
         // Answer once the handover happened (or failed), bounded.
         let deadline = tokio::time::Instant::now() + self.node.settings.session_ttl;
         while tokio::time::Instant::now() < deadline {
             if shard.raft.leader().is_some_and(|(id, _)| id == request.node_id) {
-                return Ok(Response::new(self.local_cluster_status()));
+                return Ok(Response::new(self.cluster_view().await));
             }
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }

@@ -140,7 +140,9 @@ where
                         "node {node_id} cannot reach node {leader_id}, the leader of shard {shard_id} ({}); retry shortly",
                         leader.peer
                     ));
-                    Ok(status_response(status, Some(&leader.client)))
+                    // No hint: a leader this node cannot reach is likely gone,
+                    // and clients would only waste a try on it.
+                    Ok(status_response(status, None))
                 }
             }
         })

@@ -215,9 +215,9 @@ pub enum Rejection {
     StaleLease { job_id: JobId, token: FencingToken },
     #[error("queue {queue:?} is at its maximum depth of {max_depth} jobs")]
     QueueFull { queue: String, max_depth: u64 },
-    #[error("job {job_id} is {state:?}; only FAILED jobs can be retried")]
+    #[error("job {job_id} is {state}; only FAILED jobs can be retried")]
     NotFailed { job_id: JobId, state: JobState },
-    #[error("job {job_id} is already {state:?}")]
+    #[error("job {job_id} is already {state}")]
     AlreadyTerminal { job_id: JobId, state: JobState },
     #[error("session {0} not found")]
     SessionNotFound(SessionId),

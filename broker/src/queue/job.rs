@@ -19,6 +19,20 @@ pub enum JobState {
     Cancelled,
 }
 
+/// The API's name (`READY`), so messages read like the states clients see.
+impl std::fmt::Display for JobState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            JobState::Scheduled => "SCHEDULED",
+            JobState::Ready => "READY",
+            JobState::Active => "ACTIVE",
+            JobState::Succeeded => "SUCCEEDED",
+            JobState::Failed => "FAILED",
+            JobState::Cancelled => "CANCELLED",
+        })
+    }
+}
+
 impl JobState {
     pub fn is_terminal(self) -> bool {
         matches!(self, JobState::Succeeded | JobState::Failed | JobState::Cancelled)

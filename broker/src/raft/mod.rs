@@ -358,6 +358,7 @@ impl ShardRaft {
         ShardStatus {
             shard: self.shard,
             role: match m.state {
+                _ if !nodes.contains_key(&m.id) => "not a member",
                 ServerState::Leader => "leader",
                 ServerState::Follower => "follower",
                 ServerState::Candidate => "candidate",
@@ -367,7 +368,8 @@ impl ShardRaft {
             term: m.current_term,
             leader_id: m.current_leader,
             leader_address: m.current_leader.and_then(|id| nodes.get(&id).map(|n| n.client.clone())),
-            commit_index: m.cluster_committed.map_or(0, |l| l.index),
+            // What this node knows to be committed (never behind what it applied).
+            commit_index: m.local_committed.map_or(0, |l| l.index),
             applied_index: m.last_applied.map_or(0, |l| l.index),
             last_log_index: m.last_log_index.unwrap_or(0),
             snapshot_index: m.snapshot.map_or(0, |l| l.index),

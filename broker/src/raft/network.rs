@@ -103,8 +103,11 @@ impl PeerChannels {
 
     /// Adds the admin token for client-port calls, if the cluster uses tokens.
     pub fn authorize<T>(&self, request: &mut tonic::Request<T>) {
-        if let Some(value) =
-            self.dial.client_token.as_ref().and_then(|t| format!("Bearer {t}").parse::<tonic::metadata::AsciiMetadataValue>().ok())
+        if let Some(value) = self
+            .dial
+            .client_token
+            .as_ref()
+            .and_then(|t| format!("Bearer {t}").parse::<tonic::metadata::AsciiMetadataValue>().ok())
         {
             request.metadata_mut().insert("authorization", value);
         }

@@ -43,7 +43,8 @@ pub struct Security {
 }
 
 fn read(field: &'static str, path: &Path) -> Result<Vec<u8>, ConfigError> {
-    std::fs::read(path).map_err(|e| ConfigError::File { path: path.display().to_string(), message: format!("{field}: {e}") })
+    std::fs::read(path)
+        .map_err(|e| ConfigError::File { path: path.display().to_string(), message: format!("{field}: {e}") })
 }
 
 fn invalid(field: &'static str, message: String) -> ConfigError {
@@ -61,9 +62,8 @@ impl Security {
                 tls = tls.client_ca_root(Certificate::from_pem(read("tls-client-ca", ca)?));
                 security.client_certs_required = true;
             }
-            check_server(&tls).map_err(|e| {
-                invalid("tls-cert", format!("{} / {}: {e}", cert.display(), key.display()))
-            })?;
+            check_server(&tls)
+                .map_err(|e| invalid("tls-cert", format!("{} / {}: {e}", cert.display(), key.display())))?;
             security.client_tls = Some(tls);
             client_identity = Some(identity);
         }
@@ -73,9 +73,8 @@ impl Security {
             let identity = Identity::from_pem(read("peer-tls-cert", cert)?, read("peer-tls-key", key)?);
             let ca = Certificate::from_pem(read("peer-tls-ca", ca)?);
             let tls = ServerTlsConfig::new().identity(identity.clone()).client_ca_root(ca.clone());
-            check_server(&tls).map_err(|e| {
-                invalid("peer-tls-cert", format!("{} / {}: {e}", cert.display(), key.display()))
-            })?;
+            check_server(&tls)
+                .map_err(|e| invalid("peer-tls-cert", format!("{} / {}: {e}", cert.display(), key.display())))?;
             let dial = ClientTlsConfig::new().ca_certificate(ca.clone()).identity(identity.clone());
             check_client(&dial).map_err(|e| invalid("peer-tls-ca", e))?;
             security.peer_tls = Some(tls);
@@ -88,7 +87,10 @@ impl Security {
             if !config.join.is_empty() && tokens.admin_token().is_none() {
                 return Err(invalid(
                     "token-file",
-                    format!("{}: --join calls AddNode, which needs a token with the admin role in this file", path.display()),
+                    format!(
+                        "{}: --join calls AddNode, which needs a token with the admin role in this file",
+                        path.display()
+                    ),
                 ));
             }
             security.dial.client_token = tokens.admin_token().map(|t| String::from_utf8_lossy(t).into_owned());
@@ -130,9 +132,15 @@ impl Security {
         if !client.ip().is_loopback() {
             let authenticated = self.tokens.is_some() || self.client_certs_required;
             match (self.client_tls.is_some(), authenticated) {
-                (false, false) => tracing::warn!(address = %client, "listening beyond loopback WITHOUT authentication or TLS: anyone who can reach this port can enqueue, take and administer jobs"),
-                (false, true) => tracing::warn!(address = %client, "listening beyond loopback WITHOUT TLS: bearer tokens and job data cross the network in cleartext; set --tls-cert and --tls-key"),
-                (true, false) => tracing::warn!(address = %client, "listening beyond loopback WITHOUT authentication: anyone who can reach this port can enqueue, take and administer jobs; set --token-file or --tls-client-ca"),
+                (false, false) => {
+                    tracing::warn!(address = %client, "listening beyond loopback WITHOUT authentication or TLS: anyone who can reach this port can enqueue, take and administer jobs")
+                }
+                (false, true) => {
+                    tracing::warn!(address = %client, "listening beyond loopback WITHOUT TLS: bearer tokens and job data cross the network in cleartext; set --tls-cert and --tls-key")
+                }
+                (true, false) => {
+                    tracing::warn!(address = %client, "listening beyond loopback WITHOUT authentication: anyone who can reach this port can enqueue, take and administer jobs; set --token-file or --tls-client-ca")
+                }
                 (true, true) => {}
             }
         }
@@ -149,7 +157,10 @@ fn check_server(tls: &ServerTlsConfig) -> Result<(), String> {
 }
 
 fn check_client(tls: &ClientTlsConfig) -> Result<(), String> {
-    tonic::transport::Endpoint::from_static("https://localhost").tls_config(tls.clone()).map(|_| ()).map_err(|e| error_chain(&e))
+    tonic::transport::Endpoint::from_static("https://localhost")
+        .tls_config(tls.clone())
+        .map(|_| ())
+        .map_err(|e| error_chain(&e))
 }
 
 /// tonic's errors say "transport error" and keep the cause in `source()`.

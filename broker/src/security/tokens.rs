@@ -3,19 +3,20 @@
 //! # The token file
 //!
 //! ```text
-//! # Lines starting with # are comments; blank lines are ignored.
+//! # From a # to the end of the line is a comment; blank lines are ignored.
 //! # Each other line: a token and a role, separated by spaces or tabs,
 //! # in either order (exactly one of the two is a role name).
 //! 6f1c0d7e2a9b4c58a1d3e5f7b9c2d4e6   producer
-//! worker   0b8e2f4a6c8d0e2f4a6b8c0d2e4f6a8b
+//! worker   0b8e2f4a6c8d0e2f4a6b8c0d2e4f6a8b    # the example worker
 //! 9a7c5e3f1b2d4c6e8a0b2d4f6a8c0e2f   admin
 //! ```
 //!
 //! - Roles: `producer` (service `gantry.v1.Jobs`), `worker` (`gantry.v1.Worker`),
 //!   `admin` (every service, `gantry.v1.Admin` included).
 //! - A token is 16 to 512 visible ASCII characters without spaces (it
-//!   travels in an HTTP header). One that is listed on several lines has
-//!   all their roles (e.g. a worker that also enqueues follow-up jobs).
+//!   travels in an HTTP header), not starting with `#`. One that is listed
+//!   on several lines has all their roles (e.g. a worker that also enqueues
+//!   follow-up jobs).
 //! - Clients send `authorization: Bearer <token>`.
 //!
 //! The file is read at startup; an error names the line and stops the
@@ -104,7 +105,7 @@ impl Tokens {
             if line.is_empty() || line.starts_with('#') {
                 continue;
             }
-            let fields: Vec<&str> = line.split_whitespace().collect();
+            let fields: Vec<&str> = line.split_whitespace().take_while(|f| !f.starts_with('#')).collect();
             let [a, b] = fields[..] else {
                 return Err(format!(
                     "line {number}: expected `<token> <role>`, found {} fields (a token cannot contain spaces)",
@@ -187,9 +188,7 @@ mod tests {
 
     #[test]
     fn either_order_comments_and_role_union() {
-        let text = format!("# tokens\n\n{P} producer\n  worker\t{W}  \n{A} admin # not a comment here\n");
-        assert!(Tokens::parse(&text).unwrap_err().contains("line 5: expected `<token> <role>`, found 5 fields"));
-        let text = format!("# tokens\n\n{P} producer\n  worker\t{W}  \n{A} admin\n{W} producer\n");
+        let text = format!("# tokens\n\n{P} producer\n  worker\t{W}  \n{A} admin # ops\n{W} producer\n");
         let tokens = Tokens::parse(&text).unwrap();
         assert_eq!(tokens.len(), 3);
         let Lookup::Known(roles) = tokens.lookup(P.as_bytes()) else { panic!("producer token unknown") };

@@ -48,7 +48,7 @@ type Lease = (String, u64);
 
 /// How long opening a stream (hello to welcome) may take before the next
 /// node is tried: a stopped node accepts TCP but never answers.
-const OPEN_TIMEOUT: Duration = Duration::from_secs(2);
+const OPEN_TIMEOUT: Duration = Duration::from_secs(1);
 const RECONNECT_PAUSE: Duration = Duration::from_millis(50);
 
 struct Shared {
@@ -171,8 +171,11 @@ struct Runner {
     sent: BTreeMap<Lease, ResultKind>,
 }
 
+/// A stream with its welcome (boxed: much larger than a redirect).
+type Stream = Box<(mpsc::UnboundedSender<proto::WorkerMessage>, Streaming<proto::BrokerMessage>, proto::Welcome)>;
+
 enum Opened {
-    Welcome(mpsc::UnboundedSender<proto::WorkerMessage>, Streaming<proto::BrokerMessage>, proto::Welcome),
+    Welcome(Stream),
     Redirect(String),
 }
 
@@ -204,7 +207,15 @@ impl Runner {
             };
             let channel = self.channel(&target);
             match tokio::time::timeout(OPEN_TIMEOUT, open(channel, hello)).await {
-                Ok(Ok(Opened::Welcome(tx, inbound, welcome))) => self.serve(tx, inbound, welcome).await,
+                Ok(Ok(Opened::Welcome(stream))) => {
+                    let (tx, inbound, welcome) = *stream;
+                    self.serve(tx, inbound, welcome).await;
+                    // Broken without a hint where to go: that node may be
+                    // dead or frozen, try the next one first.
+                    if self.hint.is_none() && !hinted {
+                        self.next += 1;
+                    }
+                }
                 Ok(Ok(Opened::Redirect(leader))) => self.hint = Some(with_scheme(&leader)),
                 Ok(Err(status)) => {
                     tracing::debug!(worker = %self.name, %target, %status, "cannot open a session");
@@ -388,7 +399,9 @@ async fn open(channel: Channel, hello: proto::Hello) -> Result<Opened, tonic::St
     let _ = tx.send(message(In::Hello(hello)));
     let mut inbound = WorkerClient::new(channel).connect(UnboundedReceiverStream::new(rx)).await?.into_inner();
     match inbound.message().await? {
-        Some(proto::BrokerMessage { kind: Some(Out::Welcome(welcome)) }) => Ok(Opened::Welcome(tx, inbound, welcome)),
+        Some(proto::BrokerMessage { kind: Some(Out::Welcome(welcome)) }) => {
+            Ok(Opened::Welcome(Box::new((tx, inbound, welcome))))
+        }
         Some(proto::BrokerMessage { kind: Some(Out::Redirect(redirect)) }) => {
             Ok(Opened::Redirect(redirect.leader_address))
         }

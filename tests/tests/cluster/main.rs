@@ -3,6 +3,7 @@
 //! kills, stops and restarts it.
 
 mod admin_guide;
+mod dev;
 mod membership;
 mod processes;
 mod replication;

@@ -39,11 +39,23 @@ const ARGS: &[&str] = &[
     "100",
 ];
 
-async fn start_cluster() -> (tempfile::TempDir, BinaryCluster) {
+/// Prints how long a scenario took, build time of the binaries excluded.
+struct Timer(Instant);
+
+impl Drop for Timer {
+    fn drop(&mut self) {
+        eprintln!("scenario took {:?} (cluster start included, build excluded)", self.0.elapsed());
+    }
+}
+
+async fn start_cluster() -> (Timer, tempfile::TempDir, BinaryCluster) {
     gantry_tests::init_tracing();
+    // Built (if stale) before the clock starts.
+    gantry_tests::gantry_binary();
+    let timer = Timer(Instant::now());
     let dir = tempfile::tempdir().expect("temp dir");
     let cluster = BinaryCluster::start(dir.path(), 3, ARGS).await;
-    (dir, cluster)
+    (timer, dir, cluster)
 }
 
 async fn client(endpoints: &[String]) -> gantry_worker::Client {
@@ -136,7 +148,7 @@ async fn check(history: &History, client: &gantry_worker::Client, queues: &[&str
     let finals = final_jobs(client, queues, history.job_ids()).await;
     match history.check(&finals, expect) {
         Ok(summary) => eprintln!("history check passed: {summary}"),
-        Err(violations) => panic!("{violations}"),
+        Err(violations) => panic!("{violations}timeline:\n{}", history.timeline()),
     }
 }
 
@@ -146,7 +158,7 @@ async fn check(history: &History, client: &gantry_worker::Client, queues: &[&str
 /// the log, and then serves every job itself.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_the_leader_under_load() {
-    let (_dir, mut cluster) = start_cluster().await;
+    let (_timer, _dir, mut cluster) = start_cluster().await;
     let endpoints = cluster.endpoints();
     let leader = cluster.wait_for_leader().await;
     let history = History::new();
@@ -169,9 +181,14 @@ async fn sigkill_the_leader_under_load() {
     })
     .await;
     let before_kill = history.acknowledged().len();
+    // The end of the doomed leader's log, give or take what it appends
+    // before the kill lands.
+    let log_end = cluster.status(leader).await.expect("leader's status").shards[0].last_log_index + 50;
     let killed_at = Instant::now();
+    history.note(format!("SIGKILL node {} (the leader)", leader + 1));
     cluster.kill9(leader);
     let new_leader = cluster.wait_for_leader_other_than(Some(leader)).await;
+    history.note(format!("node {} leads", new_leader + 1));
     eprintln!(
         "node {} killed with {before_kill} jobs acknowledged; node {} leads after {:?}",
         leader + 1,
@@ -190,16 +207,55 @@ async fn sigkill_the_leader_under_load() {
     history.sdk_stats("sdk-0", &sdk_handle);
     let client = client(&endpoints).await;
     check(&history, &client, &[queue], Expect::Succeeded).await;
-    eprintln!("queue after the load: {drained:?}");
+    eprintln!("queue after the load: {drained:?}\ntimeline:\n{}", history.timeline());
 
-    let t = Instant::now();
-    let mut jobs = cluster.nodes[new_leader].jobs();
-    for i in 0..1100u32 {
-        let request =
-            proto::EnqueueRequest { queue: "filler".into(), payload: i.to_be_bytes().to_vec(), ..Default::default() };
-        history.enqueued(&jobs.enqueue(request).await.expect("enqueue").into_inner().job_id);
+    // More than the 1000 entries a leader keeps behind its snapshot, while
+    // the killed node is down (eight writers: entries go out eight at a
+    // time), so it needs the leader's snapshot to catch up.
+    let filled = Instant::now();
+    let filler = History::new();
+    let writers: Vec<_> = (0..8)
+        .map(|w| {
+            let (filler, mut jobs) = (filler.clone(), cluster.nodes[new_leader].jobs());
+            tokio::spawn(async move {
+                // Bounded: 140 acknowledged, with up to 100 refusals (an
+                // election on two starved cores) on the way.
+                let (mut done, mut refused) = (0, 0);
+                while done < 140 {
+                    let request = proto::EnqueueRequest {
+                        queue: "filler".into(),
+                        payload: format!("filler {w} {done}").into_bytes(),
+                        ..Default::default()
+                    };
+                    match jobs.enqueue(request).await {
+                        Ok(response) => {
+                            filler.enqueued(&response.into_inner().job_id);
+                            done += 1;
+                        }
+                        Err(status) => {
+                            filler.enqueue_unacknowledged("filler", &status);
+                            refused += 1;
+                            assert!(refused < 100, "filler enqueues keep failing: {status:?}");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    for writer in writers {
+        writer.await.expect("filler writer");
     }
-    eprintln!("1100 sequential enqueues took {:?}", t.elapsed());
+    eprintln!("1120 enqueues by 8 writers took {:?}", filled.elapsed());
+    // The leader snapshots every 100 commands and keeps 1000 entries
+    // behind a snapshot: past this index, what the killed node lacks is gone
+    // from every log.
+    let purged_past = log_end + 1000;
+    let leader_snapshot = eventually("the leader's log purged past the killed node's end", CLUSTER_WAIT, || async {
+        let index = cluster.status(new_leader).await?.shards[0].snapshot_index;
+        (index > purged_past).then_some(index)
+    })
+    .await;
 
     // The killed node comes back: it restores its last snapshot, replays
     // its log, and catches up from the leader.
@@ -211,8 +267,9 @@ async fn sigkill_the_leader_under_load() {
     let log = cluster.log_since(leader, log_from);
     let installed = log.contains("installing snapshot from the leader");
     assert!(
-        shard.snapshot_index > 0 || installed,
-        "node {} caught up with no snapshot at all (snapshot-every 100): {status:?}",
+        installed,
+        "node {} caught up without the leader's snapshot, though its log ended near {log_end} and the leader's \
+         snapshot is at {leader_snapshot}; its log since the restart:\n{log}",
         leader + 1
     );
     eprintln!(
@@ -222,7 +279,8 @@ async fn sigkill_the_leader_under_load() {
         shard.applied_index
     );
     // Every job as the restarted node's own state machine has it.
-    check(&history, &client, &[queue, "filler"], Expect::Present).await;
+    check(&history, &client, &[queue], Expect::Succeeded).await;
+    check(&filler, &client, &["filler"], Expect::Present).await;
     drop(raw);
 }
 
@@ -252,7 +310,7 @@ async fn get(client: &gantry_worker::Client, job_id: &str) -> proto::Job {
 /// after waking (enqueues sent to it while it was frozen) is lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigstop_the_leader_then_sigcont_it_steps_down() {
-    let (_dir, mut cluster) = start_cluster().await;
+    let (_timer, _dir, mut cluster) = start_cluster().await;
     let endpoints = cluster.endpoints();
     let leader = cluster.wait_for_leader().await;
     let watch = cluster.watch_leadership();
@@ -267,6 +325,7 @@ async fn sigstop_the_leader_then_sigcont_it_steps_down() {
     eventually("50 jobs acknowledged", CLUSTER_WAIT, || async { (history.acknowledged().len() >= 50).then_some(()) })
         .await;
 
+    history.note(format!("SIGSTOP node {} (the leader)", leader + 1));
     cluster.pause(leader);
     // Enqueues sent to the frozen leader: answered (if ever) once it wakes.
     let frozen_addr = cluster.nodes[leader].addr;
@@ -284,11 +343,11 @@ async fn sigstop_the_leader_then_sigcont_it_steps_down() {
                 match jobs.enqueue(request).await {
                     Ok(response) => {
                         history.enqueued(&response.into_inner().job_id);
-                        true
+                        "acknowledged".to_owned()
                     }
                     Err(status) => {
                         history.enqueue_unacknowledged(queue, &status);
-                        false
+                        format!("{:?}: {}", status.code(), status.message())
                     }
                 }
             })
@@ -306,6 +365,7 @@ async fn sigstop_the_leader_then_sigcont_it_steps_down() {
         history.enqueued(&jobs.enqueue(request).await.expect("the new leader acknowledges").into_inner().job_id);
     }
 
+    history.note(format!("node {} leads; SIGCONT node {}", new_leader + 1, leader + 1));
     cluster.resume(leader);
     let (old_id, new_id) = (leader as u64 + 1, new_leader as u64 + 1);
     let seen = eventually(&format!("node {old_id} steps down and names node {new_id}"), CLUSTER_WAIT, || async {
@@ -315,9 +375,9 @@ async fn sigstop_the_leader_then_sigcont_it_steps_down() {
     })
     .await;
     assert_eq!(seen.shards[0].role, "leader", "{seen:?}");
-    let mut acknowledged_late = 0;
+    let mut answers = Vec::new();
     for write in stale_writes {
-        acknowledged_late += usize::from(write.await.expect("stale write task"));
+        answers.push(write.await.expect("stale write task"));
     }
     producers.stop().await;
     wait_drained(&cluster, queue, CLUSTER_WAIT).await;
@@ -332,8 +392,8 @@ async fn sigstop_the_leader_then_sigcont_it_steps_down() {
         "node {old_id} led in terms {old_terms:?}, node {new_id} in {new_terms:?}: the new leader's terms must be later"
     );
     eprintln!(
-        "leaders by term: {claims:?}; of 5 enqueues sent to the frozen leader, {acknowledged_late} were acknowledged \
-         after it woke (all found SUCCEEDED)"
+        "leaders by term: {claims:?}; enqueues sent to the frozen leader were answered (acknowledged ones were \
+         found SUCCEEDED): {answers:?}"
     );
 }
 
@@ -341,7 +401,7 @@ async fn sigstop_the_leader_then_sigcont_it_steps_down() {
 /// the same leader; SIGCONT: the follower catches up and can lead.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigstop_a_follower_the_cluster_keeps_serving() {
-    let (_dir, mut cluster) = start_cluster().await;
+    let (_timer, _dir, mut cluster) = start_cluster().await;
     let endpoints = cluster.endpoints();
     let leader = cluster.wait_for_leader().await;
     let follower = (leader + 1) % 3;
@@ -353,6 +413,7 @@ async fn sigstop_a_follower_the_cluster_keeps_serving() {
     eventually("30 jobs acknowledged", CLUSTER_WAIT, || async { (history.acknowledged().len() >= 30).then_some(()) })
         .await;
 
+    history.note(format!("SIGSTOP node {} (a follower)", follower + 1));
     cluster.pause(follower);
     let at_pause = history.acknowledged().len();
     eventually("150 jobs acknowledged with a follower frozen", CLUSTER_WAIT, || async {
@@ -360,6 +421,7 @@ async fn sigstop_a_follower_the_cluster_keeps_serving() {
     })
     .await;
     assert_eq!(cluster.wait_for_leader().await, leader, "a frozen follower must not cost the leader its office");
+    history.note(format!("SIGCONT node {}", follower + 1));
     cluster.resume(follower);
     producers.stop().await;
     wait_drained(&cluster, queue, CLUSTER_WAIT).await;
@@ -382,7 +444,7 @@ async fn sigstop_a_follower_the_cluster_keeps_serving() {
 /// ACTIVE with the same lease, READY, SCHEDULED, CANCELLED).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn whole_cluster_sigkill_and_restart_keeps_every_job() {
-    let (_dir, mut cluster) = start_cluster().await;
+    let (_timer, _dir, mut cluster) = start_cluster().await;
     let endpoints = cluster.endpoints();
     let history = History::new();
     let client = client(&endpoints).await;
@@ -421,8 +483,8 @@ async fn whole_cluster_sigkill_and_restart_keeps_every_job() {
             .then_some(jobs)
     })
     .await;
-    wait_idle(&[&worker]).await;
 
+    history.note("SIGKILL all three nodes");
     for i in 0..3 {
         cluster.kill9(i);
     }
@@ -470,7 +532,7 @@ async fn read_all(client: &gantry_worker::Client, ids: &[String]) -> Vec<proto::
 /// DESIGN §1.6), so no job runs twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn worker_behind_a_follower_proxy_survives_a_leader_kill() {
-    let (_dir, mut cluster) = start_cluster().await;
+    let (_timer, _dir, mut cluster) = start_cluster().await;
     let endpoints = cluster.endpoints();
     let leader = cluster.wait_for_leader().await;
     let follower = (leader + 1) % 3;
@@ -512,6 +574,7 @@ async fn worker_behind_a_follower_proxy_survives_a_leader_kill() {
         assert_eq!(job.state(), JobState::Succeeded, "quick job {id} through the proxy: {job:?}");
     }
 
+    history.note(format!("SIGKILL node {} (the leader)", leader + 1));
     cluster.kill9(leader);
     let new_leader = cluster.wait_for_leader_other_than(Some(leader)).await;
     eventually("the worker reconnected through its one node", CLUSTER_WAIT, || async {
@@ -558,7 +621,7 @@ async fn worker_behind_a_follower_proxy_survives_a_leader_kill() {
 /// (STALE_LEASE), changes nothing, and is not sent again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn zc_async_late_result_refused_across_a_leader_change() {
-    let (_dir, mut cluster) = start_cluster().await;
+    let (_timer, _dir, mut cluster) = start_cluster().await;
     let endpoints = cluster.endpoints().join(",");
     let leader = cluster.wait_for_leader().await;
     let history = History::new();
@@ -588,6 +651,7 @@ async fn zc_async_late_result_refused_across_a_leader_change() {
     });
     second.wait_connected().await;
 
+    history.note(format!("first worker's heartbeats paused; SIGKILL node {} (the leader)", leader + 1));
     first.handle.pause_heartbeats(true);
     cluster.kill9(leader);
     let new_leader = cluster.wait_for_leader_other_than(Some(leader)).await;
@@ -650,7 +714,8 @@ async fn zc_async_late_result_refused_across_a_leader_change() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gearman_worker_process_and_retry_after_across_a_leader_kill() {
     const RETRY_AFTER: Duration = Duration::from_secs(3);
-    let (_dir, mut cluster) = start_cluster().await;
+    gantry_tests::echo_worker_binary();
+    let (_timer, _dir, mut cluster) = start_cluster().await;
     let endpoints = cluster.endpoints().join(",");
     let leader = cluster.wait_for_leader().await;
     let history = History::new();
@@ -699,6 +764,7 @@ async fn gearman_worker_process_and_retry_after_across_a_leader_kill() {
 
     process.kill().expect("SIGKILL the worker process");
     process.wait().expect("reap");
+    history.note(format!("worker process killed; SIGKILL node {} (the leader)", leader + 1));
     cluster.kill9(leader);
     let new_leader = cluster.wait_for_leader_other_than(Some(leader)).await;
     let survivor = sdk_worker(&history, &endpoints, "gearman", "survivor", 1, |ctx| async move {

@@ -30,37 +30,57 @@ async fn peers_speak_mutual_tls_and_forward_checked_calls() {
     let dir = tempfile::tempdir().unwrap();
     let tokens = token_file(dir.path());
     let cluster = TestCluster::start_with(3, secure(&pki, &tokens)).await;
-    let leader = cluster.wait_for_leader().await;
-    let follower = cluster.other(leader);
 
-    // Enqueue through a follower: checked there, forwarded over mTLS.
-    let mut jobs = JobsClient::new(pki.channel(cluster.addrs[follower], ClientCert::None));
+    // Enqueue through a follower: checked there, forwarded over mTLS. An
+    // election on a busy machine is retried.
     let request = proto::EnqueueRequest { queue: "tls-q".into(), payload: b"x".to_vec(), ..Default::default() };
-    let response =
-        jobs.enqueue(bearer(tonic::Request::new(request.clone()), PRODUCER_TOKEN)).await.expect("forwarded enqueue");
-    assert_eq!(response.metadata().get("gantry-leader").unwrap().to_str().unwrap(), cluster.endpoint(leader));
-    let job_id = response.into_inner().job_id;
+    let (job_id, follower) = eventually("an enqueue forwarded by a follower", CLUSTER_WAIT, || {
+        let (cluster, pki, request) = (&cluster, &pki, request.clone());
+        async move {
+            let leader = cluster.wait_for_leader().await;
+            let follower = cluster.other(leader);
+            let mut jobs = JobsClient::new(pki.channel(cluster.addrs[follower], ClientCert::None));
+            match jobs.enqueue(bearer(tonic::Request::new(request), PRODUCER_TOKEN)).await {
+                Ok(response) => {
+                    let hint = response.metadata().get("gantry-leader").expect("leader hint").to_str().unwrap();
+                    (hint == cluster.endpoint(leader)).then(|| (response.into_inner().job_id, follower))
+                }
+                Err(status) if status.code() == tonic::Code::Unavailable => None,
+                Err(status) => panic!("forwarded enqueue: {status:?}"),
+            }
+        }
+    })
+    .await;
+    let mut jobs = JobsClient::new(pki.channel(cluster.addrs[follower], ClientCert::None));
     let refused = jobs.enqueue(bearer(tonic::Request::new(request), WORKER_TOKEN)).await.unwrap_err();
     assert_eq!(refused.code(), tonic::Code::PermissionDenied, "checked at the node the client called");
 
     // A worker stream opened on a follower is proxied to the leader.
-    let mut worker = WorkerClient::new(pki.channel(cluster.addrs[follower], ClientCert::None));
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    tx.send(proto::WorkerMessage {
-        kind: Some(proto::worker_message::Kind::Hello(proto::Hello {
-            worker_id: "proxied".into(),
-            queues: vec!["nothing-here".into()],
-            max_in_flight: 1,
-            resume_session_id: String::new(),
-        })),
+    eventually("a worker stream proxied by a follower", CLUSTER_WAIT, || async {
+        let mut worker = WorkerClient::new(pki.channel(cluster.addrs[follower], ClientCert::None));
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tx.send(proto::WorkerMessage {
+            kind: Some(proto::worker_message::Kind::Hello(proto::Hello {
+                worker_id: "proxied".into(),
+                queues: vec!["nothing-here".into()],
+                max_in_flight: 1,
+                resume_session_id: String::new(),
+            })),
+        })
+        .unwrap();
+        let stream = tokio_stream::wrappers::UnboundedReceiverStream::new(rx);
+        let request = bearer(tonic::Request::new(stream), WORKER_TOKEN);
+        let first = match worker.connect(request).await {
+            Ok(response) => response.into_inner().message().await,
+            Err(status) => Err(status),
+        };
+        match first {
+            Ok(Some(proto::BrokerMessage { kind: Some(proto::broker_message::Kind::Welcome(_)) })) => Some(()),
+            Err(status) if status.code() == tonic::Code::Unavailable => None,
+            other => panic!("proxied stream: {other:?}"),
+        }
     })
-    .unwrap();
-    let stream = tokio_stream::wrappers::UnboundedReceiverStream::new(rx);
-    let mut inbound =
-        worker.connect(bearer(tonic::Request::new(stream), WORKER_TOKEN)).await.expect("proxied stream").into_inner();
-    let welcome = inbound.message().await.expect("welcome").expect("a message");
-    assert!(matches!(welcome.kind, Some(proto::broker_message::Kind::Welcome(_))), "{welcome:?}");
-    drop(tx);
+    .await;
 
     // The SDK, given every node, runs the job.
     let endpoints: Vec<String> = cluster.addrs.iter().map(|a| format!("https://{a}")).collect();
@@ -85,12 +105,12 @@ async fn peers_speak_mutual_tls_and_forward_checked_calls() {
     running.await.unwrap().unwrap();
 
     // The peer port takes only node certificates of the cluster's CA.
-    let peer = cluster.peer_addr(leader);
+    let peer = cluster.peer_addr(follower);
     let node_info = |cert: ClientCert| {
         let mut client = PeerServiceClient::new(pki.channel(peer, cert));
         async move { client.node_info(NodeInfoRequest {}).await.map(|r| r.into_inner().node_id) }
     };
-    assert_eq!(node_info(ClientCert::Node).await.expect("a node certificate is accepted"), leader as u64 + 1);
+    assert_eq!(node_info(ClientCert::Node).await.expect("a node certificate is accepted"), follower as u64 + 1);
     assert!(node_info(ClientCert::None).await.is_err(), "the peer port served a caller without a certificate");
     assert!(node_info(ClientCert::Rogue).await.is_err(), "the peer port served a certificate of another CA");
     let mut plaintext = PeerServiceClient::new(gantry_tests::channel(peer));

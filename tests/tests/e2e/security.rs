@@ -7,9 +7,7 @@ use std::{process::Command, time::Duration};
 use bytes::Bytes;
 use gantry_tests::{
     TestBroker, gantry_binary,
-    security::{
-        ADMIN_TOKEN, ClientCert, PRODUCER_TOKEN, TestPki, UNKNOWN_TOKEN, WORKER_TOKEN, bearer, token_file,
-    },
+    security::{ADMIN_TOKEN, ClientCert, PRODUCER_TOKEN, TestPki, UNKNOWN_TOKEN, WORKER_TOKEN, bearer, token_file},
     v1 as proto,
 };
 use gantry_worker::{Client, Worker};
@@ -28,7 +26,12 @@ async fn tls_broker(pki: &TestPki, client_certs: bool, tokens: bool) -> TestBrok
     .await
 }
 
-async fn sdk_client(broker: &TestBroker, pki: &TestPki, cert: ClientCert, token: Option<&str>) -> Result<Client, String> {
+async fn sdk_client(
+    broker: &TestBroker,
+    pki: &TestPki,
+    cert: ClientCert,
+    token: Option<&str>,
+) -> Result<Client, String> {
     let mut builder = Client::builder([format!("https://{}", broker.addr)]).tls(pki.sdk_tls(cert));
     if let Some(token) = token {
         builder = builder.token(token);
@@ -69,10 +72,8 @@ async fn tls_client_port_serves_the_sdk_and_refuses_plaintext() {
         _ => true,
     };
     assert!(plain_enqueue, "a plaintext client was served on the TLS port");
-    let rogue_ca = Client::builder([broker.endpoint()])
-        .tls(gantry_worker::Tls::ca_pem(pki.read("rogue.crt")))
-        .connect()
-        .await;
+    let rogue_ca =
+        Client::builder([broker.endpoint()]).tls(gantry_worker::Tls::ca_pem(pki.read("rogue.crt"))).connect().await;
     assert!(rogue_ca.is_err(), "a client that does not trust the broker's CA connected");
     // Health stays reachable over TLS without credentials.
     let mut health = tonic_health::pb::health_client::HealthClient::new(pki.channel(broker.addr, ClientCert::None));
@@ -201,14 +202,22 @@ fn gantry(args: &[&str], envs: &[(&str, &str)]) -> (bool, String, String) {
         .envs(envs.iter().copied())
         .output()
         .expect("run gantry");
-    (output.status.success(), String::from_utf8_lossy(&output.stdout).into(), String::from_utf8_lossy(&output.stderr).into())
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into(),
+        String::from_utf8_lossy(&output.stderr).into(),
+    )
 }
 
 fn grpcurl(args: &[&str]) -> (bool, String, String) {
     let output = Command::new("grpcurl").args(args).output().unwrap_or_else(|e| {
         panic!("grpcurl could not be run ({e}); the test command (scripts/test.sh) installs it with pip")
     });
-    (output.status.success(), String::from_utf8_lossy(&output.stdout).into(), String::from_utf8_lossy(&output.stderr).into())
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into(),
+        String::from_utf8_lossy(&output.stderr).into(),
+    )
 }
 
 /// The SDK (client and worker), the CLI and grpcurl against TLS and tokens.
