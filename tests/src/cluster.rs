@@ -80,10 +80,13 @@ impl TestCluster {
                     (_, true) => voters.clone(),
                     (_, false) => with_spares.clone(),
                 },
+                // Elections slow enough that a loaded two-core machine (three
+                // nodes, the test and its neighbours) does not depose a live
+                // leader; the session ttl outlasts two election timeouts.
                 heartbeat_interval: TEST_HEARTBEAT,
-                session_ttl: TEST_SESSION_TTL,
-                election_timeout: Duration::from_millis(300),
-                raft_heartbeat_interval: Duration::from_millis(50),
+                session_ttl: TEST_SESSION_TTL.max(Duration::from_millis(2000)),
+                election_timeout: Duration::from_millis(800),
+                raft_heartbeat_interval: Duration::from_millis(100),
                 metrics_listen: Some("127.0.0.1:0".parse().expect("addr")),
                 ..Config::default()
             })
@@ -351,6 +354,22 @@ impl BinaryCluster {
     /// Starts watching who claims leadership, until the watch is finished.
     pub fn watch_leadership(&self) -> LeadershipWatch {
         LeadershipWatch::start(self.nodes.iter().map(|n| n.addr).collect())
+    }
+}
+
+impl Drop for BinaryCluster {
+    /// A failing test's node logs are in a temporary dir about to go: show
+    /// their ends.
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        for (i, node) in self.nodes.iter().enumerate() {
+            let log = node.log();
+            let lines: Vec<&str> = log.lines().collect();
+            let tail = lines[lines.len().saturating_sub(60)..].join("\n");
+            eprintln!("---- node {} log ({} lines), last 60 ----\n{tail}", i + 1, lines.len());
+        }
     }
 }
 

@@ -42,9 +42,18 @@ pub struct Security {
     pub tokens: Option<Arc<Tokens>>,
 }
 
+/// Reads a PEM file of `field` that must hold a block of `kind`
+/// (`CERTIFICATE` or `PRIVATE KEY`): a swapped or empty file is named here,
+/// not reported as a puzzling handshake error later.
 fn read(field: &'static str, path: &Path) -> Result<Vec<u8>, ConfigError> {
-    std::fs::read(path)
-        .map_err(|e| ConfigError::File { path: path.display().to_string(), message: format!("{field}: {e}") })
+    let file_error = |message: String| ConfigError::File { path: path.display().to_string(), message };
+    let pem = std::fs::read(path).map_err(|e| file_error(format!("{field}: {e}")))?;
+    let kind = if field.ends_with("-key") { "PRIVATE KEY" } else { "CERTIFICATE" };
+    let text = String::from_utf8_lossy(&pem);
+    if !text.lines().any(|l| l.starts_with("-----BEGIN ") && l.trim_end().ends_with(&format!("{kind}-----"))) {
+        return Err(file_error(format!("{field}: no PEM {kind} block in the file")));
+    }
+    Ok(pem)
 }
 
 fn invalid(field: &'static str, message: String) -> ConfigError {
@@ -172,4 +181,25 @@ fn error_chain(error: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     parts.join(": ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_files_are_named_at_startup() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("node.key");
+        std::fs::write(&key, "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n").unwrap();
+        // The key given as the certificate: named, not a handshake error later.
+        let config = Config { tls_cert: Some(key.clone()), tls_key: Some(key.clone()), ..Default::default() };
+        let err = Security::load(&config).unwrap_err().to_string();
+        assert!(err.contains("node.key") && err.contains("tls-cert: no PEM CERTIFICATE block"), "{err}");
+        let config = Config { token_file: Some(dir.path().join("missing")), ..Default::default() };
+        let err = Security::load(&config).unwrap_err().to_string();
+        assert!(err.contains("token-file") && err.contains("cannot read"), "{err}");
+        let open = Security::load(&Config::default()).unwrap();
+        assert!(open.client_tls.is_none() && open.peer_tls.is_none() && open.tokens.is_none());
+    }
 }

@@ -61,6 +61,9 @@ async fn every_node_serves_every_rpc_and_names_the_leader() {
     cluster.shutdown().await;
 }
 
+/// Job id → (attempt, fencing token) of every run the handler saw.
+type Runs = HashMap<String, Vec<(u32, u64)>>;
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failover_keeps_acknowledged_jobs_and_worker_leases() {
     let mut cluster = TestCluster::start(3).await;
@@ -69,7 +72,7 @@ async fn failover_keeps_acknowledged_jobs_and_worker_leases() {
 
     // A worker holds slow jobs while the leader goes away.
     let release = Arc::new(tokio::sync::Notify::new());
-    let runs: Arc<Mutex<HashMap<String, Vec<(u32, u64)>>>> = Arc::default();
+    let runs: Arc<Mutex<Runs>> = Arc::default();
     let worker = {
         let (release, runs) = (release.clone(), runs.clone());
         RunningWorker::spawn(&cluster.endpoints().join(","), "slow", "w1", 4, move |ctx| {
@@ -164,12 +167,13 @@ async fn a_node_far_behind_is_caught_up_with_a_snapshot() {
     let status = cluster.server(behind).node().shards[0].raft.status();
     assert!(status.snapshot_index > 0, "caught up without a snapshot: {status:?}");
     // The restored state is the leader's: read it on the caught-up node.
-    let applied = cluster.server(behind).node().shards[0].raft.state().read();
-    for id in [&ids[0], &ids[600], &ids[1199]] {
-        let job_id = id.parse().expect("job id");
-        assert!(applied.queue.job(job_id).is_some(), "job {id} missing after the snapshot install");
+    {
+        let applied = cluster.server(behind).node().shards[0].raft.state().read();
+        for id in [&ids[0], &ids[600], &ids[1199]] {
+            let job_id = id.parse().expect("job id");
+            assert!(applied.queue.job(job_id).is_some(), "job {id} missing after the snapshot install");
+        }
     }
-    drop(applied);
     cluster.shutdown().await;
 }
 
