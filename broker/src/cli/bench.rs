@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use bytes::Bytes;
 use clap::{Args, ValueEnum};
-use gantry_worker::{Client, JobContext, JobError, Worker, WorkerHandle, proto};
+use gantry_worker::{Client, JobContext, JobError, WorkerHandle, proto};
 use hdrhistogram::Histogram;
 use serde::Serialize;
 use tokio::sync::{Semaphore, watch};
@@ -507,7 +507,7 @@ struct BenchWorkers {
 }
 
 impl BenchWorkers {
-    async fn start<H, Fut>(endpoints: &[String], queue: &str, args: &BenchArgs, handler: H) -> anyhow::Result<Self>
+    async fn start<H, Fut>(queue: &str, args: &BenchArgs, handler: H) -> anyhow::Result<Self>
     where
         H: Fn(JobContext) -> Fut + Clone + Send + Sync + 'static,
         Fut: Future<Output = Result<Bytes, JobError>> + Send + 'static,
@@ -519,7 +519,10 @@ impl BenchWorkers {
         let mut handles = Vec::new();
         let mut tasks = JoinSet::new();
         for i in 0..args.workers {
-            let worker = Worker::builder(endpoints.iter().cloned())
+            // The client flags' TLS and token apply to the bench's workers too.
+            let worker = args
+                .client
+                .worker_builder()?
                 .queue(queue)
                 .concurrency(args.worker_concurrency)
                 .worker_id(format!("gantry-bench-{}-{i}", std::process::id()))
@@ -834,7 +837,7 @@ impl Bench {
                 std::future::ready(Ok::<Bytes, JobError>(Bytes::new()))
             }
         };
-        let workers = BenchWorkers::start(&self.endpoints, queue, &self.args, handler).await?;
+        let workers = BenchWorkers::start(queue, &self.args, handler).await?;
         let counters = Arc::new(Counters::default());
         let watcher = workers.watch_completions(counters.clone());
         let progress = Progress::start(self.progress, "e2e".into(), self.args.jobs, counters.clone(), true);
@@ -888,7 +891,7 @@ impl Bench {
                 std::future::ready(Ok::<Bytes, JobError>(Bytes::new()))
             }
         };
-        let workers = BenchWorkers::start(&self.endpoints, queue, &self.args, handler).await?;
+        let workers = BenchWorkers::start(queue, &self.args, handler).await?;
         let counters = Arc::new(Counters::default());
         let watcher = workers.watch_completions(counters.clone());
         let progress = Progress::start(self.progress, "latency".into(), total, counters.clone(), false);
@@ -1063,7 +1066,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     let mut clients = Vec::new();
     for _ in 0..args.connections {
-        let c = Client::connect(endpoints.clone())
+        let c = args
+            .client
+            .client_builder()?
+            .connect()
             .await
             .with_context(|| format!("cannot connect to {}", endpoints.join(",")))?;
         clients.push(if args.coalesce > 0 { c.coalescing(args.coalesce as usize) } else { c });
