@@ -218,14 +218,19 @@ impl Runner {
                 }
                 Ok(Ok(Opened::Redirect(leader))) => self.hint = Some(with_scheme(&leader)),
                 Ok(Err(status)) => {
-                    tracing::debug!(worker = %self.name, %target, %status, "cannot open a session");
+                    self.history.note(format!(
+                        "{}: cannot open a session at {target}: {:?} {}",
+                        self.name,
+                        status.code(),
+                        status.message()
+                    ));
                     self.hint = leader_hint(&status).filter(|h| *h != target);
                     if !hinted {
                         self.next += 1;
                     }
                 }
                 Err(_) => {
-                    tracing::debug!(worker = %self.name, %target, "no welcome in time");
+                    self.history.note(format!("{}: no welcome from {target} within {OPEN_TIMEOUT:?}", self.name));
                     if !hinted {
                         self.next += 1;
                     }
@@ -305,9 +310,17 @@ impl Runner {
                         }
                         Some(Out::Welcome(_)) | None => {}
                     },
-                    Ok(None) => break,
+                    Ok(None) => {
+                        self.history.note(format!("{}: the broker ended the stream", self.name));
+                        break;
+                    }
                     Err(status) => {
-                        tracing::debug!(worker = %self.name, %status, "stream broke");
+                        self.history.note(format!(
+                            "{}: stream broke: {:?} {}",
+                            self.name,
+                            status.code(),
+                            status.message()
+                        ));
                         self.hint = leader_hint(&status);
                         break;
                     }

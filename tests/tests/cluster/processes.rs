@@ -119,20 +119,55 @@ async fn echo(assign: proto::Assign) -> Outcome {
 }
 
 /// Waits until `queue` has nothing left to do: no job scheduled, ready or active.
-async fn wait_drained(cluster: &BinaryCluster, queue: &str, timeout: Duration) -> proto::QueueInfo {
-    eventually(&format!("queue {queue} drained"), timeout, || async {
+async fn wait_drained(cluster: &BinaryCluster, history: &History, queue: &str) -> proto::QueueInfo {
+    let deadline = Instant::now() + CLUSTER_WAIT;
+    let mut last = None;
+    while Instant::now() < deadline {
         for i in (0..cluster.nodes.len()).filter(|i| cluster.is_live(*i)) {
             let mut admin = cluster.nodes[i].admin();
             let mut request = tonic::Request::new(proto::GetQueueRequest { queue: queue.to_owned() });
             request.set_timeout(Duration::from_secs(2));
             if let Ok(info) = admin.get_queue(request).await {
                 let info = info.into_inner();
-                return (info.scheduled + info.ready + info.active == 0).then_some(info);
+                if info.scheduled + info.ready + info.active == 0 {
+                    return info;
+                }
+                last = Some(info);
+                break;
             }
         }
-        None
-    })
-    .await
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // What is left, and what the workers saw.
+    let mut left = Vec::new();
+    for i in (0..cluster.nodes.len()).filter(|i| cluster.is_live(*i)) {
+        let mut admin = cluster.nodes[i].admin();
+        let request = proto::ListJobsRequest { queue: queue.to_owned(), limit: 1000, ..Default::default() };
+        if let Ok(page) = admin.list_jobs(request).await {
+            left = page
+                .into_inner()
+                .jobs
+                .into_iter()
+                .filter(|j| matches!(j.state(), JobState::Ready | JobState::Scheduled | JobState::Active))
+                .map(|j| {
+                    format!(
+                        "{} {:?} attempt {} token {} session {:?} worker {:?}",
+                        j.id,
+                        j.state(),
+                        j.attempt,
+                        j.fencing_token,
+                        j.session_id,
+                        j.worker_id
+                    )
+                })
+                .collect();
+            break;
+        }
+    }
+    panic!(
+        "queue {queue} not drained within {CLUSTER_WAIT:?}: {last:?}\njobs left: {left:#?}\ntimeline:\n{}",
+        history.timeline()
+    );
 }
 
 /// Waits until every recording worker has no handler running and no
@@ -200,7 +235,7 @@ async fn sigkill_the_leader_under_load() {
     })
     .await;
     producers.stop().await;
-    let drained = wait_drained(&cluster, queue, CLUSTER_WAIT).await;
+    let drained = wait_drained(&cluster, &history, queue).await;
     wait_idle(&raw.iter().collect::<Vec<_>>()).await;
     let sdk_handle = sdk.handle.clone();
     sdk.shutdown().await;
@@ -380,7 +415,7 @@ async fn sigstop_the_leader_then_sigcont_it_steps_down() {
         answers.push(write.await.expect("stale write task"));
     }
     producers.stop().await;
-    wait_drained(&cluster, queue, CLUSTER_WAIT).await;
+    wait_drained(&cluster, &history, queue).await;
     wait_idle(&workers.iter().collect::<Vec<_>>()).await;
     let client = client(&endpoints).await;
     check(&history, &client, &[queue], Expect::Succeeded).await;
@@ -424,7 +459,7 @@ async fn sigstop_a_follower_the_cluster_keeps_serving() {
     history.note(format!("SIGCONT node {}", follower + 1));
     cluster.resume(follower);
     producers.stop().await;
-    wait_drained(&cluster, queue, CLUSTER_WAIT).await;
+    wait_drained(&cluster, &history, queue).await;
     wait_idle(&[&worker]).await;
     let commit = cluster.wait_replicated(follower).await;
     let status = cluster.lead_from(follower, commit).await;
