@@ -51,3 +51,6 @@ cargo build -p gantry-broker --bin gantry
 cargo build -p gantry-worker --example echo_worker
 cargo nextest run --workspace --profile ci
 cargo test --workspace --doc --quiet
+# The Helm chart's pod start-up script, run for real: three fake pods on
+# loopback form a cluster and a fourth joins with --join.
+GANTRY_LIVE_TEST=1 GANTRY_BIN="${CARGO_TARGET_DIR:-target}/debug/gantry" bash helm/gantry/tests/start-script-test.sh

@@ -10,7 +10,8 @@
 #   bash helm/gantry/tests/start-script-test.sh
 #
 # The live three-node start-up (real `gantry serve` processes) is at the end,
-# marked TODO(cluster): it runs only with GANTRY_LIVE_TEST=1.
+# which runs only with GANTRY_LIVE_TEST=1 (scripts/test.sh sets it, after
+# building the binary; scripts/check-chart.sh runs the rest before the build).
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -182,20 +183,14 @@ expect_error "member port beyond 65535" "is beyond 65535" "${loopback[@]}" POD_N
 expect_error "scale-up pod without a join address" "CLIENT_SERVICE (or JOIN_ADDR) is not set" \
     POD_NAME=gantry-3 POD_NAMESPACE=jobs STATEFULSET_NAME=gantry PEER_SERVICE=gantry-headless BOOTSTRAP_SIZE=3
 
-# --- TODO(cluster): live three-node start-up --------------------------------
-# Not run by default yet: `gantry serve` does not take --metrics-listen (nor
-# the TLS and token flags) yet. When it does, run
-#   GANTRY_LIVE_TEST=1 GANTRY_BIN=target/debug/gantry bash helm/gantry/tests/start-script-test.sh
-# and, once it passes, drop the GANTRY_LIVE_TEST gate (keep GANTRY_BIN's
-# default). It starts gantry-0..2 through the script on loopback exactly as
-# the dry runs above print them, waits (bounded) until
+# --- live three-node start-up ------------------------------------------------
+# With GANTRY_LIVE_TEST=1 (scripts/test.sh, after the build): starts
+# gantry-0..2 through the script on loopback exactly as the dry runs above
+# print them, waits (bounded) until
 #   gantry cluster status --addr 127.0.0.1:46051 --json
 # reports a leader and voters [1,2,3], then starts gantry-3 with
 # JOIN_ADDR=127.0.0.1:46051, waits until it is a voter too, prints the
 # status and stops every node by its PID.
-# Tried on the work-in-progress binary with a GANTRY_BIN stand-in that drops
-# --metrics-listen: the three nodes formed a cluster and the fourth joined
-# as voter 4, in about 4 s.
 live_cluster_test() {
     local gantry=${GANTRY_BIN:-$here/../../../target/debug/gantry}
     local ordinal deadline status
@@ -246,7 +241,7 @@ sys.exit(0 if s["leader_id"] and sorted(s["voters"]) == [int(v) for v in sys.arg
 if [[ ${GANTRY_LIVE_TEST:-0} == 1 ]]; then
     live_cluster_test
 fi
-# --- end TODO(cluster) -------------------------------------------------------
+# --- end of the live start-up ----------------------------------------------------
 
 if [[ $failures -gt 0 ]]; then
     echo "start-script-test: $failures of $checks checks FAILED (shells: ${shells[*]})" >&2
