@@ -154,8 +154,12 @@ impl TestCluster {
                 seen = Some(leader);
             }
             let index = seen? as usize - 1;
-            let leads = self.nodes.get(index)?.as_ref()?.node().shards[0].raft.is_leader();
-            leads.then_some(index)
+            let raft = &self.nodes.get(index)?.as_ref()?.node().shards[0].raft;
+            // A new leader takes writes once the blank entry of its term is
+            // committed; until then it answers "no leader" (retryable).
+            let status = raft.status();
+            let established = status.last_log_index > 0 && status.commit_index >= status.last_log_index;
+            (raft.is_leader() && established).then_some(index)
         })
         .await
     }
