@@ -181,11 +181,22 @@ fn workspace_binary(built: &'static std::sync::OnceLock<PathBuf>, cargo_args: &[
             let exe = std::env::current_exe().expect("test executable path");
             // target/<profile>/deps/<test> -> target/<profile>/
             let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>");
-            let status = Command::new(env!("CARGO"))
-                .args(["build", "--quiet"])
-                .args(cargo_args)
-                .status()
-                .expect("run cargo build");
+            // Cargo sets these for the test binary. ring's build script
+            // tracks some of them, so with them this build would not match
+            // the one `scripts/test.sh` made (nor any made from a shell) and
+            // would rebuild ring, rustls, tonic and the broker (~20 s), and
+            // the next build from a shell would rebuild them again.
+            let for_the_test_binary = |name: &str| {
+                ["CARGO_PKG_", "CARGO_MANIFEST_", "CARGO_BIN_"].iter().any(|p| name.starts_with(p))
+                    || ["CARGO_CRATE_NAME", "CARGO_PRIMARY_PACKAGE", "CARGO_TARGET_TMPDIR"].contains(&name)
+            };
+            let mut cargo = Command::new(env!("CARGO"));
+            for (name, _) in std::env::vars_os() {
+                if name.to_str().is_some_and(for_the_test_binary) {
+                    cargo.env_remove(name);
+                }
+            }
+            let status = cargo.args(["build", "--quiet"]).args(cargo_args).status().expect("run cargo build");
             assert!(status.success(), "cargo build {cargo_args:?} failed");
             profile_dir.join(path)
         })
