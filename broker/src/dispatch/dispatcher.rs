@@ -3,7 +3,7 @@
 //! transitions (lease deadlines, retention) happen, and fans out the state
 //! machine's events (revokes, finished jobs) to streams and waiters.
 
-use std::{collections::HashSet, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
 
 use tokio::sync::{Notify, mpsc, watch};
 
@@ -29,7 +29,6 @@ pub(super) async fn run(
     let mut dirty = true;
     let mut dispatching = false;
     let mut ticking = false;
-    let mut expiring: HashSet<SessionId> = HashSet::new();
     loop {
         tokio::select! {
             // Events first: the revokes of an entry must reach a stream
@@ -54,7 +53,7 @@ pub(super) async fn run(
                     }
                 }
                 Done::Tick => ticking = false,
-                Done::Expire(session_id) => { expiring.remove(&session_id); }
+                Done::Expire(session_id) => node.registry.expiry_settled(&session_id),
             },
             _ = wake.notified() => dirty = true,
             _ = ticker.tick() => {
@@ -69,11 +68,10 @@ pub(super) async fn run(
                     let new_leader = node.raft.leader().map(|(id, n)| (id, n.client));
                     tracing::warn!(shard = %node.raft.shard(), leader = ?new_leader, "no longer leading the shard: closing worker streams");
                     node.registry.leader_lost(new_leader);
-                    expiring.clear();
                 }
                 was_leader = leader;
                 if leader {
-                    expire_silent_sessions(&node, &mut expiring, &done_tx);
+                    expire_silent_sessions(&node, &done_tx);
                     if !ticking && time_driven_work_due(&node) {
                         ticking = true;
                         let (node, done_tx) = (node.clone(), done_tx.clone());
@@ -137,19 +135,12 @@ fn handle_event(node: &ShardNode, event: Event) -> bool {
     }
 }
 
-fn expire_silent_sessions(
-    node: &Arc<ShardNode>,
-    expiring: &mut HashSet<SessionId>,
-    done_tx: &mpsc::UnboundedSender<Done>,
-) {
+fn expire_silent_sessions(node: &Arc<ShardNode>, done_tx: &mpsc::UnboundedSender<Done>) {
     let silent = {
         let applied = node.raft.state().read();
         node.registry.silent(applied.queue.sessions().keys(), node.settings.session_ttl)
     };
     for session_id in silent {
-        if !expiring.insert(session_id.clone()) {
-            continue;
-        }
         tracing::warn!(shard = %node.raft.shard(), session = %session_id, ttl = ?node.settings.session_ttl, "session silent past session_ttl: expiring it, its jobs go back to the queue");
         let (node, done_tx) = (node.clone(), done_tx.clone());
         tokio::spawn(async move {

@@ -21,7 +21,7 @@ use tracing::Instrument as _;
 use super::{convert, status, validate};
 use crate::{
     dispatch::{Node, Outbound, ShardNode},
-    queue::{Applied, Command, JobId, Rejection, SessionId},
+    queue::{Applied, Command, ExpiryReason, FencingToken, JobId, Rejection, SessionId},
 };
 
 type OutTx = mpsc::UnboundedSender<Result<proto::BrokerMessage, Status>>;
@@ -79,34 +79,19 @@ impl Worker for WorkerService {
                 shards.push(shard.clone());
             }
         }
-        let resumed = hello
-            .resume_session_id
-            .as_ref()
-            .filter(|id| shards.iter().any(|shard| shard.raft.state().read().queue.session(id).is_some()));
-        let session_id = match resumed {
-            Some(id) => id.clone(),
-            None => SessionId(format!("{}-{:016x}", self.node.node_id, rand::random::<u64>())),
-        };
-        let resumed = resumed.is_some();
-        // Replicated before the worker hears of it, so every replica knows
-        // the session that will hold jobs.
-        for shard in &shards {
-            let command = Command::OpenSession {
-                session_id: session_id.clone(),
-                worker_id: hello.worker_id.clone(),
-                queues: hello
-                    .queues
-                    .iter()
-                    .filter(|q| Arc::ptr_eq(self.node.shard_for_queue(q), shard))
-                    .cloned()
-                    .collect(),
-                max_in_flight: hello.max_in_flight,
-            };
-            match shard.proposer.propose(command).await.map_err(status::propose_error)? {
-                Applied::SessionOpened => {}
-                other => return Err(status::unexpected("open session", &other)),
+        // A worker that is reconnecting is not silent; an expiry already
+        // decided is let through first, so the resume sees its outcome.
+        if let Some(old) = &hello.resume_session_id {
+            for shard in &shards {
+                // Bounded: an expiry stuck in a leader change must not keep
+                // the worker out; the state machine decides either way.
+                let _ = tokio::time::timeout(ttl, shard.registry.reconnecting(old)).await;
             }
         }
+        let fresh = SessionId(format!("{}-{:016x}", self.node.node_id, rand::random::<u64>()));
+        let opened = self.open_sessions(&hello, &shards, &fresh).await?;
+        let session_id = opened.session_id;
+        let resumed = opened.resumed;
 
         let (out, out_rx) = mpsc::unbounded_channel();
         let _ = out.send(message(Out::Welcome(proto::Welcome {
@@ -124,8 +109,8 @@ impl Worker for WorkerService {
             out,
             goodbye: Arc::new(AtomicBool::new(false)),
         });
-        if let Some(old) = hello.resume_session_id.as_ref().filter(|_| !resumed) {
-            connection.revoke_lost_leases(old);
+        if let Some(old) = &hello.resume_session_id {
+            connection.revoke_lost_leases(old, &opened.lost);
         }
         let mut generations = Vec::with_capacity(shards.len());
         for shard in &shards {
@@ -139,11 +124,86 @@ impl Worker for WorkerService {
             }
             generations.push(shard.registry.attach(&session_id, tx));
             tokio::spawn(connection.clone().forward(shard.clone(), rx));
+            // The session may have expired after it was opened and before
+            // the stream attached (its end was handled with no stream to
+            // close): end the stream now, or it would wait for work forever.
+            if shard.raft.state().read().queue.session(&session_id).is_none() {
+                shard.registry.remove(&session_id);
+            }
             shard.wake_dispatcher();
         }
         tracing::info!(session = %session_id, worker = %hello.worker_id, queues = ?hello.queues, max_in_flight = hello.max_in_flight, resumed, "worker connected");
         tokio::spawn(connection.serve(inbound, generations));
         Ok(Response::new(Box::pin(UnboundedReceiverStream::new(out_rx))))
+    }
+}
+
+/// What opening the stream's session did, over all of its shards.
+struct Opened {
+    session_id: SessionId,
+    resumed: bool,
+    /// Leases the worker's previous session lost before it reconnected.
+    lost: Vec<(JobId, FencingToken)>,
+}
+
+impl WorkerService {
+    /// Opens (or resumes) the session in every shard of the worker's queues,
+    /// replicated before the worker hears of it so every replica knows the
+    /// session that will hold jobs. Whether a resume succeeds is decided by
+    /// the state machine as the entry applies.
+    async fn open_sessions(
+        &self,
+        hello: &validate::ValidHello,
+        shards: &[Arc<ShardNode>],
+        fresh: &SessionId,
+    ) -> Result<Opened, Status> {
+        let mut outcomes = Vec::with_capacity(shards.len());
+        for shard in shards {
+            let queues: Vec<String> =
+                hello.queues.iter().filter(|q| Arc::ptr_eq(self.node.shard_for_queue(q), shard)).cloned().collect();
+            let (worker_id, max_in_flight) = (hello.worker_id.clone(), hello.max_in_flight);
+            let command = match &hello.resume_session_id {
+                Some(old) => Command::ResumeSession {
+                    session_id: old.clone(),
+                    fallback: fresh.clone(),
+                    worker_id,
+                    queues,
+                    max_in_flight,
+                },
+                None => Command::OpenSession { session_id: fresh.clone(), worker_id, queues, max_in_flight },
+            };
+            match shard.proposer.propose(command).await.map_err(status::propose_error)? {
+                Applied::SessionOpened { resumed, lost, .. } => outcomes.push((shard, resumed, lost)),
+                other => return Err(status::unexpected("open session", &other)),
+            }
+        }
+        let resumed = hello.resume_session_id.is_some() && outcomes.iter().all(|(_, resumed, _)| *resumed);
+        let mut lost: Vec<_> = outcomes.iter().flat_map(|(_, _, lost)| lost.iter().copied()).collect();
+        if resumed || hello.resume_session_id.is_none() {
+            let session_id = hello.resume_session_id.clone().filter(|_| resumed).unwrap_or_else(|| fresh.clone());
+            return Ok(Opened { session_id, resumed, lost });
+        }
+        // One id names the session in every shard, so a resume that came
+        // too late in one shard cannot keep the old session in the others:
+        // end it there too and use the fresh session everywhere.
+        let old = hello.resume_session_id.clone().expect("a resume");
+        for (shard, _, _) in outcomes.iter().filter(|(_, resumed, _)| *resumed) {
+            let expire = Command::ExpireSession { session_id: old.clone(), reason: ExpiryReason::Superseded };
+            shard.proposer.propose(expire).await.map_err(status::propose_error)?;
+            if let Some(expired) = shard.raft.state().read().queue.expired_session(&old) {
+                lost.extend(expired.lost.iter().copied());
+            }
+            let queues: Vec<String> =
+                hello.queues.iter().filter(|q| Arc::ptr_eq(self.node.shard_for_queue(q), shard)).cloned().collect();
+            let open = Command::OpenSession {
+                session_id: fresh.clone(),
+                worker_id: hello.worker_id.clone(),
+                queues,
+                max_in_flight: hello.max_in_flight,
+            };
+            shard.proposer.propose(open).await.map_err(status::propose_error)?;
+        }
+        Ok(Opened { session_id: fresh.clone(), resumed: false, lost })
     }
 }
 
@@ -171,18 +231,13 @@ fn held_assignments(shard: &ShardNode, session_id: &SessionId) -> Vec<crate::que
 impl Connection {
     /// A worker resuming a session that expired meanwhile is told of every
     /// job it thought it held: those now belong to someone else.
-    fn revoke_lost_leases(&self, old: &SessionId) {
-        for shard in &self.shards {
-            let lost = shard.raft.state().read().queue.expired_session(old).map(|e| e.lost.clone()).unwrap_or_default();
-            for (job_id, token) in lost {
-                let _ = self.out.send(message(Out::Revoke(proto::Revoke {
-                    job_id: job_id.to_string(),
-                    fencing_token: token.0,
-                    reason: format!(
-                        "session {old} expired before this worker reconnected; the job went back to the queue"
-                    ),
-                })));
-            }
+    fn revoke_lost_leases(&self, old: &SessionId, lost: &[(JobId, FencingToken)]) {
+        for (job_id, token) in lost {
+            let _ = self.out.send(message(Out::Revoke(proto::Revoke {
+                job_id: job_id.to_string(),
+                fencing_token: token.0,
+                reason: format!("session {old} expired before this worker reconnected; the job went back to the queue"),
+            })));
         }
     }
 
@@ -361,7 +416,7 @@ impl Connection {
         for shard in &self.shards {
             let command = Command::ExpireSession {
                 session_id: self.session_id.clone(),
-                reason: crate::queue::ExpiryReason::Goodbye,
+                reason: ExpiryReason::Goodbye,
             };
             if let Err(e) = shard.proposer.propose(command).await {
                 let _ = self.out.send(Err(status::propose_error(e)));

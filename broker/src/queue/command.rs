@@ -86,6 +86,18 @@ pub enum Command {
     /// Nothing but the passing of time: lets lease deadlines and retention,
     /// which are swept at the start of every entry, take effect when idle.
     Tick,
+    /// A reconnecting worker: keeps `session_id` (and its leases) if it is
+    /// still open when this entry applies, else opens `fallback` as a new
+    /// session. Decided here, not by the node that read the state before
+    /// proposing, because the session's expiry may commit in between.
+    /// Appended last so older log entries keep their encoding.
+    ResumeSession {
+        session_id: SessionId,
+        fallback: SessionId,
+        worker_id: String,
+        queues: Vec<String>,
+        max_in_flight: u32,
+    },
 }
 
 impl Command {
@@ -105,7 +117,7 @@ impl Command {
                 Command::Fail { error, .. } => error.len(),
                 Command::Progress { message, .. } => message.len(),
                 Command::Cancel { reason, .. } => reason.len(),
-                Command::OpenSession { worker_id, queues, .. } => {
+                Command::OpenSession { worker_id, queues, .. } | Command::ResumeSession { worker_id, queues, .. } => {
                     worker_id.len() + queues.iter().map(String::len).sum::<usize>()
                 }
                 Command::Dispatch { sessions } => sessions.len() * 32,
@@ -132,6 +144,9 @@ pub enum ExpiryReason {
     Admin,
     /// The worker said goodbye with jobs still held.
     Goodbye,
+    /// The worker reconnected after its session had expired in another
+    /// shard; one session id names it in all of them, so it starts afresh.
+    Superseded,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -176,7 +191,13 @@ pub enum Applied {
         created: bool,
         state: JobState,
     },
-    SessionOpened,
+    SessionOpened {
+        session_id: SessionId,
+        /// The session existed and keeps its leases.
+        resumed: bool,
+        /// A resume that came too late: the leases the expired session lost.
+        lost: Vec<(JobId, FencingToken)>,
+    },
     Dispatched {
         assignments: Vec<Assignment>,
     },

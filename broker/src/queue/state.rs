@@ -348,18 +348,18 @@ impl QueueState {
         match command {
             Command::Enqueue(new) => self.enqueue(new, events, tally),
             Command::OpenSession { session_id, worker_id, queues, max_in_flight } => {
-                self.expired_sessions.remove(session_id);
-                let session = self.sessions.entry(session_id.clone()).or_insert_with(|| Session {
-                    worker_id: worker_id.clone(),
-                    queues: Vec::new(),
-                    max_in_flight: 0,
-                    held: BTreeSet::new(),
-                    opened_ms: self.now_ms,
-                });
-                session.worker_id.clone_from(worker_id);
-                session.queues.clone_from(queues);
-                session.max_in_flight = *max_in_flight;
-                Applied::SessionOpened
+                let resumed = self.open_session(session_id, worker_id, queues, *max_in_flight);
+                Applied::SessionOpened { session_id: session_id.clone(), resumed, lost: Vec::new() }
+            }
+            Command::ResumeSession { session_id, fallback, worker_id, queues, max_in_flight } => {
+                if self.sessions.contains_key(session_id) {
+                    self.open_session(session_id, worker_id, queues, *max_in_flight);
+                    Applied::SessionOpened { session_id: session_id.clone(), resumed: true, lost: Vec::new() }
+                } else {
+                    let lost = self.expired_sessions.get(session_id).map(|e| e.lost.clone()).unwrap_or_default();
+                    let resumed = self.open_session(fallback, worker_id, queues, *max_in_flight);
+                    Applied::SessionOpened { session_id: fallback.clone(), resumed, lost }
+                }
             }
             Command::Dispatch { sessions } => {
                 let mut assignments = Vec::new();
@@ -393,6 +393,23 @@ impl QueueState {
             }
             Command::Tick => Applied::Ticked,
         }
+    }
+
+    /// Opens the session, or updates it if it is open; true in that case.
+    fn open_session(&mut self, session_id: &SessionId, worker_id: &str, queues: &[String], max_in_flight: u32) -> bool {
+        self.expired_sessions.remove(session_id);
+        let existed = self.sessions.contains_key(session_id);
+        let session = self.sessions.entry(session_id.clone()).or_insert_with(|| Session {
+            worker_id: String::new(),
+            queues: Vec::new(),
+            max_in_flight: 0,
+            held: BTreeSet::new(),
+            opened_ms: self.now_ms,
+        });
+        worker_id.clone_into(&mut session.worker_id);
+        queues.clone_into(&mut session.queues);
+        session.max_in_flight = max_in_flight;
+        existed
     }
 
     fn queue_mut(&mut self, name: &str) -> &mut Queue {
@@ -713,6 +730,7 @@ impl QueueState {
             ExpiryReason::Silent => "session expired: no heartbeat within session_ttl",
             ExpiryReason::Admin => "session expired by an administrator",
             ExpiryReason::Goodbye => "worker shut down while holding the job",
+            ExpiryReason::Superseded => "worker reconnected after its session expired in another shard",
         };
         let held: Vec<JobId> = session.held.iter().copied().collect();
         let mut lost = Vec::with_capacity(held.len());

@@ -51,7 +51,7 @@ impl Harness {
             queues: queues.iter().map(|q| q.to_string()).collect(),
             max_in_flight,
         });
-        assert_eq!(applied, Applied::SessionOpened);
+        assert_eq!(applied, Applied::SessionOpened { session_id: session_id.clone(), resumed: false, lost: Vec::new() });
         session_id
     }
 
@@ -91,6 +91,64 @@ fn enqueue_assign_complete() {
     let again = h.one(Command::Complete { job_id: id, token: a[0].token, result: b"other".to_vec() });
     assert_eq!(again, Applied::Accepted { lease_deadline_ms: None });
     assert_eq!(h.state.job(id).unwrap().result, b"ok");
+}
+
+#[test]
+fn resume_keeps_an_open_session_and_its_leases() {
+    let mut h = Harness::new();
+    let id = h.enqueue(job("q"));
+    let s = h.open("s", &["q"], 1);
+    let a = h.dispatch(&s)[0].clone();
+    let resumed = h.one(Command::ResumeSession {
+        session_id: s.clone(),
+        fallback: SessionId("fresh".into()),
+        worker_id: "w".into(),
+        queues: vec!["q".into(), "r".into()],
+        max_in_flight: 2,
+    });
+    assert_eq!(resumed, Applied::SessionOpened { session_id: s.clone(), resumed: true, lost: Vec::new() });
+    assert!(h.state.session(&SessionId("fresh".into())).is_none(), "no second session");
+    let session = h.state.session(&s).unwrap();
+    assert_eq!((session.max_in_flight, session.queues.len()), (2, 2));
+    assert!(session.held.contains(&id));
+    assert_eq!(h.state.job(id).unwrap().lease().unwrap().token, a.token);
+}
+
+#[test]
+fn resume_that_comes_after_the_expiry_opens_the_fallback_and_names_the_lost_leases() {
+    // The node that proposed the resume saw the session open; its expiry
+    // committed first. The state machine, not that node, has the last word.
+    let mut h = Harness::new();
+    let id = h.enqueue(job("q"));
+    let s = h.open("s", &["q"], 1);
+    let a = h.dispatch(&s)[0].clone();
+    h.one(Command::ExpireSession { session_id: s.clone(), reason: ExpiryReason::Silent });
+    let fresh = SessionId("fresh".into());
+    let late = h.one(Command::ResumeSession {
+        session_id: s.clone(),
+        fallback: fresh.clone(),
+        worker_id: "w".into(),
+        queues: vec!["q".into()],
+        max_in_flight: 1,
+    });
+    assert_eq!(late, Applied::SessionOpened { session_id: fresh.clone(), resumed: false, lost: vec![(id, a.token)] });
+    assert!(h.state.session(&s).is_none(), "the expired session stays ended");
+    assert!(h.state.session(&fresh).unwrap().held.is_empty());
+    // The fresh session gets the job again under a new token; the old one is stale.
+    let again = h.dispatch(&fresh);
+    assert_eq!(again[0].job_id, id);
+    assert!(again[0].token > a.token);
+    let stale = h.one(Command::Complete { job_id: id, token: a.token, result: vec![] });
+    assert_eq!(stale, Applied::Rejected(Rejection::StaleLease { job_id: id, token: a.token }));
+    // A second late resume with the same old id is told the same.
+    let twice = h.one(Command::ResumeSession {
+        session_id: s,
+        fallback: SessionId("fresh-2".into()),
+        worker_id: "w".into(),
+        queues: vec!["q".into()],
+        max_in_flight: 1,
+    });
+    assert!(matches!(twice, Applied::SessionOpened { resumed: false, ref lost, .. } if lost == &vec![(id, a.token)]));
 }
 
 #[test]
@@ -412,6 +470,7 @@ fn snapshot_rejects_foreign_bytes() {
 enum Op {
     Enqueue { queue: u8, priority: i8, delay: u16, max_attempts: u8, key: Option<u8> },
     Open { session: u8, queues: u8, max_in_flight: u8 },
+    Resume { session: u8, fallback: u8, max_in_flight: u8 },
     Dispatch { sessions: Vec<u8> },
     Complete { job: u8, stale: bool },
     Fail { job: u8, stale: bool, retry: u8, delay: u16 },
@@ -431,6 +490,7 @@ fn op() -> impl Strategy<Value = Op> {
         4 => (0..3u8, -2..3i8, prop_oneof![Just(0u16), 0..3000u16], 0..4u8, proptest::option::of(0..4u8))
             .prop_map(|(queue, priority, delay, max_attempts, key)| Op::Enqueue { queue, priority, delay, max_attempts, key }),
         1 => (0..4u8, 1..8u8, 0..4u8).prop_map(|(session, queues, max_in_flight)| Op::Open { session, queues, max_in_flight }),
+        1 => (0..4u8, 0..4u8, 0..4u8).prop_map(|(session, fallback, max_in_flight)| Op::Resume { session, fallback, max_in_flight }),
         4 => proptest::collection::vec(0..4u8, 1..4).prop_map(|sessions| Op::Dispatch { sessions }),
         3 => (any::<u8>(), any::<bool>()).prop_map(|(job, stale)| Op::Complete { job, stale }),
         2 => (any::<u8>(), any::<bool>(), 0..3u8, 0..3000u16).prop_map(|(job, stale, retry, delay)| Op::Fail { job, stale, retry, delay }),
@@ -482,6 +542,13 @@ fn command_for(h: &Harness, op: &Op, seen_tokens: &[(JobId, FencingToken)]) -> O
             session_id: session(s),
             worker_id: format!("w{s}"),
             queues: (0..3u8).filter(|q| queues & (1 << q) != 0).map(queue).collect(),
+            max_in_flight: max_in_flight.into(),
+        },
+        Op::Resume { session: s, fallback, max_in_flight } => Command::ResumeSession {
+            session_id: session(s),
+            fallback: session(fallback),
+            worker_id: format!("w{s}"),
+            queues: vec![queue(s % 3)],
             max_in_flight: max_in_flight.into(),
         },
         Op::Dispatch { sessions } => Command::Dispatch { sessions: sessions.into_iter().map(session).collect() },
@@ -557,6 +624,23 @@ proptest! {
                     let mut expected = before.clone();
                     expected.apply(h.index, &Batch { proposed_at_ms: h.now, commands: vec![Command::Tick] });
                     prop_assert!(expected.jobs() == h.state.jobs(), "stale result changed jobs");
+                }
+                Applied::SessionOpened { session_id, resumed, lost } => {
+                    // Resumed exactly when the session was open before; a
+                    // late resume names exactly the leases its expiry took.
+                    let asked = match &command {
+                        Command::ResumeSession { session_id, .. } | Command::OpenSession { session_id, .. } => session_id,
+                        other => unreachable!("{other:?} opened a session"),
+                    };
+                    let was_open = before.session(asked).is_some();
+                    prop_assert_eq!(*resumed, was_open || before.session(session_id).is_some());
+                    if was_open {
+                        prop_assert_eq!(session_id, asked);
+                        prop_assert!(lost.is_empty());
+                    } else if matches!(command, Command::ResumeSession { .. }) {
+                        let expected = before.expired_session(asked).map(|e| e.lost.clone()).unwrap_or_default();
+                        prop_assert_eq!(lost, &expected);
+                    }
                 }
                 Applied::Purged { .. } => {
                     dropped.extend(before.jobs().keys().filter(|id| h.state.job(**id).is_none()));

@@ -917,7 +917,6 @@ impl Raw {
 /// a revoke for the job). A `resumed` welcome followed by an expiry for
 /// silence, or by the job vanishing with no revoke, is a bug.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "reproduces an open broker bug (resume racing the session's expiry, see the issue note); fails until fixed"]
 async fn resume_at_the_moment_of_expiry_is_consistent() {
     use proto::{broker_message::Kind as Out, worker_message::Kind as In};
     const TTL: Duration = Duration::from_millis(200);

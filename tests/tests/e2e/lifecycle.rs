@@ -270,10 +270,20 @@ async fn lease_timeout_reassigns_and_progress_extends() {
     let done = client.wait(&extended.job_id, Duration::from_secs(20)).await.unwrap();
     assert_eq!((done.state(), done.attempt), (JobState::Succeeded, 1), "progress kept the lease");
     assert_eq!(done.progress, "step 9");
-    let hung = client.enqueue("slow", "hang").lease_timeout(Duration::from_millis(300)).send().await.unwrap();
+    // The lease clock starts when the leader stamps the assignment, so a
+    // commit slower than the lease (fsync tails of 450 ms happen here) can
+    // also time out a later attempt: every attempt before the last must have
+    // timed out, and the job must still end with one success.
+    let hung = client.enqueue("slow", "hang").lease_timeout(Duration::from_millis(800)).send().await.unwrap();
     let done = client.wait(&hung.job_id, Duration::from_secs(20)).await.unwrap();
-    assert_eq!((done.state(), done.attempt), (JobState::Succeeded, 2));
-    assert_eq!(done.history[0].outcome(), proto::AttemptOutcome::LeaseTimedOut);
+    assert_eq!(done.state(), JobState::Succeeded);
+    assert!(done.attempt >= 2, "the hung first attempt was not reassigned: {done:?}");
+    let (last, earlier) = done.history.split_last().expect("attempts are recorded");
+    assert_eq!(last.outcome(), proto::AttemptOutcome::Succeeded);
+    assert!(!earlier.is_empty());
+    for attempt in earlier {
+        assert_eq!(attempt.outcome(), proto::AttemptOutcome::LeaseTimedOut, "{done:?}");
+    }
     worker.shutdown().await;
     broker.stop().await;
 }
