@@ -236,6 +236,7 @@ pub struct WorkerJson {
     max_in_flight: u32,
     last_heartbeat_age_ms: Option<u64>,
     connected: bool,
+    draining: bool,
 }
 
 pub fn workers_table(workers: &[proto::WorkerInfo]) -> String {
@@ -245,7 +246,11 @@ pub fn workers_table(workers: &[proto::WorkerInfo]) -> String {
             w.session_id.clone(),
             w.worker_id.clone(),
             w.queues.join(","),
-            format!("{}/{}", w.in_flight, w.max_in_flight),
+            if w.draining {
+                format!("{} draining", w.in_flight)
+            } else {
+                format!("{}/{}", w.in_flight, w.max_in_flight)
+            },
             match w.last_heartbeat_age.as_ref() {
                 Some(_) => format!("{} ago", fmt_proto_duration(w.last_heartbeat_age.as_ref())),
                 None => "-".to_owned(),
@@ -270,6 +275,7 @@ pub async fn workers(args: WorkersArgs) -> anyhow::Result<()> {
                 max_in_flight: w.max_in_flight,
                 last_heartbeat_age_ms: duration_ms(w.last_heartbeat_age.as_ref()),
                 connected: w.connected,
+                draining: w.draining,
             })
             .collect();
         return print_json(&out);
@@ -466,12 +472,22 @@ mod tests {
             in_flight: 3,
             last_heartbeat_age: Some(prost_types::Duration { seconds: 0, nanos: 400_000_000 }),
             connected: true,
+            draining: false,
         };
-        let text = workers_table(&[w]);
+        let stopping = proto::WorkerInfo {
+            session_id: "s-2".into(),
+            max_in_flight: 0,
+            in_flight: 1,
+            draining: true,
+            last_heartbeat_age: None,
+            ..w.clone()
+        };
+        let text = workers_table(&[w, stopping]);
         assert_eq!(
             text,
-            "SESSION  WORKER   QUEUES  IN-FLIGHT  LAST HEARTBEAT  CONNECTED\n\
-             s-1      host-42  a,b          3/32     400.0ms ago  yes\n"
+            "SESSION  WORKER   QUEUES   IN-FLIGHT  LAST HEARTBEAT  CONNECTED\n\
+             s-1      host-42  a,b           3/32     400.0ms ago  yes\n\
+             s-2      host-42  a,b     1 draining               -  yes\n"
         );
     }
 

@@ -370,6 +370,8 @@ fn list_shard_workers(shard: &ShardNode) -> Vec<proto::WorkerInfo> {
                 in_flight: session.held.len() as u32,
                 last_heartbeat_age: live.as_ref().map(|l| convert::duration(l.last_seen_age.as_millis() as u64)),
                 connected: live.is_some_and(|l| l.connected),
+                // Hello asks for at least one job, so zero means Drain.
+                draining: session.max_in_flight == 0,
             }
         })
         .collect()

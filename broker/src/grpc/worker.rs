@@ -322,6 +322,12 @@ impl Connection {
             }
             let (command, job_id, token) = match msg.kind {
                 Some(In::Heartbeat(_)) => continue,
+                Some(In::Drain(_)) => {
+                    // Awaited, unlike results: the releases that follow
+                    // must not free slots the dispatcher refills first.
+                    self.drain().await;
+                    continue;
+                }
                 Some(In::Complete(c)) => (validate::complete(&c, &self.limits), c.job_id, c.fencing_token),
                 Some(In::Fail(f)) => {
                     let jitter = rand::random_range(0..=1000u16);
@@ -409,6 +415,22 @@ impl Connection {
             };
             let _ = self.out.send(reply);
         }.instrument(span));
+    }
+
+    /// Graceful shutdown begins: no new jobs for this session.
+    async fn drain(&self) {
+        for shard in &self.shards {
+            let command = Command::DrainSession { session_id: self.session_id.clone() };
+            match shard.proposer.propose(command).await {
+                Ok(Applied::SessionDrained) => {}
+                // Expired meanwhile: the stream is about to end anyway.
+                Ok(other) => tracing::debug!(session = %self.session_id, outcome = ?other, "drain not applied"),
+                Err(e) => {
+                    let _ = self.out.send(Err(status::propose_error(e)));
+                }
+            }
+        }
+        tracing::info!(session = %self.session_id, "worker is draining");
     }
 
     /// Clean shutdown: jobs still held go back to the queue at once.

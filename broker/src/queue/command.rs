@@ -98,6 +98,11 @@ pub enum Command {
         queues: Vec<String>,
         max_in_flight: u32,
     },
+    /// The worker is shutting down: no new jobs for the session (its
+    /// max_in_flight drops to zero); it keeps the jobs it holds.
+    DrainSession {
+        session_id: SessionId,
+    },
 }
 
 impl Command {
@@ -209,6 +214,7 @@ pub enum Applied {
     SessionExpired {
         released: u32,
     },
+    SessionDrained,
     /// Cancel or RetryJob: the job as it is now.
     Job(Box<JobView>),
     Purged {

@@ -375,6 +375,13 @@ impl QueueState {
                 self.progress(*job_id, *token, message, *extend_ms)
             }
             Command::ExpireSession { session_id, reason } => self.expire_session(session_id, *reason, events, tally),
+            Command::DrainSession { session_id } => match self.sessions.get_mut(session_id) {
+                Some(session) => {
+                    session.max_in_flight = 0;
+                    Applied::SessionDrained
+                }
+                None => Applied::Rejected(Rejection::SessionNotFound(session_id.clone())),
+            },
             Command::Cancel { job_id, reason } => self.cancel(*job_id, reason, events, tally),
             Command::RetryJob { job_id } => self.retry_job(*job_id, events),
             Command::PurgeQueue { queue, state } => self.purge(queue, *state),

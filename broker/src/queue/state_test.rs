@@ -152,6 +152,24 @@ fn resume_that_comes_after_the_expiry_opens_the_fallback_and_names_the_lost_leas
 }
 
 #[test]
+fn a_drained_session_keeps_its_jobs_and_gets_no_more() {
+    let mut h = Harness::new();
+    let first = h.enqueue(job("q"));
+    let second = h.enqueue(job("q"));
+    let s = h.open("s", &["q"], 2);
+    let held = h.dispatch(&s);
+    assert_eq!(h.one(Command::DrainSession { session_id: s.clone() }), Applied::SessionDrained);
+    let released = h.one(Command::Release { job_id: first, token: held[0].token });
+    assert!(matches!(released, Applied::Accepted { .. }));
+    assert!(!h.state.dispatchable(&s, h.now));
+    assert!(h.dispatch(&s).is_empty(), "a draining session was refilled");
+    let done = h.one(Command::Complete { job_id: second, token: held[1].token, result: vec![] });
+    assert!(matches!(done, Applied::Accepted { .. }));
+    let gone = SessionId("gone".into());
+    assert_eq!(h.one(Command::DrainSession { session_id: gone.clone() }), Applied::Rejected(Rejection::SessionNotFound(gone)));
+}
+
+#[test]
 fn dispatch_order_is_priority_then_run_at_then_enqueue_order() {
     let mut h = Harness::new();
     let low = h.enqueue(job("q"));
@@ -477,6 +495,7 @@ enum Op {
     Release { job: u8 },
     Progress { job: u8, extend: Option<u16> },
     Expire { session: u8 },
+    Drain { session: u8 },
     Cancel { job: u8 },
     Retry { job: u8 },
     Purge { queue: u8, state: u8 },
@@ -497,6 +516,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => any::<u8>().prop_map(|job| Op::Release { job }),
         1 => (any::<u8>(), proptest::option::of(0..5000u16)).prop_map(|(job, extend)| Op::Progress { job, extend }),
         1 => (0..4u8).prop_map(|session| Op::Expire { session }),
+        1 => (0..4u8).prop_map(|session| Op::Drain { session }),
         1 => any::<u8>().prop_map(|job| Op::Cancel { job }),
         1 => any::<u8>().prop_map(|job| Op::Retry { job }),
         1 => (0..3u8, 0..6u8).prop_map(|(queue, state)| Op::Purge { queue, state }),
@@ -574,6 +594,7 @@ fn command_for(h: &Harness, op: &Op, seen_tokens: &[(JobId, FencingToken)]) -> O
             Command::Progress { job_id, token, message: "p".into(), extend_ms: extend.map(u64::from) }
         }
         Op::Expire { session: s } => Command::ExpireSession { session_id: session(s), reason: ExpiryReason::Silent },
+        Op::Drain { session: s } => Command::DrainSession { session_id: session(s) },
         Op::Cancel { job } => Command::Cancel { job_id: any_job(job)?, reason: "c".into() },
         Op::Retry { job } => Command::RetryJob { job_id: any_job(job)? },
         Op::Purge { queue: q, state } => Command::PurgeQueue { queue: queue(q), state: STATES[state as usize % 6] },

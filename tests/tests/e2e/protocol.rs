@@ -197,6 +197,50 @@ async fn release_requeues_without_counting_the_attempt() {
     broker.stop().await;
 }
 
+/// Drain (graceful shutdown): the session is assigned nothing more, so a job
+/// it releases, and any new job, go to other workers; the jobs it still
+/// runs keep their leases and their results are accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_stops_assignments_and_released_jobs_go_elsewhere() {
+    let broker = TestBroker::start().await;
+    let mut jobs = broker.jobs();
+    let a = enqueue(&mut jobs, "drain", b"a").await;
+    let b = enqueue(&mut jobs, "drain", b"b").await;
+    let (mut stopping, welcome) =
+        RawWorker::open(&broker, proto::Hello { max_in_flight: 2, ..hello("drain", "") }).await.unwrap();
+    let held = [stopping.next_assign().await, stopping.next_assign().await];
+    let token = |id: &str| held.iter().find(|x| x.job.as_ref().unwrap().id == id).unwrap().fencing_token;
+    stopping.send(In::Drain(proto::Drain {}));
+    stopping.send(In::Release(proto::Release { job_id: a.clone(), fencing_token: token(&a) }));
+    assert_eq!(stopping.next_ack().await.status(), proto::AckStatus::Accepted);
+    let workers = broker.admin().list_workers(proto::ListWorkersRequest {}).await.unwrap().into_inner().workers;
+    let me = workers.iter().find(|w| w.session_id == welcome.session_id).expect("session listed");
+    assert!(me.draining && me.in_flight == 1, "{me:?}");
+    let c = enqueue(&mut jobs, "drain", b"c").await;
+    let (mut other, _) = RawWorker::open(&broker, hello("drain", "")).await.unwrap();
+    let mut elsewhere = vec![other.next_assign().await.job.unwrap().id, other.next_assign().await.job.unwrap().id];
+    elsewhere.sort();
+    let mut expected = vec![a.clone(), c];
+    expected.sort();
+    assert_eq!(elsewhere, expected);
+    stopping.send(In::Complete(proto::Complete { job_id: b.clone(), fencing_token: token(&b), result: b"ok".to_vec() }));
+    loop {
+        match stopping.next().await.unwrap() {
+            Out::Ack(ack) => {
+                assert_eq!((ack.job_id.as_str(), ack.status()), (b.as_str(), proto::AckStatus::Accepted));
+                break;
+            }
+            Out::Assign(assign) => panic!("a draining session was assigned {assign:?}"),
+            _ => {}
+        }
+    }
+    let job = get_job(&mut jobs, &a).await;
+    assert_eq!(job.history[0].outcome(), proto::AttemptOutcome::Released);
+    assert_eq!(job.attempt, 1, "the release cost no attempt");
+    stopping.send(In::Goodbye(proto::Goodbye {}));
+    broker.stop().await;
+}
+
 /// Terminal jobs are kept for the queue's retention, then dropped (and
 /// their idempotency keys become free again).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
