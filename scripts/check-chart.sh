@@ -146,6 +146,8 @@ refuse "antiAffinity" --set antiAffinity=always
 refuse "set tls.cert or tls.existingSecret" --set tls.enabled=true
 refuse "set auth.tokens (the token file) or auth.existingSecret" --set auth.enabled=true
 refuse "set auth.workerToken" --set auth.enabled=true --set auth.tokens=x --set worker.enabled=true
+refuse "set worker.tls.cert" --set tls.enabled=true --set tls.cert=c --set tls.key=k --set tls.ca=a \
+    --set tls.clientAuth=true --set worker.enabled=true
 refuse "chart requires kubeVersion" --kube-version 1.26.0
 
 say "check-chart: all checks passed"

@@ -154,7 +154,7 @@ class Worker:
                 return 1
             if self.stop_signal is not None and not self.stopping:
                 log.info("%s: finishing running jobs, then goodbye", signal.Signals(self.stop_signal).name)
-                self.stopping = True
+                self.begin_stopping()
             if self.stopping and not self.said_goodbye and not self.running and not self.unacked:
                 log.info("goodbye")
                 self.said_goodbye = True
@@ -165,6 +165,13 @@ class Worker:
             if self.said_goodbye and time.monotonic() - self.goodbye_at > GOODBYE_LINGER:
                 log.warning("the broker did not close the stream within %ss of goodbye", GOODBYE_LINGER)
                 return 0
+
+    def begin_stopping(self) -> None:
+        """Graceful shutdown: finish running jobs, release the rest, goodbye."""
+        self.stopping = True
+        # Drain first: the broker assigns nothing more, so jobs released from
+        # now on go to other workers instead of coming straight back here.
+        self.send(wpb.WorkerMessage(drain=wpb.Drain()))
 
     def on_message(self, message: wpb.BrokerMessage) -> None:
         kind = message.WhichOneof("kind")
@@ -200,7 +207,7 @@ class Worker:
             return
         self.taken += 1
         if self.args.max_jobs and self.taken >= self.args.max_jobs:
-            self.stopping = True  # this is the last one
+            self.begin_stopping()  # this is the last one
         log.info("job %s: attempt %d, %d bytes", job_id, assign.attempt, len(assign.job.payload))
         self.running.add((job_id, token))
         self.pool.submit(self.work, assign)

@@ -86,10 +86,34 @@ def mounted_files(pod_spec, container):
     files = set()
     for m in container.get("volumeMounts", []):
         v = volumes.get(m["name"], {})
-        source = v.get("secret") or v.get("configMap")
-        for item in (source or {}).get("items", []):
-            files.add(f"{m['mountPath']}/{item['path']}")
+        sources = [v.get("secret") or v.get("configMap") or {}]
+        sources += [s.get("secret") or s.get("configMap") or {} for s in v.get("projected", {}).get("sources", [])]
+        for source in sources:
+            for item in source.get("items", []):
+                files.add(f"{m['mountPath']}/{item['path']}")
     return files
+
+
+def projected_secret_of(pod_spec, container, path):
+    """The Secret a mounted file comes from, or None."""
+    volumes = {v["name"]: v for v in pod_spec.get("volumes", [])}
+    for m in container.get("volumeMounts", []):
+        v = volumes.get(m["name"], {})
+        if "secret" in v:
+            secrets = [(v["secret"].get("secretName"), v["secret"])]
+        else:
+            secrets = [(s["secret"].get("name"), s["secret"]) for s in v.get("projected", {}).get("sources", [])
+                       if "secret" in s]
+        for name, secret in secrets:
+            for item in secret.get("items", []):
+                if f"{m['mountPath']}/{item['path']}" == path:
+                    return name, item["key"]
+    return None
+
+
+def sts_tls_secret(pod_spec):
+    """Name of the Secret the brokers' certificate comes from."""
+    return next((v["secret"]["secretName"] for v in pod_spec.get("volumes", []) if v["name"] == "tls"), None)
 
 
 def secret_keys(docs, name):
@@ -255,6 +279,16 @@ def case(name, rendered, shell):
         check(("GANTRY_TLS_CA" in env) == want["tls"], "GANTRY_TLS_CA only with TLS")
         if want["tls"]:
             check(env["GANTRY_TLS_CA"]["value"] in mounted_files(wpod, c), "the worker's CA file is mounted")
+        # Brokers that ask for client certificates get the worker's own.
+        for var in ("GANTRY_TLS_CLIENT_CERT", "GANTRY_TLS_CLIENT_KEY"):
+            check((var in env) == want["client_auth"], f"{var} only with tls.clientAuth")
+            if var in env:
+                origin = projected_secret_of(wpod, c, env[var]["value"])
+                check(origin is not None, f"{var} {env[var]['value']} is mounted from a Secret")
+                if origin:
+                    keys = secret_keys(docs, origin[0])
+                    check(keys is None or origin[1] in keys, f"{var}: key {origin[1]} is in Secret {origin[0]}")
+                    check(origin[0] != sts_tls_secret(pod), f"{var} is not the brokers' own certificate")
 
     monitors = [d for d in docs if d["kind"] == "ServiceMonitor"]
     check(len(monitors) == int(want["service_monitor"]), f"{len(monitors)} ServiceMonitors")

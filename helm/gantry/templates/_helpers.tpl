@@ -82,6 +82,18 @@ app.kubernetes.io/component: worker
 {{- default (printf "%s-tls" (include "gantry.fullname" .)) .Values.tls.existingSecret }}
 {{- end }}
 
+{{- define "gantry.workerTlsSecretName" -}}
+{{- default (printf "%s-worker-tls" (include "gantry.fullname" .)) .Values.worker.tls.existingSecret }}
+{{- end }}
+
+{{/*
+Whether the example worker presents a client certificate: the brokers ask
+for one (tls.clientAuth), so it must.
+*/}}
+{{- define "gantry.workerClientCert" -}}
+{{- if and .Values.worker.enabled .Values.tls.enabled .Values.tls.clientAuth }}true{{ end }}
+{{- end }}
+
 {{- define "gantry.authSecretName" -}}
 {{- default (printf "%s-auth" (include "gantry.fullname" .)) .Values.auth.existingSecret }}
 {{- end }}
