@@ -72,6 +72,10 @@ pub struct Config {
     /// Bearer tokens and their roles (see `security::tokens` for the
     /// format). Default: none, every client may call everything.
     pub token_file: Option<PathBuf>,
+    /// How often the token file is re-read to pick up rotated tokens
+    /// (default 5s).
+    #[serde(with = "humantime_serde_compat")]
+    pub token_reload_interval: Duration,
 }
 
 impl Default for Config {
@@ -100,6 +104,7 @@ impl Default for Config {
             peer_tls_key: None,
             peer_tls_ca: None,
             token_file: None,
+            token_reload_interval: Duration::from_secs(5),
         }
     }
 }
@@ -133,6 +138,9 @@ impl Config {
                 "shards",
                 format!("{} requested, but this version runs exactly 1 shard per cluster", self.shards),
             ));
+        }
+        if self.token_reload_interval < Duration::from_millis(10) {
+            return Err(invalid("token-reload-interval", "must be at least 10ms"));
         }
         if self.heartbeat_interval < Duration::from_millis(10) {
             return Err(invalid("heartbeat-interval", "must be at least 10ms"));

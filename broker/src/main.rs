@@ -100,6 +100,9 @@ struct ServeArgs {
     /// Bearer tokens and their roles (producer, worker, admin): one `<token> <role>` per line, # comments.
     #[arg(long, env = "GANTRY_TOKEN_FILE")]
     token_file: Option<PathBuf>,
+    /// How often the token file is re-read, so rotated tokens take effect without a restart (default 5s).
+    #[arg(long, env = "GANTRY_TOKEN_RELOAD_INTERVAL", value_parser = humantime::parse_duration)]
+    token_reload_interval: Option<Duration>,
 }
 
 impl ServeArgs {
@@ -124,7 +127,8 @@ impl ServeArgs {
             snapshot_every,
             peer_listen,
             initial_cluster,
-            join
+            join,
+            token_reload_interval
         );
         if self.advertise.is_some() {
             config.advertise = self.advertise;

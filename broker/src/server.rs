@@ -198,6 +198,13 @@ pub async fn start_with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<R
         tokio::spawn(crate::metrics::http::serve(listener, node.clone(), shutdown_rx.clone()));
     }
 
+    if let Some(file) = &security.tokens {
+        tokio::spawn(crate::security::watch_token_file(
+            file.clone(),
+            config.token_reload_interval,
+            shutdown_rx.clone(),
+        ));
+    }
     if !config.initial_cluster.0.is_empty() {
         tokio::spawn(cluster::bootstrap(node.clone(), config.initial_cluster.0.clone(), shutdown_rx.clone()));
     }

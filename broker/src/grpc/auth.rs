@@ -22,19 +22,19 @@ use http::{Request, Response};
 use tonic::{Status, body::Body};
 use tower::{Layer, Service};
 
-use crate::security::tokens::{Lookup, Role, Tokens};
+use crate::security::tokens::{Lookup, Role, TokenFile, Tokens};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 type BoxFuture = Pin<Box<dyn Future<Output = Result<Response<Body>, BoxError>> + Send>>;
 
 #[derive(Clone)]
 pub struct AuthLayer {
-    tokens: Option<Arc<Tokens>>,
+    tokens: Option<Arc<TokenFile>>,
 }
 
 impl AuthLayer {
     /// `None`: no token file, every call passes.
-    pub fn new(tokens: Option<Arc<Tokens>>) -> Self {
+    pub fn new(tokens: Option<Arc<TokenFile>>) -> Self {
         AuthLayer { tokens }
     }
 }
@@ -50,7 +50,7 @@ impl<S> Layer<S> for AuthLayer {
 #[derive(Clone)]
 pub struct Auth<S> {
     inner: S,
-    tokens: Option<Arc<Tokens>>,
+    tokens: Option<Arc<TokenFile>>,
 }
 
 /// The role a call needs; `None` for the open services.
@@ -110,8 +110,9 @@ where
     }
 
     fn call(&mut self, request: Request<Body>) -> BoxFuture {
-        if let Some(tokens) = &self.tokens
-            && let Err(status) = check(tokens, request.uri().path(), request.headers().get(http::header::AUTHORIZATION))
+        if let Some(file) = &self.tokens
+            && let Err(status) =
+                check(&file.tokens(), request.uri().path(), request.headers().get(http::header::AUTHORIZATION))
         {
             tracing::debug!(path = request.uri().path(), code = ?status.code(), "call refused");
             return Box::pin(async move { Ok(status.into_http::<Body>()) });

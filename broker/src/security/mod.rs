@@ -22,7 +22,7 @@ use std::{net::SocketAddr, path::Path, sync::Arc};
 
 use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
 
-use self::tokens::Tokens;
+use self::tokens::{Reload, TokenFile};
 use crate::{
     config::{Config, ConfigError},
     raft::network::DialSettings,
@@ -39,7 +39,7 @@ pub struct Security {
     pub peer_tls: Option<ServerTlsConfig>,
     /// How this node dials peer ports (and, for `--join`, client ports).
     pub dial: DialSettings,
-    pub tokens: Option<Arc<Tokens>>,
+    pub tokens: Option<Arc<TokenFile>>,
 }
 
 /// Reads a PEM file of `field` that must hold a block of `kind`
@@ -92,7 +92,8 @@ impl Security {
             peer_identity = Some(identity);
         }
         if let Some(path) = &config.token_file {
-            let tokens = Tokens::from_file(path).map_err(|message| invalid("token-file", message))?;
+            let file = TokenFile::load(path).map_err(|message| invalid("token-file", message))?;
+            let tokens = file.tokens();
             if !config.join.is_empty() && tokens.admin_token().is_none() {
                 return Err(invalid(
                     "token-file",
@@ -103,7 +104,7 @@ impl Security {
                 ));
             }
             security.dial.client_token = tokens.admin_token().map(|t| String::from_utf8_lossy(t).into_owned());
-            security.tokens = Some(Arc::new(tokens));
+            security.tokens = Some(Arc::new(file));
         }
         // `--join` dials the client port of a running cluster, configured
         // like this node: TLS when this node serves TLS, verified with the
@@ -181,6 +182,40 @@ fn error_chain(error: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     parts.join(": ")
+}
+
+/// Re-reads the token file every `interval` until shutdown, logging what
+/// changed; a refused file is reported once, not every round.
+pub async fn watch_token_file(
+    file: Arc<TokenFile>,
+    interval: std::time::Duration,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticker.tick().await;
+    let mut last_refusal = None;
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = shutdown.wait_for(|stop| *stop) => return,
+        }
+        let checked = file.clone();
+        let Ok(outcome) = tokio::task::spawn_blocking(move || checked.reload()).await else { continue };
+        match outcome {
+            Reload::Unchanged => {}
+            Reload::Changed(count) => {
+                last_refusal = None;
+                tracing::info!(path = %file.path().display(), tokens = count, "token file changed: new calls are checked against it");
+            }
+            Reload::Refused(reason) => {
+                if last_refusal.as_ref() != Some(&reason) {
+                    tracing::error!(%reason, "token file changed but cannot be used: the tokens loaded before stay in force");
+                    last_refusal = Some(reason);
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -20,9 +20,17 @@
 //! - Clients send `authorization: Bearer <token>`.
 //!
 //! The file is read at startup; an error names the line and stops the
-//! broker. Change it and restart the node (one at a time) to rotate tokens.
+//! broker. While it runs, the broker re-reads the file every
+//! `--token-reload-interval` (default 5 s): a changed file takes effect for
+//! new calls (streams already open stay open), so tokens rotate without a
+//! restart — including when a Kubernetes Secret mounted as the file is
+//! updated. A changed file that does not parse (or vanished) is logged and
+//! ignored: the tokens loaded last stay in force.
 
-use std::path::Path;
+use std::{
+    path::{Path, PathBuf},
+    sync::{Arc, RwLock},
+};
 
 /// Shortest accepted token: shorter ones are guessable.
 pub const MIN_TOKEN_LEN: usize = 16;
@@ -94,11 +102,6 @@ impl std::fmt::Debug for Tokens {
 }
 
 impl Tokens {
-    pub fn from_file(path: &Path) -> Result<Tokens, String> {
-        let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-        Tokens::parse(&text).map_err(|e| format!("{}: {e}", path.display()))
-    }
-
     pub fn parse(text: &str) -> Result<Tokens, String> {
         let mut entries: Vec<(Vec<u8>, Roles)> = Vec::new();
         for (number, line) in text.lines().enumerate().map(|(i, l)| (i + 1, l.trim())) {
@@ -171,6 +174,75 @@ impl Tokens {
     }
 }
 
+/// The token file as the broker runs with it: the tokens loaded last, and
+/// the bytes they came from (to notice a change).
+pub struct TokenFile {
+    path: PathBuf,
+    loaded: RwLock<(Arc<Tokens>, Vec<u8>)>,
+}
+
+impl std::fmt::Debug for TokenFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenFile").field("path", &self.path).field("tokens", &self.tokens()).finish()
+    }
+}
+
+/// What a reload found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Reload {
+    Unchanged,
+    /// Now in force, with this many tokens.
+    Changed(usize),
+    /// The file changed but cannot be used; the previous tokens stay.
+    Refused(String),
+}
+
+impl TokenFile {
+    pub fn load(path: &Path) -> Result<TokenFile, String> {
+        let bytes = read_token_file(path)?;
+        let tokens = parse_token_bytes(path, &bytes)?;
+        Ok(TokenFile { path: path.to_owned(), loaded: RwLock::new((Arc::new(tokens), bytes)) })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The tokens in force now.
+    pub fn tokens(&self) -> Arc<Tokens> {
+        self.loaded.read().unwrap_or_else(|p| p.into_inner()).0.clone()
+    }
+
+    /// Re-reads the file and puts its tokens in force if it changed and
+    /// parses; a broken file never locks every client out.
+    pub fn reload(&self) -> Reload {
+        let bytes = match read_token_file(&self.path) {
+            Ok(bytes) => bytes,
+            Err(e) => return Reload::Refused(e),
+        };
+        if self.loaded.read().unwrap_or_else(|p| p.into_inner()).1 == bytes {
+            return Reload::Unchanged;
+        }
+        match parse_token_bytes(&self.path, &bytes) {
+            Ok(tokens) => {
+                let count = tokens.len();
+                *self.loaded.write().unwrap_or_else(|p| p.into_inner()) = (Arc::new(tokens), bytes);
+                Reload::Changed(count)
+            }
+            Err(e) => Reload::Refused(e),
+        }
+    }
+}
+
+fn read_token_file(path: &Path) -> Result<Vec<u8>, String> {
+    std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
+}
+
+fn parse_token_bytes(path: &Path, bytes: &[u8]) -> Result<Tokens, String> {
+    let text = std::str::from_utf8(bytes).map_err(|_| format!("{}: not UTF-8 text", path.display()))?;
+    Tokens::parse(text).map_err(|e| format!("{}: {e}", path.display()))
+}
+
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {
         return false;
@@ -185,6 +257,26 @@ mod tests {
     const P: &str = "producer-token-0001";
     const W: &str = "worker-token-000002";
     const A: &str = "admin-token-0000003";
+
+    #[test]
+    fn a_changed_file_takes_effect_and_a_broken_one_is_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokens");
+        std::fs::write(&path, format!("{P} producer\n")).unwrap();
+        let file = TokenFile::load(&path).unwrap();
+        assert_eq!(file.reload(), Reload::Unchanged);
+        std::fs::write(&path, format!("{W} producer\n{A} admin\n")).unwrap();
+        assert_eq!(file.reload(), Reload::Changed(2));
+        assert_eq!(file.tokens().lookup(P.as_bytes()), Lookup::Unknown, "the rotated-out token still works");
+        assert!(matches!(file.tokens().lookup(W.as_bytes()), Lookup::Known(_)));
+        std::fs::write(&path, "half-written garbage\n").unwrap();
+        let Reload::Refused(reason) = file.reload() else { panic!("a broken file was taken") };
+        assert!(reason.contains("line 1"), "{reason}");
+        assert!(matches!(file.tokens().lookup(W.as_bytes()), Lookup::Known(_)), "a broken file locked clients out");
+        std::fs::remove_file(&path).unwrap();
+        assert!(matches!(file.reload(), Reload::Refused(reason) if reason.contains("cannot read")));
+        assert!(matches!(file.tokens().lookup(A.as_bytes()), Lookup::Known(_)));
+    }
 
     #[test]
     fn either_order_comments_and_role_union() {
