@@ -197,7 +197,13 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Client(command) => {
             init_tracing(&cli.log_format);
-            cli::run(command).await
+            match cli::run(command).await {
+                Err(e) if e.is::<cli::StillRunning>() => {
+                    eprintln!("{e}");
+                    std::process::exit(2);
+                }
+                other => other,
+            }
         }
     }
 }

@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
+use tokio::time::Instant;
 use tonic::transport::Channel;
 
 use crate::Error;
@@ -13,11 +14,24 @@ use crate::backoff::Backoff;
 use crate::convert::{to_proto_duration, to_proto_timestamp};
 use crate::endpoint::{self, BrokerChannel, Connect, Tls, leader_hint};
 use crate::proto::{self, admin_client::AdminClient, jobs_client::JobsClient};
+use crate::retry::{self, Decision, Replay};
 
 /// How long a call keeps trying while nodes answer `UNAVAILABLE` (no
-/// leader yet, node down): long enough to ride out a leader election (up to
-/// two election timeouts) and a restart of the node it talked to.
+/// leader yet, node down) or not at all: long enough to ride out a leader
+/// election (up to two election timeouts) and a restart of the node it
+/// talked to. Two request timeouts when that is longer, so that a try that
+/// timed out is always followed by one on another node.
 const RETRY_BUDGET: Duration = Duration::from_secs(10);
+/// How long one try of a call may take by default before the client gives
+/// up on that node (see [`ClientBuilder::request_timeout`]): far above a
+/// commit's worst case in practice (a few slow fsyncs), and short enough
+/// that a try on a frozen node, then one on another node, fit in the 10 s
+/// retry budget.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// The longest per-try deadline accepted. Longer ones would stretch the
+/// retry budget (two request timeouts) to where a cluster without a leader
+/// keeps callers waiting for hours instead of getting an error.
+const MAX_REQUEST_TIMEOUT: Duration = Duration::from_secs(60 * 60);
 /// The longest `WaitJob` timeout the broker accepts.
 const MAX_WAIT_PER_CALL: Duration = Duration::from_secs(60 * 60);
 /// Bound on remembered per-queue leaders, so a producer writing to an
@@ -36,6 +50,9 @@ pub struct Client {
 struct Inner {
     endpoints: Vec<String>,
     connect: Connect,
+    /// Per-try deadline of unary calls, on top of any time the broker holds
+    /// a call on purpose (a `WaitJob`'s own timeout).
+    request_timeout: Duration,
     routes: Mutex<Routes>,
 }
 
@@ -51,7 +68,10 @@ struct Routes {
 
 impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Client").field("endpoints", &self.inner.endpoints).finish_non_exhaustive()
+        f.debug_struct("Client")
+            .field("endpoints", &self.inner.endpoints)
+            .field("request_timeout", &self.inner.request_timeout)
+            .finish_non_exhaustive()
     }
 }
 
@@ -63,14 +83,17 @@ pub struct Enqueued {
     pub created: bool,
 }
 
-/// Configures a [`Client`]: endpoints, TLS and a bearer token.
+/// Configures a [`Client`]: endpoints, TLS, a bearer token and the per-try
+/// deadline of its calls.
 ///
 /// ```no_run
 /// # async fn connect() -> Result<(), gantry_worker::Error> {
+/// use std::time::Duration;
 /// use gantry_worker::{Client, Tls};
 /// let client = Client::builder(["https://gantry.jobs.svc:50051"])
 ///     .tls(Tls::ca_file("/etc/gantry/tls/ca.crt")?)
 ///     .token(std::env::var("GANTRY_TOKEN").unwrap_or_default())
+///     .request_timeout(Duration::from_secs(3))
 ///     .connect()
 ///     .await?;
 /// # Ok(()) }
@@ -81,6 +104,7 @@ pub struct ClientBuilder {
     endpoints: Vec<String>,
     tls: Option<Tls>,
     token: Option<String>,
+    request_timeout: Duration,
 }
 
 impl ClientBuilder {
@@ -98,19 +122,52 @@ impl ClientBuilder {
         self
     }
 
+    /// How long one try of a call may wait for its answer (default
+    /// [`DEFAULT_REQUEST_TIMEOUT`], 5 s) before the client gives up on that
+    /// node. [`Client::wait`] gets its own wait time on top of this.
+    ///
+    /// A try without an answer in time is retried on another node, within
+    /// the same retry budget as `UNAVAILABLE` answers (10 s), when sending
+    /// the call twice is harmless: reads, cancels, enqueues with an
+    /// idempotency key. An enqueue without a key may have been committed by the node
+    /// that went silent, so it is not sent again: it fails with
+    /// [`Error::OutcomeUnknown`] (code `DEADLINE_EXCEEDED`).
+    ///
+    /// Keep it well above the cluster's slowest commits, or healthy but slow
+    /// enqueues without a key end as `OutcomeUnknown`. A timeout above 5 s
+    /// stretches the retry budget to two timeouts, so that a try that timed
+    /// out is still followed by one on another node. [`ClientBuilder::connect`]
+    /// refuses zero and anything above an hour.
+    pub fn request_timeout(mut self, timeout: Duration) -> Self {
+        self.request_timeout = timeout;
+        self
+    }
+
     /// Connects to the first reachable node. The other nodes are used when
     /// that one fails or names another leader.
     pub async fn connect(self) -> Result<Client, Error> {
+        if self.request_timeout.is_zero() || self.request_timeout > MAX_REQUEST_TIMEOUT {
+            return Err(Error::InvalidConfig(format!(
+                "request_timeout: must be more than zero and at most {MAX_REQUEST_TIMEOUT:?} (it bounds each try of \
+                 a call), got {:?}",
+                self.request_timeout
+            )));
+        }
         let connect = Connect::new(self.tls.as_ref(), self.token.as_deref())?;
         let endpoints = endpoint::parse_endpoints(self.endpoints, connect.uses_tls())?;
         let mut last_err = None;
         for (i, uri) in endpoints.iter().enumerate() {
-            match endpoint::endpoint(uri, false, &connect)?.connect().await {
+            match endpoint::endpoint(uri, &connect)?.connect().await {
                 Ok(channel) => {
                     let mut routes = Routes { current: i, ..Routes::default() };
                     routes.channels.insert(uri.clone(), endpoint::with_credentials(channel, &connect));
                     return Ok(Client {
-                        inner: Arc::new(Inner { endpoints, connect, routes: Mutex::new(routes) }),
+                        inner: Arc::new(Inner {
+                            endpoints,
+                            connect,
+                            request_timeout: self.request_timeout,
+                            routes: Mutex::new(routes),
+                        }),
                         coalescer: None,
                     });
                 }
@@ -146,7 +203,12 @@ impl Client {
         I: IntoIterator<Item = S>,
         S: Into<String>,
     {
-        ClientBuilder { endpoints: endpoints.into_iter().map(Into::into).collect(), tls: None, token: None }
+        ClientBuilder {
+            endpoints: endpoints.into_iter().map(Into::into).collect(),
+            tls: None,
+            token: None,
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
+        }
     }
 
     /// A client whose concurrent `enqueue(..).send()` calls are packed into
@@ -172,15 +234,20 @@ impl Client {
 
     /// Enqueues many jobs, committed together per shard. One result per
     /// request, in order; a refused job has an empty `job_id` and an `error`.
+    ///
+    /// Retried on another node after a try without an answer only when every
+    /// job has an idempotency key; otherwise such a try ends in
+    /// [`Error::OutcomeUnknown`] (see [`EnqueueBuilder::send`]).
     pub async fn enqueue_batch(
         &self,
         reqs: Vec<proto::EnqueueRequest>,
     ) -> Result<Vec<proto::EnqueueBatchResult>, Error> {
         // Route by the first job's queue: batches usually target one queue.
         let route = reqs.first().map(|r| r.queue.clone());
+        let replay = if reqs.iter().all(has_idempotency_key) { Replay::Safe } else { Replay::Unsafe };
         let req = proto::EnqueueBatchRequest { jobs: reqs };
         let resp = self
-            .call(route.as_deref(), move |ch| {
+            .call(route.as_deref(), Rpc::write("EnqueueBatch", replay), move |ch| {
                 let req = req.clone();
                 async move { JobsClient::new(ch).enqueue_batch(req).await }
             })
@@ -191,7 +258,7 @@ impl Client {
     /// The job as the broker has it now. `NOT_FOUND` comes back as [`Error::Status`].
     pub async fn get(&self, job_id: &str) -> Result<proto::Job, Error> {
         let req = proto::GetJobRequest { job_id: job_id.to_owned() };
-        self.call(None, move |ch| {
+        self.call(None, Rpc::read("GetJob"), move |ch| {
             let req = req.clone();
             async move { JobsClient::new(ch).get_job(req).await }
         })
@@ -201,40 +268,58 @@ impl Client {
     /// Waits until the job is terminal and returns it, or returns its current
     /// state once `timeout` has passed. The broker holds one call for at most
     /// an hour, so longer waits are made of several calls.
+    ///
+    /// Each call may take its wait plus the client's
+    /// [`request_timeout`](ClientBuilder::request_timeout) before it is given
+    /// up and sent to another node (asking only for what is left of the wait).
     pub async fn wait(&self, job_id: &str, timeout: Duration) -> Result<proto::Job, Error> {
-        let deadline = tokio::time::Instant::now() + timeout;
+        // `None`: further away than a clock can say, so only the job's end
+        // stops the wait.
+        let deadline = Instant::now().checked_add(timeout);
         loop {
-            let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
-            let chunk = remaining.min(MAX_WAIT_PER_CALL);
-            let req = proto::WaitJobRequest { job_id: job_id.to_owned(), timeout: Some(to_proto_duration(chunk)) };
+            let now = Instant::now();
+            let remaining = deadline.map_or(MAX_WAIT_PER_CALL, |d| d.saturating_duration_since(now));
+            let last = deadline.is_some() && remaining <= MAX_WAIT_PER_CALL;
+            let held_until = now + remaining.min(MAX_WAIT_PER_CALL);
+            let job_id = job_id.to_owned();
             let job = self
-                .call(None, move |ch| {
-                    let req = req.clone();
+                .call(None, Rpc::read("WaitJob").held_until(held_until), move |ch| {
+                    // A retry on another node waits only for what is left.
+                    let timeout = held_until.saturating_duration_since(Instant::now());
+                    let req =
+                        proto::WaitJobRequest { job_id: job_id.clone(), timeout: Some(to_proto_duration(timeout)) };
                     async move { JobsClient::new(ch).wait_job(req).await }
                 })
                 .await?;
-            if is_terminal(job.state()) || remaining <= MAX_WAIT_PER_CALL {
+            if is_terminal(job.state()) || last {
                 return Ok(job);
             }
         }
     }
 
     /// Cancels a job that is not terminal; an active holder is sent `revoke`.
+    ///
+    /// A try without an answer is sent again to another node (a second
+    /// cancel changes nothing); if the first one was applied after all, the
+    /// answer is `FAILED_PRECONDITION` naming the job's `CANCELLED` state.
     pub async fn cancel(&self, job_id: &str, reason: &str) -> Result<proto::Job, Error> {
         let req = proto::CancelJobRequest { job_id: job_id.to_owned(), reason: reason.to_owned() };
-        self.call(None, move |ch| {
+        self.call(None, Rpc::write("CancelJob", Replay::Safe), move |ch| {
             let req = req.clone();
             async move { JobsClient::new(ch).cancel_job(req).await }
         })
         .await
     }
 
-    /// A raw `Admin` client on the current node (no retries: tools decide).
+    /// A raw `Admin` client on the current node (no retries and no deadline:
+    /// tools decide; `tonic::Request::set_timeout` sets one per call). Its
+    /// channel still drops a connection whose keepalive pings go unanswered.
     pub fn admin(&self) -> AdminClient<BrokerChannel> {
         AdminClient::new(self.current_channel())
     }
 
-    /// A raw `Jobs` client on the current node (no retries: callers decide).
+    /// A raw `Jobs` client on the current node (no retries and no deadline:
+    /// callers decide, as for [`Client::admin`]).
     pub fn jobs(&self) -> JobsClient<BrokerChannel> {
         JobsClient::new(self.current_channel())
     }
@@ -265,7 +350,7 @@ impl Client {
         }
         // Every target went through `parse_endpoint`, so `from_shared` cannot
         // fail; fall back to the first known channel rather than panic.
-        let ch = match endpoint::lazy_channel(target, false, &self.inner.connect) {
+        let ch = match endpoint::lazy_channel(target, &self.inner.connect) {
             Ok(ch) => ch,
             Err(_) => match routes.channels.values().next() {
                 Some(ch) => return ch.clone(),
@@ -308,20 +393,30 @@ impl Client {
         }
     }
 
-    /// Runs a unary call, retrying on `UNAVAILABLE` across nodes (a leader
-    /// hint in the status first), for up to [`RETRY_BUDGET`] with backoff.
-    pub(crate) async fn call<T, F, Fut>(&self, queue: Option<&str>, mut f: F) -> Result<T, Error>
+    /// Runs a unary call: each try bounded by the request timeout (plus
+    /// what `rpc` holds on purpose), failed tries sent again across nodes (a
+    /// leader hint in the status first) with backoff for up to
+    /// [`RETRY_BUDGET`] (or two request timeouts), as [`retry::decide`] allows.
+    pub(crate) async fn call<T, F, Fut>(&self, queue: Option<&str>, rpc: Rpc, mut f: F) -> Result<T, Error>
     where
         F: FnMut(BrokerChannel) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
         let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
         let mut next_target: Option<String> = None;
-        let started = tokio::time::Instant::now();
+        let budget = RETRY_BUDGET.max(self.inner.request_timeout.saturating_mul(2));
+        // A call the broker holds on purpose spends its budget only after
+        // that: a node lost in the middle of a long wait is worth going on
+        // elsewhere for the rest of it.
+        let budget_from = rpc.held_until.map_or_else(Instant::now, |until| until.max(Instant::now()));
         loop {
             let target = next_target.take().unwrap_or_else(|| self.pick(queue));
-            match f(self.channel(&target)).await {
-                Ok(resp) => {
+            let held = rpc.held_until.map_or(Duration::ZERO, |until| until.saturating_duration_since(Instant::now()));
+            let deadline = self.inner.request_timeout.saturating_add(held);
+            // On timeout the call's future is dropped, which resets its HTTP/2
+            // stream: the node is told to stop, should it ever wake up.
+            let status = match tokio::time::timeout(deadline, f(self.channel(&target))).await {
+                Ok(Ok(resp)) => {
                     if let (Some(q), Some(leader)) =
                         (queue, leader_hint(resp.metadata(), self.inner.connect.uses_tls()))
                     {
@@ -329,10 +424,18 @@ impl Client {
                     }
                     return Ok(resp.into_inner());
                 }
-                Err(status) if is_retryable(&status) && started.elapsed() < RETRY_BUDGET => {
+                Ok(Err(status)) => status,
+                Err(_) => tonic::Status::deadline_exceeded(if held.is_zero() {
+                    format!("no answer within the request timeout ({deadline:?})")
+                } else {
+                    format!("no answer within {deadline:?} (the call's {held:?} and the request timeout)")
+                }),
+            };
+            match retry::decide(&status, rpc.replay) {
+                Decision::Retry if Instant::now().saturating_duration_since(budget_from) < budget => {
                     let hint = leader_hint(status.metadata(), self.inner.connect.uses_tls()).filter(|h| *h != target);
                     tracing::debug!(
-                        node = %target, code = ?status.code(), message = status.message(),
+                        call = rpc.name, node = %target, code = ?status.code(), message = status.message(),
                         leader = ?hint, "call failed, retrying"
                     );
                     self.unreachable(&target, queue);
@@ -342,26 +445,52 @@ impl Client {
                     next_target = hint;
                     tokio::time::sleep(backoff.next_delay()).await;
                 }
-                Err(status) => return Err(Error::Status(status)),
+                Decision::OutcomeUnknown => {
+                    tracing::warn!(
+                        call = rpc.name, node = %target, code = ?status.code(), message = status.message(),
+                        "no answer to a call that is not safe to send twice; not retried"
+                    );
+                    // The caller's next call should not wait on the same node.
+                    self.unreachable(&target, queue);
+                    return Err(Error::OutcomeUnknown { call: rpc.name, node: target, status });
+                }
+                Decision::Retry | Decision::Return => return Err(Error::Status(status)),
             }
         }
     }
 }
 
-fn is_terminal(state: proto::JobState) -> bool {
-    matches!(state, proto::JobState::Succeeded | proto::JobState::Failed | proto::JobState::Cancelled)
+/// What [`Client::call`] needs to know about the RPC it runs.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Rpc {
+    /// For errors and logs.
+    name: &'static str,
+    replay: Replay,
+    /// Until when the broker holds the call on purpose (`WaitJob`): each
+    /// try's deadline is the request timeout past that.
+    held_until: Option<Instant>,
 }
 
-/// `UNAVAILABLE` is what the broker (no leader, shutting down) and tonic (no
-/// connection) say when trying elsewhere or later may work. tonic reports a
-/// channel that could not become ready as `UNKNOWN` with this message, though
-/// nothing was sent.
-pub(crate) fn is_retryable(status: &tonic::Status) -> bool {
-    match status.code() {
-        tonic::Code::Unavailable => true,
-        tonic::Code::Unknown => status.message().starts_with("Service was not ready"),
-        _ => false,
+impl Rpc {
+    fn read(name: &'static str) -> Rpc {
+        Rpc { name, replay: Replay::Safe, held_until: None }
     }
+
+    fn write(name: &'static str, replay: Replay) -> Rpc {
+        Rpc { name, replay, held_until: None }
+    }
+
+    fn held_until(self, until: Instant) -> Rpc {
+        Rpc { held_until: Some(until), ..self }
+    }
+}
+
+fn has_idempotency_key(req: &proto::EnqueueRequest) -> bool {
+    !req.idempotency_key.is_empty()
+}
+
+fn is_terminal(state: proto::JobState) -> bool {
+    matches!(state, proto::JobState::Succeeded | proto::JobState::Failed | proto::JobState::Cancelled)
 }
 
 /// Builds one enqueue; finish with [`EnqueueBuilder::send`] or take the raw
@@ -424,16 +553,25 @@ impl EnqueueBuilder {
 
     /// Enqueues the job; returns once it is committed.
     ///
-    /// Retries on `UNAVAILABLE` may enqueue twice if the first attempt was
-    /// committed but its answer lost; set an idempotency key where that matters.
+    /// A node that answers `UNAVAILABLE` (no leader, not the leader) or
+    /// cannot be reached did not take the job: the call goes to another node.
+    /// A try that gets no answer (the
+    /// [`request_timeout`](ClientBuilder::request_timeout) passed, the
+    /// connection broke) may have been committed. With an idempotency key it
+    /// is sent again, to another node, and the broker answers the retry with
+    /// the first job if there was one (`created == false`). Without a key it
+    /// is not sent again, since that could make a second job: it fails with
+    /// [`Error::OutcomeUnknown`], and whether the job exists is for the
+    /// caller to find out.
     pub async fn send(self) -> Result<Enqueued, Error> {
         let EnqueueBuilder { client, req } = self;
         if let Some(coalescer) = &client.coalescer {
             return coalescer.enqueue(req).await;
         }
         let queue = req.queue.clone();
+        let replay = if has_idempotency_key(&req) { Replay::Safe } else { Replay::Unsafe };
         let resp = client
-            .call(Some(&queue), move |ch| {
+            .call(Some(&queue), Rpc::write("Enqueue", replay), move |ch| {
                 let req = req.clone();
                 async move { JobsClient::new(ch).enqueue(req).await }
             })
@@ -446,25 +584,28 @@ impl EnqueueBuilder {
 mod tests {
     use super::*;
 
-    #[test]
-    fn retryable_statuses() {
-        assert!(is_retryable(&tonic::Status::unavailable("no leader")));
-        assert!(is_retryable(&tonic::Status::unknown("Service was not ready: x")));
-        assert!(!is_retryable(&tonic::Status::unknown("handler blew up")));
-        assert!(!is_retryable(&tonic::Status::not_found("job")));
-        assert!(!is_retryable(&tonic::Status::invalid_argument("queue")));
+    fn client(endpoints: &[&str], request_timeout: Duration) -> Client {
+        Client {
+            inner: Arc::new(Inner {
+                endpoints: endpoints.iter().map(|e| (*e).to_owned()).collect(),
+                connect: Connect::default(),
+                request_timeout,
+                routes: Mutex::new(Routes::default()),
+            }),
+            coalescer: None,
+        }
+    }
+
+    /// Turns a hang into a failure; with paused time it costs nothing.
+    async fn bounded<T>(what: &str, f: impl Future<Output = T>) -> T {
+        tokio::time::timeout(Duration::from_secs(24 * 60 * 60), f)
+            .await
+            .unwrap_or_else(|_| panic!("{what} still waiting after a day"))
     }
 
     #[tokio::test]
     async fn builder_fills_the_request() {
-        let client = Client {
-            inner: Arc::new(Inner {
-                endpoints: vec!["http://127.0.0.1:1".into()],
-                connect: Connect::default(),
-                routes: Mutex::new(Routes::default()),
-            }),
-            coalescer: None,
-        };
+        let client = client(&["http://127.0.0.1:1"], DEFAULT_REQUEST_TIMEOUT);
         let req = client
             .enqueue("emails", &b"hi"[..])
             .priority(5)
@@ -496,19 +637,22 @@ mod tests {
         assert!(matches!(Client::connect(["ftp://x"]).await, Err(Error::InvalidEndpoint(_))));
     }
 
+    #[tokio::test]
+    async fn request_timeouts_of_zero_or_over_an_hour_are_refused() {
+        for refused in [Duration::ZERO, MAX_REQUEST_TIMEOUT + Duration::from_nanos(1), Duration::MAX] {
+            let err = Client::builder(["127.0.0.1:1"]).request_timeout(refused).connect().await.unwrap_err();
+            assert!(matches!(&err, Error::InvalidConfig(m) if m.contains("request_timeout")), "{refused:?}: {err:?}");
+        }
+        let err = Client::builder(["127.0.0.1:1"]).request_timeout(MAX_REQUEST_TIMEOUT).connect().await.unwrap_err();
+        assert!(matches!(err, Error::Transport(_)), "an hour is accepted: {err:?}");
+    }
+
     #[tokio::test(start_paused = true)]
     async fn unavailable_is_retried_then_returned() {
-        let client = Client {
-            inner: Arc::new(Inner {
-                endpoints: vec!["http://127.0.0.1:1".into(), "http://127.0.0.1:2".into()],
-                connect: Connect::default(),
-                routes: Mutex::new(Routes::default()),
-            }),
-            coalescer: None,
-        };
+        let client = client(&["http://127.0.0.1:1", "http://127.0.0.1:2"], DEFAULT_REQUEST_TIMEOUT);
         let mut seen = Vec::new();
         let err = client
-            .call::<(), _, _>(None, |_ch| {
+            .call::<(), _, _>(None, Rpc::write("Enqueue", Replay::Unsafe), |_ch| {
                 seen.push(());
                 async { Err(tonic::Status::unavailable("no leader")) }
             })
@@ -520,13 +664,158 @@ mod tests {
 
         let mut calls = 0;
         let err = client
-            .call::<(), _, _>(None, |_ch| {
+            .call::<(), _, _>(None, Rpc::read("GetJob"), |_ch| {
                 calls += 1;
                 async { Err(tonic::Status::not_found("nope")) }
             })
             .await
             .expect_err("not found");
         assert_eq!(err.code(), Some(tonic::Code::NotFound));
-        assert_eq!(calls, 1, "only UNAVAILABLE is retried");
+        assert_eq!(calls, 1, "an answer is not retried");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_try_without_an_answer_moves_on_to_the_next_node() {
+        let client = client(&["http://127.0.0.1:1", "http://127.0.0.1:2"], Duration::from_secs(2));
+        let mut tries = 0;
+        let started = Instant::now();
+        let answer = bounded(
+            "a call to a silent node",
+            client.call(Some("q"), Rpc::write("Enqueue", Replay::Safe), |_ch| {
+                tries += 1;
+                let silent = tries == 1;
+                async move {
+                    if silent {
+                        std::future::pending::<()>().await;
+                    }
+                    Ok(tonic::Response::new(7))
+                }
+            }),
+        )
+        .await
+        .expect("answered by the second node");
+        assert_eq!((answer, tries), (7, 2));
+        assert!(started.elapsed() >= Duration::from_secs(2), "the first try had its full deadline");
+        assert_eq!(client.pick(Some("q")), "http://127.0.0.1:2", "the silent node is not tried first any more");
+
+        // Every try silent: given up once the budget is spent.
+        let mut tries = 0;
+        let err = bounded(
+            "calls to silent nodes",
+            client.call::<(), _, _>(None, Rpc::read("GetJob"), |_ch| {
+                tries += 1;
+                std::future::pending()
+            }),
+        )
+        .await
+        .expect_err("nobody answers");
+        assert_eq!(err.code(), Some(tonic::Code::DeadlineExceeded));
+        assert!(!err.is_outcome_unknown(), "a read has no outcome to be unsure about");
+        assert!((5..=6).contains(&tries), "{tries} tries of 2 s in a 10 s budget");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_try_without_an_answer_is_not_repeated_when_that_is_unsafe() {
+        let client = client(&["http://127.0.0.1:1", "http://127.0.0.1:2"], Duration::from_secs(2));
+        let mut tries = 0;
+        let err = bounded(
+            "an enqueue to a silent node",
+            client.call::<(), _, _>(Some("q"), Rpc::write("Enqueue", Replay::Unsafe), |_ch| {
+                tries += 1;
+                std::future::pending()
+            }),
+        )
+        .await
+        .expect_err("no answer");
+        assert_eq!(tries, 1, "sent once only");
+        let Error::OutcomeUnknown { call, node, status } = &err else { panic!("{err:?}") };
+        assert_eq!((*call, node.as_str()), ("Enqueue", "http://127.0.0.1:1"));
+        assert_eq!(status.code(), tonic::Code::DeadlineExceeded);
+        assert_eq!(err.code(), Some(tonic::Code::DeadlineExceeded));
+        let message = err.to_string();
+        assert!(
+            message.contains("may or may not have been applied") && message.contains("idempotency key"),
+            "{message}"
+        );
+        assert_eq!(client.pick(Some("q")), "http://127.0.0.1:2", "the next call goes elsewhere");
+
+        // A refusal before acting is still retried, key or not.
+        let mut tries = 0;
+        let answer =
+            client
+                .call(None, Rpc::write("Enqueue", Replay::Unsafe), |_ch| {
+                    tries += 1;
+                    let first = tries == 1;
+                    async move {
+                        if first { Err(tonic::Status::unavailable("no leader")) } else { Ok(tonic::Response::new(1)) }
+                    }
+                })
+                .await
+                .expect("second try answers");
+        assert_eq!((answer, tries), (1, 2));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_timeout_longer_than_the_budget_still_gets_a_second_try() {
+        let client = client(&["http://127.0.0.1:1", "http://127.0.0.1:2"], Duration::from_secs(30));
+        let mut tries = 0;
+        let answer = bounded(
+            "a call to a silent node",
+            client.call(None, Rpc::read("GetJob"), |_ch| {
+                tries += 1;
+                let silent = tries == 1;
+                async move {
+                    if silent {
+                        std::future::pending::<()>().await;
+                    }
+                    Ok(tonic::Response::new(()))
+                }
+            }),
+        )
+        .await;
+        assert!(answer.is_ok() && tries == 2, "{answer:?} after {tries} tries");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_held_call_gets_its_own_time_on_top_of_the_request_timeout() {
+        let client = client(&["http://127.0.0.1:1"], Duration::from_secs(2));
+        let held_until = Instant::now() + Duration::from_secs(60);
+        let mut tries = 0;
+        let answer = bounded(
+            "a long poll",
+            client.call(None, Rpc::read("WaitJob").held_until(held_until), |_ch| {
+                tries += 1;
+                async move {
+                    // Answers a little after its own timeout, as a broker does.
+                    tokio::time::sleep_until(held_until + Duration::from_secs(1)).await;
+                    Ok(tonic::Response::new("done"))
+                }
+            }),
+        )
+        .await
+        .expect("answered");
+        assert_eq!((answer, tries), ("done", 1), "not cut off at the request timeout");
+
+        // A node lost late in a long wait: the rest of the wait goes on
+        // elsewhere, although far more than the retry budget has passed.
+        let held_until = Instant::now() + Duration::from_secs(60 * 60);
+        let mut tries = 0;
+        let answer = bounded(
+            "a long poll whose node goes away",
+            client.call(None, Rpc::read("WaitJob").held_until(held_until), |_ch| {
+                tries += 1;
+                let first = tries == 1;
+                async move {
+                    if first {
+                        tokio::time::sleep(Duration::from_secs(50 * 60)).await;
+                        return Err(tonic::Status::unavailable("shutting down"));
+                    }
+                    Ok(tonic::Response::new("done"))
+                }
+            }),
+        )
+        .await
+        .expect("answered by the next node");
+        assert_eq!((answer, tries), ("done", 2));
     }
 }

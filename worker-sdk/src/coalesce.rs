@@ -101,11 +101,8 @@ async fn send(client: &Client, mut batch: Vec<Pending>) {
                 return;
             }
             Err(other) => {
-                let message = other.to_string();
-                let mut first = Some(other);
                 for pending in batch {
-                    let error = first.take().unwrap_or_else(|| Error::Protocol(message.clone()));
-                    let _ = pending.reply.send(Err(error));
+                    let _ = pending.reply.send(Err(other.duplicate()));
                 }
                 return;
             }

@@ -159,7 +159,12 @@ pub(crate) const LEADER_METADATA: &str = "gantry-leader";
 /// Port assumed for a bare host without one (the broker's default `--listen`).
 const DEFAULT_PORT: u16 = 50051;
 
+/// Bounds TCP connect and the TLS handshake: a node that drops SYNs, or a
+/// frozen one that never answers the handshake, costs this much, not the
+/// kernel's timeout.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Normalises `host:port`, `host` or `http://host:port` into
 /// `http://host:port`; with `tls`, `host:port`, `host` or `https://host:port`
@@ -238,30 +243,31 @@ pub(crate) fn leader_hint(metadata: &MetadataMap, tls: bool) -> Option<String> {
     parse_endpoint(value, tls).ok()
 }
 
-/// `stream` channels also get HTTP/2 keepalive: a worker's stream is mostly
-/// idle from the broker's side, and without pings a frozen or partitioned
-/// broker would only be noticed after the kernel's TCP timeout (minutes),
-/// long after its session and leases are gone.
-pub(crate) fn endpoint(uri: &str, stream: bool, connect: &Connect) -> Result<Endpoint, Error> {
+/// Every channel pings its node over HTTP/2 every [`KEEPALIVE_INTERVAL`],
+/// idle or not, and drops the connection when a ping goes unanswered for
+/// [`KEEPALIVE_TIMEOUT`]. A frozen or partitioned node keeps its TCP
+/// connections open (the kernel still acknowledges), so without pings it
+/// would be noticed only after the kernel's TCP timeout (minutes): a worker
+/// long after its session and leases are gone, a `WaitJob` long poll only at
+/// its own timeout, a cached unary connection only when a call's deadline
+/// passes on it.
+pub(crate) fn endpoint(uri: &str, connect: &Connect) -> Result<Endpoint, Error> {
     let mut ep = Endpoint::from_shared(uri.to_owned())
         .map_err(|_| Error::InvalidEndpoint(uri.to_owned()))?
         .connect_timeout(CONNECT_TIMEOUT)
-        .tcp_nodelay(true);
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+        .keep_alive_while_idle(true);
     if let Some(tls) = &connect.tls {
         ep = ep.tls_config(tls.clone()).map_err(|e| Error::InvalidConfig(format!("TLS: {}", error_chain(&e))))?;
     }
-    Ok(if stream {
-        ep.http2_keep_alive_interval(Duration::from_secs(5))
-            .keep_alive_timeout(Duration::from_secs(5))
-            .keep_alive_while_idle(true)
-    } else {
-        ep
-    })
+    Ok(ep)
 }
 
 /// Creates a lazily-connected channel (needs a Tokio runtime).
-pub(crate) fn lazy_channel(uri: &str, stream: bool, connect: &Connect) -> Result<BrokerChannel, Error> {
-    Ok(with_credentials(endpoint(uri, stream, connect)?.connect_lazy(), connect))
+pub(crate) fn lazy_channel(uri: &str, connect: &Connect) -> Result<BrokerChannel, Error> {
+    Ok(with_credentials(endpoint(uri, connect)?.connect_lazy(), connect))
 }
 
 pub(crate) fn with_credentials(channel: Channel, connect: &Connect) -> BrokerChannel {

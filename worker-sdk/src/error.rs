@@ -9,9 +9,32 @@ use crate::proto;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    /// The broker answered with a gRPC status (after any retries on `UNAVAILABLE`).
+    /// The broker answered with a gRPC status, or the transport made one up
+    /// (no connection: `UNAVAILABLE`; no answer within the per-try deadline:
+    /// `DEADLINE_EXCEEDED`), after the retries the call was allowed.
     #[error("broker returned {}: {}", .0.code(), .0.message())]
     Status(#[from] tonic::Status),
+    /// A call that is not safe to send twice (an enqueue without an
+    /// idempotency key) was sent to `node` and no answer came back: the
+    /// per-try deadline passed (`DEADLINE_EXCEEDED`) or the connection broke
+    /// (`UNAVAILABLE`, ...). The broker may or may not have applied it, so
+    /// the SDK did not send it again, which could have made a second job.
+    /// Look before sending it again, or give enqueues an idempotency key:
+    /// those are retried on another node instead.
+    #[error(
+        "no answer to {call} from {node} ({}: {}): the outcome is unknown, it may or may not have been applied; \
+         not sent again, since a second copy could be applied too (an idempotency key makes enqueues safe to retry)",
+        .status.code(),
+        .status.message()
+    )]
+    OutcomeUnknown {
+        /// The RPC, e.g. `Enqueue`.
+        call: &'static str,
+        /// The node the call went to.
+        node: String,
+        /// How the try ended.
+        status: tonic::Status,
+    },
     /// No connection could be made to any endpoint.
     #[error("transport error: {0}")]
     Transport(#[from] tonic::transport::Error),
@@ -28,15 +51,38 @@ pub enum Error {
 }
 
 impl Error {
-    /// The gRPC status, when the broker answered with one.
+    /// The gRPC status, when the broker answered with one or the transport
+    /// made one up (including how an [`Error::OutcomeUnknown`] try ended).
     pub fn status(&self) -> Option<&tonic::Status> {
         match self {
-            Error::Status(s) => Some(s),
+            Error::Status(s) | Error::OutcomeUnknown { status: s, .. } => Some(s),
             _ => None,
         }
     }
 
-    /// The gRPC code of [`Error::Status`]; `None` for local errors.
+    /// `true` when the call may have been applied although it returned an
+    /// error: an [`Error::OutcomeUnknown`].
+    pub fn is_outcome_unknown(&self) -> bool {
+        matches!(self, Error::OutcomeUnknown { .. })
+    }
+
+    /// The same error again, for answering several callers of one failed
+    /// call. A transport error cannot be copied; its text is kept.
+    pub(crate) fn duplicate(&self) -> Error {
+        match self {
+            Error::Status(s) => Error::Status(s.clone()),
+            Error::OutcomeUnknown { call, node, status } => {
+                Error::OutcomeUnknown { call, node: node.clone(), status: status.clone() }
+            }
+            Error::Transport(e) => Error::Protocol(e.to_string()),
+            Error::InvalidEndpoint(e) => Error::InvalidEndpoint(e.clone()),
+            Error::InvalidConfig(e) => Error::InvalidConfig(e.clone()),
+            Error::Protocol(e) => Error::Protocol(e.clone()),
+        }
+    }
+
+    /// The gRPC code of [`Error::Status`] and [`Error::OutcomeUnknown`];
+    /// `None` for local errors.
     pub fn code(&self) -> Option<tonic::Code> {
         self.status().map(tonic::Status::code)
     }

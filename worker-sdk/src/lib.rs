@@ -2,7 +2,15 @@
 //!
 //! - [`Client`] enqueues jobs and reads, waits for or cancels them. It talks
 //!   to any node of the cluster, retries on `UNAVAILABLE` and follows the
-//!   `gantry-leader` hints nodes give.
+//!   `gantry-leader` hints nodes give. Each try of a call has a deadline
+//!   ([`ClientBuilder::request_timeout`], 5 s by default; a
+//!   [`wait`](Client::wait) gets its own wait time on top), so a node that
+//!   accepts connections but never answers (frozen, overloaded) costs one
+//!   deadline: reads, cancels and enqueues with an idempotency key then go
+//!   to another node. An enqueue without a key that got no answer may have
+//!   been committed, so it is not sent twice: it fails with
+//!   [`Error::OutcomeUnknown`]. Connections also send HTTP/2 keepalive
+//!   pings and drop a node that stops answering them.
 //! - [`Worker`] holds one session with the broker, runs an async handler for
 //!   each assigned job, and takes care of heartbeats, reconnects, session
 //!   resume, leader failover and graceful shutdown.
@@ -82,6 +90,7 @@ mod convert;
 mod endpoint;
 mod error;
 mod link;
+mod retry;
 mod session;
 mod worker;
 
@@ -90,7 +99,7 @@ pub use gantry_proto::prost_types;
 /// The generated `gantry.v1` types and raw gRPC clients.
 pub use gantry_proto::v1 as proto;
 
-pub use client::{Client, ClientBuilder, EnqueueBuilder, Enqueued};
+pub use client::{Client, ClientBuilder, DEFAULT_REQUEST_TIMEOUT, EnqueueBuilder, Enqueued};
 pub use context::JobContext;
 pub use endpoint::{BrokerChannel, Credentials, Tls};
 pub use error::{Error, JobError, LeaseLost};

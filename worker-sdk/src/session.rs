@@ -234,7 +234,7 @@ impl Session {
         let target = self.targets.pick();
         let channel = match self.channels.get(&target) {
             Some(ch) => ch.clone(),
-            None => match endpoint::lazy_channel(&target, true, &self.cfg.connect) {
+            None => match endpoint::lazy_channel(&target, &self.cfg.connect) {
                 Ok(ch) => {
                     self.channels.insert(target.clone(), ch.clone());
                     ch

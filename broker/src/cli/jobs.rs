@@ -51,7 +51,8 @@ pub struct EnqueueArgs {
 pub enum JobCommand {
     /// Show a job: state, attempts, times, holder, result, history.
     Get { id: String },
-    /// Wait until the job is terminal (or the timeout passes), then show it.
+    /// Wait until the job is terminal, then show it. Exits 2 (after showing
+    /// it) when the timeout passes first.
     Wait {
         id: String,
         /// At most this long (the broker caps it at 1h).
@@ -157,6 +158,17 @@ pub async fn enqueue(args: EnqueueArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `gantry job wait` ran out of time: the job is not finished. The binary
+/// exits with status 2 for it, so scripts can tell a wait that timed out
+/// from one that saw the job end (0) or failed (1).
+#[derive(Debug, thiserror::Error)]
+#[error("job {job_id} is still {state} after waiting {waited:?}")]
+pub struct StillRunning {
+    pub job_id: String,
+    pub state: String,
+    pub waited: Duration,
+}
+
 pub async fn run(client_args: ClientArgs, command: JobCommand) -> anyhow::Result<()> {
     let client: Client = client_args.connect().await?;
     let job: proto::Job = match &command {
@@ -169,7 +181,17 @@ pub async fn run(client_args: ClientArgs, command: JobCommand) -> anyhow::Result
     } else {
         print!("{}", render_job(&job, SystemTime::now()));
     }
+    if let JobCommand::Wait { timeout, .. } = command
+        && !is_terminal(job.state())
+    {
+        let state = job.state().as_str_name().to_owned();
+        return Err(StillRunning { job_id: job.id, state, waited: timeout }.into());
+    }
     Ok(())
+}
+
+fn is_terminal(state: proto::JobState) -> bool {
+    matches!(state, proto::JobState::Succeeded | proto::JobState::Failed | proto::JobState::Cancelled)
 }
 
 #[cfg(test)]

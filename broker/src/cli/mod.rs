@@ -22,7 +22,7 @@ use gantry_worker::{Client, ClientBuilder, Tls, WorkerBuilder};
 pub use admin::{ClusterCommand, QueuesArgs, QueuesCommand, WorkersArgs};
 pub use bench::{BenchArgs, Scenario};
 pub use dev::DevArgs;
-pub use jobs::{EnqueueArgs, JobCommand};
+pub use jobs::{EnqueueArgs, JobCommand, StillRunning};
 
 #[derive(Subcommand, Debug)]
 pub enum Command {

@@ -16,7 +16,7 @@ use http::{HeaderValue, Request, Response};
 use tonic::{Status, body::Body};
 use tower::{Layer, Service};
 
-use super::status::LEADER_METADATA;
+use super::status::{LEADER_METADATA, OUTCOME_METADATA};
 use crate::{dispatch::Node, raft::PeerChannels};
 
 /// Set on a forwarded call, so a node that is not the leader either (a
@@ -118,6 +118,8 @@ where
         };
         request.headers_mut().insert(FORWARDED_METADATA, HeaderValue::from(self.node.node_id));
         let node_id = self.node.node_id;
+        // Reopening a worker stream is always safe (the session resumes).
+        let replay_safe = request.uri().path() == "/gantry.v1.Worker/Connect";
         Box::pin(async move {
             let mut channel = channel;
             let hint = HeaderValue::from_str(&leader.client).ok();
@@ -127,6 +129,21 @@ where
                 Ok(()) => Service::call(&mut channel, request).await,
                 Err(e) => Err(e),
             };
+            if let Err(e) = &sent
+                && !replay_safe
+                && !never_reached_the_leader(e)
+            {
+                // UNAVAILABLE would tell clients to send it again, which
+                // for an enqueue without an idempotency key makes a second
+                // job if the first copy was applied.
+                tracing::debug!(leader = leader_id, error = %e, "forwarded call lost mid-flight");
+                let mut status = Status::unknown(format!(
+                    "node {node_id} forwarded the call to node {leader_id}, the leader of shard {shard_id}, and \
+                     the connection broke before its answer came back: it may or may not have been applied"
+                ));
+                status.metadata_mut().insert(OUTCOME_METADATA, tonic::metadata::MetadataValue::from_static("unknown"));
+                return Ok(status_response(status, None));
+            }
             match sent {
                 Ok(mut response) => {
                     if let Some(hint) = hint {
@@ -149,9 +166,41 @@ where
     }
 }
 
+/// Whether a forwarding error happened before the request left this node
+/// (no connection to the leader could be made).
+fn never_reached_the_leader(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = Some(error);
+    while let Some(e) = source {
+        if e.is::<tonic::ConnectError>() {
+            return true;
+        }
+        source = e.source();
+    }
+    false
+}
+
 #[cfg(test)]
 mod tests {
-    use super::needs_leader;
+    use super::{needs_leader, never_reached_the_leader};
+
+    #[tokio::test]
+    async fn a_refused_connection_is_told_from_a_call_lost_in_flight() {
+        use tonic::codegen::Service as _;
+        // A port nobody listens on: the call never leaves this node.
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let channels = crate::raft::PeerChannels::new(Default::default());
+        let mut channel = channels.channel(&format!("127.0.0.1:{port}")).unwrap();
+        let request = http::Request::builder().uri("/gantry.v1.Jobs/Enqueue").body(tonic::body::Body::empty()).unwrap();
+        let ready = std::future::poll_fn(|cx| channel.poll_ready(cx)).await;
+        let error = match ready {
+            Ok(()) => channel.call(request).await.expect_err("nobody listens"),
+            Err(e) => e,
+        };
+        assert!(never_reached_the_leader(&error), "{error:?}");
+        // A broken connection mid-call carries no connect error.
+        let lost = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset by peer");
+        assert!(!never_reached_the_leader(&lost));
+    }
 
     #[test]
     fn routes_by_path() {

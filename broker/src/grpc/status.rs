@@ -9,6 +9,10 @@ use crate::{
 
 /// Metadata key that names the leader's address on UNAVAILABLE.
 pub const LEADER_METADATA: &str = "gantry-leader";
+/// Set to `unknown` on a status the broker sends when it cannot tell whether
+/// the call was applied (a forwarded call whose answer was lost): clients
+/// may send it again only if that is harmless (reads, keyed enqueues).
+pub const OUTCOME_METADATA: &str = "gantry-outcome";
 
 pub fn propose_error(error: ProposeError) -> Status {
     match error {

@@ -436,10 +436,7 @@ impl Connection {
     /// Clean shutdown: jobs still held go back to the queue at once.
     async fn say_goodbye(&self) {
         for shard in &self.shards {
-            let command = Command::ExpireSession {
-                session_id: self.session_id.clone(),
-                reason: ExpiryReason::Goodbye,
-            };
+            let command = Command::ExpireSession { session_id: self.session_id.clone(), reason: ExpiryReason::Goodbye };
             if let Err(e) = shard.proposer.propose(command).await {
                 let _ = self.out.send(Err(status::propose_error(e)));
             }

@@ -51,7 +51,10 @@ impl Harness {
             queues: queues.iter().map(|q| q.to_string()).collect(),
             max_in_flight,
         });
-        assert_eq!(applied, Applied::SessionOpened { session_id: session_id.clone(), resumed: false, lost: Vec::new() });
+        assert_eq!(
+            applied,
+            Applied::SessionOpened { session_id: session_id.clone(), resumed: false, lost: Vec::new() }
+        );
         session_id
     }
 
@@ -166,7 +169,10 @@ fn a_drained_session_keeps_its_jobs_and_gets_no_more() {
     let done = h.one(Command::Complete { job_id: second, token: held[1].token, result: vec![] });
     assert!(matches!(done, Applied::Accepted { .. }));
     let gone = SessionId("gone".into());
-    assert_eq!(h.one(Command::DrainSession { session_id: gone.clone() }), Applied::Rejected(Rejection::SessionNotFound(gone)));
+    assert_eq!(
+        h.one(Command::DrainSession { session_id: gone.clone() }),
+        Applied::Rejected(Rejection::SessionNotFound(gone))
+    );
 }
 
 #[test]

@@ -1028,14 +1028,14 @@ async fn resume_at_the_moment_of_expiry_is_consistent() {
     );
 }
 
-/// SDK bug reproduction (DESIGN §9: the client retries across nodes): a
-/// producer whose calls go to the leader, when the leader freezes
-/// (SIGSTOP: its sockets stay open, nothing answers). The other two elect
-/// a new leader within about a second, so an enqueue should get through
-/// within a few seconds; a call with no deadline waits on the frozen node
-/// for as long as it stays frozen.
+/// DESIGN §9 (the client retries across nodes): a producer whose calls go
+/// to the leader, when the leader freezes (SIGSTOP: its sockets stay open,
+/// nothing answers). The other two elect a new leader within about a
+/// second. The SDK's per-try deadline gives up on the frozen node; an
+/// enqueue with an idempotency key is then safely sent to the new leader,
+/// one without a key is answered "outcome unknown" (it may have been
+/// committed) instead of being sent twice. Neither may hang.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "reproduces an open SDK bug (no per-try deadline against a frozen node, see the issue note); fails until fixed"]
 async fn sdk_client_gets_past_a_frozen_leader() {
     let (_timer, _dir, mut cluster) = start_cluster().await;
     let leader = cluster.wait_for_leader().await;
@@ -1044,10 +1044,21 @@ async fn sdk_client_gets_past_a_frozen_leader() {
     client.enqueue("frozen-client", "before").send().await.expect("enqueue before the freeze");
     cluster.pause(leader);
     let started = Instant::now();
-    let during = tokio::time::timeout(Duration::from_secs(10), client.enqueue("frozen-client", "during").send()).await;
+    let (keyless, during) = tokio::join!(
+        tokio::time::timeout(Duration::from_secs(20), client.enqueue("frozen-client", "keyless").send()),
+        tokio::time::timeout(
+            Duration::from_secs(20),
+            client.enqueue("frozen-client", "during").idempotency_key("frozen-client-during").send()
+        ),
+    );
     let waited = started.elapsed();
     let new_leader = cluster.wait_for_leader_other_than(Some(leader)).await;
     cluster.resume(leader);
+    match keyless {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => assert!(e.is_outcome_unknown(), "a keyless enqueue failed otherwise: {e}"),
+        Err(_) => panic!("a keyless enqueue hung on the frozen node {}", leader + 1),
+    }
     match during {
         Ok(Ok(enqueued)) => {
             eprintln!("enqueued {} in {waited:?} while node {} was frozen", enqueued.job_id, leader + 1)

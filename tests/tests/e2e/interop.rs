@@ -87,8 +87,20 @@ async fn cli_enqueues_and_reads_jobs() {
     let (ok, _, err) = cli(&["enqueue", "bad queue", "x"]);
     assert!(!ok);
     assert!(err.contains("INVALID_ARGUMENT") || err.contains("InvalidArgument"), "{err}");
+    // No worker: the wait runs out, shows the job and exits 2.
+    let waited = Command::new(gantry_binary())
+        .args(["job", "wait", &job_id, "--timeout", "200ms"])
+        .env("GANTRY_ADDR", &addr)
+        .output()
+        .expect("run gantry");
+    assert_eq!(waited.status.code(), Some(2), "{waited:?}");
+    assert!(String::from_utf8_lossy(&waited.stdout).contains(&job_id), "{waited:?}");
+    assert!(String::from_utf8_lossy(&waited.stderr).contains("still JOB_STATE_READY"), "{waited:?}");
     let (ok, out, err) = cli(&["job", "cancel", &job_id]);
     assert!(ok, "gantry job cancel failed: {err}");
     assert!(out.to_lowercase().contains("cancelled"), "{out}");
     assert_eq!(get_job(&mut broker.jobs(), &job_id).await.state(), proto::JobState::Cancelled);
+    let (ok, out, err) = cli(&["job", "wait", &job_id, "--timeout", "200ms"]);
+    assert!(ok, "waiting for a finished job: {err}");
+    assert!(out.to_lowercase().contains("cancelled"), "{out}");
 }

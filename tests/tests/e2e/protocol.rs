@@ -223,7 +223,11 @@ async fn drain_stops_assignments_and_released_jobs_go_elsewhere() {
     let mut expected = vec![a.clone(), c];
     expected.sort();
     assert_eq!(elsewhere, expected);
-    stopping.send(In::Complete(proto::Complete { job_id: b.clone(), fencing_token: token(&b), result: b"ok".to_vec() }));
+    stopping.send(In::Complete(proto::Complete {
+        job_id: b.clone(),
+        fencing_token: token(&b),
+        result: b"ok".to_vec(),
+    }));
     loop {
         match stopping.next().await.unwrap() {
             Out::Ack(ack) => {
