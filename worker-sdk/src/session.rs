@@ -327,6 +327,10 @@ impl Session {
         self.session_id = Some(welcome.session_id.clone());
         self.shared.set_connected(welcome.session_id);
         self.link = Link::Up(Box::new(Conn { target, tx: opened.tx, inbound: opened.inbound, heartbeat }));
+        if self.stopping.is_some() {
+            // The hello asked for jobs again; a stopping worker wants none.
+            self.send(message(Kind::Drain(proto::Drain {})));
+        }
         // Whatever the old stream did not get acknowledged goes again; the
         // broker answers a duplicate result of the same token as ACCEPTED.
         let resend: Vec<proto::WorkerMessage> =
@@ -718,6 +722,11 @@ impl Session {
         let now = Instant::now();
         let handler_deadline = now + self.cfg.shutdown_timeout;
         self.stopping = Some(Stopping { handler_deadline, ack_deadline: handler_deadline + ACK_GRACE });
+        // Before the releases: the broker then assigns this session nothing
+        // more, so a released job goes to another worker instead of coming
+        // straight back here (to be released again, or counted as an
+        // attempt at goodbye).
+        self.send(message(Kind::Drain(proto::Drain {})));
         let unstarted: Vec<JobKey> = self.waiting.drain(..).collect();
         tracing::info!(running = self.handlers.len(), released = unstarted.len(), "shutting down");
         for key in unstarted {

@@ -216,6 +216,7 @@ async fn hello_welcome_assign_complete_ack() {
     eventually("completed count", || handle.stats().completed == 1).await;
 
     stop.send(()).unwrap();
+    assert!(matches!(conn.recv().await, Kind::Drain(_)));
     assert!(matches!(conn.recv().await, Kind::Goodbye(_)));
     drop(conn);
     task.await.unwrap().unwrap();
@@ -412,6 +413,7 @@ async fn graceful_shutdown_releases_unstarted_work_and_finishes_running_jobs() {
     conn.assign("queued", 2, b""); // concurrency 1: waits
     eventually("one handler running", || handle.stats().running == 1).await;
     stop.send(()).unwrap();
+    assert!(matches!(conn.recv().await, Kind::Drain(_)), "drain first, so released jobs are not pushed back");
     match conn.recv().await {
         Kind::Release(r) => assert_eq!((r.job_id.as_str(), r.fencing_token), ("queued", 2)),
         other => panic!("expected release of the queued job, got {other:?}"),
@@ -436,6 +438,44 @@ async fn graceful_shutdown_releases_unstarted_work_and_finishes_running_jobs() {
     assert_eq!((stats.completed, stats.released), (1, 2));
 }
 
+/// A stream that breaks while the worker drains: the resumed session asks
+/// for no jobs again (its hello reset max_in_flight on the broker).
+#[tokio::test]
+async fn a_session_resumed_while_stopping_drains_again() {
+    let mut broker = start_broker().await;
+    let (go_tx, go_rx) = mpsc::unbounded_channel::<()>();
+    let go_rx = Arc::new(tokio::sync::Mutex::new(go_rx));
+    let handler = move |_ctx: JobContext| {
+        let go_rx = go_rx.clone();
+        async move {
+            go_rx.lock().await.recv().await;
+            Ok(Bytes::from_static(b"done"))
+        }
+    };
+    let (handle, stop, task) = spawn_worker(worker(broker.addr, 1), handler);
+    let mut conn = broker.accept().await;
+    conn.hello().await;
+    conn.welcome("s1", false);
+    conn.assign("running", 1, b"");
+    eventually("the handler runs", || handle.stats().running == 1).await;
+    stop.send(()).unwrap();
+    assert!(matches!(conn.recv().await, Kind::Drain(_)));
+    drop(conn);
+    let mut conn = broker.accept().await;
+    assert_eq!(conn.hello().await.resume_session_id, "s1");
+    conn.welcome("s1", true);
+    assert!(matches!(conn.recv().await, Kind::Drain(_)), "the resumed session must drain again");
+    go_tx.send(()).unwrap();
+    match conn.recv().await {
+        Kind::Complete(c) => assert_eq!(c.job_id, "running"),
+        other => panic!("expected the running job's result, got {other:?}"),
+    }
+    conn.ack("running", 1, AckStatus::Accepted);
+    assert!(matches!(conn.recv().await, Kind::Goodbye(_)));
+    drop(conn);
+    tokio::time::timeout(STEP, task).await.unwrap().unwrap().unwrap();
+}
+
 #[tokio::test]
 async fn shutdown_timeout_drops_stuck_handlers() {
     let mut broker = start_broker().await;
@@ -454,6 +494,7 @@ async fn shutdown_timeout_drops_stuck_handlers() {
     conn.assign("stuck", 1, b"");
     tokio::time::sleep(Duration::from_millis(50)).await;
     stop.send(()).unwrap();
+    assert!(matches!(conn.recv().await, Kind::Drain(_)));
     assert!(matches!(conn.recv().await, Kind::Goodbye(_)));
     drop(conn);
     tokio::time::timeout(STEP, task).await.unwrap().unwrap().unwrap();

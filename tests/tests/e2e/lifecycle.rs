@@ -288,6 +288,49 @@ async fn lease_timeout_reassigns_and_progress_extends() {
     broker.stop().await;
 }
 
+/// A worker that stops gracefully finishes its running job and takes no
+/// new one: the job waiting in the queue is not pushed to it when the slot
+/// frees (to be released, or counted as an attempt at goodbye).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_worker_is_not_handed_new_jobs() {
+    let broker = TestBroker::start().await;
+    let client = broker.client().await;
+    let (started_tx, mut started) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let finish = Arc::new(tokio::sync::Notify::new());
+    let running = client.enqueue("stopping", "running").send().await.unwrap();
+    let worker = RunningWorker::spawn(&broker.endpoint(), "stopping", "w", 1, {
+        let finish = finish.clone();
+        move |_ctx| {
+            let (finish, started_tx) = (finish.clone(), started_tx.clone());
+            async move {
+                let _ = started_tx.send(());
+                finish.notified().await;
+                Ok(Bytes::from_static(b"done"))
+            }
+        }
+    });
+    started.recv().await.expect("the first job started");
+    let waiting = client.enqueue("stopping", "waiting").send().await.unwrap();
+    let stopped = tokio::spawn(worker.shutdown());
+    let mut admin = broker.admin();
+    eventually("the worker is draining", Duration::from_secs(10), || {
+        let mut admin = admin.clone();
+        async move {
+            let workers = admin.list_workers(proto::ListWorkersRequest {}).await.unwrap().into_inner().workers;
+            workers.iter().any(|w| w.draining).then_some(())
+        }
+    })
+    .await;
+    finish.notify_one();
+    stopped.await.unwrap();
+    assert_eq!(client.get(&running.job_id).await.unwrap().state(), JobState::Succeeded);
+    let job = client.get(&waiting.job_id).await.unwrap();
+    assert_eq!((job.state(), job.attempt, job.history.len()), (JobState::Ready, 0, 0), "{job:?}");
+    let workers = admin.list_workers(proto::ListWorkersRequest {}).await.unwrap().into_inner().workers;
+    assert!(workers.is_empty(), "{workers:?}");
+    broker.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn graceful_shutdown_says_goodbye() {
     let broker = TestBroker::start().await;
