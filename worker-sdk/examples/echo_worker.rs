@@ -10,7 +10,7 @@
 //! Brokers with TLS and tokens: `GANTRY_TLS_CA` (PEM CA of the brokers'
 //! certificates), `GANTRY_TLS_CLIENT_CERT`/`GANTRY_TLS_CLIENT_KEY` (a client
 //! certificate, if they require one) and `GANTRY_TOKEN` (a `worker` token).
-//! Ctrl-C shuts down gracefully: running jobs finish, the rest go back.
+//! Ctrl-C or SIGTERM shuts down gracefully: running jobs finish, the rest go back.
 
 use bytes::Bytes;
 use gantry_worker::{JobContext, JobError, Tls, Worker};
@@ -59,11 +59,31 @@ async fn main() -> anyhow::Result<()> {
     let worker = builder.build()?;
     tracing::info!(worker_id = worker.worker_id(), %queue, "echo worker starting");
 
+    // Ctrl-C, or SIGTERM (how Kubernetes and systemd stop a process).
     let shutdown = async {
-        if let Err(e) = tokio::signal::ctrl_c().await {
-            tracing::error!(error = %e, "cannot listen for Ctrl-C; stopping");
+        #[cfg(unix)]
+        let terminate = async {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut term) => {
+                    term.recv().await;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot listen for SIGTERM; only Ctrl-C stops this worker");
+                    std::future::pending::<()>().await;
+                }
+            }
+        };
+        #[cfg(not(unix))]
+        let terminate = std::future::pending::<()>();
+        tokio::select! {
+            interrupted = tokio::signal::ctrl_c() => {
+                if let Err(e) = interrupted {
+                    tracing::error!(error = %e, "cannot listen for Ctrl-C; stopping");
+                }
+                tracing::info!("Ctrl-C: shutting down");
+            }
+            () = terminate => tracing::info!("SIGTERM: shutting down"),
         }
-        tracing::info!("Ctrl-C: shutting down");
     };
     worker.run(echo, shutdown).await?;
     Ok(())

@@ -145,6 +145,32 @@ async fn worker_process_killed_mid_job_is_finished_by_another() {
     broker.stop().await;
 }
 
+/// The opposite of a crash: a worker process told to stop with SIGTERM
+/// (how Kubernetes stops a pod) finishes the job it runs, then exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_process_stopped_with_sigterm_finishes_its_job() {
+    let broker = TestBroker::start().await;
+    let client = broker.client().await;
+    let job = client.enqueue("sigterm", "x").send().await.unwrap();
+    let mut process = std::process::Command::new(gantry_tests::echo_worker_binary())
+        .arg("sigterm")
+        .env("GANTRY_ADDR", broker.endpoint())
+        .env("GANTRY_WORKER_ID", "terminated-process")
+        .env("ECHO_DELAY_MS", "1000")
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("start echo_worker");
+    wait_for_state(&mut broker.jobs(), &job.job_id, JobState::Active).await;
+    let term = std::process::Command::new("kill").args(["-TERM", &process.id().to_string()]).status().unwrap();
+    assert!(term.success());
+    let status = tokio::task::spawn_blocking(move || process.wait().expect("reap")).await.unwrap();
+    assert!(status.success(), "echo_worker exited with {status} after SIGTERM");
+    let done = get_job(&mut broker.jobs(), &job.job_id).await;
+    assert_eq!((done.state(), done.attempt, done.worker_id.as_str()), (JobState::Succeeded, 1, "terminated-process"));
+    broker.stop().await;
+}
+
 /// Admin.ExpireSession declares a worker dead by hand: its jobs go at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_expires_a_session_and_its_jobs_move() {
