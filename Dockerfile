@@ -7,8 +7,9 @@
 #
 # The runtime is debian:bookworm-slim rather than distroless because the Helm
 # chart (helm/gantry) starts brokers through a small POSIX sh script (pod name
-# -> node id, DNS names -> addresses) and the example worker through a sh
-# wrapper; glibc and ca-certificates come with it.
+# -> node id, DNS names -> addresses); glibc and ca-certificates come with it.
+# Without a registry (this project's workplace), scripts/build-image-offline.sh
+# builds it from locally made base images and checks it.
 
 FROM rust:1-bookworm AS build
 WORKDIR /src
