@@ -40,6 +40,9 @@ if ! command -v podman >/dev/null || ! command -v mmdebstrap >/dev/null; then
     apt-get install -y -q podman mmdebstrap >/dev/null || die "apt-get install podman mmdebstrap"
 fi
 build() { podman build --isolation chroot --pull=never "$@"; }
+# Short names (FROM rust:1-bookworm) resolve to localhost/ or docker.io/
+# depending on registries.conf: tag both.
+tag_both() { podman tag "$1" "localhost/${1#docker.io/library/}"; }
 
 debian=docker.io/library/debian:bookworm-slim
 if ! podman image exists "$debian"; then
@@ -49,6 +52,7 @@ if ! podman image exists "$debian"; then
     podman import --quiet "$work/bookworm.tar" "$debian" >/dev/null || die "podman import"
     rm -f "$work/bookworm.tar"
 fi
+tag_both "$debian"
 
 rust=docker.io/library/rust:1-bookworm
 if ! podman image exists "$rust"; then
@@ -70,6 +74,7 @@ EOF
     build --quiet -t "$rust" "$work/rust" >/dev/null || die "building the $rust stand-in"
     rm -rf "$work/rust"
 fi
+tag_both "$rust"
 
 say "building $tag from ./Dockerfile"
 build -t "$tag" . || die "podman build"
