@@ -77,7 +77,7 @@ trap 'rm -rf "$out"' EXIT
 shell=$(command -v dash || command -v sh)
 
 say "shellcheck, hadolint"
-shellcheck -s sh "$chart/files/gantry-start.sh" || die "shellcheck: $chart/files/gantry-start.sh"
+shellcheck -s sh "$chart/files/gantry-start.sh" "$chart/files/gantry-scale-down.sh" || die "shellcheck: $chart/files/"
 shellcheck "$chart/tests/start-script-test.sh" scripts/check-chart.sh || die "shellcheck: test scripts"
 hadolint Dockerfile || die "hadolint: Dockerfile"
 

@@ -165,9 +165,9 @@ impl TestCluster {
     }
 
     /// Whether node `i` belongs to the group as far as it knows itself (a
-    /// spare that was never added does not).
+    /// spare that was never added does not, nor a node that was removed).
     fn is_member(&self, i: usize) -> bool {
-        self.nodes[i].as_ref().is_some_and(|s| !s.node().shards[0].raft.status().nodes.is_empty())
+        self.nodes[i].as_ref().is_some_and(|s| s.node().shards[0].raft.status().nodes.contains_key(&(i as u64 + 1)))
     }
 
     /// A node other than `than`.

@@ -1,7 +1,9 @@
 //! `gantry queues`, `gantry workers`, `gantry cluster status`.
 
 use clap::{Args, Subcommand};
-use gantry_worker::proto;
+use std::time::Duration;
+
+use gantry_worker::{BrokerChannel, proto, proto::admin_client::AdminClient};
 use serde::Serialize;
 
 use super::ClientArgs;
@@ -46,10 +48,14 @@ pub enum ClusterCommand {
         #[arg(long)]
         peer_address: String,
     },
-    /// Remove a node from the cluster.
+    /// Remove a node from the cluster (--node-id), or every member whose id
+    /// is above N (--above N, highest first): what a StatefulSet scaled down
+    /// to N pods needs before its pods go.
     RemoveNode {
-        #[arg(long)]
-        node_id: u64,
+        #[arg(long, required_unless_present = "above", conflicts_with = "above")]
+        node_id: Option<u64>,
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+        above: Option<u64>,
     },
     /// Hand a shard's leadership to another voter.
     TransferLeader {
@@ -358,6 +364,36 @@ pub fn render_cluster(status: &proto::ClusterStatusResponse) -> String {
     out
 }
 
+/// Removes the members with ids above `keep`, highest first, one committed
+/// membership change at a time. Removing the leader costs an election, so
+/// UNAVAILABLE (no leader yet) is waited out for a while.
+async fn remove_nodes_above(
+    admin: &mut AdminClient<BrokerChannel>,
+    keep: u64,
+) -> anyhow::Result<proto::ClusterStatusResponse> {
+    const ELECTION_PATIENCE: Duration = Duration::from_secs(30);
+    let mut status = admin.cluster_status(proto::ClusterStatusRequest {}).await?.into_inner();
+    let mut doomed: Vec<u64> = status.nodes.iter().map(|n| n.node_id).filter(|id| *id > keep).collect();
+    doomed.sort_unstable_by(|a, b| b.cmp(a));
+    if doomed.is_empty() {
+        eprintln!("no member has an id above {keep}: nothing to remove");
+    }
+    for node_id in doomed {
+        let deadline = tokio::time::Instant::now() + ELECTION_PATIENCE;
+        status = loop {
+            match admin.remove_node(proto::RemoveNodeRequest { node_id }).await {
+                Ok(answer) => break answer.into_inner(),
+                Err(e) if e.code() == tonic::Code::Unavailable && tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                Err(e) => return Err(anyhow::anyhow!("removing node {node_id}: {e}")),
+            }
+        };
+        eprintln!("removed node {node_id}");
+    }
+    Ok(status)
+}
+
 pub async fn cluster(client_args: ClientArgs, command: ClusterCommand) -> anyhow::Result<()> {
     let client = client_args.connect().await?;
     let mut admin = client.admin();
@@ -366,7 +402,12 @@ pub async fn cluster(client_args: ClientArgs, command: ClusterCommand) -> anyhow
         ClusterCommand::AddNode { node_id, peer_address } => {
             admin.add_node(proto::AddNodeRequest { node_id, address: peer_address }).await?
         }
-        ClusterCommand::RemoveNode { node_id } => admin.remove_node(proto::RemoveNodeRequest { node_id }).await?,
+        ClusterCommand::RemoveNode { node_id: Some(node_id), .. } => {
+            admin.remove_node(proto::RemoveNodeRequest { node_id }).await?
+        }
+        ClusterCommand::RemoveNode { node_id: None, above } => {
+            tonic::Response::new(remove_nodes_above(&mut admin, above.unwrap_or(u64::MAX)).await?)
+        }
         ClusterCommand::TransferLeader { shard, node_id } => {
             admin.transfer_leader(proto::TransferLeaderRequest { shard, node_id }).await?
         }

@@ -314,11 +314,15 @@ impl ShardRaft {
                     self.shard
                 )));
             }
+            // retain=false takes it out as a voter and as a node in one
+            // change; a second change (RemoveNodes) would be appended by a
+            // leader that just removed itself, which openraft refuses.
             let voters = BTreeSet::from([node_id]);
             self.raft
                 .change_membership(ChangeMembers::RemoveVoters(voters), false)
                 .await
                 .map_err(|e| self.write_error(e))?;
+            return Ok(());
         }
         let nodes = BTreeSet::from([node_id]);
         self.raft.change_membership(ChangeMembers::RemoveNodes(nodes), false).await.map_err(|e| self.write_error(e))?;

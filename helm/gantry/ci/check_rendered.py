@@ -25,6 +25,8 @@ import tempfile
 
 import yaml
 
+CHART = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+
 CASES = {
     "default": dict(domain="cluster.local", bootstrap=3, replicas=3, tls=False, client_auth=False,
                     auth=False, service_monitor=False, worker=False, anti_affinity="soft", persistence=True),
@@ -32,7 +34,7 @@ CASES = {
                  auth=True, service_monitor=True, worker=True, anti_affinity="hard", persistence=True),
     "existing-secrets": dict(domain="cluster.local", bootstrap=1, replicas=1, tls=True, client_auth=False,
                              auth=True, service_monitor=False, worker=True, anti_affinity="none",
-                             persistence=False),
+                             persistence=False, scale_down_hook=False),
 }
 
 failures = []
@@ -289,6 +291,34 @@ def case(name, rendered, shell):
                     keys = secret_keys(docs, origin[0])
                     check(keys is None or origin[1] in keys, f"{var}: key {origin[1]} is in Secret {origin[0]}")
                     check(origin[0] != sts_tls_secret(pod), f"{var} is not the brokers' own certificate")
+
+    # The scale-down hook: removes nodes above replicaCount before the StatefulSet shrinks.
+    jobs = [d for d in docs if d["kind"] == "Job"]
+    check(len(jobs) == int(want.get("scale_down_hook", True)), f"{len(jobs)} scale-down hook Jobs")
+    for job in jobs:
+        annotations = job["metadata"].get("annotations", {})
+        check(set(annotations.get("helm.sh/hook", "").split(",")) == {"pre-upgrade", "pre-rollback"},
+              f"hook phases: {annotations.get('helm.sh/hook')}")
+        jpod = job["spec"]["template"]["spec"]
+        c = jpod["containers"][0]
+        check_security("scale-down hook", jpod, c)
+        check(jpod["restartPolicy"] == "Never", "hook restartPolicy Never")
+        script = open(os.path.join(CHART, "files", "gantry-scale-down.sh")).read()
+        check(c["command"][:3] == ["/bin/sh", "-c", script], "the hook runs files/gantry-scale-down.sh as shipped")
+        env = {e["name"]: e.get("value") for e in c["env"]}
+        check(env.get("REPLICAS") == str(want["replicas"]), f"hook REPLICAS {env.get('REPLICAS')}")
+        scheme = "https://" if want["tls"] else ""
+        check(env.get("CLIENT_ADDR") == f"{scheme}{client['metadata']['name']}.{ns}.svc.{want['domain']}:{cp}",
+              f"hook CLIENT_ADDR {env.get('CLIENT_ADDR')}")
+        files = mounted_files(jpod, c)
+        check(("TOKEN_FILE" in env) == want["auth"], "hook TOKEN_FILE only with auth")
+        if want["auth"]:
+            check(env["TOKEN_FILE"] in files, f"hook token file {env['TOKEN_FILE']} is mounted")
+        args = c["command"][4:]
+        check(("--tls-ca" in args) == want["tls"], "hook TLS flags only with TLS")
+        for flag in ("--tls-ca", "--tls-cert", "--tls-key"):
+            if flag in args:
+                check(args[args.index(flag) + 1] in files, f"hook {flag} file is mounted")
 
     monitors = [d for d in docs if d["kind"] == "ServiceMonitor"]
     check(len(monitors) == int(want["service_monitor"]), f"{len(monitors)} ServiceMonitors")

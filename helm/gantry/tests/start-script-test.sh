@@ -16,6 +16,7 @@ set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
 script=$here/../files/gantry-start.sh
+scale_down=$here/../files/gantry-scale-down.sh
 work=$(mktemp -d)
 live_pids=() # broker processes of the live test; stopped by PID on any exit
 stop_live_nodes() {
@@ -183,6 +184,46 @@ expect_error "member port beyond 65535" "is beyond 65535" "${loopback[@]}" POD_N
 expect_error "scale-up pod without a join address" "CLIENT_SERVICE (or JOIN_ADDR) is not set" \
     POD_NAME=gantry-3 POD_NAMESPACE=jobs STATEFULSET_NAME=gantry PEER_SERVICE=gantry-headless BOOTSTRAP_SIZE=3
 
+# --- the scale-down hook script, with a stand-in gantry ----------------------
+# The stand-in logs its arguments and GANTRY_TOKEN and succeeds.
+cat >"$work/fake-gantry" <<'FAKE'
+#!/bin/sh
+echo "args: $* token: ${GANTRY_TOKEN:-none}" >>"$FAKE_LOG"
+FAKE
+chmod +x "$work/fake-gantry"
+printf '# tokens\nproducer-token-00001 producer\n  admin   admin-token-000000001  # ops\n' >"$work/tokens"
+for shell in "${shells[@]}"; do
+    read -ra sh_cmd <<<"$shell"
+    checks=$((checks + 1))
+    rm -f "$work/fake.log"
+    if env -i PATH="$PATH" REPLICAS=3 CLIENT_ADDR=svc:50051 GANTRY_BIN="$work/fake-gantry" FAKE_LOG="$work/fake.log" \
+        TOKEN_FILE="$work/tokens" "${sh_cmd[@]}" "$scale_down" --tls-ca /ca.crt 2>"$work/stderr"; then
+        expected="args: cluster remove-node --above 3 --addr svc:50051 --tls-ca /ca.crt token: admin-token-000000001"
+        [[ $(tail -n1 "$work/fake.log") == "$expected" ]] ||
+            fail "scale-down [$shell]: ran '$(tail -n1 "$work/fake.log")', expected '$expected'"
+    else
+        fail "scale-down [$shell]: failed: $(cat "$work/stderr")"
+    fi
+    for bad in "REPLICAS=x|REPLICAS must be a positive integer" "REPLICAS=0|REPLICAS must be a positive integer" \
+        "CLIENT_ADDR=|CLIENT_ADDR is required"; do
+        checks=$((checks + 1))
+        setting=${bad%%|*}
+        if env -i PATH="$PATH" REPLICAS=3 CLIENT_ADDR=svc:50051 GANTRY_BIN="$work/fake-gantry" FAKE_LOG=/dev/null \
+            "$setting" "${sh_cmd[@]}" "$scale_down" 2>"$work/stderr"; then
+            fail "scale-down [$shell]: accepted $setting"
+        elif ! grep -qF "${bad#*|}" "$work/stderr"; then
+            fail "scale-down [$shell]: $setting refused without saying '${bad#*|}': $(cat "$work/stderr")"
+        fi
+    done
+    checks=$((checks + 1))
+    printf 'producer-token-00001 producer\n' >"$work/no-admin"
+    if env -i PATH="$PATH" REPLICAS=3 CLIENT_ADDR=svc:50051 GANTRY_BIN="$work/fake-gantry" FAKE_LOG=/dev/null \
+        TOKEN_FILE="$work/no-admin" "${sh_cmd[@]}" "$scale_down" 2>"$work/stderr" ||
+        ! grep -q "no token with the admin role" "$work/stderr"; then
+        fail "scale-down [$shell]: a token file without an admin token was not refused clearly"
+    fi
+done
+
 # --- live three-node start-up ------------------------------------------------
 # With GANTRY_LIVE_TEST=1 (scripts/test.sh, after the build): starts
 # gantry-0..2 through the script on loopback exactly as the dry runs above
@@ -233,10 +274,26 @@ sys.exit(0 if s["leader_id"] and sorted(s["voters"]) == [int(v) for v in sys.arg
         # The joined node may stay a learner until it has caught up.
         wait_for 1,2,3,4 60 || status=1
     fi
+    # Scaling back down to 3: the chart's pre-upgrade hook script removes
+    # node 4 (an id above the new replica count); run again, it is a no-op.
+    if [[ $status -eq 0 ]]; then
+        for round in first again; do
+            if ! env -i PATH="$PATH" REPLICAS=3 CLIENT_ADDR=127.0.0.1:46051 GANTRY_BIN="$gantry" ATTEMPTS=5 \
+                sh "$scale_down" >"$work/scale-down-$round.log" 2>&1; then
+                fail "live test: the scale-down script failed ($round run):"
+                cat "$work/scale-down-$round.log" >&2
+                status=1
+                break
+            fi
+        done
+        [[ $status -eq 0 ]] && { wait_for 1,2,3 60 || status=1; }
+        grep -q "removed node 4" "$work/scale-down-first.log" || { fail "live test: node 4 was not removed"; status=1; }
+        grep -q "nothing to remove" "$work/scale-down-again.log" || { fail "live test: the second run removed something"; status=1; }
+    fi
     [[ $status -eq 0 ]] && "$gantry" cluster status --addr 127.0.0.1:46051 || true
     stop_live_nodes
     checks=$((checks + 1))
-    [[ $status -eq 0 ]] && echo "live three-node start-up: ok (and a fourth node joined)"
+    [[ $status -eq 0 ]] && echo "live three-node start-up: ok (a fourth node joined, then the scale-down hook removed it)"
 }
 if [[ ${GANTRY_LIVE_TEST:-0} == 1 ]]; then
     live_cluster_test

@@ -75,3 +75,36 @@ async fn add_node_checks_the_node_and_catches_it_up() {
     }
     cluster.shutdown().await;
 }
+
+/// Scaling down can remove the leader itself (the highest id often leads):
+/// the membership change commits, the others elect a leader among
+/// themselves and keep committing, and the removed node is not a voter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removing_the_leader_hands_the_cluster_to_the_rest() {
+    let cluster = TestCluster::start(3).await;
+    let leader = cluster.wait_for_leader().await;
+    let removed = leader as u64 + 1;
+    let follower = cluster.other(leader);
+    let mut admin = cluster.admin(follower);
+    let status = admin.remove_node(proto::RemoveNodeRequest { node_id: removed }).await.expect("remove").into_inner();
+    assert!(!status.shards[0].voters.contains(&removed), "{status:?}");
+    let new_leader = cluster.wait_for_leader().await;
+    assert_ne!(new_leader, leader, "the removed node still leads");
+    let mut jobs = cluster.jobs(new_leader);
+    let id = jobs
+        .enqueue(proto::EnqueueRequest { queue: "q".into(), payload: b"x".to_vec(), ..Default::default() })
+        .await
+        .expect("enqueue after the leader left")
+        .into_inner()
+        .job_id;
+    assert_eq!(get_job(&mut jobs, &id).await.state(), JobState::Ready);
+    let status = cluster
+        .admin(new_leader)
+        .cluster_status(proto::ClusterStatusRequest {})
+        .await
+        .expect("cluster status")
+        .into_inner();
+    assert_eq!(status.shards[0].voters.len(), 2, "{status:?}");
+    assert!(status.nodes.iter().all(|n| n.node_id != removed), "{status:?}");
+    cluster.shutdown().await;
+}
