@@ -197,13 +197,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Client(command) => {
             init_tracing(&cli.log_format);
-            match cli::run(command).await {
-                Err(e) if e.is::<cli::StillRunning>() => {
-                    eprintln!("{e}");
-                    std::process::exit(2);
-                }
-                other => other,
-            }
+            cli::run(command).await
         }
     }
 }

@@ -22,7 +22,8 @@ use gantry_worker::{Client, ClientBuilder, Tls, WorkerBuilder};
 pub use admin::{ClusterCommand, QueuesArgs, QueuesCommand, WorkersArgs};
 pub use bench::{BenchArgs, Scenario};
 pub use dev::DevArgs;
-pub use jobs::{EnqueueArgs, JobCommand, StillRunning};
+pub use jobs::{EnqueueArgs, JobCommand};
+use jobs::StillRunning;
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
@@ -157,6 +158,12 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
     };
     if let Err(e) = result {
         let _ = std::io::stdout().flush();
+        // A wait that ran out is not a failure of the command: scripts
+        // tell it apart by the exit status.
+        if let Some(still) = e.downcast_ref::<StillRunning>() {
+            eprintln!("{still}");
+            std::process::exit(2);
+        }
         eprintln!("error: {}", render_error(&e));
         std::process::exit(1);
     }
