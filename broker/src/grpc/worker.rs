@@ -261,13 +261,14 @@ impl Connection {
                 Outbound::Assign(a) => {
                     let now = self.node.clock.now_ms();
                     let applied = shard.raft.state().read();
-                    let Some(view) = applied.queue.view(a.job_id, now) else { continue };
+                    // Converted in place: a `view` would copy the whole job first.
+                    let Some(job) = applied.queue.job(a.job_id) else { continue };
                     // Lost or finished since it was assigned: nothing to run.
-                    if view.job.lease().is_none_or(|l| l.token != a.token) {
+                    if job.lease().is_none_or(|l| l.token != a.token) {
                         continue;
                     }
                     Out::Assign(proto::Assign {
-                        job: Some(convert::job_to_proto(&view, true)),
+                        job: Some(convert::job_ref_to_proto(job, job.state_at(now), true)),
                         fencing_token: a.token.0,
                         attempt: a.attempt,
                         lease_deadline: Some(convert::timestamp(a.lease_deadline_ms)),

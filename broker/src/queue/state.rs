@@ -508,13 +508,12 @@ impl QueueState {
                 })
                 .min_by_key(|(key, _)| *key);
             let Some((key, queue_name)) = best else { break };
-            let queue_name = queue_name.clone();
             let job_id = JobId { shard: self.shard, seq: key.seq };
             let token = FencingToken::new(index, *position);
             *position += 1;
             assert!(token > self.last_token, "fencing token {token} not above {}", self.last_token);
             self.last_token = token;
-            let queue = self.queues.get_mut(&queue_name).expect("picked from it");
+            let queue = self.queues.get_mut(queue_name).expect("picked from it");
             queue.pending.remove(&key);
             queue.active += 1;
             queue.note_dispatch(now);
@@ -523,7 +522,7 @@ impl QueueState {
             // end of its last attempt (a released job keeps its old run_at).
             let last_end = job.history.last().and_then(|r| r.finished_ms).unwrap_or(0);
             let due_ms = job.run_at_ms.max(job.created_ms).max(last_end);
-            tally.queue(&queue_name).dispatch_waits_ms.push(now.saturating_sub(due_ms));
+            tally.queue(queue_name).dispatch_waits_ms.push(now.saturating_sub(due_ms));
             job.attempt += 1;
             let deadline = now.saturating_add(job.lease_timeout_ms);
             job.status =
@@ -574,12 +573,11 @@ impl QueueState {
         let Status::Active(lease) = std::mem::replace(&mut job.status, Status::Pending) else {
             panic!("job {job_id} has no lease to end");
         };
-        let queue = job.queue.clone();
         self.lease_deadlines.remove(&(lease.deadline_ms, job_id));
         if let Some(session) = self.sessions.get_mut(&lease.session_id) {
             session.held.remove(&job_id);
         }
-        self.queues.get_mut(&queue).expect("queue of a job").active -= 1;
+        self.queues.get_mut(&job.queue).expect("queue of a job").active -= 1;
         lease
     }
 
@@ -800,9 +798,8 @@ impl QueueState {
         job.status = Status::Pending;
         job.run_at_ms = run_at_ms;
         let key = PendingKey::of(job);
-        let queue = job.queue.clone();
-        self.queues.get_mut(&queue).expect("queue of a job").pending.insert(key);
-        note_work(events, &queue);
+        self.queues.get_mut(&job.queue).expect("queue of a job").pending.insert(key);
+        note_work(events, &job.queue);
     }
 
     /// Into a terminal state; retained for the queue's `retention`.

@@ -156,6 +156,11 @@ pub fn open_engine(dir: &Path) -> Result<Arc<Engine>, StorageError> {
         // the disk a group that cannot snapshot may pin (the purge task then
         // names it).
         purge_threshold: raft_engine::ReadableSize::gb(1),
+        // No LZ4: every batch was compressed on write and the whole batch
+        // decompressed again on each read (replication to every follower,
+        // apply), several percent of every node's CPU. Batches written
+        // compressed by an older version are still read.
+        batch_compression_threshold: raft_engine::ReadableSize(0),
         ..Default::default()
     };
     Ok(Arc::new(Engine::open(config)?))

@@ -211,6 +211,36 @@ async fn reopen(engine: Arc<Engine>, dir: &Path) -> anyhow::Result<Arc<Engine>> 
 
 // --- persistence ---------------------------------------------------------------
 
+/// Older versions let raft-engine LZ4-compress batches over 8 KiB; the
+/// engine `open_engine` opens (no compression) still reads such a log.
+#[tokio::test]
+async fn a_log_written_compressed_is_still_read() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let compressing = raft_engine::Config {
+        dir: dir.path().to_string_lossy().into_owned(),
+        batch_compression_threshold: raft_engine::ReadableSize::kb(8),
+        ..Default::default()
+    };
+    let engine = Arc::new(Engine::open(compressing)?);
+    let big = |i: u64| {
+        let payload = TestCmd { key: format!("k{i}"), payload: vec![i as u8; 64 << 10] };
+        EntryOf::<C>::new_normal(log_id::<C>(1, 1, i), payload)
+    };
+    let written: Vec<EntryOf<C>> = (1..=4).map(big).collect();
+    let mut store = Store::new(engine.clone(), 3);
+    append(&mut store, written.clone()).await?;
+    drop(store);
+
+    let engine = reopen(engine, dir.path()).await?;
+    let mut store = Store::new(engine.clone(), 3);
+    assert_eq!(all_entries(&mut store).await?, written);
+    append(&mut store, vec![big(5)]).await?;
+    assert_eq!(indexes(&all_entries(&mut store).await?), [1, 2, 3, 4, 5]);
+    drop(store);
+    close_engine(engine, Duration::from_secs(10)).await?;
+    Ok(())
+}
+
 #[tokio::test]
 async fn log_state_survives_reopen() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
