@@ -48,6 +48,7 @@ const WORKER_CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 pub enum Scenario {
     Enqueue,
     E2e,
+    Consume,
     Latency,
     All,
 }
@@ -57,6 +58,7 @@ impl Scenario {
         match self {
             Scenario::Enqueue => "enqueue",
             Scenario::E2e => "e2e",
+            Scenario::Consume => "consume",
             Scenario::Latency => "latency",
             Scenario::All => "all",
         }
@@ -75,7 +77,9 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(0..=64 << 20))]
     pub payload_bytes: u64,
     /// enqueue: enqueue throughput; e2e: enqueue→complete throughput with
-    /// workers; latency: latencies at --rate; all: the three in turn.
+    /// workers; consume: --jobs enqueued first, then workers start and the
+    /// rate they empty the queue at is measured (dispatch + complete);
+    /// latency: latencies at --rate; all: each in turn.
     #[arg(long, value_enum, default_value_t = Scenario::All)]
     pub scenario: Scenario,
     /// Jobs enqueued by the enqueue and e2e scenarios.
@@ -628,6 +632,26 @@ impl BenchWorkers {
     }
 }
 
+/// How the workers of a scenario emptied the queue.
+struct Drained<'a> {
+    target: u64,
+    started: Instant,
+    /// When the last expected completion was accepted; `None` at timeout.
+    drained: Option<Instant>,
+    runs: &'a AtomicU64,
+}
+
+/// A handler that succeeds at once and counts its runs (a job run twice
+/// would show as more runs than jobs).
+fn counting_handler(
+    runs: Arc<AtomicU64>,
+) -> impl Fn(JobContext) -> std::future::Ready<Result<Bytes, JobError>> + Clone + Send + Sync + 'static {
+    move |_ctx: JobContext| {
+        runs.fetch_add(1, Relaxed);
+        std::future::ready(Ok(Bytes::new()))
+    }
+}
+
 struct Bench {
     args: BenchArgs,
     endpoints: Vec<String>,
@@ -830,14 +854,7 @@ impl Bench {
     async fn scenario_e2e(&self, queue: &str) -> anyhow::Result<ScenarioReport> {
         let mut report = ScenarioReport::new(Scenario::E2e, queue);
         let runs = Arc::new(AtomicU64::new(0));
-        let handler = {
-            let runs = runs.clone();
-            move |_ctx: JobContext| {
-                runs.fetch_add(1, Relaxed);
-                std::future::ready(Ok::<Bytes, JobError>(Bytes::new()))
-            }
-        };
-        let workers = BenchWorkers::start(queue, &self.args, handler).await?;
+        let workers = BenchWorkers::start(queue, &self.args, counting_handler(runs.clone())).await?;
         let counters = Arc::new(Counters::default());
         let watcher = workers.watch_completions(counters.clone());
         let progress = Progress::start(self.progress, "e2e".into(), self.args.jobs, counters.clone(), true);
@@ -849,25 +866,69 @@ impl Bench {
         };
         watcher.abort();
         progress.finish();
+        let Ok(phase) = phase else {
+            workers.shutdown(&mut report.notes).await;
+            return phase.map(|_| report);
+        };
+        self.fill_enqueue(&mut report, &phase);
+        self.report_drained(&mut report, queue, workers, Drained { target: phase.ok, started, drained, runs: &runs })
+            .await;
+        Ok(report)
+    }
+
+    /// The workers' side of e2e and consume: completions, time, loss.
+    async fn report_drained(
+        &self,
+        report: &mut ScenarioReport,
+        queue: &str,
+        workers: BenchWorkers,
+        drain: Drained<'_>,
+    ) {
         let completed = workers.acked();
         workers.shutdown(&mut report.notes).await;
-        let phase = phase?;
-        self.fill_enqueue(&mut report, &phase);
-        let end = drained.unwrap_or_else(Instant::now);
-        report.seconds = round3(end.duration_since(started).as_secs_f64());
-        report.jobs_per_sec = per_sec(completed.min(phase.ok), report.seconds);
+        let end = drain.drained.unwrap_or_else(Instant::now);
+        report.seconds = round3(end.duration_since(drain.started).as_secs_f64());
+        report.jobs_per_sec = per_sec(completed.min(drain.target), report.seconds);
         report.completed = Some(completed);
-        report.handler_runs = Some(runs.load(Relaxed));
-        report.lost = phase.ok.saturating_sub(completed);
-        if drained.is_none() {
+        report.handler_runs = Some(drain.runs.load(Relaxed));
+        report.lost = drain.target.saturating_sub(completed);
+        if drain.drained.is_none() {
             report.notes.push(format!(
                 "only {completed} of {} completions within the {}s drain timeout",
-                phase.ok,
+                drain.target,
                 self.args.drain_timeout.as_secs_f64()
             ));
         }
         report.broker_count = self.broker_count(queue, completed, |q| q.succeeded, &mut report.notes).await;
         self.cleanup(queue, proto::JobState::Succeeded, &mut report.notes).await;
+    }
+
+    /// The queue is filled first (not timed here), then workers empty it:
+    /// what a consumer of a backlog sees (NATS's "consume" figure).
+    async fn scenario_consume(&self, queue: &str) -> anyhow::Result<ScenarioReport> {
+        let mut report = ScenarioReport::new(Scenario::Consume, queue);
+        let counters = Arc::new(Counters::default());
+        let progress =
+            Progress::start(self.progress, "consume: filling".into(), self.args.jobs, counters.clone(), false);
+        let phase = self.enqueue_phase(queue, &counters).await;
+        progress.finish();
+        let phase = phase?;
+        self.fill_enqueue(&mut report, &phase);
+        report.notes.push(format!(
+            "the backlog of {} jobs was enqueued first, in {:.3}s; seconds and jobs/s are the workers' (session \
+             open to the last accepted complete); enqueue latency is of the filling",
+            phase.ok,
+            phase.elapsed.as_secs_f64()
+        ));
+        let runs = Arc::new(AtomicU64::new(0));
+        let counters = Arc::new(Counters::default());
+        let progress = Progress::start(self.progress, "consume".into(), phase.ok, counters.clone(), true);
+        let started = Instant::now();
+        let workers = BenchWorkers::start(queue, &self.args, counting_handler(runs.clone())).await?;
+        let drained = workers.drain(phase.ok, self.args.drain_timeout, &counters).await;
+        progress.finish();
+        self.report_drained(&mut report, queue, workers, Drained { target: phase.ok, started, drained, runs: &runs })
+            .await;
         Ok(report)
     }
 
@@ -1047,7 +1108,7 @@ impl Bench {
 /// Queue per scenario: the base name, or `<base>.<scenario>` when running all.
 fn scenario_queues(base: &str, scenario: Scenario) -> Vec<(Scenario, String)> {
     match scenario {
-        Scenario::All => [Scenario::Enqueue, Scenario::E2e, Scenario::Latency]
+        Scenario::All => [Scenario::Enqueue, Scenario::E2e, Scenario::Consume, Scenario::Latency]
             .into_iter()
             .map(|s| (s, format!("{base}.{}", s.name())))
             .collect(),
@@ -1102,6 +1163,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         let result = match scenario {
             Scenario::Enqueue => bench.scenario_enqueue(&queue).await,
             Scenario::E2e => bench.scenario_e2e(&queue).await,
+            Scenario::Consume => bench.scenario_consume(&queue).await,
             Scenario::Latency => bench.scenario_latency(&queue).await,
             Scenario::All => continue,
         };
@@ -1250,7 +1312,7 @@ mod tests {
         assert_eq!(scenario_queues("b", Scenario::E2e), vec![(Scenario::E2e, "b".to_owned())]);
         let all = scenario_queues("b", Scenario::All);
         let names: Vec<&str> = all.iter().map(|(_, q)| q.as_str()).collect();
-        assert_eq!(names, ["b.enqueue", "b.e2e", "b.latency"]);
+        assert_eq!(names, ["b.enqueue", "b.e2e", "b.consume", "b.latency"]);
         assert!(valid_queue_name("bench-0a1b2c3d.latency"));
         assert!(!valid_queue_name("has space"));
         assert!(!valid_queue_name(&"x".repeat(129)));

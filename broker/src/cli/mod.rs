@@ -22,8 +22,8 @@ use gantry_worker::{Client, ClientBuilder, Tls, WorkerBuilder};
 pub use admin::{ClusterCommand, QueuesArgs, QueuesCommand, WorkersArgs};
 pub use bench::{BenchArgs, Scenario};
 pub use dev::DevArgs;
-pub use jobs::{EnqueueArgs, JobCommand};
 use jobs::StillRunning;
+pub use jobs::{EnqueueArgs, JobCommand};
 
 #[derive(Subcommand, Debug)]
 pub enum Command {

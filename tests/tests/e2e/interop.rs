@@ -104,3 +104,35 @@ async fn cli_enqueues_and_reads_jobs() {
     assert!(ok, "waiting for a finished job: {err}");
     assert!(out.to_lowercase().contains("cancelled"), "{out}");
 }
+
+/// `gantry bench` against a real broker: every scenario runs, accounts for
+/// every acknowledged job, and the JSON says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_runs_every_scenario_and_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BinaryBroker::start(&dir.path().join("node"), &[]).await;
+    let addr = broker.addr.to_string();
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new(gantry_binary())
+            .args(["bench", "--addr", &addr, "--json", "--scenario", "all", "--jobs", "400", "--batch", "20"])
+            .args(["--in-flight", "4", "--workers", "2", "--rate", "200", "--duration", "1s"])
+            .output()
+            .expect("run gantry bench")
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "bench failed: {}\n{stdout}", String::from_utf8_lossy(&output.stderr));
+    let report: serde_json::Value = serde_json::from_str(&stdout).expect("bench JSON");
+    assert_eq!(report["ok"], true, "{report:#}");
+    let scenarios = report["scenarios"].as_array().expect("scenarios");
+    let names: Vec<&str> = scenarios.iter().map(|s| s["scenario"].as_str().unwrap()).collect();
+    assert_eq!(names, ["enqueue", "e2e", "consume", "latency"]);
+    for scenario in scenarios {
+        assert_eq!(scenario["lost"], 0, "{scenario:#}");
+        assert!(scenario["jobs_per_sec"].as_f64().unwrap() > 0.0, "{scenario:#}");
+    }
+    let consume = &scenarios[2];
+    assert_eq!((consume["jobs"].as_u64(), consume["completed"].as_u64()), (Some(400), Some(400)), "{consume:#}");
+    assert_eq!(consume["handler_runs"].as_u64(), Some(400), "a job ran twice: {consume:#}");
+}
