@@ -50,6 +50,8 @@ if [[ $WHAT == all || $WHAT == e2e ]]; then
   "$BIN" bench --addr "$ALL" --scenario e2e --jobs 200000 --batch 100 --in-flight 16 --workers 8 --worker-concurrency 128 -q
   echo "== end to end, one call per job, SDK coalescing (4096 in flight), 8 workers x 128" >&2
   "$BIN" bench --addr "$ALL" --scenario e2e --jobs 200000 --coalesce 512 --in-flight 4096 --workers 8 --worker-concurrency 128 -q
+  echo "== consume: a backlog of 200000 (EnqueueBatch of 100), then 8 workers x 128 empty it" >&2
+  "$BIN" bench --addr "$ALL" --scenario consume --jobs 200000 --batch 100 --in-flight 16 --workers 8 --worker-concurrency 128 -q
   echo "== enqueue only, EnqueueBatch of 100" >&2
   "$BIN" bench --addr "$ALL" --scenario enqueue --jobs 200000 --batch 100 --in-flight 16 -q
   echo "== enqueue only, SDK coalescing (4096 in flight)" >&2
