@@ -40,7 +40,9 @@ pub struct Config {
     #[serde(with = "humantime_serde_compat")]
     pub session_ttl: Duration,
     /// Raft election timeout (default 1s): a follower that hears nothing
-    /// from the leader for between one and two of these starts an election.
+    /// from the leader for 1 to 1.25 of these campaigns, and followers
+    /// refuse votes for 1.25 of them after the last heartbeat (the leader
+    /// lease), so a dead leader is replaced after about 2 to 2.5 of them.
     #[serde(with = "humantime_serde_compat")]
     pub election_timeout: Duration,
     /// How often a Raft leader sends heartbeats to followers (default 100ms).

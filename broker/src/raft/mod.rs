@@ -131,8 +131,14 @@ impl ShardRaft {
         let config = openraft::Config {
             cluster_name: "gantry".into(),
             heartbeat_interval: settings.heartbeat_interval.as_millis() as u64,
+            // Followers refuse votes for election_timeout_max after the last
+            // heartbeat (openraft's leader lease), so a candidate whose timer
+            // (min..max) fires first is refused once and wins the next round:
+            // failover takes about max + min. The old max of 2 x min made that
+            // 3 to 4 s at the default 1 s; a narrow spread still keeps split
+            // votes rare (and pre-vote makes a lost round cheap).
             election_timeout_min: election_ms,
-            election_timeout_max: election_ms * 2,
+            election_timeout_max: election_ms + election_ms / 4,
             // Triggered by `spawn_snapshot_policy`, which counts commands.
             snapshot_policy: SnapshotPolicy::Never,
             max_in_snapshot_log_to_keep: settings.keep_after_snapshot,
