@@ -62,10 +62,16 @@ if ! podman image exists "$rust"; then
     mkdir -p "$work/rust/rustup/toolchains" "$work/rust/cargo/bin"
     cp -a "$HOME/.rustup/toolchains/$toolchain" "$work/rust/rustup/toolchains/"
     for tool in cargo rustc rustup; do cp -a "$(command -v "$tool")" "$work/rust/cargo/bin/"; done
+    # Local CAs of this machine (e.g. a TLS-inspecting egress proxy): the
+    # builder fetches crates through the same network.
+    mkdir -p "$work/rust/local-ca"
+    cp /usr/local/share/ca-certificates/*.crt "$work/rust/local-ca/" 2>/dev/null || true
     cat >"$work/rust/Containerfile" <<EOF
 FROM $debian
 RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates gcc libc6-dev \\
     && rm -rf /var/lib/apt/lists/*
+COPY local-ca/ /usr/local/share/ca-certificates/
+RUN update-ca-certificates
 COPY rustup /usr/local/rustup
 COPY cargo /usr/local/cargo
 ENV RUSTUP_HOME=/usr/local/rustup CARGO_HOME=/usr/local/cargo PATH=/usr/local/cargo/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
@@ -84,16 +90,18 @@ user=$(podman image inspect --format '{{.Config.User}}' "$tag")
 [[ $user == 65532:65532 ]] || die "the image runs as '$user', not 65532:65532"
 podman image inspect --format '{{.Config.Entrypoint}} {{.Config.Cmd}}' "$tag" | grep -q 'gantry.*serve' ||
     die "entrypoint/cmd is not gantry serve"
+root=$work/rootfs
+# Traversable by the image's user: it is the chroot's "/".
+mkdir -m 0755 "$root"
 container=$(podman create "$tag")
-podman export "$container" | tar -x -C "$work" -f - || die "exporting the image's filesystem"
+podman export "$container" | tar -x -C "$root" -f - || die "exporting the image's filesystem"
 podman rm "$container" >/dev/null
-root=$work
 [[ $(stat -c %u "$root/data") == 65532 ]] || die "/data is not owned by 65532"
 in_image() { chroot --userspec=65532:65532 "$root" env -i HOME=/data PATH=/usr/local/bin:/usr/bin:/bin "$@"; }
 in_image /usr/local/bin/gantry --version || die "gantry does not run in the image"
 
-# The image's defaults (GANTRY_* in its ENV) with ports moved off the usual
-# ones, so a broker on this machine does not clash.
+# The image's settings (the GANTRY_* of its ENV), with ports moved off the
+# usual ones so a broker on this machine does not clash.
 base=$((40000 + RANDOM % 20000))
 addr=127.0.0.1:$base
 chroot --userspec=65532:65532 "$root" env -i HOME=/data \
