@@ -18,7 +18,7 @@ BASE=${BASE_PORT:-50500}
 declare -a PIDS ADDRS
 INITIAL=""
 for i in 1 2 3; do
-  ADDRS[$i]=127.0.0.1:$((BASE + 10 * (i - 1)))
+  ADDRS[i]=127.0.0.1:$((BASE + 10 * (i - 1)))
   INITIAL+="${INITIAL:+,}$i=127.0.0.1:$((BASE + 10 * (i - 1) + 1))"
 done
 ALL="${ADDRS[1]},${ADDRS[2]},${ADDRS[3]}"
@@ -27,11 +27,11 @@ start_node() {
   "$BIN" serve --node-id "$i" --listen "${ADDRS[$i]}" --peer-listen "127.0.0.1:$((BASE + 10 * (i - 1) + 1))" \
     --metrics-listen "127.0.0.1:$((BASE + 10 * (i - 1) + 2))" \
     --data-dir "$ROOT/n$i" --initial-cluster "$INITIAL" "${EXTRA[@]}" >>"$ROOT/n$i.log" 2>&1 &
-  PIDS[$i]=$!
+  PIDS[i]=$!
 }
 cleanup() { for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done; if [[ -n "${KEEP:-}" ]]; then echo "kept $ROOT" >&2; else rm -rf "$ROOT"; fi; }
 trap cleanup EXIT
-EXTRA=(${GANTRY_SERVE_ARGS:-})
+read -ra EXTRA <<<"${GANTRY_SERVE_ARGS:-}"
 for i in 1 2 3; do start_node "$i"; done
 leader_id() { "$BIN" cluster status --addr "$ALL" --json 2>/dev/null | python3 -c 'import json,sys; print(json.load(sys.stdin)["shards"][0]["leader_id"])'; }
 wait_leader() {
@@ -67,7 +67,6 @@ if [[ $WHAT == all || $WHAT == failover ]]; then
   "$BIN" bench --addr "$ALL" --scenario latency --rate 1000 --duration 20s --max-errors 1000000 -q --json > "$ROOT/failover.json" &
   BENCH=$!
   sleep 6
-  KILLED_AT=$(date +%s.%N)
   kill -9 "${PIDS[$LEADER]}"
   wait "$BENCH" || true
   python3 - "$ROOT/failover.json" <<'PY'
