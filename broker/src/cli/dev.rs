@@ -60,6 +60,18 @@ fn plan(args: &DevArgs) -> anyhow::Result<Vec<DevNode>> {
         .collect())
 }
 
+/// Prints a line for the user. A closed stdout (whoever read it went away)
+/// must not take the supervisor down with a panic and leave its nodes
+/// running: the line is dropped instead.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, $($arg)*);
+        let _ = out.flush();
+    }};
+}
+
 pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let nodes = plan(&args)?;
     std::fs::create_dir_all(&args.data_dir).with_context(|| format!("cannot create {}", args.data_dir.display()))?;
@@ -90,11 +102,11 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         children.push((node.id, child));
     }
 
-    println!("gantry dev: {} node(s), data in {}", nodes.len(), args.data_dir.display());
-    println!("{:>4}  {:<18} {:<18} {:<18} {:>7}  log", "node", "client", "peer", "metrics", "pid");
+    say!("gantry dev: {} node(s), data in {}", nodes.len(), args.data_dir.display());
+    say!("{:>4}  {:<18} {:<18} {:<18} {:>7}  log", "node", "client", "peer", "metrics", "pid");
     for (node, (_, child)) in nodes.iter().zip(&children) {
         let pid = child.id().map_or_else(|| "-".to_owned(), |p| p.to_string());
-        println!(
+        say!(
             "{:>4}  {:<18} {:<18} {:<18} {:>7}  {}",
             node.id,
             node.client,
@@ -107,16 +119,16 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let endpoints: Vec<String> = nodes.iter().map(|n| n.client.clone()).collect();
     match wait_for_leader(&endpoints, &mut children).await {
         Ok(leader) => {
-            println!("leader: node {leader}");
-            println!("try:    gantry cluster status --addr {}", endpoints.join(","));
-            println!("        gantry enqueue --addr {} --queue demo hello", endpoints[0]);
+            say!("leader: node {leader}");
+            say!("try:    gantry cluster status --addr {}", endpoints.join(","));
+            say!("        gantry enqueue --addr {} --queue demo hello", endpoints[0]);
         }
         Err(e) => {
             stop(&mut children).await;
             return Err(e);
         }
     }
-    println!("Ctrl-C stops every node.");
+    say!("Ctrl-C stops every node.");
 
     let outcome = tokio::select! {
         _ = shutdown_signal() => Ok(()),

@@ -55,8 +55,20 @@ async fn dev_starts_a_three_node_cluster_and_stops_it() {
         assert!(Instant::now() < deadline, "gantry dev did not exit after SIGTERM");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    for i in 0..3u16 {
-        let addr = format!("127.0.0.1:{}", base + 10 * i);
-        assert!(std::net::TcpStream::connect(&addr).is_err(), "node at {addr} still listening");
+    // Its node processes are gone too. (Not checked by connecting to their
+    // ports: a test running beside this one may have bound a freed port.)
+    let pids: Vec<&str> = printed
+        .iter()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            (fields.len() >= 5 && ["1", "2", "3"].contains(&fields[0])).then(|| fields[4])
+        })
+        .collect();
+    assert_eq!(pids.len(), 3, "node pids not printed:\n{text}");
+    for pid in pids {
+        // Gone, or a zombie (dead; this sandbox's init may not reap).
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let running = stat.rsplit_once(')').is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z'));
+        assert!(!running, "node process {pid} still running: {stat}");
     }
 }
