@@ -147,6 +147,11 @@ struct Opened {
 }
 
 impl WorkerService {
+    /// The worker's queues that `shard` owns.
+    fn queues_of(&self, hello: &validate::ValidHello, shard: &Arc<ShardNode>) -> Vec<String> {
+        hello.queues.iter().filter(|q| Arc::ptr_eq(self.node.shard_for_queue(q), shard)).cloned().collect()
+    }
+
     /// Opens (or resumes) the session in every shard of the worker's queues,
     /// replicated before the worker hears of it so every replica knows the
     /// session that will hold jobs. Whether a resume succeeds is decided by
@@ -159,8 +164,7 @@ impl WorkerService {
     ) -> Result<Opened, Status> {
         let mut outcomes = Vec::with_capacity(shards.len());
         for shard in shards {
-            let queues: Vec<String> =
-                hello.queues.iter().filter(|q| Arc::ptr_eq(self.node.shard_for_queue(q), shard)).cloned().collect();
+            let queues = self.queues_of(hello, shard);
             let (worker_id, max_in_flight) = (hello.worker_id.clone(), hello.max_in_flight);
             let command = match &hello.resume_session_id {
                 Some(old) => Command::ResumeSession {
@@ -193,8 +197,7 @@ impl WorkerService {
             if let Some(expired) = shard.raft.state().read().queue.expired_session(&old) {
                 lost.extend(expired.lost.iter().copied());
             }
-            let queues: Vec<String> =
-                hello.queues.iter().filter(|q| Arc::ptr_eq(self.node.shard_for_queue(q), shard)).cloned().collect();
+            let queues = self.queues_of(hello, shard);
             let open = Command::OpenSession {
                 session_id: fresh.clone(),
                 worker_id: hello.worker_id.clone(),
