@@ -8,10 +8,10 @@ use std::{sync::Arc, time::Duration};
 use tokio::sync::{Notify, mpsc, watch};
 
 use super::{ShardNode, registry::Outbound};
-use crate::queue::{Applied, Assignment, Command, Event, ExpiryReason, SessionId};
+use crate::queue::{Applied, Command, Event, ExpiryReason, SessionId};
 
 enum Done {
-    Dispatch(Vec<Assignment>),
+    Dispatch { assigned: usize },
     Tick,
     Expire(SessionId),
 }
@@ -41,16 +41,11 @@ pub(super) async fn run(
                 }
             }
             Some(done) = done_rx.recv() => match done {
-                Done::Dispatch(assignments) => {
+                Done::Dispatch { assigned } => {
                     dispatching = false;
-                    dirty |= !assignments.is_empty();
-                    for assignment in assignments {
-                        let session_id = assignment.session_id.clone();
-                        tracing::debug!(shard = %node.raft.shard(), job_id = %assignment.job_id, session = %session_id, token = assignment.token.0, attempt = assignment.attempt, "assigned");
-                        // A session without a stream gets it again when it
-                        // resumes, or loses it when it expires.
-                        node.registry.send(&session_id, Outbound::Assign(assignment));
-                    }
+                    // The streams got them through Event::Assigned; more
+                    // sessions may have room now.
+                    dirty |= assigned > 0;
                 }
                 Done::Tick => ticking = false,
                 Done::Expire(session_id) => node.registry.expiry_settled(&session_id),
@@ -98,15 +93,15 @@ pub(super) async fn run(
                 dispatching = true;
                 let (node, done_tx) = (node.clone(), done_tx.clone());
                 tokio::spawn(async move {
-                    let assignments = match node.proposer.propose(Command::Dispatch { sessions }).await {
-                        Ok(Applied::Dispatched { assignments }) => assignments,
+                    let assigned = match node.proposer.propose(Command::Dispatch { sessions }).await {
+                        Ok(Applied::Dispatched { assignments }) => assignments.len(),
                         Ok(other) => unreachable!("dispatch answered {other:?}"),
                         Err(e) => {
                             tracing::debug!(error = %e, "dispatch not committed");
-                            Vec::new()
+                            0
                         }
                     };
-                    let _ = done_tx.send(Done::Dispatch(assignments));
+                    let _ = done_tx.send(Done::Dispatch { assigned });
                 });
             }
         }
@@ -129,6 +124,16 @@ fn handle_event(node: &ShardNode, event: Event) -> bool {
         }
         Event::SessionEnded { session_id } => {
             node.registry.remove(&session_id);
+            false
+        }
+        Event::Assigned(assignment) => {
+            let session_id = assignment.session_id.clone();
+            if tracing::enabled!(tracing::Level::DEBUG) && node.raft.is_leader() {
+                tracing::debug!(shard = %node.raft.shard(), job_id = %assignment.job_id, session = %session_id, token = assignment.token.0, attempt = assignment.attempt, "assigned");
+            }
+            // A session without a stream (a follower has none) gets it again
+            // when it resumes, or loses it when it expires.
+            node.registry.send(&session_id, Outbound::Assign(assignment));
             false
         }
         Event::WorkAvailable { .. } | Event::CapacityFreed { .. } => true,

@@ -7,7 +7,10 @@ pub mod proposer;
 pub mod registry;
 pub mod waiters;
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{Arc, Weak},
+    time::Duration,
+};
 
 use tokio::sync::{Notify, mpsc, watch};
 
@@ -18,7 +21,7 @@ pub use self::{
 };
 use crate::{
     clock::Clock,
-    queue::Event,
+    queue::{Command, Event},
     raft::{PeerChannels, ShardRaft},
 };
 
@@ -56,17 +59,35 @@ impl ShardNode {
         shutdown: watch::Receiver<bool>,
     ) -> Arc<Self> {
         let wake = Arc::new(Notify::new());
-        let node = Arc::new(ShardNode {
-            proposer: Proposer::spawn(raft.clone(), clock.clone()),
-            raft,
-            registry: Registry::default(),
-            waiters: Waiters::default(),
-            clock,
-            settings,
-            wake: wake.clone(),
+        let node = Arc::new_cyclic(|me: &Weak<ShardNode>| {
+            let me = me.clone();
+            let rider: proposer::Rider = Box::new(move |commands| me.upgrade()?.dispatch_riding_along(commands));
+            ShardNode {
+                proposer: Proposer::spawn(raft.clone(), clock.clone(), Some(rider)),
+                raft,
+                registry: Registry::default(),
+                waiters: Waiters::default(),
+                clock,
+                settings,
+                wake: wake.clone(),
+            }
         });
         tokio::spawn(dispatcher::run(node.clone(), events, wake, shutdown));
         node
+    }
+
+    /// The `Dispatch` that rides along in an entry the leader proposes for
+    /// other reasons: enqueues and results in it are followed, in the same
+    /// commit, by handing due jobs to every connected session with room.
+    /// Only connected sessions: a job pushed to a session whose stream is
+    /// not attached yet would sit unseen until its lease ran out. Sessions
+    /// without room cost the state machine a lookup each.
+    fn dispatch_riding_along(&self, commands: &[Command]) -> Option<Command> {
+        if commands.iter().any(|c| matches!(c, Command::Dispatch { .. })) || !self.raft.is_leader() {
+            return None;
+        }
+        let sessions = self.registry.connected();
+        (!sessions.is_empty()).then_some(Command::Dispatch { sessions })
     }
 
     /// A session connected or asked for more: look for work now.

@@ -1,6 +1,9 @@
 //! Group commit: commands from every RPC are packed into one log entry (and
 //! so one fsync) while earlier entries are still being written. Each entry is
-//! stamped with the leader's clock, forced monotonic.
+//! stamped with the leader's clock, forced monotonic. A rider may add one
+//! command of its own to an entry: the dispatcher's `Dispatch`, so that a
+//! job enqueued, or a slot freed by a result, is handed out by the same
+//! commit instead of a second one.
 
 use std::sync::{
     Arc,
@@ -30,6 +33,11 @@ struct Pending {
     reply: oneshot::Sender<Result<Vec<Applied>, ProposeError>>,
 }
 
+/// Given the commands of an entry about to be proposed, a command to append
+/// to it, applied after them. Its outcome is not reported back: whatever it
+/// does must reach its audience through the state machine's events.
+pub type Rider = Box<dyn Fn(&[Command]) -> Option<Command> + Send + Sync>;
+
 /// Cheap to clone; all clones feed the same batching task.
 #[derive(Clone)]
 pub struct Proposer {
@@ -37,9 +45,9 @@ pub struct Proposer {
 }
 
 impl Proposer {
-    pub fn spawn(raft: Arc<ShardRaft>, clock: Arc<dyn Clock>) -> Self {
+    pub fn spawn(raft: Arc<ShardRaft>, clock: Arc<dyn Clock>, rider: Option<Rider>) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(run(raft, clock, rx));
+        tokio::spawn(run(raft, clock, rider, rx));
         Proposer { tx }
     }
 
@@ -57,7 +65,12 @@ impl Proposer {
     }
 }
 
-async fn run(raft: Arc<ShardRaft>, clock: Arc<dyn Clock>, mut rx: mpsc::UnboundedReceiver<Pending>) {
+async fn run(
+    raft: Arc<ShardRaft>,
+    clock: Arc<dyn Clock>,
+    rider: Option<Rider>,
+    mut rx: mpsc::UnboundedReceiver<Pending>,
+) {
     let in_flight = Arc::new(Semaphore::new(MAX_ENTRIES_IN_FLIGHT));
     let last_stamp = Arc::new(AtomicU64::new(0));
     // Waiting for a free slot *before* draining the queue is what makes
@@ -95,13 +108,17 @@ async fn run(raft: Arc<ShardRaft>, clock: Arc<dyn Clock>, mut rx: mpsc::Unbounde
         }
         let stamp = clock.now_ms().max(last_stamp.load(Ordering::Relaxed));
         last_stamp.store(stamp, Ordering::Relaxed);
-        let mut commands = Vec::with_capacity(count);
+        let mut commands = Vec::with_capacity(count + 1);
         let mut sizes = Vec::with_capacity(group.len());
         let mut replies = Vec::with_capacity(group.len());
         for pending in group {
             sizes.push(pending.commands.len());
             commands.extend(pending.commands);
             replies.push(pending.reply);
+        }
+        let answered = commands.len();
+        if let Some(extra) = rider.as_ref().and_then(|ride| ride(&commands)) {
+            commands.push(extra);
         }
         let raft = raft.clone();
         tokio::spawn(async move {
@@ -115,8 +132,9 @@ async fn run(raft: Arc<ShardRaft>, clock: Arc<dyn Clock>, mut rx: mpsc::Unbounde
             }
             match outcome {
                 Ok(results) => {
-                    assert_eq!(results.len(), sizes.iter().sum::<usize>(), "one outcome per command");
-                    let mut results = results.into_iter();
+                    assert_eq!(results.len(), count, "one outcome per command");
+                    debug_assert_eq!(answered, sizes.iter().sum::<usize>());
+                    let mut results = results.into_iter().take(answered);
                     for (reply, size) in replies.into_iter().zip(sizes) {
                         let _ = reply.send(Ok(results.by_ref().take(size).collect()));
                     }

@@ -263,6 +263,11 @@ pub enum Event {
     WorkAvailable { queue: String },
     /// A session's held jobs went down, so it can take more.
     CapacityFreed { session_id: SessionId },
+    /// A job was leased to a session: the leader pushes it down the
+    /// session's stream. Carried as an event, not only as the `Dispatch`
+    /// command's answer, so that assignments reach a stream in log order
+    /// with the revokes of later entries, whoever proposed the dispatch.
+    Assigned(Assignment),
     /// A session is gone (expired, expired by an admin, or said goodbye):
     /// its stream, if any, must be closed so the worker opens a new one.
     SessionEnded { session_id: SessionId },

@@ -366,6 +366,7 @@ impl QueueState {
                 for session_id in sessions {
                     self.fill_session(index, position, session_id, &mut assignments, tally);
                 }
+                events.extend(assignments.iter().cloned().map(Event::Assigned));
                 Applied::Dispatched { assignments }
             }
             Command::Complete { job_id, token, result } => self.complete(*job_id, *token, result, events, tally),

@@ -350,3 +350,70 @@ async fn graceful_shutdown_says_goodbye() {
     .await;
     broker.stop().await;
 }
+
+async fn commit_index(admin: &mut proto::admin_client::AdminClient<tonic::transport::Channel>) -> u64 {
+    let status = admin.cluster_status(proto::ClusterStatusRequest {}).await.unwrap().into_inner();
+    status.shards[0].commit_index
+}
+
+/// The leader appends a `Dispatch` to the entries it proposes, so a job
+/// enqueued while a worker waits is leased by the enqueue's own commit, and
+/// a result frees a slot and fills it in one commit: one log entry per job,
+/// not two, on the path from enqueue to start and from job to job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dispatch_rides_along_one_commit_per_job() {
+    const BACKLOG: u64 = 20;
+    let broker = TestBroker::start().await;
+    let client = broker.client().await;
+    let mut admin = broker.admin();
+    let (started_tx, mut started) = tokio::sync::mpsc::unbounded_channel();
+    let release = Arc::new(tokio::sync::Notify::new());
+    let worker = RunningWorker::spawn(&broker.endpoint(), "riding", "w", 1, {
+        let release = release.clone();
+        move |ctx| {
+            let (release, started_tx) = (release.clone(), started_tx.clone());
+            async move {
+                let _ = started_tx.send(ctx.fencing_token());
+                if ctx.payload().as_ref() == b"hold" {
+                    release.notified().await;
+                }
+                Ok(Bytes::new())
+            }
+        }
+    });
+    worker.wait_connected().await;
+    eventually("the worker's stream is attached", Duration::from_secs(10), || {
+        let mut admin = admin.clone();
+        async move {
+            let workers = admin.list_workers(proto::ListWorkersRequest {}).await.unwrap().into_inner().workers;
+            workers.iter().any(|w| w.connected).then_some(())
+        }
+    })
+    .await;
+
+    let before = commit_index(&mut admin).await;
+    client.enqueue("riding", "hold").send().await.unwrap();
+    let token = started.recv().await.expect("the job started");
+    assert_eq!(token >> 20, before + 1, "leased by a later entry than the one that enqueued it");
+    assert_eq!(commit_index(&mut admin).await, before + 1);
+
+    // A backlog behind the held job: each result is followed, in its own
+    // entry, by the next job's lease.
+    let requests = (0..BACKLOG)
+        .map(|i| proto::EnqueueRequest {
+            queue: "riding".into(),
+            payload: format!("job {i}").into(),
+            ..Default::default()
+        })
+        .collect();
+    let backlog = client.enqueue_batch(requests).await.unwrap();
+    let last = backlog.last().unwrap().job_id.clone();
+    let before = commit_index(&mut admin).await;
+    release.notify_one();
+    let done = client.wait(&last, Duration::from_secs(30)).await.unwrap();
+    assert_eq!(done.state(), JobState::Succeeded);
+    let entries = commit_index(&mut admin).await - before;
+    assert!(entries <= BACKLOG + 1, "{entries} entries for {BACKLOG} jobs one after another");
+    worker.shutdown().await;
+    broker.stop().await;
+}
