@@ -82,8 +82,15 @@ impl ShardNode {
     /// Only connected sessions: a job pushed to a session whose stream is
     /// not attached yet would sit unseen until its lease ran out. Sessions
     /// without room cost the state machine a lookup each.
+    ///
+    /// Not with a `Release` or `Fail`: the job it puts back could go straight
+    /// back to the same session, whose worker would then see the job's new
+    /// assignment before the ack of its release. Those wait for the next
+    /// entry, as every dispatch did before.
     fn dispatch_riding_along(&self, commands: &[Command]) -> Option<Command> {
-        if commands.iter().any(|c| matches!(c, Command::Dispatch { .. })) || !self.raft.is_leader() {
+        let excluded =
+            |c: &Command| matches!(c, Command::Dispatch { .. } | Command::Release { .. } | Command::Fail { .. });
+        if commands.iter().any(excluded) || !self.raft.is_leader() {
             return None;
         }
         let sessions = self.registry.connected();

@@ -494,6 +494,11 @@ impl QueueState {
             return;
         };
         let mut slots = session.free_slots();
+        // Every entry the leader proposes carries a Dispatch of all its
+        // connected sessions: a full one must cost no more than this lookup.
+        if slots == 0 {
+            return;
+        }
         let queue_names = session.queues.clone();
         let worker_id = session.worker_id.clone();
         while slots > 0 {
