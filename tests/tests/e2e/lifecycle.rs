@@ -313,14 +313,7 @@ async fn a_stopping_worker_is_not_handed_new_jobs() {
     let waiting = client.enqueue("stopping", "waiting").send().await.unwrap();
     let stopped = tokio::spawn(worker.shutdown());
     let mut admin = broker.admin();
-    eventually("the worker is draining", Duration::from_secs(10), || {
-        let mut admin = admin.clone();
-        async move {
-            let workers = admin.list_workers(proto::ListWorkersRequest {}).await.unwrap().into_inner().workers;
-            workers.iter().any(|w| w.draining).then_some(())
-        }
-    })
-    .await;
+    a_worker_is_listed(&admin, "the worker is draining", |w| w.draining).await;
     finish.notify_one();
     stopped.await.unwrap();
     assert_eq!(client.get(&running.job_id).await.unwrap().state(), JobState::Succeeded);
@@ -349,6 +342,22 @@ async fn graceful_shutdown_says_goodbye() {
     })
     .await;
     broker.stop().await;
+}
+
+async fn a_worker_is_listed(
+    admin: &proto::admin_client::AdminClient<tonic::transport::Channel>,
+    what: &str,
+    matches: impl Fn(&proto::WorkerInfo) -> bool,
+) {
+    let matches = &matches;
+    eventually(what, Duration::from_secs(10), || {
+        let mut admin = admin.clone();
+        async move {
+            let workers = admin.list_workers(proto::ListWorkersRequest {}).await.unwrap().into_inner().workers;
+            workers.iter().any(matches).then_some(())
+        }
+    })
+    .await;
 }
 
 async fn commit_index(admin: &mut proto::admin_client::AdminClient<tonic::transport::Channel>) -> u64 {
@@ -382,14 +391,7 @@ async fn dispatch_rides_along_one_commit_per_job() {
         }
     });
     worker.wait_connected().await;
-    eventually("the worker's stream is attached", Duration::from_secs(10), || {
-        let mut admin = admin.clone();
-        async move {
-            let workers = admin.list_workers(proto::ListWorkersRequest {}).await.unwrap().into_inner().workers;
-            workers.iter().any(|w| w.connected).then_some(())
-        }
-    })
-    .await;
+    a_worker_is_listed(&admin, "the worker's stream is attached", |w| w.connected).await;
 
     let before = commit_index(&mut admin).await;
     client.enqueue("riding", "hold").send().await.unwrap();
