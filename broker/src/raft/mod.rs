@@ -97,6 +97,8 @@ pub struct ShardStatus {
     pub applied_index: u64,
     pub last_log_index: u64,
     pub snapshot_index: u64,
+    /// The last log index removed behind a snapshot (0: none yet).
+    pub purged_index: u64,
     pub voters: Vec<u64>,
     pub nodes: BTreeMap<u64, GantryNode>,
     /// Filled on the leader only: what each member has replicated.
@@ -383,6 +385,7 @@ impl ShardRaft {
             applied_index: m.last_applied.map_or(0, |l| l.index),
             last_log_index: m.last_log_index.unwrap_or(0),
             snapshot_index: m.snapshot.map_or(0, |l| l.index),
+            purged_index: m.purged.map_or(0, |l| l.index),
             voters: membership.voter_ids().collect(),
             nodes,
             replication: m.replication.as_ref().map(|replication| {
