@@ -216,8 +216,27 @@ pub fn echo_worker_binary() -> PathBuf {
     workspace_binary(&BUILT, &["-p", "gantry-worker", "--example", "echo_worker"], "examples/echo_worker")
 }
 
+/// A port nothing listens on, for a server started later. Picked below the
+/// kernel's ephemeral range (32768-60999 here): a port the kernel handed
+/// out for a moment, as `bind(0)` does, goes straight back into the pool
+/// every client connection draws from, and a test's outgoing connection
+/// took one before its server could bind it. Each test process starts at
+/// its own place in the range and moves on from there.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOW: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let seed = std::process::id().wrapping_mul(2_654_435_761)
+        ^ std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+    let _ = NEXT.compare_exchange(u32::MAX, seed % SPAN, Ordering::Relaxed, Ordering::Relaxed);
+    for _ in 0..SPAN {
+        let port = (LOW + NEXT.fetch_add(1, Ordering::Relaxed) % SPAN) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in {LOW}..{}", LOW + SPAN)
 }
 
 /// The real `gantry serve` as a child process.
