@@ -11,7 +11,7 @@ use super::{ShardNode, registry::Outbound};
 use crate::queue::{Applied, Command, Event, ExpiryReason, SessionId};
 
 enum Done {
-    Dispatch { assigned: usize },
+    Dispatch { assigned: u32 },
     Tick,
     Expire(SessionId),
 }
@@ -94,7 +94,7 @@ pub(super) async fn run(
                 let (node, done_tx) = (node.clone(), done_tx.clone());
                 tokio::spawn(async move {
                     let assigned = match node.proposer.propose(Command::Dispatch { sessions }).await {
-                        Ok(Applied::Dispatched { assignments }) => assignments.len(),
+                        Ok(Applied::Dispatched { assigned }) => assigned,
                         Ok(other) => unreachable!("dispatch answered {other:?}"),
                         Err(e) => {
                             tracing::debug!(error = %e, "dispatch not committed");

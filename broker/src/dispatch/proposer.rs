@@ -133,7 +133,6 @@ async fn run(
             match outcome {
                 Ok(results) => {
                     assert_eq!(results.len(), count, "one outcome per command");
-                    debug_assert_eq!(answered, sizes.iter().sum::<usize>());
                     let mut results = results.into_iter().take(answered);
                     for (reply, size) in replies.into_iter().zip(sizes) {
                         let _ = reply.send(Ok(results.by_ref().take(size).collect()));

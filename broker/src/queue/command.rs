@@ -203,8 +203,10 @@ pub enum Applied {
         /// A resume that came too late: the leases the expired session lost.
         lost: Vec<(JobId, FencingToken)>,
     },
+    /// How many jobs were leased; each is in the entry's events as
+    /// `Event::Assigned` (the one copy: every node applies every dispatch).
     Dispatched {
-        assignments: Vec<Assignment>,
+        assigned: u32,
     },
     /// Complete, Fail, Release or Progress from the current holder (or a
     /// repeat of a result already recorded for the same token).

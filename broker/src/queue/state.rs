@@ -182,6 +182,16 @@ pub struct ApplyOutput {
     pub tally: Tally,
 }
 
+impl ApplyOutput {
+    /// The leases the entry's dispatches handed out, in order.
+    pub fn assignments(&self) -> impl Iterator<Item = &Assignment> {
+        self.events.iter().filter_map(|event| match event {
+            Event::Assigned(assignment) => Some(assignment),
+            _ => None,
+        })
+    }
+}
+
 /// Wake-ups are hints: one per queue per run of commands is enough, and a
 /// busy entry would otherwise carry one per job.
 fn note_work(events: &mut Vec<Event>, queue: &str) {
@@ -362,12 +372,11 @@ impl QueueState {
                 }
             }
             Command::Dispatch { sessions } => {
-                let mut assignments = Vec::new();
+                let mut assigned = 0;
                 for session_id in sessions {
-                    self.fill_session(index, position, session_id, &mut assignments, tally);
+                    assigned += self.fill_session(index, position, session_id, events, tally);
                 }
-                events.extend(assignments.iter().cloned().map(Event::Assigned));
-                Applied::Dispatched { assignments }
+                Applied::Dispatched { assigned }
             }
             Command::Complete { job_id, token, result } => self.complete(*job_id, *token, result, events, tally),
             Command::Fail { job_id, token, error, retry } => self.fail(*job_id, *token, error, retry, events, tally),
@@ -486,19 +495,20 @@ impl QueueState {
         index: u64,
         position: &mut u64,
         session_id: &SessionId,
-        out: &mut Vec<Assignment>,
+        events: &mut Vec<Event>,
         tally: &mut Tally,
-    ) {
+    ) -> u32 {
         let now = self.now_ms;
         let Some(session) = self.sessions.get(session_id) else {
-            return;
+            return 0;
         };
         let mut slots = session.free_slots();
         // Every entry the leader proposes carries a Dispatch of all its
         // connected sessions: a full one must cost no more than this lookup.
         if slots == 0 {
-            return;
+            return 0;
         }
+        let mut assigned = 0;
         let queue_names = session.queues.clone();
         let worker_id = session.worker_id.clone();
         while slots > 0 {
@@ -548,15 +558,17 @@ impl QueueState {
             });
             self.lease_deadlines.insert((deadline, job_id));
             self.sessions.get_mut(session_id).expect("checked above").held.insert(job_id);
-            out.push(Assignment {
+            events.push(Event::Assigned(Assignment {
                 session_id: session_id.clone(),
                 job_id,
                 token,
                 attempt: job.attempt,
                 lease_deadline_ms: deadline,
-            });
+            }));
             slots -= 1;
+            assigned += 1;
         }
+        assigned
     }
 
     /// Checks that `token` holds the job's current lease. `Ok(None)` means a

@@ -59,9 +59,10 @@ impl Harness {
     }
 
     fn dispatch(&mut self, session: &SessionId) -> Vec<Assignment> {
-        match self.one(Command::Dispatch { sessions: vec![session.clone()] }) {
-            Applied::Dispatched { assignments } => assignments,
-            other => panic!("dispatch: {other:?}"),
+        let out = self.run(vec![Command::Dispatch { sessions: vec![session.clone()] }]);
+        match out.results[0] {
+            Applied::Dispatched { .. } => out.assignments().cloned().collect(),
+            ref other => panic!("dispatch: {other:?}"),
         }
     }
 
@@ -639,7 +640,7 @@ proptest! {
             let out = h.run(vec![command.clone()]);
             match &out.results[0] {
                 Applied::Enqueued { job_id, created: true, .. } => enqueued.push(*job_id),
-                Applied::Dispatched { assignments } => for a in assignments {
+                Applied::Dispatched { .. } => for a in out.assignments() {
                     prop_assert!(a.token > last_token, "tokens must strictly increase");
                     last_token = a.token;
                     seen_tokens.push((a.job_id, a.token));

@@ -71,9 +71,10 @@ mod tests {
         }
 
         fn assign(&mut self, at_ms: u64, session: &SessionId) -> (ApplyOutput, Vec<(JobId, FencingToken)>) {
-            let mut out = self.apply(at_ms, vec![Command::Dispatch { sessions: vec![session.clone()] }]);
-            let Applied::Dispatched { assignments } = out.results.remove(0) else { panic!("not dispatched") };
-            (out, assignments.into_iter().map(|a| (a.job_id, a.token)).collect())
+            let out = self.apply(at_ms, vec![Command::Dispatch { sessions: vec![session.clone()] }]);
+            let Applied::Dispatched { .. } = out.results[0] else { panic!("not dispatched") };
+            let assigned = out.assignments().map(|a| (a.job_id, a.token)).collect();
+            (out, assigned)
         }
     }
 
