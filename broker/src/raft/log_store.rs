@@ -52,6 +52,7 @@ use serde::de::DeserializeOwned;
 use tokio::runtime::Handle;
 use tokio::sync::mpsc;
 
+use super::log_tail::LogTail;
 use super::watermark::Watermark;
 use tokio::task::JoinHandle;
 
@@ -77,6 +78,10 @@ const STREAM_CHUNK_BYTES_MAX: usize = 8 << 20;
 /// A read races a purge or truncation of the same group at most this often
 /// before its error is reported.
 const READ_ATTEMPTS_MAX: usize = 3;
+/// Bounds of the newest entries each group keeps decoded in memory
+/// ([`LogTail`]): a few seconds of a busy group, well under its memory.
+const TAIL_ENTRIES_MAX: usize = 4096;
+const TAIL_BYTES_MAX: usize = 32 << 20;
 
 /// Errors of the log storage layer. openraft sees them as `io::Error`; any
 /// of them reported to openraft stops the group (a storage failure is fatal).
@@ -272,17 +277,24 @@ fn prune(pools: &mut Vec<(Weak<Engine>, tokio::runtime::Runtime)>) {
 }
 
 /// Reads one group's log; cheap to clone, one per replication stream.
-pub struct EngineLogReader<C> {
+pub struct EngineLogReader<C: RaftTypeConfig> {
     engine: Arc<Engine>,
     group: u64,
     io: Handle,
+    tail: Arc<Mutex<LogTail<EntryOf<C>>>>,
     // `fn() -> C`: the reader stores no `C`, so it is Send + Sync whatever `C` is.
     _config: PhantomData<fn() -> C>,
 }
 
-impl<C> Clone for EngineLogReader<C> {
+impl<C: RaftTypeConfig> Clone for EngineLogReader<C> {
     fn clone(&self) -> Self {
-        Self { engine: self.engine.clone(), group: self.group, io: self.io.clone(), _config: PhantomData }
+        Self {
+            engine: self.engine.clone(),
+            group: self.group,
+            io: self.io.clone(),
+            tail: self.tail.clone(),
+            _config: PhantomData,
+        }
     }
 }
 
@@ -302,10 +314,19 @@ struct DurableMark {
     appended: AtomicU64,
 }
 
-impl<C: RaftTypeConfig> EngineLogStore<C> {
+impl<C: RaftTypeConfig> EngineLogStore<C>
+where
+    EntryOf<C>: Clone,
+{
     pub fn new(engine: Arc<Engine>, group: u64) -> Self {
         Self {
-            reader: EngineLogReader { io: io_threads(&engine), engine, group, _config: PhantomData },
+            reader: EngineLogReader {
+                io: io_threads(&engine),
+                engine,
+                group,
+                tail: Arc::new(Mutex::new(LogTail::new(TAIL_ENTRIES_MAX, TAIL_BYTES_MAX))),
+                _config: PhantomData,
+            },
             flusher: None,
             durable: None,
         }
@@ -423,7 +444,14 @@ fn sync_group(engine: &Engine, group: u64) -> Result<()> {
     Ok(())
 }
 
-impl<C: RaftTypeConfig> EngineLogReader<C> {
+impl<C: RaftTypeConfig> EngineLogReader<C>
+where
+    EntryOf<C>: Clone,
+{
+    fn tail(&self) -> std::sync::MutexGuard<'_, LogTail<EntryOf<C>>> {
+        self.tail.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     async fn blocking<T, F>(&self, f: F) -> Result<T>
     where
         T: Send + 'static,
@@ -437,6 +465,9 @@ impl<C: RaftTypeConfig> EngineLogReader<C> {
     /// them (at least one); entries missing at either end are purged or not
     /// yet written.
     async fn read(&self, start: u64, end: u64, max_bytes: Option<usize>) -> Result<Vec<EntryOf<C>>> {
+        if let Some(entries) = self.tail().get(start, end, max_bytes) {
+            return Ok(entries);
+        }
         self.blocking(move |engine, group| read_entries::<C>(engine, group, start, end, max_bytes)).await
     }
 }
@@ -555,7 +586,10 @@ fn decode_entry<C: RaftTypeConfig>(group: u64, index: u64, message: &BytesValue)
     Ok(entry)
 }
 
-impl<C: RaftTypeConfig> RaftLogReader<C> for EngineLogReader<C> {
+impl<C: RaftTypeConfig> RaftLogReader<C> for EngineLogReader<C>
+where
+    EntryOf<C>: Clone,
+{
     async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
         &mut self,
         range: RB,
@@ -603,7 +637,10 @@ impl<C: RaftTypeConfig> RaftLogReader<C> for EngineLogReader<C> {
     }
 }
 
-impl<C: RaftTypeConfig> RaftLogReader<C> for EngineLogStore<C> {
+impl<C: RaftTypeConfig> RaftLogReader<C> for EngineLogStore<C>
+where
+    EntryOf<C>: Clone,
+{
     async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
         &mut self,
         range: RB,
@@ -616,7 +653,10 @@ impl<C: RaftTypeConfig> RaftLogReader<C> for EngineLogStore<C> {
     }
 }
 
-impl<C: RaftTypeConfig> RaftLogStorage<C> for EngineLogStore<C> {
+impl<C: RaftTypeConfig> RaftLogStorage<C> for EngineLogStore<C>
+where
+    EntryOf<C>: Clone,
+{
     type LogReader = EngineLogReader<C>;
 
     async fn get_log_state(&mut self) -> io::Result<LogState<C>> {
@@ -666,16 +706,18 @@ impl<C: RaftTypeConfig> RaftLogStorage<C> for EngineLogStore<C> {
     {
         let entries: Vec<EntryOf<C>> = entries.into_iter().collect();
         let last_index = entries.last().map(|e| e.index());
-        if !entries.is_empty() {
-            self.blocking(move |engine, group| {
-                check_contiguous::<C>(engine, group, &entries)?;
-                let messages = entries.iter().map(encode_entry).collect::<Result<Vec<_>>>()?;
-                let mut batch = LogBatch::with_capacity(1);
-                batch.add_entries::<EntryCodec>(group, &messages)?;
-                engine.write(&mut batch, false)?;
-                Ok(())
-            })
-            .await?;
+        if let Some(first) = entries.first().map(|e| e.index()) {
+            let (entries, sizes) = self
+                .blocking(move |engine, group| {
+                    check_contiguous::<C>(engine, group, &entries)?;
+                    let messages = entries.iter().map(encode_entry).collect::<Result<Vec<_>>>()?;
+                    let mut batch = LogBatch::with_capacity(1);
+                    batch.add_entries::<EntryCodec>(group, &messages)?;
+                    engine.write(&mut batch, false)?;
+                    Ok((entries, messages.iter().map(|m| m.value.len()).collect::<Vec<_>>()))
+                })
+                .await?;
+            self.reader.tail().appended(first, entries.into_iter().zip(sizes));
         }
         if let (Some(durable), Some(last)) = (&self.durable, last_index) {
             durable.appended.store(last, Ordering::Release);
@@ -692,6 +734,8 @@ impl<C: RaftTypeConfig> RaftLogStorage<C> for EngineLogStore<C> {
 
     async fn truncate_after(&mut self, last_log_id: Option<LogIdOf<C>>) -> io::Result<()> {
         let keep = last_log_id.map(|log_id| log_id.index());
+        // Before the log: a read meanwhile falls through to the engine.
+        self.reader.tail().truncated_after(keep);
         let durable = self.durable.clone();
         self.blocking(move |engine, group| {
             let (Some(first), Some(last)) = (engine.first_index(group), engine.last_index(group)) else {
@@ -740,6 +784,7 @@ impl<C: RaftTypeConfig> RaftLogStorage<C> for EngineLogStore<C> {
     }
 
     async fn purge(&mut self, log_id: LogIdOf<C>) -> io::Result<()> {
+        self.reader.tail().purged_upto(log_id.index());
         self.blocking(move |engine, group| {
             let purged: Option<LogIdOf<C>> = get_meta(engine, group, KEY_PURGED_V1)?;
             if purged.as_ref().is_some_and(|purged| purged.index() >= log_id.index()) {

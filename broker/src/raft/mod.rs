@@ -3,6 +3,7 @@
 //! rest of the broker sees `ShardRaft`, `ShardStatus` and `ProposeError`.
 
 pub mod log_store;
+mod log_tail;
 pub mod network;
 pub mod peer_service;
 pub mod state_machine;
