@@ -10,7 +10,7 @@ use std::sync::{
     atomic::{AtomicU64, Ordering},
 };
 
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{Notify, Semaphore, mpsc, oneshot};
 
 use crate::{
     clock::Clock,
@@ -25,6 +25,13 @@ pub const MAX_COMMANDS_PER_ENTRY: usize = 4096;
 pub const MAX_ENTRY_BYTES: usize = 4 << 20;
 /// Entries being replicated at once; later commands wait and batch up.
 pub const MAX_ENTRIES_IN_FLIGHT: usize = 8;
+/// While another entry is committing, a new one starts only with at least
+/// this many commands; a smaller batch waits for that commit and grows
+/// meanwhile. Each entry costs every node an fsync and a dozen thread
+/// hand-offs whatever it carries, so a second small entry in flight buys a
+/// few of its commands a shorter wait at the price of CPU that, on a busy
+/// node, every other command then waits for. Big batches still pipeline.
+pub const PIPELINE_BATCH_MIN: usize = 128;
 /// A commit slower than this is logged: it shows as latency to every caller.
 const SLOW_COMMIT: std::time::Duration = std::time::Duration::from_millis(50);
 
@@ -72,6 +79,7 @@ async fn run(
     mut rx: mpsc::UnboundedReceiver<Pending>,
 ) {
     let in_flight = Arc::new(Semaphore::new(MAX_ENTRIES_IN_FLIGHT));
+    let committed = Arc::new(Notify::new());
     let last_stamp = Arc::new(AtomicU64::new(0));
     // Waiting for a free slot *before* draining the queue is what makes
     // batches grow under load instead of entries multiplying.
@@ -90,10 +98,17 @@ async fn run(
         let mut group = vec![first];
         // A request taken off the queue but too big for this entry opens the next one.
         while count < MAX_COMMANDS_PER_ENTRY && bytes < MAX_ENTRY_BYTES {
+            let others_in_flight = MAX_ENTRIES_IN_FLIGHT - 1 - in_flight.available_permits();
             let next = match carry.take() {
                 Some(next) => next,
                 None => match rx.try_recv() {
                     Ok(next) => next,
+                    Err(_) if others_in_flight > 0 && count < PIPELINE_BATCH_MIN => {
+                        // Commands queue up meanwhile without waking this task.
+                        // Re-checked: a stored wake-up from an earlier commit is harmless.
+                        committed.notified().await;
+                        continue;
+                    }
                     Err(_) => break,
                 },
             };
@@ -121,11 +136,13 @@ async fn run(
             commands.push(extra);
         }
         let raft = raft.clone();
+        let committed = committed.clone();
         tokio::spawn(async move {
             let started = std::time::Instant::now();
             let count = commands.len();
             let outcome = raft.propose(Batch { proposed_at_ms: stamp, commands }).await;
             drop(permit);
+            committed.notify_one();
             let elapsed = started.elapsed();
             if elapsed > SLOW_COMMIT {
                 tracing::warn!(shard = %raft.shard(), commands = count, ?elapsed, "slow commit");

@@ -11,7 +11,7 @@
 use std::{
     sync::{
         Arc,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -250,18 +250,20 @@ async fn sigkill_the_leader_under_load() {
     eprintln!("queue after the load: {drained:?}\ntimeline:\n{}", history.timeline());
 
     // More than the 1000 entries a leader keeps behind its snapshot, while
-    // the killed node is down (eight writers: entries go out eight at a
-    // time), so it needs the leader's snapshot to catch up.
+    // the killed node is down, so it needs the leader's snapshot to catch
+    // up. Concurrent enqueues share entries (group commit), so the writers
+    // go on until the leader's snapshot is far enough, not for a count.
     let filled = Instant::now();
     let filler = History::new();
+    let enough = Arc::new(AtomicBool::new(false));
     let writers: Vec<_> = (0..8)
         .map(|w| {
-            let (filler, mut jobs) = (filler.clone(), cluster.nodes[new_leader].jobs());
+            let (filler, enough, mut jobs) = (filler.clone(), enough.clone(), cluster.nodes[new_leader].jobs());
             tokio::spawn(async move {
-                // Bounded: 140 acknowledged, with up to 100 refusals (an
-                // election on two starved cores) on the way.
+                // Bounded: at most 2000 acknowledged, with up to 100 refusals
+                // (an election on two starved cores) on the way.
                 let (mut done, mut refused) = (0, 0);
-                while done < 140 {
+                while done < 2000 && !enough.load(Ordering::Relaxed) {
                     let request = proto::EnqueueRequest {
                         queue: "filler".into(),
                         payload: format!("filler {w} {done}").into_bytes(),
@@ -283,10 +285,6 @@ async fn sigkill_the_leader_under_load() {
             })
         })
         .collect();
-    for writer in writers {
-        writer.await.expect("filler writer");
-    }
-    eprintln!("1120 enqueues by 8 writers took {:?}", filled.elapsed());
     // The leader snapshots every 100 commands and keeps 1000 entries
     // behind a snapshot: past this index, what the killed node lacks is gone
     // from every log.
@@ -296,6 +294,11 @@ async fn sigkill_the_leader_under_load() {
         (index > purged_past).then_some(index)
     })
     .await;
+    enough.store(true, Ordering::Relaxed);
+    for writer in writers {
+        writer.await.expect("filler writer");
+    }
+    eprintln!("{} enqueues by 8 writers took {:?}", filler.acknowledged().len(), filled.elapsed());
 
     // The killed node comes back: it restores its last snapshot, replays
     // its log, and catches up from the leader.
