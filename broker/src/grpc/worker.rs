@@ -11,17 +11,17 @@ use std::{
     },
 };
 
-use futures::Stream;
+use futures::{FutureExt as _, Stream};
 use gantry_proto::v1::{self as proto, broker_message::Kind as Out, worker_message::Kind as In, worker_server::Worker};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
-use tracing::Instrument as _;
 
 use super::{convert, status, validate};
 use crate::{
     dispatch::{Node, Outbound, ShardNode},
     queue::{Applied, Command, ExpiryReason, FencingToken, JobId, Rejection, SessionId},
+    raft::ProposeError,
 };
 
 type OutTx = mpsc::UnboundedSender<Result<proto::BrokerMessage, Status>>;
@@ -308,117 +308,156 @@ impl Connection {
     /// Reads the worker's messages until the stream ends.
     async fn serve(self: Arc<Self>, mut inbound: Streaming<proto::WorkerMessage>, generations: Vec<u64>) {
         let mut shutdown = self.node.shutdown.clone();
-        loop {
+        let mut results = Vec::new();
+        'stream: loop {
             let received = tokio::select! {
                 received = inbound.message() => received,
                 _ = shutdown.wait_for(|stop| *stop) => break,
             };
-            let msg = match received {
-                Ok(Some(msg)) => msg,
-                Ok(None) => break,
-                Err(status) => {
-                    tracing::debug!(session = %self.session_id, %status, "worker stream broke");
-                    break;
+            let mut received = Some(received);
+            // Results already received share one proposal and one task: a
+            // busy worker's stream carries many per read.
+            while let Some(next) = received.take() {
+                let msg = match next {
+                    Ok(Some(msg)) => msg,
+                    Ok(None) => break 'stream,
+                    Err(status) => {
+                        tracing::debug!(session = %self.session_id, %status, "worker stream broke");
+                        break 'stream;
+                    }
+                };
+                match self.read(msg, &mut results).await {
+                    Read::Next if results.len() < RESULTS_PER_PROPOSAL_MAX => {
+                        received = inbound.message().now_or_never();
+                    }
+                    Read::Next => {}
+                    Read::End => break 'stream,
                 }
-            };
-            for shard in &self.shards {
-                shard.registry.touch(&self.session_id);
             }
-            let (command, job_id, token) = match msg.kind {
-                Some(In::Heartbeat(_)) => continue,
-                Some(In::Drain(_)) => {
-                    // Awaited, unlike results: the releases that follow
-                    // must not free slots the dispatcher refills first.
-                    self.drain().await;
-                    continue;
-                }
-                Some(In::Complete(c)) => (validate::complete(&c, &self.limits), c.job_id, c.fencing_token),
-                Some(In::Fail(f)) => {
-                    let jitter = rand::random_range(0..=1000u16);
-                    (validate::fail(&f, &self.limits, jitter), f.job_id, f.fencing_token)
-                }
-                Some(In::Release(r)) => (validate::release(&r), r.job_id, r.fencing_token),
-                Some(In::Progress(p)) => (validate::progress(&p, &self.limits), p.job_id, p.fencing_token),
-                Some(In::Goodbye(_)) => {
-                    self.goodbye.store(true, Ordering::Release);
-                    self.say_goodbye().await;
-                    break;
-                }
-                Some(In::Hello(_)) => {
-                    let _ = self.out.send(Err(Status::failed_precondition(
-                        "hello: only the first message of a stream may be hello",
-                    )));
-                    break;
-                }
-                None => {
-                    let _ = self.out.send(Err(Status::invalid_argument("kind: empty WorkerMessage")));
-                    break;
-                }
-            };
-            self.clone().answer(command, job_id, token);
+            self.clone().answer(std::mem::take(&mut results));
         }
+        self.clone().answer(results);
         for (shard, generation) in self.shards.iter().zip(generations) {
             shard.registry.detach(&self.session_id, generation);
         }
     }
 
-    /// Proposes a result (or progress) and acks it, without holding up the
-    /// stream: results of many jobs share log entries.
-    fn answer(self: Arc<Self>, command: Result<Command, validate::InvalidArgument>, job_id: String, token: u64) {
-        let job_id_text = job_id.clone();
-        let ack = move |status: proto::AckStatus, message: String, lease_deadline_ms: Option<u64>| {
-            message_ack(proto::Ack {
-                job_id: job_id.clone(),
-                fencing_token: token,
-                status: status as i32,
-                message,
-                lease_deadline: lease_deadline_ms.map(convert::timestamp),
-            })
+    /// Handles one message; a result (or progress) joins `results` to be
+    /// proposed with the others read with it.
+    async fn read(self: &Arc<Self>, msg: proto::WorkerMessage, results: &mut Vec<Result_>) -> Read {
+        for shard in &self.shards {
+            shard.registry.touch(&self.session_id);
+        }
+        let (command, job_id, token) = match msg.kind {
+            Some(In::Heartbeat(_)) => return Read::Next,
+            Some(In::Drain(_)) => {
+                // Awaited, unlike results: the releases that follow must not
+                // free slots the dispatcher refills first.
+                self.clone().answer(std::mem::take(results));
+                self.drain().await;
+                return Read::Next;
+            }
+            Some(In::Complete(c)) => (validate::complete(&c, &self.limits), c.job_id, c.fencing_token),
+            Some(In::Fail(f)) => {
+                let jitter = rand::random_range(0..=1000u16);
+                (validate::fail(&f, &self.limits, jitter), f.job_id, f.fencing_token)
+            }
+            Some(In::Release(r)) => (validate::release(&r), r.job_id, r.fencing_token),
+            Some(In::Progress(p)) => (validate::progress(&p, &self.limits), p.job_id, p.fencing_token),
+            Some(In::Goodbye(_)) => {
+                self.clone().answer(std::mem::take(results));
+                self.goodbye.store(true, Ordering::Release);
+                self.say_goodbye().await;
+                return Read::End;
+            }
+            Some(In::Hello(_)) => {
+                let _ = self
+                    .out
+                    .send(Err(Status::failed_precondition("hello: only the first message of a stream may be hello")));
+                return Read::End;
+            }
+            None => {
+                let _ = self.out.send(Err(Status::invalid_argument("kind: empty WorkerMessage")));
+                return Read::End;
+            }
         };
+        let ack = Acker { job_id, token };
         let command = match command {
             Ok(command) => command,
             Err(invalid) if invalid.field == "job_id" => {
-                let _ = self.out.send(ack(proto::AckStatus::UnknownJob, invalid.to_string(), None));
-                return;
+                let _ = self.out.send(ack.reply(proto::AckStatus::UnknownJob, invalid.to_string(), None));
+                return Read::Next;
             }
             Err(invalid) => {
                 // A malformed result is a client bug: say which field, end the stream.
                 let _ = self.out.send(Err(invalid.into()));
+                return Read::End;
+            }
+        };
+        match command_job(&command).and_then(|id| self.node.shard_for_job(id)).cloned() {
+            Some(shard) => results.push(Result_ { shard, command, ack }),
+            None => {
+                let message = format!("job {} not found", ack.job_id);
+                let _ = self.out.send(ack.reply(proto::AckStatus::UnknownJob, message, None));
+            }
+        }
+        Read::Next
+    }
+
+    /// Proposes results (or progress) and acks each, without holding up the
+    /// stream: results of many jobs share log entries.
+    fn answer(self: Arc<Self>, results: Vec<Result_>) {
+        if results.is_empty() {
+            return;
+        }
+        tokio::spawn(async move {
+            // One proposal per shard, in the order the worker sent them.
+            let mut rest = results;
+            while !rest.is_empty() {
+                let shard = rest[0].shard.clone();
+                let (now, later): (Vec<_>, Vec<_>) = rest.into_iter().partition(|r| Arc::ptr_eq(&r.shard, &shard));
+                rest = later;
+                let (commands, acks): (Vec<_>, Vec<_>) = now.into_iter().map(|r| (r.command, r.ack)).unzip();
+                let outcomes = shard.proposer.propose_all(commands).await;
+                self.acknowledge(&shard, acks, outcomes);
+            }
+        });
+    }
+
+    fn acknowledge(&self, shard: &ShardNode, acks: Vec<Acker>, outcomes: Result<Vec<Applied>, ProposeError>) {
+        let outcomes = match outcomes {
+            Ok(outcomes) => outcomes,
+            Err(e) => {
+                let _ = self.out.send(Err(status::propose_error(e)));
                 return;
             }
         };
-        let Some(shard) = command_job(&command).and_then(|id| self.node.shard_for_job(id)).cloned() else {
-            let _ = self.out.send(ack(proto::AckStatus::UnknownJob, format!("job {job_id_text} not found"), None));
-            return;
-        };
-        let kind = command_kind(&command);
-        let span = tracing::debug_span!("result", job_id = %job_id_text, shard = %shard.raft.shard(), session = %self.session_id, token, kind);
-        tokio::spawn(async move {
-            let outcome = shard.proposer.propose(command).await;
-            match &outcome {
-                Ok(Applied::Accepted { .. }) => tracing::debug!("accepted"),
-                Ok(Applied::Rejected(rejection)) => tracing::info!(%rejection, "result refused"),
-                _ => {}
-            }
+        for (ack, outcome) in acks.into_iter().zip(outcomes) {
             let reply = match outcome {
-                Ok(Applied::Accepted { lease_deadline_ms }) => {
-                    ack(proto::AckStatus::Accepted, String::new(), lease_deadline_ms)
+                Applied::Accepted { lease_deadline_ms } => {
+                    tracing::debug!(job_id = %ack.job_id, shard = %shard.raft.shard(), session = %self.session_id, token = ack.token, "accepted");
+                    ack.reply(proto::AckStatus::Accepted, String::new(), lease_deadline_ms)
                 }
-                Ok(Applied::Rejected(Rejection::StaleLease { job_id, token })) => ack(
-                    proto::AckStatus::StaleLease,
-                    format!(
-                        "job {job_id}: fencing token {token} is stale; the lease was lost (session expired or lease_timeout passed) and the job belongs to another holder now; do not retry"
-                    ),
-                    None,
-                ),
-                Ok(Applied::Rejected(Rejection::JobNotFound(id))) => {
-                    ack(proto::AckStatus::UnknownJob, format!("job {id} not found"), None)
+                Applied::Rejected(rejection) => {
+                    tracing::info!(job_id = %ack.job_id, shard = %shard.raft.shard(), session = %self.session_id, token = ack.token, %rejection, "result refused");
+                    match rejection {
+                        Rejection::StaleLease { job_id, token } => ack.reply(
+                            proto::AckStatus::StaleLease,
+                            format!(
+                                "job {job_id}: fencing token {token} is stale; the lease was lost (session expired or lease_timeout passed) and the job belongs to another holder now; do not retry"
+                            ),
+                            None,
+                        ),
+                        Rejection::JobNotFound(id) => {
+                            ack.reply(proto::AckStatus::UnknownJob, format!("job {id} not found"), None)
+                        }
+                        other => Err(status::unexpected("result", &Applied::Rejected(other))),
+                    }
                 }
-                Ok(other) => Err(status::unexpected("result", &other)),
-                Err(e) => Err(status::propose_error(e)),
+                other => Err(status::unexpected("result", &other)),
             };
             let _ = self.out.send(reply);
-        }.instrument(span));
+        }
     }
 
     /// Graceful shutdown begins: no new jobs for this session.
@@ -449,17 +488,41 @@ impl Connection {
     }
 }
 
-fn message_ack(ack: proto::Ack) -> Result<proto::BrokerMessage, Status> {
-    message(Out::Ack(ack))
+/// Results proposed together at most: bounds one entry's share of a stream.
+const RESULTS_PER_PROPOSAL_MAX: usize = 256;
+
+/// What reading a message leaves the stream to do.
+enum Read {
+    Next,
+    End,
 }
 
-fn command_kind(command: &Command) -> &'static str {
-    match command {
-        Command::Complete { .. } => "complete",
-        Command::Fail { .. } => "fail",
-        Command::Release { .. } => "release",
-        Command::Progress { .. } => "progress",
-        _ => "other",
+/// A validated result on its way to the log, with what its ack must name.
+struct Result_ {
+    shard: Arc<ShardNode>,
+    command: Command,
+    ack: Acker,
+}
+
+struct Acker {
+    job_id: String,
+    token: u64,
+}
+
+impl Acker {
+    fn reply(
+        &self,
+        status: proto::AckStatus,
+        message: String,
+        lease_deadline_ms: Option<u64>,
+    ) -> Result<proto::BrokerMessage, Status> {
+        self::message(Out::Ack(proto::Ack {
+            job_id: self.job_id.clone(),
+            fencing_token: self.token,
+            status: status as i32,
+            message,
+            lease_deadline: lease_deadline_ms.map(convert::timestamp),
+        }))
     }
 }
 
