@@ -50,7 +50,6 @@ use raft_engine::MessageExt;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::runtime::Handle;
-use tokio::sync::mpsc;
 
 use super::log_tail::LogTail;
 use super::watermark::Watermark;
@@ -303,9 +302,14 @@ impl<C: RaftTypeConfig> Clone for EngineLogReader<C> {
 pub struct EngineLogStore<C: RaftTypeConfig> {
     reader: EngineLogReader<C>,
     /// Started on the first append; see [`run_flusher`].
-    flusher: Option<mpsc::UnboundedSender<IOFlushed<C>>>,
+    flusher: Option<std::sync::mpsc::Sender<IOFlushed<C>>>,
     durable: Option<Arc<DurableMark>>,
+    /// The committed id openraft saved last, until a flush writes it.
+    committed: Arc<PendingCommitted<C>>,
 }
+
+/// `Some` while a committed id is waiting for the flusher's next sync.
+type PendingCommitted<C> = Mutex<Option<Option<LogIdOf<C>>>>;
 
 /// What the flush task raises the group's watermark to: the last index
 /// appended before a sync is durable after it.
@@ -329,6 +333,7 @@ where
             },
             flusher: None,
             durable: None,
+            committed: Arc::new(Mutex::new(None)),
         }
     }
 
@@ -356,13 +361,17 @@ where
         &self.reader.engine
     }
 
-    fn flusher(&mut self) -> &mpsc::UnboundedSender<IOFlushed<C>> {
-        let reader = &self.reader;
-        self.flusher.get_or_insert_with(|| {
-            let (tx, rx) = mpsc::unbounded_channel();
-            tokio::spawn(run_flusher(reader.engine.clone(), reader.io.clone(), reader.group, self.durable.clone(), rx));
-            tx
-        })
+    fn flusher(&mut self) -> io::Result<&std::sync::mpsc::Sender<IOFlushed<C>>> {
+        if self.flusher.is_none() {
+            let (tx, rx) = std::sync::mpsc::channel();
+            let (engine, group) = (self.reader.engine.clone(), self.reader.group);
+            let (durable, committed) = (self.durable.clone(), self.committed.clone());
+            std::thread::Builder::new()
+                .name(format!("raft-flush-{group}"))
+                .spawn(move || run_flusher(engine, group, durable, committed, rx))?;
+            self.flusher = Some(tx);
+        }
+        Ok(self.flusher.as_ref().expect("started above"))
     }
 
     /// Runs `f` on the blocking pool with this group's engine.
@@ -379,44 +388,40 @@ where
 ///
 /// `append` writes unsynced and returns (the entries are then readable, as
 /// openraft requires), so Raft can replicate to followers while the local
-/// fsync runs. This task then makes a synced write: raft-engine fdatasyncs
+/// fsync runs. This thread then makes a synced write: raft-engine fdatasyncs
 /// its active file after it, covering every earlier write of this group (a
 /// file is synced when rotated out). Callbacks queued meanwhile share the next
 /// sync, and the synced writes of all groups share one fdatasync when they
-/// meet in raft-engine's write group.
+/// meet in raft-engine's write group. That write also carries the committed
+/// id openraft saved last, which costs no write of its own then.
 ///
-/// The watermark is written on another thread at the same time as the log
-/// sync (one more fdatasync, in parallel): if the log sync then fails, the
-/// watermark is ahead of the log, which only makes a restart cautious.
-async fn run_flusher<C: RaftTypeConfig>(
+/// A thread of its own, not a task: each flush would otherwise cost a task
+/// wake-up and two trips to the blocking pool, on every node for every
+/// entry. The watermark is written by a second thread at the same time as
+/// the log sync (one more fdatasync, in parallel): if the log sync then
+/// fails, the watermark is ahead of the log, which only makes a restart
+/// cautious.
+fn run_flusher<C: RaftTypeConfig>(
     engine: Arc<Engine>,
-    io: Handle,
     group: u64,
     durable: Option<Arc<DurableMark>>,
-    mut callbacks: mpsc::UnboundedReceiver<IOFlushed<C>>,
+    committed: Arc<PendingCommitted<C>>,
+    callbacks: std::sync::mpsc::Receiver<IOFlushed<C>>,
 ) {
-    let mut waiting = Vec::new();
+    let marker = durable.map(|durable| WatermarkWriter::spawn(group, durable));
+    let take_committed = || committed.lock().unwrap_or_else(PoisonError::into_inner).take();
     // After a failed sync the state of the file is unknown: fail every later flush too.
     let mut failure: Option<String> = None;
-    while callbacks.recv_many(&mut waiting, 1024).await > 0 {
+    while let Ok(first) = callbacks.recv() {
+        let mut waiting = vec![first];
+        waiting.extend(callbacks.try_iter());
         if failure.is_none() {
-            let engine = engine.clone();
-            let marked = durable.clone().map(|durable| {
-                let target = durable.appended.load(Ordering::Acquire);
-                io.spawn_blocking(move || durable.watermark.record(target))
-            });
-            let synced = io.spawn_blocking(move || sync_group(&engine, group)).await;
-            match synced {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => failure = Some(e.to_string()),
-                Err(e) => failure = Some(e.to_string()),
+            let marking = marker.as_ref().inspect(|marker| marker.start());
+            if let Err(e) = sync_group::<C>(&engine, group, take_committed()) {
+                failure = Some(e.to_string());
             }
-            if let Some(marked) = marked {
-                match marked.await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => failure = Some(format!("watermark: {e}")),
-                    Err(e) => failure = Some(format!("watermark: {e}")),
-                }
+            if let Some(Err(e)) = marking.map(WatermarkWriter::finish) {
+                failure = Some(format!("watermark: {e}"));
             }
             if let Some(reason) = &failure {
                 tracing::error!(group, %reason, "raft log flush failed");
@@ -430,16 +435,62 @@ async fn run_flusher<C: RaftTypeConfig>(
             callback.io_completed(result);
         }
     }
-    // This may be the engine's last handle; closing it blocks.
-    drop(io.spawn_blocking(move || drop(engine)));
+    // The store is gone: a committed id saved since the last flush is kept too.
+    if failure.is_none()
+        && let Some(committed) = take_committed()
+        && let Err(error) = sync_group::<C>(&engine, group, Some(committed))
+    {
+        tracing::warn!(group, %error, "cannot write the last committed id");
+    }
 }
 
-/// A synced write that changes nothing: raft-engine skips empty batches and
-/// `Engine::sync()` does nothing in 0.4.2, but compacting a region to index 0
-/// removes no entry and is still a write the engine must fsync.
-fn sync_group(engine: &Engine, group: u64) -> Result<()> {
+/// The watermark's writer thread: told the index to record as a flush
+/// starts, answers once it is on disk.
+struct WatermarkWriter {
+    durable: Arc<DurableMark>,
+    targets: std::sync::mpsc::Sender<u64>,
+    done: std::sync::mpsc::Receiver<io::Result<()>>,
+}
+
+impl WatermarkWriter {
+    fn spawn(group: u64, durable: Arc<DurableMark>) -> Self {
+        let (targets, target_rx) = std::sync::mpsc::channel::<u64>();
+        let (done_tx, done) = std::sync::mpsc::channel();
+        let watermark = durable.watermark.clone();
+        let spawned = std::thread::Builder::new().name(format!("raft-mark-{group}")).spawn(move || {
+            for target in target_rx {
+                if done_tx.send(watermark.record(target)).is_err() {
+                    return;
+                }
+            }
+        });
+        if let Err(e) = spawned {
+            // Every flush then fails, naming why: no acknowledgement without the mark.
+            tracing::error!(group, error = %e, "cannot start the watermark writer");
+        }
+        WatermarkWriter { durable, targets, done }
+    }
+
+    /// Starts recording the last index appended so far.
+    fn start(&self) {
+        let _ = self.targets.send(self.durable.appended.load(Ordering::Acquire));
+    }
+
+    fn finish(&self) -> io::Result<()> {
+        self.done.recv().unwrap_or_else(|_| Err(io::Error::other("the watermark writer is gone")))
+    }
+}
+
+/// A synced write, of the committed id when there is one to save, else of
+/// nothing: raft-engine skips empty batches and `Engine::sync()` does nothing
+/// in 0.4.2, but compacting a region to index 0 removes no entry and is
+/// still a write the engine must fsync.
+fn sync_group<C: RaftTypeConfig>(engine: &Engine, group: u64, committed: Option<Option<LogIdOf<C>>>) -> Result<()> {
     let mut batch = LogBatch::with_capacity(1);
-    batch.add_command(group, Command::Compact { index: 0 });
+    match committed {
+        Some(committed) => put_meta(&mut batch, group, KEY_COMMITTED_V1, &committed)?,
+        None => batch.add_command(group, Command::Compact { index: 0 }),
+    }
     engine.write(&mut batch, true)?;
     Ok(())
 }
@@ -682,10 +733,15 @@ where
         Ok(())
     }
 
-    /// Unsynced: the next synced write of the engine carries it. A committed
-    /// id that is lost or stale only makes a restart re-apply less of the log
-    /// before the leader confirms the rest.
+    /// Written by the flusher's next sync (or when the store is dropped), not
+    /// by a write of its own: a committed id that is lost or stale only makes
+    /// a restart re-apply less of the log before the leader confirms the rest.
     async fn save_committed(&mut self, committed: Option<LogIdOf<C>>) -> io::Result<()> {
+        if self.flusher.is_some() {
+            *self.committed.lock().unwrap_or_else(PoisonError::into_inner) = Some(committed);
+            return Ok(());
+        }
+        // Nothing appended through this store yet: no flusher to carry it.
         let mut batch = LogBatch::with_capacity(1);
         put_meta(&mut batch, self.group(), KEY_COMMITTED_V1, &committed)?;
         self.blocking(move |engine, _| Ok(engine.write(&mut batch, false)?)).await?;
@@ -693,6 +749,9 @@ where
     }
 
     async fn read_committed(&mut self) -> io::Result<Option<LogIdOf<C>>> {
+        if let Some(pending) = self.committed.lock().unwrap_or_else(PoisonError::into_inner).clone() {
+            return Ok(pending);
+        }
         let committed: Option<Option<LogIdOf<C>>> = get_meta(self.engine(), self.group(), KEY_COMMITTED_V1)?;
         Ok(committed.flatten())
     }
@@ -724,9 +783,9 @@ where
         }
         // Even an empty append is acknowledged only after a sync: its callback
         // tells openraft that all earlier log I/O is durable.
-        if let Err(mpsc::error::SendError(callback)) = self.flusher().send(callback) {
+        if let Err(std::sync::mpsc::SendError(callback)) = self.flusher()?.send(callback) {
             let group = self.group();
-            let reason = "the flush task is gone".to_string();
+            let reason = "the flush thread is gone".to_string();
             callback.io_completed(Err(StorageError::FlushFailed { group, reason }.into()));
         }
         Ok(())
