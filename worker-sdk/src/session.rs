@@ -2,7 +2,7 @@
 //! unacknowledged messages. Handlers run on their own tasks and talk to it
 //! through channels, so no lock is ever held across the network.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
@@ -58,7 +58,8 @@ pub(crate) struct Session {
     cfg: Config,
     shared: Arc<Shared>,
     handler: DynHandler,
-    jobs: HashMap<JobKey, Entry>,
+    /// Ordered, so the leases of one job are found without a scan.
+    jobs: BTreeMap<JobKey, Entry>,
     /// Assigned but not started, in arrival order (concurrency is full).
     waiting: VecDeque<JobKey>,
     handlers: JoinSet<(JobKey, Outcome)>,
@@ -154,7 +155,7 @@ impl Session {
             cfg,
             shared,
             handler,
-            jobs: HashMap::new(),
+            jobs: BTreeMap::new(),
             waiting: VecDeque::new(),
             handlers: JoinSet::new(),
             outbox: HashMap::new(),
@@ -451,8 +452,7 @@ impl Session {
             return;
         }
         // Running an older lease of the same job? That lease is over.
-        let older: Vec<JobKey> =
-            self.jobs.keys().filter(|(id, token)| *id == key.0 && *token < key.1).cloned().collect();
+        let older: Vec<JobKey> = self.jobs.range((key.0.clone(), 0)..key.clone()).map(|(k, _)| k.clone()).collect();
         for old in older {
             self.lose_lease(&old, "job reassigned under a newer fencing token");
         }
@@ -550,12 +550,9 @@ impl Session {
     }
 
     fn revoke(&mut self, r: proto::Revoke) {
-        let keys: Vec<JobKey> = self
-            .jobs
-            .keys()
-            .filter(|(id, token)| *id == r.job_id && (r.fencing_token == 0 || *token <= r.fencing_token))
-            .cloned()
-            .collect();
+        let newest = if r.fencing_token == 0 { u64::MAX } else { r.fencing_token };
+        let keys: Vec<JobKey> =
+            self.jobs.range((r.job_id.clone(), 0)..=(r.job_id.clone(), newest)).map(|(k, _)| k.clone()).collect();
         if keys.is_empty() {
             tracing::debug!(job_id = %r.job_id, fencing_token = r.fencing_token, "revoke for a job not held ignored");
         }
