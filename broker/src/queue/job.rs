@@ -152,6 +152,9 @@ impl Job {
         if self.history.len() == HISTORY_MAX {
             self.history.remove(0);
         }
+        // Most jobs run once: room for one record, not Vec's default of four,
+        // in every job a queue retains.
+        self.history.reserve_exact(1);
         self.history.push(record);
     }
 }
