@@ -439,6 +439,43 @@ async fn reads_of_long_ranges_are_chunked_and_complete() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Entries older than the in-memory tail come from the engine, newer ones
+/// from the tail; a range across the boundary, a truncation and a purge
+/// must give the same answers either way.
+#[tokio::test]
+async fn reads_across_the_in_memory_tail_match_the_log() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let engine = open_engine(dir.path())?;
+    let mut store = Store::new(engine.clone(), 5);
+    let count = TAIL_ENTRIES_MAX as u64 + 600;
+    for chunk in (0..count).collect::<Vec<_>>().chunks(700) {
+        append(&mut store, entries(1, chunk.iter().copied())).await?;
+    }
+    let mut reader = store.get_log_reader().await;
+    let tail_start = count - TAIL_ENTRIES_MAX as u64;
+    assert_eq!(reader.try_get_log_entries(0..count).await?, entries(1, 0..count), "engine and tail together");
+    assert_eq!(reader.try_get_log_entries(tail_start..count).await?, entries(1, tail_start..count), "tail only");
+    assert_eq!(reader.try_get_log_entries(10..20).await?, entries(1, 10..20), "engine only");
+
+    // A new leader overwrites the last entries with its own term.
+    store.truncate_after(Some(log_id::<C>(1, 1, count - 11))).await?;
+    assert_eq!(reader.try_get_log_entries(count - 20..count).await?, entries(1, count - 20..count - 10));
+    append(&mut store, entries(2, count - 10..count)).await?;
+    let mut expected = entries(1, count - 20..count - 10);
+    expected.extend(entries(2, count - 10..count));
+    assert_eq!(reader.try_get_log_entries(count - 20..count).await?, expected);
+
+    store.purge(log_id::<C>(1, 1, count - 15)).await?;
+    assert_eq!(reader.try_get_log_entries(0..count).await?, expected[6..].to_vec());
+
+    // A restart has no tail: the same entries come from the engine.
+    drop((reader, store));
+    let engine = reopen(engine, dir.path()).await?;
+    let mut store = Store::new(engine, 5);
+    assert_eq!(all_entries(&mut store).await?, expected[6..].to_vec());
+    Ok(())
+}
+
 #[tokio::test]
 async fn corrupt_entries_are_reported_not_decoded() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
