@@ -26,11 +26,12 @@ pub const MAX_ENTRY_BYTES: usize = 4 << 20;
 /// Entries being replicated at once; later commands wait and batch up.
 pub const MAX_ENTRIES_IN_FLIGHT: usize = 8;
 /// While another entry is committing, a new one starts only with at least
-/// this many commands; a smaller batch waits for that commit and grows
-/// meanwhile. Each entry costs every node an fsync and a dozen thread
-/// hand-offs whatever it carries, so a second small entry in flight buys a
-/// few of its commands a shorter wait at the price of CPU that, on a busy
-/// node, every other command then waits for. Big batches still pipeline.
+/// this many commands; a smaller batch waits for a commit and takes what
+/// queued meanwhile. Each entry costs every node an fsync and a dozen
+/// thread hand-offs whatever it carries, so a second small entry in flight
+/// buys a few of its commands a shorter wait at the price of CPU that, on a
+/// busy node, every other command then waits for. A batch that is big when
+/// taken off the queue still pipelines (up to `MAX_ENTRIES_IN_FLIGHT`).
 pub const PIPELINE_BATCH_MIN: usize = 128;
 /// A commit slower than this is logged: it shows as latency to every caller.
 const SLOW_COMMIT: std::time::Duration = std::time::Duration::from_millis(50);

@@ -410,18 +410,20 @@ impl Connection {
         if results.is_empty() {
             return;
         }
-        tokio::spawn(async move {
-            // One proposal per shard, in the order the worker sent them.
-            let mut rest = results;
-            while !rest.is_empty() {
-                let shard = rest[0].shard.clone();
-                let (now, later): (Vec<_>, Vec<_>) = rest.into_iter().partition(|r| Arc::ptr_eq(&r.shard, &shard));
-                rest = later;
-                let (commands, acks): (Vec<_>, Vec<_>) = now.into_iter().map(|r| (r.command, r.ack)).unzip();
+        // One proposal per shard, in the order the worker sent them; shards
+        // apart, so a shard without a quorum holds up only its own results.
+        let mut rest = results;
+        while !rest.is_empty() {
+            let shard = rest[0].shard.clone();
+            let (now, later): (Vec<_>, Vec<_>) = rest.into_iter().partition(|r| Arc::ptr_eq(&r.shard, &shard));
+            rest = later;
+            let (commands, acks): (Vec<_>, Vec<_>) = now.into_iter().map(|r| (r.command, r.ack)).unzip();
+            let this = self.clone();
+            tokio::spawn(async move {
                 let outcomes = shard.proposer.propose_all(commands).await;
-                self.acknowledge(&shard, acks, outcomes);
-            }
-        });
+                this.acknowledge(&shard, acks, outcomes);
+            });
+        }
     }
 
     fn acknowledge(&self, shard: &ShardNode, acks: Vec<Acker>, outcomes: Result<Vec<Applied>, ProposeError>) {
