@@ -675,8 +675,15 @@ proptest! {
                 }
                 _ => {}
             }
-            // Retention sweeps drop terminal jobs; remember which.
+            // Retention sweeps drop terminal jobs; remember which. A job can
+            // also finish and be dropped by the same entry (its lease ran out
+            // with no attempt left, under a retention of 0): its Finished
+            // event says so.
             dropped.extend(before.jobs().iter().filter(|(id, j)| j.is_terminal() && h.state.job(**id).is_none()).map(|(id, _)| *id));
+            dropped.extend(out.events.iter().filter_map(|e| match e {
+                Event::Finished { job_id } if h.state.job(*job_id).is_none() => Some(*job_id),
+                _ => None,
+            }));
             for (id, job) in h.state.jobs() {
                 if let (Some(prev), Some(old)) = (attempts.get(id), before.job(*id)) {
                     // Attempts only go down through Release (by one) or RetryJob (to zero).
