@@ -315,6 +315,7 @@ impl Connection {
                 _ = shutdown.wait_for(|stop| *stop) => break,
             };
             let mut received = Some(received);
+            let mut touched = false;
             // Results already received share one proposal and one task: a
             // busy worker's stream carries many per read.
             while let Some(next) = received.take() {
@@ -326,6 +327,12 @@ impl Connection {
                         break 'stream;
                     }
                 };
+                // Any message shows the worker alive; once per read is enough.
+                if !std::mem::replace(&mut touched, true) {
+                    for shard in &self.shards {
+                        shard.registry.touch(&self.session_id);
+                    }
+                }
                 match self.read(msg, &mut results).await {
                     Read::Next if results.len() < RESULTS_PER_PROPOSAL_MAX => {
                         received = inbound.message().now_or_never();
@@ -345,9 +352,6 @@ impl Connection {
     /// Handles one message; a result (or progress) joins `results` to be
     /// proposed with the others read with it.
     async fn read(self: &Arc<Self>, msg: proto::WorkerMessage, results: &mut Vec<Result_>) -> Read {
-        for shard in &self.shards {
-            shard.registry.touch(&self.session_id);
-        }
         let (command, job_id, token) = match msg.kind {
             Some(In::Heartbeat(_)) => return Read::Next,
             Some(In::Drain(_)) => {
@@ -435,26 +439,28 @@ impl Connection {
             }
         };
         for (ack, outcome) in acks.into_iter().zip(outcomes) {
-            let reply = match outcome {
-                Applied::Accepted { lease_deadline_ms } => {
-                    tracing::debug!(job_id = %ack.job_id, shard = %shard.raft.shard(), session = %self.session_id, token = ack.token, "accepted");
-                    ack.reply(proto::AckStatus::Accepted, String::new(), lease_deadline_ms)
+            match &outcome {
+                Applied::Accepted { .. } => {
+                    tracing::debug!(job_id = %ack.job_id, shard = %shard.raft.shard(), session = %self.session_id, token = ack.token, "accepted")
                 }
                 Applied::Rejected(rejection) => {
-                    tracing::info!(job_id = %ack.job_id, shard = %shard.raft.shard(), session = %self.session_id, token = ack.token, %rejection, "result refused");
-                    match rejection {
-                        Rejection::StaleLease { job_id, token } => ack.reply(
-                            proto::AckStatus::StaleLease,
-                            format!(
-                                "job {job_id}: fencing token {token} is stale; the lease was lost (session expired or lease_timeout passed) and the job belongs to another holder now; do not retry"
-                            ),
-                            None,
-                        ),
-                        Rejection::JobNotFound(id) => {
-                            ack.reply(proto::AckStatus::UnknownJob, format!("job {id} not found"), None)
-                        }
-                        other => Err(status::unexpected("result", &Applied::Rejected(other))),
-                    }
+                    tracing::info!(job_id = %ack.job_id, shard = %shard.raft.shard(), session = %self.session_id, token = ack.token, %rejection, "result refused")
+                }
+                _ => {}
+            }
+            let reply = match outcome {
+                Applied::Accepted { lease_deadline_ms } => {
+                    ack.reply(proto::AckStatus::Accepted, String::new(), lease_deadline_ms)
+                }
+                Applied::Rejected(Rejection::StaleLease { job_id, token }) => ack.reply(
+                    proto::AckStatus::StaleLease,
+                    format!(
+                        "job {job_id}: fencing token {token} is stale; the lease was lost (session expired or lease_timeout passed) and the job belongs to another holder now; do not retry"
+                    ),
+                    None,
+                ),
+                Applied::Rejected(Rejection::JobNotFound(id)) => {
+                    ack.reply(proto::AckStatus::UnknownJob, format!("job {id} not found"), None)
                 }
                 other => Err(status::unexpected("result", &other)),
             };

@@ -737,14 +737,10 @@ where
     /// by a write of its own: a committed id that is lost or stale only makes
     /// a restart re-apply less of the log before the leader confirms the rest.
     async fn save_committed(&mut self, committed: Option<LogIdOf<C>>) -> io::Result<()> {
-        if self.flusher.is_some() {
-            *self.committed.lock().unwrap_or_else(PoisonError::into_inner) = Some(committed);
-            return Ok(());
-        }
-        // Nothing appended through this store yet: no flusher to carry it.
-        let mut batch = LogBatch::with_capacity(1);
-        put_meta(&mut batch, self.group(), KEY_COMMITTED_V1, &committed)?;
-        self.blocking(move |engine, _| Ok(engine.write(&mut batch, false)?)).await?;
+        *self.committed.lock().unwrap_or_else(PoisonError::into_inner) = Some(committed);
+        // Nothing appended through this store yet: started here, the flusher
+        // writes it when the store closes.
+        self.flusher()?;
         Ok(())
     }
 
