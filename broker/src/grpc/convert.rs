@@ -262,7 +262,7 @@ mod tests {
     #[test]
     fn active_job_round_trips() {
         let job = sample_job();
-        let view = JobView { state: JobState::Active, job: job.clone() };
+        let view = JobView { state: JobState::Active, job: job.clone().into() };
         let p = job_to_proto(&view, true);
 
         assert_eq!(p.id.parse::<JobId>(), Ok(job.id));
@@ -312,7 +312,7 @@ mod tests {
         job.finished_ms = Some(1_700_000_010_000);
         job.result = b"done".to_vec();
         job.idempotency_key = None;
-        let view = JobView { state: JobState::Succeeded, job };
+        let view = JobView { state: JobState::Succeeded, job: job.into() };
         let p = job_to_proto(&view, true);
         assert_eq!(p.state, proto::JobState::Succeeded as i32);
         assert_eq!(p.result, b"done");

@@ -163,5 +163,6 @@ impl Job {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JobView {
     pub state: JobState,
-    pub job: Job,
+    /// Shared with the state, not copied: a read holds the state's lock briefly.
+    pub job: std::sync::Arc<Job>,
 }

@@ -1,7 +1,10 @@
 //! `QueueState`: every job, queue and session of one shard, and the one
 //! function that changes them, `apply`. Deterministic: same log, same state.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+};
 
 use serde::{Deserialize, Serialize};
 
@@ -164,7 +167,10 @@ pub struct QueueState {
     now_ms: u64,
     next_seq: u64,
     last_token: FencingToken,
-    jobs: BTreeMap<JobId, Job>,
+    /// Shared with a snapshot being encoded: `Arc::make_mut` copies a job
+    /// only while the snapshot still holds it, so taking one clones the map,
+    /// not the jobs.
+    jobs: BTreeMap<JobId, Arc<Job>>,
     queues: BTreeMap<String, Queue>,
     sessions: BTreeMap<SessionId, Session>,
     expired_sessions: BTreeMap<SessionId, ExpiredSession>,
@@ -239,14 +245,14 @@ impl QueueState {
     }
 
     pub fn job(&self, id: JobId) -> Option<&Job> {
-        self.jobs.get(&id)
+        self.jobs.get(&id).map(|job| &**job)
     }
 
     pub fn view(&self, id: JobId, now_ms: u64) -> Option<JobView> {
         self.jobs.get(&id).map(|job| JobView { state: job.state_at(now_ms), job: job.clone() })
     }
 
-    pub fn jobs(&self) -> &BTreeMap<JobId, Job> {
+    pub fn jobs(&self) -> &BTreeMap<JobId, Arc<Job>> {
         &self.jobs
     }
 
@@ -484,7 +490,7 @@ impl QueueState {
         }
         queue.pending.insert(PendingKey::of(&job));
         let state = job.state_at(now);
-        self.jobs.insert(id, job);
+        self.jobs.insert(id, Arc::new(job));
         note_work(events, &new.queue);
         tally.queue(&new.queue).enqueued += 1;
         Applied::Enqueued { job_id: id, created: true, state }
@@ -533,7 +539,7 @@ impl QueueState {
             queue.pending.remove(&key);
             queue.active += 1;
             queue.note_dispatch(now);
-            let job = self.jobs.get_mut(&job_id).expect("pending key of a missing job");
+            let job = self.jobs.get_mut(&job_id).map(Arc::make_mut).expect("pending key of a missing job");
             // Due since its run_at, its enqueue (a run_at in the past) or the
             // end of its last attempt (a released job keeps its old run_at).
             let last_end = job.history.last().and_then(|r| r.finished_ms).unwrap_or(0);
@@ -587,7 +593,7 @@ impl QueueState {
     /// Ends the current lease of `job_id`: index, session and counters.
     /// Returns the lease.
     fn end_lease(&mut self, job_id: JobId) -> Lease {
-        let job = self.jobs.get_mut(&job_id).expect("lease of a missing job");
+        let job = self.jobs.get_mut(&job_id).map(Arc::make_mut).expect("lease of a missing job");
         let Status::Active(lease) = std::mem::replace(&mut job.status, Status::Pending) else {
             panic!("job {job_id} has no lease to end");
         };
@@ -614,7 +620,7 @@ impl QueueState {
         }
         let lease = self.end_lease(job_id);
         let now = self.now_ms;
-        self.jobs.get_mut(&job_id).expect("checked").close_attempt(lease.token, now, outcome, error);
+        self.jobs.get_mut(&job_id).map(Arc::make_mut).expect("checked").close_attempt(lease.token, now, outcome, error);
         Ok(Some(lease))
     }
 
@@ -631,7 +637,7 @@ impl QueueState {
             Ok(None) => return Applied::Accepted { lease_deadline_ms: None },
             Err(rejection) => return Applied::Rejected(rejection),
         };
-        self.jobs.get_mut(&job_id).expect("checked").result = result.to_vec();
+        self.jobs.get_mut(&job_id).map(Arc::make_mut).expect("checked").result = result.to_vec();
         self.finish(job_id, Status::Succeeded, events, tally);
         note_capacity(events, lease.session_id);
         Applied::Accepted { lease_deadline_ms: None }
@@ -652,7 +658,7 @@ impl QueueState {
             Err(rejection) => return Applied::Rejected(rejection),
         };
         let now = self.now_ms;
-        let job = self.jobs.get_mut(&job_id).expect("checked");
+        let job = self.jobs.get_mut(&job_id).map(Arc::make_mut).expect("checked");
         job.error = error.to_owned();
         let attempts_left = job.attempt < job.max_attempts;
         let delay_ms = match retry {
@@ -682,7 +688,7 @@ impl QueueState {
             Err(rejection) => return Applied::Rejected(rejection),
         };
         let now = self.now_ms;
-        let job = self.jobs.get_mut(&job_id).expect("checked");
+        let job = self.jobs.get_mut(&job_id).map(Arc::make_mut).expect("checked");
         // Given back unstarted: the attempt does not count.
         job.attempt -= 1;
         let run_at = job.run_at_ms;
@@ -696,7 +702,7 @@ impl QueueState {
             return Applied::Rejected(rejection);
         }
         let now = self.now_ms;
-        let job = self.jobs.get_mut(&job_id).expect("checked");
+        let job = self.jobs.get_mut(&job_id).map(Arc::make_mut).expect("checked");
         if !message.is_empty() {
             job.progress = message.to_owned();
         }
@@ -715,7 +721,12 @@ impl QueueState {
     fn revoke_lease(&mut self, job_id: JobId, outcome: Outcome, why: &str, events: &mut Vec<Event>) {
         let lease = self.end_lease(job_id);
         let now = self.now_ms;
-        self.jobs.get_mut(&job_id).expect("had a lease").close_attempt(lease.token, now, outcome, why);
+        self.jobs.get_mut(&job_id).map(Arc::make_mut).expect("had a lease").close_attempt(
+            lease.token,
+            now,
+            outcome,
+            why,
+        );
         events.push(Event::Revoked {
             session_id: lease.session_id.clone(),
             job_id,
@@ -729,7 +740,7 @@ impl QueueState {
     fn lose_lease(&mut self, job_id: JobId, outcome: Outcome, why: &str, events: &mut Vec<Event>, tally: &mut Tally) {
         self.revoke_lease(job_id, outcome, why, events);
         let now = self.now_ms;
-        let job = self.jobs.get_mut(&job_id).expect("had a lease");
+        let job = self.jobs.get_mut(&job_id).map(Arc::make_mut).expect("had a lease");
         tally.queue(&job.queue).lease_expired += 1;
         if job.attempt >= job.max_attempts {
             job.error = format!("{why} (attempt {} of {})", job.attempt, job.max_attempts);
@@ -787,7 +798,7 @@ impl QueueState {
             let queue = job.queue.clone();
             self.queues.get_mut(&queue).expect("queue of a job").pending.remove(&key);
         }
-        self.jobs.get_mut(&job_id).expect("exists").error = why;
+        self.jobs.get_mut(&job_id).map(Arc::make_mut).expect("exists").error = why;
         self.finish(job_id, Status::Cancelled, events, tally);
         Applied::Job(Box::new(self.view(job_id, now).expect("exists")))
     }
@@ -801,7 +812,7 @@ impl QueueState {
             return Applied::Rejected(Rejection::NotFailed { job_id, state: job.state_at(now) });
         }
         self.unretain(job_id);
-        let job = self.jobs.get_mut(&job_id).expect("exists");
+        let job = self.jobs.get_mut(&job_id).map(Arc::make_mut).expect("exists");
         job.attempt = 0;
         job.finished_ms = None;
         let queue = self.queues.get_mut(&job.queue).expect("queue of a job");
@@ -812,7 +823,7 @@ impl QueueState {
 
     /// Back to pending (SCHEDULED or READY by `run_at_ms`).
     fn requeue(&mut self, job_id: JobId, run_at_ms: u64, events: &mut Vec<Event>) {
-        let job = self.jobs.get_mut(&job_id).expect("requeue of a missing job");
+        let job = self.jobs.get_mut(&job_id).map(Arc::make_mut).expect("requeue of a missing job");
         job.status = Status::Pending;
         job.run_at_ms = run_at_ms;
         let key = PendingKey::of(job);
@@ -823,7 +834,7 @@ impl QueueState {
     /// Into a terminal state; retained for the queue's `retention`.
     fn finish(&mut self, job_id: JobId, status: Status, events: &mut Vec<Event>, tally: &mut Tally) {
         let now = self.now_ms;
-        let job = self.jobs.get_mut(&job_id).expect("finish of a missing job");
+        let job = self.jobs.get_mut(&job_id).map(Arc::make_mut).expect("finish of a missing job");
         let queue = self.queues.get_mut(&job.queue).expect("queue of a job");
         let counts = tally.queue(&job.queue);
         match status {
@@ -853,7 +864,7 @@ impl QueueState {
 
     /// Takes a terminal job out of the retention index (redrive or purge).
     fn unretain(&mut self, job_id: JobId) {
-        let job = self.jobs.get_mut(&job_id).expect("unretain of a missing job");
+        let job = self.jobs.get_mut(&job_id).map(Arc::make_mut).expect("unretain of a missing job");
         if let Some(until) = job.retain_until_ms.take() {
             self.retention.remove(&(until, job_id));
         }

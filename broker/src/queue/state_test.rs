@@ -703,10 +703,17 @@ proptest! {
         for (i, batch) in h.log[..split].iter().enumerate() {
             replay.apply(i as u64 + 1, batch);
         }
-        let mut restored = decode_snapshot_v1(&encode_snapshot_v1(&replay)).unwrap();
+        // A snapshot encodes a copy taken at the split while the original
+        // goes on applying: the copy must not see those later writes.
+        let copy = replay.clone();
+        let snapshot = encode_snapshot_v1(&replay);
+        let mut restored = decode_snapshot_v1(&snapshot).unwrap();
         for (i, batch) in h.log.iter().enumerate().skip(split) {
             restored.apply(i as u64 + 1, batch);
+            replay.apply(i as u64 + 1, batch);
         }
+        prop_assert!(encode_snapshot_v1(&copy) == snapshot, "a copy changed when the state it was taken from applied more");
         prop_assert_eq!(encode_snapshot_v1(&restored), encode_snapshot_v1(&h.state));
+        prop_assert_eq!(encode_snapshot_v1(&replay), encode_snapshot_v1(&h.state));
     }
 }
