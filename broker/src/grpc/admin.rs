@@ -15,6 +15,10 @@ use crate::{
     queue::{Applied, Command, ExpiryReason, JobId},
 };
 
+/// Index entries one purge part examines: a part's apply stays short (a few
+/// ms) whatever the queue's size.
+const PURGE_PART_LIMIT: u32 = 4096;
+
 pub struct AdminService {
     node: Arc<Node>,
 }
@@ -299,11 +303,38 @@ impl Admin for AdminService {
         validate::queue_name("queue", &request.queue)?;
         let state = validate::purge_state(request.state)?;
         let shard = self.node.shard_for_queue(&request.queue);
-        match shard.proposer.propose(Command::PurgeQueue { queue: request.queue, state }).await {
-            Ok(Applied::Purged { count }) => Ok(Response::new(proto::PurgeQueueResponse { purged: count })),
-            Ok(Applied::Rejected(rejection)) => Err(status::rejection(rejection)),
-            Ok(other) => Err(status::unexpected("purge", &other)),
-            Err(e) => Err(status::propose_error(e)),
+        // In parts, each its own entry: other commits of the shard wait for
+        // one part, not for the whole purge. Jobs enqueued after the first
+        // part are spared. A failure part-way leaves the earlier parts done;
+        // calling again purges the rest.
+        let (mut purged, mut below_seq, mut after) = (0, None, None);
+        loop {
+            let part = Command::PurgeQueuePart {
+                queue: request.queue.clone(),
+                state,
+                below_seq,
+                after,
+                limit: PURGE_PART_LIMIT,
+            };
+            match shard.proposer.propose(part).await {
+                Ok(Applied::PurgedPart { count, below_seq: bound, next }) => {
+                    purged += count;
+                    below_seq = Some(bound);
+                    after = next;
+                    if after.is_none() {
+                        return Ok(Response::new(proto::PurgeQueueResponse { purged }));
+                    }
+                }
+                Ok(Applied::Rejected(rejection)) => return Err(status::rejection(rejection)),
+                Ok(other) => return Err(status::unexpected("purge", &other)),
+                Err(e) if purged > 0 => {
+                    let status = status::propose_error(e);
+                    let message =
+                        format!("{} (after {purged} jobs were purged; call again to purge the rest)", status.message());
+                    return Err(Status::with_metadata(status.code(), message, status.metadata().clone()));
+                }
+                Err(e) => return Err(status::propose_error(e)),
+            }
         }
     }
 

@@ -103,6 +103,19 @@ pub enum Command {
     DrainSession {
         session_id: SessionId,
     },
+    /// Part of a purge: examines at most `limit` entries of the index the
+    /// state is kept in (a queue's pending jobs, or the retained ones),
+    /// starting after `after`, and drops the queue's jobs in `state` among
+    /// them whose sequence is below `below_seq` (unset: below the next job's,
+    /// so jobs enqueued after the first part are spared). A purge of a large
+    /// queue is many small entries, not one that stalls the shard.
+    PurgeQueuePart {
+        queue: String,
+        state: JobState,
+        below_seq: Option<u64>,
+        after: Option<PurgeCursor>,
+        limit: u32,
+    },
 }
 
 impl Command {
@@ -222,6 +235,12 @@ pub enum Applied {
     Purged {
         count: u64,
     },
+    /// `next` is where the purge goes on from; unset when it is done.
+    PurgedPart {
+        count: u64,
+        below_seq: u64,
+        next: Option<PurgeCursor>,
+    },
     QueueUpdated,
     Ticked,
     Rejected(Rejection),
@@ -273,4 +292,11 @@ pub enum Event {
     /// A session is gone (expired, expired by an admin, or said goodbye):
     /// its stream, if any, must be closed so the worker opens a new one.
     SessionEnded { session_id: SessionId },
+}
+
+/// The last index entry a purge part examined.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum PurgeCursor {
+    Pending { neg_priority: i64, run_at_ms: u64, seq: u64 },
+    Retained { until_ms: u64, job_id: JobId },
 }

@@ -18,7 +18,9 @@ mod invariants;
 #[cfg(test)]
 mod state_test;
 
-pub use command::{Applied, Assignment, Batch, Command, Event, ExpiryReason, NewJob, Rejection, RetryRequest};
+pub use command::{
+    Applied, Assignment, Batch, Command, Event, ExpiryReason, NewJob, PurgeCursor, Rejection, RetryRequest,
+};
 pub use config::{QueueConfig, QueueConfigUpdate};
 pub use ids::{FencingToken, JobId, SessionId, ShardId};
 pub use job::{AttemptRecord, Job, JobState, JobView, Outcome, Status};

@@ -3,13 +3,14 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
+    ops::Bound,
     sync::Arc,
 };
 
 use serde::{Deserialize, Serialize};
 
 use super::{
-    command::{Applied, Assignment, Batch, Command, Event, ExpiryReason, NewJob, Rejection, RetryRequest},
+    command::{Applied, Assignment, Batch, Command, Event, ExpiryReason, NewJob, PurgeCursor, Rejection, RetryRequest},
     config::{QueueConfig, QueueConfigUpdate},
     ids::{FencingToken, JobId, SessionId, ShardId},
     job::{AttemptRecord, Job, JobState, JobView, Lease, Outcome, Status},
@@ -400,7 +401,13 @@ impl QueueState {
             },
             Command::Cancel { job_id, reason } => self.cancel(*job_id, reason, events, tally),
             Command::RetryJob { job_id } => self.retry_job(*job_id, events),
-            Command::PurgeQueue { queue, state } => self.purge(queue, *state),
+            Command::PurgeQueue { queue, state } => match self.purge_part(queue, *state, None, None, usize::MAX) {
+                Applied::PurgedPart { count, .. } => Applied::Purged { count },
+                other => other,
+            },
+            Command::PurgeQueuePart { queue, state, below_seq, after, limit } => {
+                self.purge_part(queue, *state, *below_seq, *after, *limit as usize)
+            }
             Command::SetQueueConfig { queue, update } => {
                 self.set_config(queue, update);
                 Applied::QueueUpdated
@@ -886,17 +893,70 @@ impl QueueState {
         queue.forget_idempotency_key(job.idempotency_key.as_deref(), job_id);
     }
 
-    fn purge(&mut self, queue_name: &str, state: JobState) -> Applied {
+    fn purge_part(
+        &mut self,
+        queue_name: &str,
+        state: JobState,
+        below_seq: Option<u64>,
+        after: Option<PurgeCursor>,
+        limit: usize,
+    ) -> Applied {
         if state == JobState::Active {
             return Applied::Rejected(Rejection::CannotPurge(state));
         }
         let now = self.now_ms;
-        let victims: Vec<JobId> = self
-            .jobs
-            .values()
-            .filter(|job| job.queue == queue_name && job.state_at(now) == state)
-            .map(|job| job.id)
-            .collect();
+        let below_seq = below_seq.unwrap_or(self.next_seq);
+        let Some(queue) = self.queues.get(queue_name) else {
+            return Applied::PurgedPart { count: 0, below_seq, next: None };
+        };
+        let limit = limit.max(1);
+        let mut victims = Vec::new();
+        let mut examined = 0;
+        // The last entry examined, reported only when entries are left after it.
+        let mut last = None;
+        let mut left_over = false;
+        if matches!(state, JobState::Ready | JobState::Scheduled) {
+            let start = match after {
+                Some(PurgeCursor::Pending { neg_priority, run_at_ms, seq }) => {
+                    Bound::Excluded(PendingKey { neg_priority, run_at_ms, seq })
+                }
+                _ => Bound::Unbounded,
+            };
+            for key in queue.pending.range((start, Bound::Unbounded)) {
+                if examined == limit {
+                    left_over = true;
+                    break;
+                }
+                examined += 1;
+                last = Some(PurgeCursor::Pending {
+                    neg_priority: key.neg_priority,
+                    run_at_ms: key.run_at_ms,
+                    seq: key.seq,
+                });
+                let scheduled = key.run_at_ms > now;
+                if key.seq < below_seq && scheduled == (state == JobState::Scheduled) {
+                    victims.push(JobId { shard: self.shard, seq: key.seq });
+                }
+            }
+        } else {
+            let start = match after {
+                Some(PurgeCursor::Retained { until_ms, job_id }) => Bound::Excluded((until_ms, job_id)),
+                _ => Bound::Unbounded,
+            };
+            for &(until_ms, job_id) in self.retention.range((start, Bound::Unbounded)) {
+                if examined == limit {
+                    left_over = true;
+                    break;
+                }
+                examined += 1;
+                last = Some(PurgeCursor::Retained { until_ms, job_id });
+                let job = &self.jobs[&job_id];
+                if job_id.seq < below_seq && job.queue == queue_name && job.state_at(now) == state {
+                    victims.push(job_id);
+                }
+            }
+        }
+        let next = if left_over { last } else { None };
         for &job_id in &victims {
             let job = &self.jobs[&job_id];
             if job.is_terminal() {
@@ -910,6 +970,6 @@ impl QueueState {
                 self.jobs.remove(&job_id);
             }
         }
-        Applied::Purged { count: victims.len() as u64 }
+        Applied::PurgedPart { count: victims.len() as u64, below_seq, next }
     }
 }

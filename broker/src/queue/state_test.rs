@@ -452,6 +452,66 @@ fn purge_by_state() {
 }
 
 #[test]
+fn purge_in_parts_drops_what_one_purge_would_and_spares_later_jobs() {
+    for state in [JobState::Ready, JobState::Scheduled, JobState::Succeeded] {
+        let mut h = Harness::new();
+        let s = h.open("s", &["q"], 6);
+        for i in 0..23 {
+            let queue = if i % 3 == 0 { "other" } else { "q" };
+            let delay_ms = if i % 4 == 0 { 50_000 } else { 0 };
+            h.enqueue(NewJob { delay_ms, priority: i % 3 - 1, ..job(queue) });
+        }
+        for a in h.dispatch(&s).into_iter().take(6) {
+            h.one(Command::Complete { job_id: a.job_id, token: a.token, result: vec![] });
+        }
+        let mut whole = h.state.clone();
+        let expected = match whole
+            .apply(
+                h.index + 1,
+                &Batch { proposed_at_ms: h.now, commands: vec![Command::PurgeQueue { queue: "q".into(), state }] },
+            )
+            .results[0]
+        {
+            Applied::Purged { count } => count,
+            ref other => panic!("purge: {other:?}"),
+        };
+        assert!(expected > 0, "{state:?}: nothing to purge, the test proves nothing");
+
+        let (mut purged, mut below_seq, mut after, mut parts) = (0, None, None, 0);
+        let mut later = Vec::new();
+        loop {
+            let part = Command::PurgeQueuePart { queue: "q".into(), state, below_seq, after, limit: 2 };
+            let Applied::PurgedPart { count, below_seq: bound, next } = h.one(part) else { panic!("purge part") };
+            parts += 1;
+            purged += count;
+            below_seq = Some(bound);
+            after = next;
+            if after.is_none() {
+                break;
+            }
+            // Enqueued while the purge goes on: not part of it.
+            later.push(h.enqueue(NewJob { delay_ms: 50_000, ..job("q") }));
+            later.push(h.enqueue(job("q")));
+        }
+        assert!(parts > 2, "{state:?}: {parts} parts");
+        assert_eq!(purged, expected, "{state:?}");
+        for id in later {
+            assert!(h.state.job(id).is_some(), "{state:?}: job {id} enqueued during the purge was purged");
+        }
+        let now = h.state.now_ms();
+        let left = |st: &QueueState| -> Vec<JobId> {
+            st.jobs()
+                .values()
+                .filter(|j| j.queue == "q" && j.state_at(now) == state && j.id.seq < below_seq.unwrap())
+                .map(|j| j.id)
+                .collect()
+        };
+        assert!(left(&h.state).is_empty(), "{state:?}: {:?} left", left(&h.state));
+        assert!(left(&whole).is_empty());
+    }
+}
+
+#[test]
 fn redrive_after_a_retention_change_keeps_the_job() {
     let mut h = Harness::new();
     let s = h.open("s", &["q"], 1);
@@ -493,22 +553,73 @@ fn snapshot_rejects_foreign_bytes() {
 /// against what exists at that point, so most operations hit something real.
 #[derive(Clone, Debug)]
 enum Op {
-    Enqueue { queue: u8, priority: i8, delay: u16, max_attempts: u8, key: Option<u8> },
-    Open { session: u8, queues: u8, max_in_flight: u8 },
-    Resume { session: u8, fallback: u8, max_in_flight: u8 },
-    Dispatch { sessions: Vec<u8> },
-    Complete { job: u8, stale: bool },
-    Fail { job: u8, stale: bool, retry: u8, delay: u16 },
-    Release { job: u8 },
-    Progress { job: u8, extend: Option<u16> },
-    Expire { session: u8 },
-    Drain { session: u8 },
-    Cancel { job: u8 },
-    Retry { job: u8 },
-    Purge { queue: u8, state: u8 },
-    Config { queue: u8, concurrency: u8, retention: u16 },
-    Pause { queue: u8, paused: bool },
-    AdvanceTime { ms: u16 },
+    Enqueue {
+        queue: u8,
+        priority: i8,
+        delay: u16,
+        max_attempts: u8,
+        key: Option<u8>,
+    },
+    Open {
+        session: u8,
+        queues: u8,
+        max_in_flight: u8,
+    },
+    Resume {
+        session: u8,
+        fallback: u8,
+        max_in_flight: u8,
+    },
+    Dispatch {
+        sessions: Vec<u8>,
+    },
+    Complete {
+        job: u8,
+        stale: bool,
+    },
+    Fail {
+        job: u8,
+        stale: bool,
+        retry: u8,
+        delay: u16,
+    },
+    Release {
+        job: u8,
+    },
+    Progress {
+        job: u8,
+        extend: Option<u16>,
+    },
+    Expire {
+        session: u8,
+    },
+    Drain {
+        session: u8,
+    },
+    Cancel {
+        job: u8,
+    },
+    Retry {
+        job: u8,
+    },
+    /// `part` 0: the whole purge in one command; else one part examining that many.
+    Purge {
+        queue: u8,
+        state: u8,
+        part: u8,
+    },
+    Config {
+        queue: u8,
+        concurrency: u8,
+        retention: u16,
+    },
+    Pause {
+        queue: u8,
+        paused: bool,
+    },
+    AdvanceTime {
+        ms: u16,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -526,7 +637,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0..4u8).prop_map(|session| Op::Drain { session }),
         1 => any::<u8>().prop_map(|job| Op::Cancel { job }),
         1 => any::<u8>().prop_map(|job| Op::Retry { job }),
-        1 => (0..3u8, 0..6u8).prop_map(|(queue, state)| Op::Purge { queue, state }),
+        1 => (0..3u8, 0..6u8, 0..4u8).prop_map(|(queue, state, part)| Op::Purge { queue, state, part }),
         1 => (0..3u8, 0..3u8, 0..5000u16).prop_map(|(queue, concurrency, retention)| Op::Config { queue, concurrency, retention }),
         1 => (0..3u8, any::<bool>()).prop_map(|(queue, paused)| Op::Pause { queue, paused }),
         3 => (0..4000u16).prop_map(|ms| Op::AdvanceTime { ms }),
@@ -604,7 +715,16 @@ fn command_for(h: &Harness, op: &Op, seen_tokens: &[(JobId, FencingToken)]) -> O
         Op::Drain { session: s } => Command::DrainSession { session_id: session(s) },
         Op::Cancel { job } => Command::Cancel { job_id: any_job(job)?, reason: "c".into() },
         Op::Retry { job } => Command::RetryJob { job_id: any_job(job)? },
-        Op::Purge { queue: q, state } => Command::PurgeQueue { queue: queue(q), state: STATES[state as usize % 6] },
+        Op::Purge { queue: q, state, part: 0 } => {
+            Command::PurgeQueue { queue: queue(q), state: STATES[state as usize % 6] }
+        }
+        Op::Purge { queue: q, state, part } => Command::PurgeQueuePart {
+            queue: queue(q),
+            state: STATES[state as usize % 6],
+            below_seq: None,
+            after: None,
+            limit: u32::from(part),
+        },
         Op::Config { queue: q, concurrency, retention } => Command::SetQueueConfig {
             queue: queue(q),
             update: QueueConfigUpdate {
@@ -670,7 +790,7 @@ proptest! {
                         prop_assert_eq!(lost, &expected);
                     }
                 }
-                Applied::Purged { .. } => {
+                Applied::Purged { .. } | Applied::PurgedPart { .. } => {
                     dropped.extend(before.jobs().keys().filter(|id| h.state.job(**id).is_none()));
                 }
                 _ => {}

@@ -419,3 +419,36 @@ async fn dispatch_rides_along_one_commit_per_job() {
     worker.shutdown().await;
     broker.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_purge_is_split_over_entries_and_drops_every_job() {
+    const JOBS: usize = 10_000;
+    let broker = TestBroker::start().await;
+    let mut admin = broker.admin();
+    let client = broker.client().await;
+    let request = |queue: &str, i: usize| proto::EnqueueRequest {
+        queue: queue.into(),
+        payload: format!("job {i}").into(),
+        ..Default::default()
+    };
+    for chunk in 0..2 {
+        client.enqueue_batch((0..JOBS / 2).map(|i| request("big", chunk * JOBS + i)).collect()).await.unwrap();
+    }
+    let kept = client.enqueue_batch((0..10).map(|i| request("small", i)).collect()).await.unwrap();
+
+    let before = commit_index(&mut admin).await;
+    let purged = admin
+        .purge_queue(proto::PurgeQueueRequest { queue: "big".into(), state: JobState::Ready as i32 })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(purged.purged, JOBS as u64);
+    let entries = commit_index(&mut admin).await - before;
+    assert!(entries >= 3, "a purge of {JOBS} jobs took {entries} entries: not split");
+    let big = admin.get_queue(proto::GetQueueRequest { queue: "big".into() }).await.unwrap().into_inner();
+    assert_eq!((big.ready, big.scheduled), (0, 0));
+    let small = admin.get_queue(proto::GetQueueRequest { queue: "small".into() }).await.unwrap().into_inner();
+    assert_eq!(small.ready, 10);
+    assert_eq!(client.get(&kept[0].job_id).await.unwrap().state(), JobState::Ready);
+    broker.stop().await;
+}
