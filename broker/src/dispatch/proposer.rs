@@ -141,7 +141,7 @@ async fn run(
         tokio::spawn(async move {
             let started = std::time::Instant::now();
             let count = commands.len();
-            let outcome = raft.propose(Batch { proposed_at_ms: stamp, commands }).await;
+            let outcome = raft.propose(Batch { proposed_at_ms: stamp, commands: commands.into() }).await;
             drop(permit);
             committed.notify_one();
             let elapsed = started.elapsed();

@@ -369,7 +369,8 @@ mod tests {
                     Command::Enqueue(NewJob::new("q", b"x".to_vec())),
                     Command::Enqueue(later),
                     Command::PauseQueue { queue: "q".into() },
-                ],
+                ]
+                .into(),
             },
         );
         let q = state.queue("q").expect("queue created by enqueue");

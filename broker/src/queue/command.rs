@@ -2,7 +2,7 @@
 //! with the leader's clock, so a busy broker pays one entry (and one fsync)
 //! for many enqueues, assignments and results.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, sync::Arc};
 
 use serde::{Deserialize, Serialize};
 
@@ -17,7 +17,9 @@ pub struct Batch {
     /// The leader's wall clock when it proposed the entry, in ms since the
     /// epoch. The state machine never reads a clock: this is its only time.
     pub proposed_at_ms: u64,
-    pub commands: Vec<Command>,
+    /// Shared, not copied, when the entry is read from the log's in-memory
+    /// tail (apply, and replication to each follower). Encoded as a Vec is.
+    pub commands: Arc<[Command]>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -299,4 +301,29 @@ pub enum Event {
 pub enum PurgeCursor {
     Pending { neg_priority: i64, run_at_ms: u64, seq: u64 },
     Retained { until_ms: u64, job_id: JobId },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Log entries written when commands were a Vec must still decode, and
+    /// the other way round: a shared slice encodes exactly as a Vec does.
+    #[test]
+    fn batch_encoding_is_the_same_as_with_a_vec() {
+        #[derive(Serialize)]
+        struct AsVec {
+            proposed_at_ms: u64,
+            commands: Vec<Command>,
+        }
+        let commands = vec![
+            Command::Enqueue(NewJob::new("q", b"payload".to_vec())),
+            Command::Tick,
+            Command::PurgeQueue { queue: "q".into(), state: JobState::Failed },
+        ];
+        let old = postcard::to_allocvec(&AsVec { proposed_at_ms: 7, commands: commands.clone() }).unwrap();
+        let batch = Batch { proposed_at_ms: 7, commands: commands.into() };
+        assert_eq!(postcard::to_allocvec(&batch).unwrap(), old);
+        assert_eq!(postcard::from_bytes::<Batch>(&old).unwrap(), batch);
+    }
 }

@@ -321,7 +321,7 @@ impl QueueState {
         // lease's deadline is late.
         self.advance_time(batch.proposed_at_ms, &mut out.events, &mut out.tally);
         let mut position = 0u64;
-        for command in &batch.commands {
+        for command in batch.commands.iter() {
             let applied = self.apply_command(log_index, &mut position, command, &mut out.events, &mut out.tally);
             out.results.push(applied);
         }

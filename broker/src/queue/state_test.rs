@@ -25,7 +25,7 @@ impl Harness {
 
     fn run(&mut self, commands: Vec<Command>) -> ApplyOutput {
         self.index += 1;
-        let batch = Batch { proposed_at_ms: self.now, commands };
+        let batch = Batch { proposed_at_ms: self.now, commands: commands.into() };
         let out = self.state.apply(self.index, &batch);
         self.log.push(batch);
         check_invariants(&self.state);
@@ -468,7 +468,10 @@ fn purge_in_parts_drops_what_one_purge_would_and_spares_later_jobs() {
         let expected = match whole
             .apply(
                 h.index + 1,
-                &Batch { proposed_at_ms: h.now, commands: vec![Command::PurgeQueue { queue: "q".into(), state }] },
+                &Batch {
+                    proposed_at_ms: h.now,
+                    commands: vec![Command::PurgeQueue { queue: "q".into(), state }].into(),
+                },
             )
             .results[0]
         {
@@ -770,7 +773,7 @@ proptest! {
                 Applied::Rejected(Rejection::StaleLease { .. }) => {
                     // A stale result never changes a job (time may still sweep).
                     let mut expected = before.clone();
-                    expected.apply(h.index, &Batch { proposed_at_ms: h.now, commands: vec![Command::Tick] });
+                    expected.apply(h.index, &Batch { proposed_at_ms: h.now, commands: vec![Command::Tick].into() });
                     prop_assert!(expected.jobs() == h.state.jobs(), "stale result changed jobs");
                 }
                 Applied::SessionOpened { session_id, resumed, lost } => {

@@ -67,7 +67,7 @@ mod tests {
     impl Log {
         fn apply(&mut self, at_ms: u64, commands: Vec<Command>) -> ApplyOutput {
             self.index += 1;
-            self.state.apply(self.index, &Batch { proposed_at_ms: at_ms, commands })
+            self.state.apply(self.index, &Batch { proposed_at_ms: at_ms, commands: commands.into() })
         }
 
         fn assign(&mut self, at_ms: u64, session: &SessionId) -> (ApplyOutput, Vec<(JobId, FencingToken)>) {
