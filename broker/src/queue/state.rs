@@ -55,6 +55,16 @@ impl Queue {
         self.pending.len() as u64
     }
 
+    /// Finished jobs retained in a terminal state.
+    fn count_of(&self, state: JobState) -> u64 {
+        match state {
+            JobState::Succeeded => self.succeeded,
+            JobState::Failed => self.failed,
+            JobState::Cancelled => self.cancelled,
+            JobState::Scheduled | JobState::Ready | JobState::Active => 0,
+        }
+    }
+
     /// Non-terminal jobs: what `max_depth` bounds.
     pub fn depth(&self) -> u64 {
         self.pending() + self.active
@@ -938,7 +948,9 @@ impl QueueState {
                     victims.push(JobId { shard: self.shard, seq: key.seq });
                 }
             }
-        } else {
+        } else if queue.count_of(state) > 0 {
+            // The retention index holds every queue's finished jobs: walk it
+            // only when this queue has some in that state.
             let start = match after {
                 Some(PurgeCursor::Retained { until_ms, job_id }) => Bound::Excluded((until_ms, job_id)),
                 _ => Bound::Unbounded,
@@ -959,8 +971,9 @@ impl QueueState {
         let next = if left_over { last } else { None };
         for &job_id in &victims {
             let job = &self.jobs[&job_id];
-            if job.is_terminal() {
-                self.unretain(job_id);
+            if let Some(until) = job.retain_until_ms {
+                // Not `unretain`: that would copy a job a snapshot shares, only to drop it.
+                self.retention.remove(&(until, job_id));
                 self.drop_job(job_id);
             } else {
                 let key = PendingKey::of(job);
