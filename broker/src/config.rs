@@ -50,9 +50,10 @@ pub struct Config {
     pub raft_heartbeat_interval: Duration,
     /// Largest job payload in bytes (default 1 MiB).
     pub max_payload_bytes: usize,
-    /// Take a Raft snapshot after this many applied commands (default 1000000);
-    /// the log behind it is purged. Fewer means faster restarts and more
-    /// frequent pauses while the state is written out.
+    /// Take a Raft snapshot after this many applied commands (default 1000000),
+    /// or after as many as the state holds jobs when that is more; the log
+    /// behind it is purged. Fewer means faster restarts and more CPU spent
+    /// writing the state out.
     pub snapshot_every: u64,
     /// Plain-HTTP address of `/metrics` (Prometheus), `/healthz` and
     /// `/readyz` (default `127.0.0.1:9464`); `off` (or empty) serves none.

@@ -422,7 +422,8 @@ impl ShardRaft {
     }
 
     /// Snapshots once `every_commands` commands were applied since the
-    /// last one, checked every `period`. Ends when the group shuts down.
+    /// last one (or more: see [`snapshot_due`]), checked every `period`.
+    /// Ends when the group shuts down.
     pub fn spawn_snapshot_policy(
         self: &Arc<Self>,
         every_commands: u64,
@@ -436,8 +437,8 @@ impl ShardRaft {
                 tokio::time::sleep(period).await;
                 let Some(shard) = this.upgrade() else { return };
                 let applied = shard.state.applied_commands();
-                let since = applied - last;
-                if since >= every_commands {
+                let jobs = shard.state.read().queue.jobs().len() as u64;
+                if snapshot_due(applied - last, every_commands, jobs) {
                     if let Err(e) = shard.snapshot_now().await {
                         tracing::warn!(shard = %shard.shard, error = %e, "snapshot trigger failed");
                         return;
@@ -489,5 +490,28 @@ impl ShardRaft {
         if let Err(e) = self.raft.shutdown().await {
             tracing::warn!(shard = %self.shard, error = %e, "raft shutdown");
         }
+    }
+}
+
+/// Whether a group that applied `since` commands since its last snapshot
+/// takes one now. A snapshot costs in proportion to the jobs the state holds
+/// (seconds of CPU on every node for millions), so a large state waits for
+/// as many commands as it holds jobs: the cost per command stays bounded,
+/// and the log replayed at a restart stays in proportion to the snapshot.
+pub fn snapshot_due(since: u64, every_commands: u64, jobs: u64) -> bool {
+    since >= every_commands.max(jobs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::snapshot_due;
+
+    #[test]
+    fn a_large_state_waits_for_as_many_commands_as_it_holds_jobs() {
+        assert!(!snapshot_due(999_999, 1_000_000, 10));
+        assert!(snapshot_due(1_000_000, 1_000_000, 10));
+        assert!(snapshot_due(1_000_000, 1_000_000, 1_000_000));
+        assert!(!snapshot_due(1_000_000, 1_000_000, 3_000_000));
+        assert!(snapshot_due(3_000_000, 1_000_000, 3_000_000));
     }
 }
