@@ -307,19 +307,21 @@ impl Admin for AdminService {
         // one part, not for the whole purge. Jobs enqueued after the first
         // part are spared. A failure part-way leaves the earlier parts done;
         // calling again purges the rest.
-        let (mut purged, mut below_seq, mut after) = (0, None, None);
+        let (mut purged, mut below_seq, mut after, mut through) = (0, None, None, None);
         loop {
             let part = Command::PurgeQueuePart {
                 queue: request.queue.clone(),
                 state,
                 below_seq,
                 after,
+                through,
                 limit: PURGE_PART_LIMIT,
             };
             match shard.proposer.propose(part).await {
-                Ok(Applied::PurgedPart { count, below_seq: bound, next }) => {
+                Ok(Applied::PurgedPart { count, below_seq: bound, through: end, next }) => {
                     purged += count;
                     below_seq = Some(bound);
+                    through = end;
                     after = next;
                     if after.is_none() {
                         return Ok(Response::new(proto::PurgeQueueResponse { purged }));

@@ -107,15 +107,18 @@ pub enum Command {
     },
     /// Part of a purge: examines at most `limit` entries of the index the
     /// state is kept in (a queue's pending jobs, or the retained ones),
-    /// starting after `after`, and drops the queue's jobs in `state` among
-    /// them whose sequence is below `below_seq` (unset: below the next job's,
-    /// so jobs enqueued after the first part are spared). A purge of a large
-    /// queue is many small entries, not one that stalls the shard.
+    /// after `after` and up to `through`, and drops the queue's jobs in
+    /// `state` among them whose sequence is below `below_seq`. The first
+    /// part (both unset) fixes `below_seq` (the next job's: jobs enqueued
+    /// later are spared) and `through` (the index's last entry then: a purge
+    /// ends however fast entries arrive). A purge of a large queue is many
+    /// small entries, not one that stalls the shard.
     PurgeQueuePart {
         queue: String,
         state: JobState,
         below_seq: Option<u64>,
         after: Option<PurgeCursor>,
+        through: Option<PurgeCursor>,
         limit: u32,
     },
 }
@@ -241,6 +244,7 @@ pub enum Applied {
     PurgedPart {
         count: u64,
         below_seq: u64,
+        through: Option<PurgeCursor>,
         next: Option<PurgeCursor>,
     },
     QueueUpdated,

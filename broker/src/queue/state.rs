@@ -411,12 +411,14 @@ impl QueueState {
             },
             Command::Cancel { job_id, reason } => self.cancel(*job_id, reason, events, tally),
             Command::RetryJob { job_id } => self.retry_job(*job_id, events),
-            Command::PurgeQueue { queue, state } => match self.purge_part(queue, *state, None, None, usize::MAX) {
-                Applied::PurgedPart { count, .. } => Applied::Purged { count },
-                other => other,
-            },
-            Command::PurgeQueuePart { queue, state, below_seq, after, limit } => {
-                self.purge_part(queue, *state, *below_seq, *after, *limit as usize)
+            Command::PurgeQueue { queue, state } => {
+                match self.purge_part(queue, *state, None, None, None, usize::MAX) {
+                    Applied::PurgedPart { count, .. } => Applied::Purged { count },
+                    other => other,
+                }
+            }
+            Command::PurgeQueuePart { queue, state, below_seq, after, through, limit } => {
+                self.purge_part(queue, *state, *below_seq, *after, *through, *limit as usize)
             }
             Command::SetQueueConfig { queue, update } => {
                 self.set_config(queue, update);
@@ -909,6 +911,7 @@ impl QueueState {
         state: JobState,
         below_seq: Option<u64>,
         after: Option<PurgeCursor>,
+        through: Option<PurgeCursor>,
         limit: usize,
     ) -> Applied {
         if state == JobState::Active {
@@ -917,7 +920,18 @@ impl QueueState {
         let now = self.now_ms;
         let below_seq = below_seq.unwrap_or(self.next_seq);
         let Some(queue) = self.queues.get(queue_name) else {
-            return Applied::PurgedPart { count: 0, below_seq, next: None };
+            return Applied::PurgedPart { count: 0, below_seq, through: None, next: None };
+        };
+        let pending_cursor = |key: &PendingKey| PurgeCursor::Pending {
+            neg_priority: key.neg_priority,
+            run_at_ms: key.run_at_ms,
+            seq: key.seq,
+        };
+        let pending = matches!(state, JobState::Ready | JobState::Scheduled);
+        let through = match through {
+            Some(through) => Some(through),
+            None if pending => queue.pending.last().map(pending_cursor),
+            None => self.retention.last().map(|&(until_ms, job_id)| PurgeCursor::Retained { until_ms, job_id }),
         };
         let limit = limit.max(1);
         let mut victims = Vec::new();
@@ -925,37 +939,37 @@ impl QueueState {
         // The last entry examined, reported only when entries are left after it.
         let mut last = None;
         let mut left_over = false;
-        if matches!(state, JobState::Ready | JobState::Scheduled) {
+        if let (true, Some(PurgeCursor::Pending { neg_priority, run_at_ms, seq })) = (pending, through) {
+            let end = Bound::Included(PendingKey { neg_priority, run_at_ms, seq });
             let start = match after {
                 Some(PurgeCursor::Pending { neg_priority, run_at_ms, seq }) => {
                     Bound::Excluded(PendingKey { neg_priority, run_at_ms, seq })
                 }
                 _ => Bound::Unbounded,
             };
-            for key in queue.pending.range((start, Bound::Unbounded)) {
+            for key in queue.pending.range((start, end)) {
                 if examined == limit {
                     left_over = true;
                     break;
                 }
                 examined += 1;
-                last = Some(PurgeCursor::Pending {
-                    neg_priority: key.neg_priority,
-                    run_at_ms: key.run_at_ms,
-                    seq: key.seq,
-                });
+                last = Some(pending_cursor(key));
                 let scheduled = key.run_at_ms > now;
                 if key.seq < below_seq && scheduled == (state == JobState::Scheduled) {
                     victims.push(JobId { shard: self.shard, seq: key.seq });
                 }
             }
-        } else if queue.count_of(state) > 0 {
+        } else if let (false, true, Some(PurgeCursor::Retained { until_ms, job_id })) =
+            (pending, queue.count_of(state) > 0, through)
+        {
             // The retention index holds every queue's finished jobs: walk it
             // only when this queue has some in that state.
+            let end = Bound::Included((until_ms, job_id));
             let start = match after {
                 Some(PurgeCursor::Retained { until_ms, job_id }) => Bound::Excluded((until_ms, job_id)),
                 _ => Bound::Unbounded,
             };
-            for &(until_ms, job_id) in self.retention.range((start, Bound::Unbounded)) {
+            for &(until_ms, job_id) in self.retention.range((start, end)) {
                 if examined == limit {
                     left_over = true;
                     break;
@@ -983,6 +997,6 @@ impl QueueState {
                 self.jobs.remove(&job_id);
             }
         }
-        Applied::PurgedPart { count: victims.len() as u64, below_seq, next }
+        Applied::PurgedPart { count: victims.len() as u64, below_seq, through, next }
     }
 }

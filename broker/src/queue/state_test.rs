@@ -480,23 +480,45 @@ fn purge_in_parts_drops_what_one_purge_would_and_spares_later_jobs() {
         };
         assert!(expected > 0, "{state:?}: nothing to purge, the test proves nothing");
 
-        let (mut purged, mut below_seq, mut after, mut parts) = (0, None, None, 0);
+        // The entries of the index the purge walks when it starts.
+        let index_len = h
+            .state
+            .jobs()
+            .values()
+            .filter(|j| match state {
+                JobState::Ready | JobState::Scheduled => j.queue == "q" && j.status == Status::Pending,
+                _ => j.is_terminal(),
+            })
+            .count();
+        let (mut purged, mut below_seq, mut after, mut through, mut parts) = (0, None, None, None, 0);
         let mut later = Vec::new();
         loop {
-            let part = Command::PurgeQueuePart { queue: "q".into(), state, below_seq, after, limit: 2 };
-            let Applied::PurgedPart { count, below_seq: bound, next } = h.one(part) else { panic!("purge part") };
+            let part = Command::PurgeQueuePart { queue: "q".into(), state, below_seq, after, through, limit: 2 };
+            let Applied::PurgedPart { count, below_seq: bound, through: end, next } = h.one(part) else {
+                panic!("purge part")
+            };
             parts += 1;
+            assert!(parts < 1000, "{state:?}: the purge does not end");
             purged += count;
             below_seq = Some(bound);
+            through = end;
             after = next;
             if after.is_none() {
                 break;
             }
-            // Enqueued while the purge goes on: not part of it.
-            later.push(h.enqueue(NewJob { delay_ms: 50_000, ..job("q") }));
+            // Enqueued while the purge goes on: not part of it. Three sort
+            // after every job the purge started with, more than a part walks,
+            // yet the purge ends; two are READY and sort inside the walk
+            // until it passes them.
+            for _ in 0..3 {
+                later.push(h.enqueue(NewJob { delay_ms: 60_000, priority: -1, ..job("q") }));
+            }
             later.push(h.enqueue(job("q")));
+            later.push(h.enqueue(NewJob { priority: -1, ..job("q") }));
         }
         assert!(parts > 2, "{state:?}: {parts} parts");
+        // READY arrivals may land inside the walked range, and only until it passes them.
+        assert!(parts <= 2 * index_len + 2, "{state:?}: {parts} parts for an index of {index_len}");
         assert_eq!(purged, expected, "{state:?}");
         for id in later {
             assert!(h.state.job(id).is_some(), "{state:?}: job {id} enqueued during the purge was purged");
@@ -726,6 +748,7 @@ fn command_for(h: &Harness, op: &Op, seen_tokens: &[(JobId, FencingToken)]) -> O
             state: STATES[state as usize % 6],
             below_seq: None,
             after: None,
+            through: None,
             limit: u32::from(part),
         },
         Op::Config { queue: q, concurrency, retention } => Command::SetQueueConfig {

@@ -422,7 +422,7 @@ impl ShardRaft {
     }
 
     /// Snapshots once `every_commands` commands were applied since the
-    /// last one (or more: see [`snapshot_due`]), checked every `period`.
+    /// last one (or more: see [`SnapshotPacer`]), checked every `period`.
     /// Ends when the group shuts down.
     pub fn spawn_snapshot_policy(
         self: &Arc<Self>,
@@ -431,19 +431,18 @@ impl ShardRaft {
     ) -> tokio::task::JoinHandle<()> {
         let this = Arc::downgrade(self);
         tokio::spawn(async move {
-            // Replayed commands count too: they sit in the log until a snapshot.
-            let mut last = 0;
+            let mut pacer: Option<SnapshotPacer> = None;
             loop {
                 tokio::time::sleep(period).await;
                 let Some(shard) = this.upgrade() else { return };
-                let applied = shard.state.applied_commands();
                 let jobs = shard.state.read().queue.jobs().len() as u64;
-                if snapshot_due(applied - last, every_commands, jobs) {
-                    if let Err(e) = shard.snapshot_now().await {
-                        tracing::warn!(shard = %shard.shard, error = %e, "snapshot trigger failed");
-                        return;
-                    }
-                    last = applied;
+                // Replayed commands count too: they sit in the log until a snapshot.
+                let pacer = pacer.get_or_insert_with(|| SnapshotPacer::new(every_commands, jobs));
+                if pacer.due(shard.state.applied_commands(), jobs)
+                    && let Err(e) = shard.snapshot_now().await
+                {
+                    tracing::warn!(shard = %shard.shard, error = %e, "snapshot trigger failed");
+                    return;
                 }
             }
         })
@@ -493,25 +492,56 @@ impl ShardRaft {
     }
 }
 
-/// Whether a group that applied `since` commands since its last snapshot
-/// takes one now. A snapshot costs in proportion to the jobs the state holds
-/// (seconds of CPU on every node for millions), so a large state waits for
-/// as many commands as it holds jobs: the cost per command stays bounded,
-/// and the log replayed at a restart stays in proportion to the snapshot.
-pub fn snapshot_due(since: u64, every_commands: u64, jobs: u64) -> bool {
-    since >= every_commands.max(jobs)
+/// When a group snapshots: after `every` applied commands, or, when the
+/// last snapshot held more jobs than that, after as many commands as it
+/// held jobs. A snapshot costs in proportion to the jobs in the state
+/// (seconds of CPU on every node for millions), so this bounds its cost per
+/// command, and the log replayed at a restart stays in proportion to the
+/// snapshot. The bar is the size at the last snapshot, not the size now: a
+/// state that grows by a job per command would otherwise never reach it.
+pub struct SnapshotPacer {
+    every: u64,
+    applied_at_last: u64,
+    jobs_at_last: u64,
+}
+
+impl SnapshotPacer {
+    pub fn new(every: u64, jobs: u64) -> Self {
+        SnapshotPacer { every, applied_at_last: 0, jobs_at_last: jobs }
+    }
+
+    /// Whether to snapshot now, given the commands applied so far and the
+    /// jobs in the state; when it says yes it counts from here.
+    pub fn due(&mut self, applied: u64, jobs: u64) -> bool {
+        let due = applied.saturating_sub(self.applied_at_last) >= self.every.max(self.jobs_at_last);
+        if due {
+            self.applied_at_last = applied;
+            self.jobs_at_last = jobs;
+        }
+        due
+    }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::snapshot_due;
+    use super::SnapshotPacer;
 
     #[test]
-    fn a_large_state_waits_for_as_many_commands_as_it_holds_jobs() {
-        assert!(!snapshot_due(999_999, 1_000_000, 10));
-        assert!(snapshot_due(1_000_000, 1_000_000, 10));
-        assert!(snapshot_due(1_000_000, 1_000_000, 1_000_000));
-        assert!(!snapshot_due(1_000_000, 1_000_000, 3_000_000));
-        assert!(snapshot_due(3_000_000, 1_000_000, 3_000_000));
+    fn a_large_state_waits_for_as_many_commands_as_it_held_jobs() {
+        let mut pacer = SnapshotPacer::new(1_000_000, 10);
+        assert!(!pacer.due(999_999, 10));
+        assert!(pacer.due(1_000_000, 3_000_000));
+        assert!(!pacer.due(3_999_999, 3_000_000), "3M jobs at the last snapshot: wait for 3M commands");
+        assert!(pacer.due(4_000_000, 100));
+        assert!(!pacer.due(4_999_999, 100));
+        assert!(pacer.due(5_000_000, 100));
+    }
+
+    #[test]
+    fn a_state_growing_a_job_per_command_still_snapshots() {
+        // Enqueues with no worker: every command adds a job.
+        let mut pacer = SnapshotPacer::new(1_000, 5_000);
+        let snapshots = (1..=50_000u64).filter(|&applied| pacer.due(applied, 5_000 + applied)).count();
+        assert!(snapshots >= 3, "{snapshots} snapshots in 50,000 commands");
     }
 }

@@ -76,8 +76,37 @@ pub type EventSink = mpsc::UnboundedSender<Vec<Event>>;
 #[derive(Clone)]
 pub struct StateMachineStore {
     shared: Arc<ShardState>,
-    snapshot_dir: PathBuf,
+    snapshots: Arc<SnapshotDir>,
     events: EventSink,
+}
+
+/// The shard's snapshot file. openraft builds a snapshot on a task of its
+/// own while the state machine may install one sent by the leader: writes
+/// take turns, and a built snapshot never replaces a newer one on disk (the
+/// log behind that one may already be purged).
+struct SnapshotDir {
+    path: PathBuf,
+    /// Last log index of the snapshot on disk; the lock is held while writing.
+    on_disk: std::sync::Mutex<Option<u64>>,
+}
+
+impl SnapshotDir {
+    fn read(&self) -> io::Result<Option<SnapshotFileV1>> {
+        read_snapshot_file(&self.path)
+    }
+
+    /// Writes `file` unless `only_if_newer` and the one on disk is as new;
+    /// says whether it wrote.
+    fn write(&self, file: &SnapshotFileV1, only_if_newer: bool) -> io::Result<bool> {
+        let mut on_disk = self.on_disk.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let index = file.meta.last_log_id.map(|l| l.index);
+        if only_if_newer && on_disk.is_some() && *on_disk >= index {
+            return Ok(false);
+        }
+        write_snapshot_file(&self.path, file)?;
+        *on_disk = index;
+        Ok(true)
+    }
 }
 
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -98,7 +127,9 @@ impl StateMachineStore {
         fs::create_dir_all(&snapshot_dir)?;
         let mut applied =
             AppliedState { queue: QueueState::new(shard), last_applied: None, membership: Default::default() };
-        if let Some(file) = read_snapshot_file(&snapshot_dir)? {
+        let snapshot = read_snapshot_file(&snapshot_dir)?;
+        let on_disk = snapshot.as_ref().and_then(|file| file.meta.last_log_id.map(|l| l.index));
+        if let Some(file) = snapshot {
             applied.queue =
                 decode_snapshot_v1(&file.data).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
             assert_eq!(
@@ -118,7 +149,7 @@ impl StateMachineStore {
                 counters: Counters::default(),
                 replayed_up_to,
             }),
-            snapshot_dir,
+            snapshots: Arc::new(SnapshotDir { path: snapshot_dir, on_disk: std::sync::Mutex::new(on_disk) }),
             events,
         })
     }
@@ -156,7 +187,7 @@ impl RaftSnapshotBuilder<C> for StateMachineStore {
 
     async fn build_snapshot(&mut self) -> io::Result<SnapshotOf<C, Cursor<Vec<u8>>>> {
         let shared = self.shared.clone();
-        let dir = self.snapshot_dir.clone();
+        let snapshots = self.snapshots.clone();
         // Encoding a large state and fsyncing it must not stall async threads.
         tokio::task::spawn_blocking(move || {
             // Apply waits only for the copy: jobs are shared, not copied, and
@@ -174,7 +205,13 @@ impl RaftSnapshotBuilder<C> for StateMachineStore {
             let data = encode_snapshot_v1(&queue);
             drop(queue);
             let file = SnapshotFileV1 { meta, data };
-            write_snapshot_file(&dir, &file)?;
+            if !snapshots.write(&file, true)? {
+                // A snapshot installed from the leader meanwhile is newer: it stands.
+                if let Some(newer) = snapshots.read()? {
+                    tracing::info!(shard = %shared.shard, index = ?newer.meta.last_log_id.map(|l| l.index), "a newer snapshot was installed meanwhile; kept it");
+                    return Ok(SnapshotOf::<C, _> { meta: newer.meta, snapshot: Cursor::new(newer.data) });
+                }
+            }
             tracing::info!(
                 shard = %shared.shard,
                 index = ?file.meta.last_log_id.map(|l| l.index),
@@ -243,8 +280,8 @@ impl RaftStateMachine<C> for StateMachineStore {
         let data = snapshot.into_inner();
         let queue = decode_snapshot_v1(&data).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
         let file = SnapshotFileV1 { meta: meta.clone(), data };
-        let dir = self.snapshot_dir.clone();
-        let file = tokio::task::spawn_blocking(move || write_snapshot_file(&dir, &file).map(|()| file))
+        let snapshots = self.snapshots.clone();
+        let file = tokio::task::spawn_blocking(move || snapshots.write(&file, false).map(|_| file))
             .await
             .map_err(io::Error::other)??;
         let mut applied = self.write();
@@ -255,8 +292,8 @@ impl RaftStateMachine<C> for StateMachineStore {
     }
 
     async fn get_current_snapshot(&mut self) -> io::Result<Option<SnapshotOf<C, Cursor<Vec<u8>>>>> {
-        let dir = self.snapshot_dir.clone();
-        let file = tokio::task::spawn_blocking(move || read_snapshot_file(&dir)).await.map_err(io::Error::other)??;
+        let snapshots = self.snapshots.clone();
+        let file = tokio::task::spawn_blocking(move || snapshots.read()).await.map_err(io::Error::other)??;
         Ok(file.map(|f| SnapshotOf::<C, _> { meta: f.meta, snapshot: Cursor::new(f.data) }))
     }
 }
@@ -264,6 +301,30 @@ impl RaftStateMachine<C> for StateMachineStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A snapshot built from an older state never replaces one installed
+    /// from the leader meanwhile; an installed one always lands.
+    #[test]
+    fn a_built_snapshot_never_replaces_a_newer_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let snapshots = SnapshotDir { path: dir.path().to_path_buf(), on_disk: std::sync::Mutex::new(None) };
+        let at = |index: u64| SnapshotFileV1 {
+            meta: SnapshotMetaOf::<C> {
+                last_log_id: Some(openraft::testing::log_id::<C>(1, 1, index)),
+                ..Default::default()
+            },
+            data: index.to_le_bytes().to_vec(),
+        };
+        let on_disk = || snapshots.read().unwrap().unwrap().meta.last_log_id.map(|l| l.index);
+        assert!(snapshots.write(&at(10), true).unwrap());
+        assert!(snapshots.write(&at(50), false).unwrap(), "installed");
+        assert!(!snapshots.write(&at(40), true).unwrap(), "an older build replaced a newer snapshot");
+        assert!(!snapshots.write(&at(50), true).unwrap());
+        assert_eq!(on_disk(), Some(50));
+        assert!(snapshots.write(&at(60), true).unwrap());
+        assert!(snapshots.write(&at(20), false).unwrap(), "the leader's snapshot always lands");
+        assert_eq!(on_disk(), Some(20));
+    }
 
     /// Snapshot files written before `data` was marked as bytes must still
     /// read, and new ones must read in older builds: same bytes on disk.
