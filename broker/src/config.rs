@@ -51,7 +51,7 @@ pub struct Config {
     /// Largest job payload in bytes (default 1 MiB).
     pub max_payload_bytes: usize,
     /// Take a Raft snapshot after this many applied commands (default 1000000),
-    /// or after as many as the state holds jobs when that is more; the log
+    /// or after as many as the last snapshot held jobs when that is more; the log
     /// behind it is purged. Fewer means faster restarts and more CPU spent
     /// writing the state out.
     pub snapshot_every: u64,

@@ -91,7 +91,7 @@ struct ServeArgs {
     #[arg(long, env = "GANTRY_MAX_PAYLOAD_BYTES")]
     max_payload_bytes: Option<usize>,
     /// Snapshot after this many applied commands (default 1000000), or after
-    /// as many as the state holds jobs when that is more.
+    /// as many as the last snapshot held jobs when that is more.
     #[arg(long, env = "GANTRY_SNAPSHOT_EVERY")]
     snapshot_every: Option<u64>,
     /// Plain-HTTP address of /metrics, /healthz and /readyz (default
