@@ -351,7 +351,7 @@ impl Connection {
 
     /// Handles one message; a result (or progress) joins `results` to be
     /// proposed with the others read with it.
-    async fn read(self: &Arc<Self>, msg: proto::WorkerMessage, results: &mut Vec<Result_>) -> Read {
+    async fn read(self: &Arc<Self>, msg: proto::WorkerMessage, results: &mut Vec<PendingResult>) -> Read {
         let (command, job_id, token) = match msg.kind {
             Some(In::Heartbeat(_)) => return Read::Next,
             Some(In::Drain(_)) => {
@@ -399,7 +399,7 @@ impl Connection {
             }
         };
         match command_job(&command).and_then(|id| self.node.shard_for_job(id)).cloned() {
-            Some(shard) => results.push(Result_ { shard, command, ack }),
+            Some(shard) => results.push(PendingResult { shard, command, ack }),
             None => {
                 let message = format!("job {} not found", ack.job_id);
                 let _ = self.out.send(ack.reply(proto::AckStatus::UnknownJob, message, None));
@@ -410,7 +410,7 @@ impl Connection {
 
     /// Proposes results (or progress) and acks each, without holding up the
     /// stream: results of many jobs share log entries.
-    fn answer(self: Arc<Self>, results: Vec<Result_>) {
+    fn answer(self: Arc<Self>, results: Vec<PendingResult>) {
         if results.is_empty() {
             return;
         }
@@ -506,7 +506,7 @@ enum Read {
 }
 
 /// A validated result on its way to the log, with what its ack must name.
-struct Result_ {
+struct PendingResult {
     shard: Arc<ShardNode>,
     command: Command,
     ack: Acker,

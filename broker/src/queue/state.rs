@@ -178,9 +178,9 @@ pub struct QueueState {
     now_ms: u64,
     next_seq: u64,
     last_token: FencingToken,
-    /// Shared with a snapshot being encoded: `Arc::make_mut` copies a job
-    /// only while the snapshot still holds it, so taking one clones the map,
-    /// not the jobs.
+    /// Shared with a snapshot being encoded: [`job_mut`] copies a job only
+    /// while the snapshot still holds it, so taking one clones the map, not
+    /// the jobs.
     jobs: BTreeMap<JobId, Arc<Job>>,
     queues: BTreeMap<String, Queue>,
     sessions: BTreeMap<SessionId, Session>,
@@ -207,6 +207,13 @@ impl ApplyOutput {
             _ => None,
         })
     }
+}
+
+/// The one way a job is changed: copied first if a snapshot being encoded
+/// still shares it. A free function over the map, so that callers may hold
+/// other fields of the state meanwhile.
+fn job_mut(jobs: &mut BTreeMap<JobId, Arc<Job>>, id: JobId) -> Option<&mut Job> {
+    jobs.get_mut(&id).map(Arc::make_mut)
 }
 
 /// Wake-ups are hints: one per queue per run of commands is enough, and a
@@ -558,7 +565,7 @@ impl QueueState {
             queue.pending.remove(&key);
             queue.active += 1;
             queue.note_dispatch(now);
-            let job = self.jobs.get_mut(&job_id).map(Arc::make_mut).expect("pending key of a missing job");
+            let job = job_mut(&mut self.jobs, job_id).expect("pending key of a missing job");
             // Due since its run_at, its enqueue (a run_at in the past) or the
             // end of its last attempt (a released job keeps its old run_at).
             let last_end = job.history.last().and_then(|r| r.finished_ms).unwrap_or(0);
@@ -612,7 +619,7 @@ impl QueueState {
     /// Ends the current lease of `job_id`: index, session and counters.
     /// Returns the lease.
     fn end_lease(&mut self, job_id: JobId) -> Lease {
-        let job = self.jobs.get_mut(&job_id).map(Arc::make_mut).expect("lease of a missing job");
+        let job = job_mut(&mut self.jobs, job_id).expect("lease of a missing job");
         let Status::Active(lease) = std::mem::replace(&mut job.status, Status::Pending) else {
             panic!("job {job_id} has no lease to end");
         };
@@ -639,7 +646,7 @@ impl QueueState {
         }
         let lease = self.end_lease(job_id);
         let now = self.now_ms;
-        self.jobs.get_mut(&job_id).map(Arc::make_mut).expect("checked").close_attempt(lease.token, now, outcome, error);
+        job_mut(&mut self.jobs, job_id).expect("checked").close_attempt(lease.token, now, outcome, error);
         Ok(Some(lease))
     }
 
@@ -656,7 +663,7 @@ impl QueueState {
             Ok(None) => return Applied::Accepted { lease_deadline_ms: None },
             Err(rejection) => return Applied::Rejected(rejection),
         };
-        self.jobs.get_mut(&job_id).map(Arc::make_mut).expect("checked").result = result.to_vec();
+        job_mut(&mut self.jobs, job_id).expect("checked").result = result.to_vec();
         self.finish(job_id, Status::Succeeded, events, tally);
         note_capacity(events, lease.session_id);
         Applied::Accepted { lease_deadline_ms: None }
@@ -677,7 +684,7 @@ impl QueueState {
             Err(rejection) => return Applied::Rejected(rejection),
         };
         let now = self.now_ms;
-        let job = self.jobs.get_mut(&job_id).map(Arc::make_mut).expect("checked");
+        let job = job_mut(&mut self.jobs, job_id).expect("checked");
         job.error = error.to_owned();
         let attempts_left = job.attempt < job.max_attempts;
         let delay_ms = match retry {
@@ -707,7 +714,7 @@ impl QueueState {
             Err(rejection) => return Applied::Rejected(rejection),
         };
         let now = self.now_ms;
-        let job = self.jobs.get_mut(&job_id).map(Arc::make_mut).expect("checked");
+        let job = job_mut(&mut self.jobs, job_id).expect("checked");
         // Given back unstarted: the attempt does not count.
         job.attempt -= 1;
         let run_at = job.run_at_ms;
@@ -721,7 +728,7 @@ impl QueueState {
             return Applied::Rejected(rejection);
         }
         let now = self.now_ms;
-        let job = self.jobs.get_mut(&job_id).map(Arc::make_mut).expect("checked");
+        let job = job_mut(&mut self.jobs, job_id).expect("checked");
         if !message.is_empty() {
             job.progress = message.to_owned();
         }
@@ -740,12 +747,7 @@ impl QueueState {
     fn revoke_lease(&mut self, job_id: JobId, outcome: Outcome, why: &str, events: &mut Vec<Event>) {
         let lease = self.end_lease(job_id);
         let now = self.now_ms;
-        self.jobs.get_mut(&job_id).map(Arc::make_mut).expect("had a lease").close_attempt(
-            lease.token,
-            now,
-            outcome,
-            why,
-        );
+        job_mut(&mut self.jobs, job_id).expect("had a lease").close_attempt(lease.token, now, outcome, why);
         events.push(Event::Revoked {
             session_id: lease.session_id.clone(),
             job_id,
@@ -759,7 +761,7 @@ impl QueueState {
     fn lose_lease(&mut self, job_id: JobId, outcome: Outcome, why: &str, events: &mut Vec<Event>, tally: &mut Tally) {
         self.revoke_lease(job_id, outcome, why, events);
         let now = self.now_ms;
-        let job = self.jobs.get_mut(&job_id).map(Arc::make_mut).expect("had a lease");
+        let job = job_mut(&mut self.jobs, job_id).expect("had a lease");
         tally.queue(&job.queue).lease_expired += 1;
         if job.attempt >= job.max_attempts {
             job.error = format!("{why} (attempt {} of {})", job.attempt, job.max_attempts);
@@ -817,7 +819,7 @@ impl QueueState {
             let queue = job.queue.clone();
             self.queues.get_mut(&queue).expect("queue of a job").pending.remove(&key);
         }
-        self.jobs.get_mut(&job_id).map(Arc::make_mut).expect("exists").error = why;
+        job_mut(&mut self.jobs, job_id).expect("exists").error = why;
         self.finish(job_id, Status::Cancelled, events, tally);
         Applied::Job(Box::new(self.view(job_id, now).expect("exists")))
     }
@@ -831,7 +833,7 @@ impl QueueState {
             return Applied::Rejected(Rejection::NotFailed { job_id, state: job.state_at(now) });
         }
         self.unretain(job_id);
-        let job = self.jobs.get_mut(&job_id).map(Arc::make_mut).expect("exists");
+        let job = job_mut(&mut self.jobs, job_id).expect("exists");
         job.attempt = 0;
         job.finished_ms = None;
         let queue = self.queues.get_mut(&job.queue).expect("queue of a job");
@@ -842,7 +844,7 @@ impl QueueState {
 
     /// Back to pending (SCHEDULED or READY by `run_at_ms`).
     fn requeue(&mut self, job_id: JobId, run_at_ms: u64, events: &mut Vec<Event>) {
-        let job = self.jobs.get_mut(&job_id).map(Arc::make_mut).expect("requeue of a missing job");
+        let job = job_mut(&mut self.jobs, job_id).expect("requeue of a missing job");
         job.status = Status::Pending;
         job.run_at_ms = run_at_ms;
         let key = PendingKey::of(job);
@@ -853,7 +855,7 @@ impl QueueState {
     /// Into a terminal state; retained for the queue's `retention`.
     fn finish(&mut self, job_id: JobId, status: Status, events: &mut Vec<Event>, tally: &mut Tally) {
         let now = self.now_ms;
-        let job = self.jobs.get_mut(&job_id).map(Arc::make_mut).expect("finish of a missing job");
+        let job = job_mut(&mut self.jobs, job_id).expect("finish of a missing job");
         let queue = self.queues.get_mut(&job.queue).expect("queue of a job");
         let counts = tally.queue(&job.queue);
         match status {
@@ -883,7 +885,7 @@ impl QueueState {
 
     /// Takes a terminal job out of the retention index (redrive or purge).
     fn unretain(&mut self, job_id: JobId) {
-        let job = self.jobs.get_mut(&job_id).map(Arc::make_mut).expect("unretain of a missing job");
+        let job = job_mut(&mut self.jobs, job_id).expect("unretain of a missing job");
         if let Some(until) = job.retain_until_ms.take() {
             self.retention.remove(&(until, job_id));
         }
@@ -934,55 +936,40 @@ impl QueueState {
             None => self.retention.last().map(|&(until_ms, job_id)| PurgeCursor::Retained { until_ms, job_id }),
         };
         let limit = limit.max(1);
-        let mut victims = Vec::new();
-        let mut examined = 0;
-        // The last entry examined, reported only when entries are left after it.
-        let mut last = None;
-        let mut left_over = false;
-        if let (true, Some(PurgeCursor::Pending { neg_priority, run_at_ms, seq })) = (pending, through) {
-            let end = Bound::Included(PendingKey { neg_priority, run_at_ms, seq });
-            let start = match after {
-                Some(PurgeCursor::Pending { neg_priority, run_at_ms, seq }) => {
-                    Bound::Excluded(PendingKey { neg_priority, run_at_ms, seq })
-                }
-                _ => Bound::Unbounded,
+        let (victims, next) =
+            if let (true, Some(PurgeCursor::Pending { neg_priority, run_at_ms, seq })) = (pending, through) {
+                let end = Bound::Included(PendingKey { neg_priority, run_at_ms, seq });
+                let start = match after {
+                    Some(PurgeCursor::Pending { neg_priority, run_at_ms, seq }) => {
+                        Bound::Excluded(PendingKey { neg_priority, run_at_ms, seq })
+                    }
+                    _ => Bound::Unbounded,
+                };
+                let wanted = |key: &&PendingKey| {
+                    let scheduled = key.run_at_ms > now;
+                    (key.seq < below_seq && scheduled == (state == JobState::Scheduled))
+                        .then_some(JobId { shard: self.shard, seq: key.seq })
+                };
+                walk_purge_part(queue.pending.range((start, end)), limit, |key| pending_cursor(key), wanted)
+            } else if let (false, true, Some(PurgeCursor::Retained { until_ms, job_id })) =
+                (pending, queue.count_of(state) > 0, through)
+            {
+                // The retention index holds every queue's finished jobs: walk it
+                // only when this queue has some in that state.
+                let end = Bound::Included((until_ms, job_id));
+                let start = match after {
+                    Some(PurgeCursor::Retained { until_ms, job_id }) => Bound::Excluded((until_ms, job_id)),
+                    _ => Bound::Unbounded,
+                };
+                let wanted = |&&(_, job_id): &&(u64, JobId)| {
+                    let job = &self.jobs[&job_id];
+                    (job_id.seq < below_seq && job.queue == queue_name && job.state_at(now) == state).then_some(job_id)
+                };
+                let cursor = |&&(until_ms, job_id): &&(u64, JobId)| PurgeCursor::Retained { until_ms, job_id };
+                walk_purge_part(self.retention.range((start, end)), limit, cursor, wanted)
+            } else {
+                (Vec::new(), None)
             };
-            for key in queue.pending.range((start, end)) {
-                if examined == limit {
-                    left_over = true;
-                    break;
-                }
-                examined += 1;
-                last = Some(pending_cursor(key));
-                let scheduled = key.run_at_ms > now;
-                if key.seq < below_seq && scheduled == (state == JobState::Scheduled) {
-                    victims.push(JobId { shard: self.shard, seq: key.seq });
-                }
-            }
-        } else if let (false, true, Some(PurgeCursor::Retained { until_ms, job_id })) =
-            (pending, queue.count_of(state) > 0, through)
-        {
-            // The retention index holds every queue's finished jobs: walk it
-            // only when this queue has some in that state.
-            let end = Bound::Included((until_ms, job_id));
-            let start = match after {
-                Some(PurgeCursor::Retained { until_ms, job_id }) => Bound::Excluded((until_ms, job_id)),
-                _ => Bound::Unbounded,
-            };
-            for &(until_ms, job_id) in self.retention.range((start, end)) {
-                if examined == limit {
-                    left_over = true;
-                    break;
-                }
-                examined += 1;
-                last = Some(PurgeCursor::Retained { until_ms, job_id });
-                let job = &self.jobs[&job_id];
-                if job_id.seq < below_seq && job.queue == queue_name && job.state_at(now) == state {
-                    victims.push(job_id);
-                }
-            }
-        }
-        let next = if left_over { last } else { None };
         for &job_id in &victims {
             let job = &self.jobs[&job_id];
             if let Some(until) = job.retain_until_ms {
@@ -999,4 +986,24 @@ impl QueueState {
         }
         Applied::PurgedPart { count: victims.len() as u64, below_seq, through, next }
     }
+}
+
+/// Walks at most `limit` entries of a purge's index, in order: the jobs to
+/// drop among them, and the last entry walked when entries are left after
+/// it (where the next part starts).
+fn walk_purge_part<K>(
+    entries: impl Iterator<Item = K>,
+    limit: usize,
+    cursor: impl Fn(&K) -> PurgeCursor,
+    wanted: impl Fn(&K) -> Option<JobId>,
+) -> (Vec<JobId>, Option<PurgeCursor>) {
+    let mut entries = entries.peekable();
+    let mut victims = Vec::new();
+    let mut last = None;
+    for entry in entries.by_ref().take(limit) {
+        victims.extend(wanted(&entry));
+        last = Some(cursor(&entry));
+    }
+    let left_over = entries.peek().is_some();
+    (victims, last.filter(|_| left_over))
 }

@@ -118,6 +118,12 @@ struct SnapshotFileV1 {
     data: Vec<u8>,
 }
 
+impl SnapshotFileV1 {
+    fn into_snapshot(self) -> SnapshotOf<C, Cursor<Vec<u8>>> {
+        SnapshotOf::<C, _> { meta: self.meta, snapshot: Cursor::new(self.data) }
+    }
+}
+
 impl StateMachineStore {
     /// Opens the shard's state machine, restoring the last snapshot if any;
     /// openraft then replays the committed log after it. `replayed_up_to` is
@@ -209,7 +215,7 @@ impl RaftSnapshotBuilder<C> for StateMachineStore {
                 // A snapshot installed from the leader meanwhile is newer: it stands.
                 if let Some(newer) = snapshots.read()? {
                     tracing::info!(shard = %shared.shard, index = ?newer.meta.last_log_id.map(|l| l.index), "a newer snapshot was installed meanwhile; kept it");
-                    return Ok(SnapshotOf::<C, _> { meta: newer.meta, snapshot: Cursor::new(newer.data) });
+                    return Ok(newer.into_snapshot());
                 }
             }
             tracing::info!(
@@ -220,7 +226,7 @@ impl RaftSnapshotBuilder<C> for StateMachineStore {
                 elapsed = ?started.elapsed(),
                 "snapshot written"
             );
-            Ok(SnapshotOf::<C, _> { meta: file.meta, snapshot: Cursor::new(file.data) })
+            Ok(file.into_snapshot())
         })
         .await
         .map_err(io::Error::other)?
@@ -294,7 +300,7 @@ impl RaftStateMachine<C> for StateMachineStore {
     async fn get_current_snapshot(&mut self) -> io::Result<Option<SnapshotOf<C, Cursor<Vec<u8>>>>> {
         let snapshots = self.snapshots.clone();
         let file = tokio::task::spawn_blocking(move || snapshots.read()).await.map_err(io::Error::other)??;
-        Ok(file.map(|f| SnapshotOf::<C, _> { meta: f.meta, snapshot: Cursor::new(f.data) }))
+        Ok(file.map(SnapshotFileV1::into_snapshot))
     }
 }
 
