@@ -8,6 +8,7 @@ use tokio::sync::watch;
 
 use crate::{
     dispatch::Node,
+    queue::ShardId,
     raft::{GantryNode, PeerChannels},
 };
 
@@ -23,21 +24,27 @@ pub async fn node_info(channels: &PeerChannels, peer_address: &str) -> Result<pb
 }
 
 /// Initializes a brand-new cluster exactly once: only the member with the
-/// lowest id does it, only while its own log is empty, and only after every
-/// listed member answered and none of them already belongs to a cluster.
-/// So restarting any node (the initializer too) never makes a second
-/// cluster; a wiped initializer waits to be caught up by the leader.
+/// lowest id does it, only for shards whose log is empty here, and only
+/// after every listed member answered, runs the same shard count, and has
+/// no membership for that shard. So restarting any node (the initializer
+/// too, even part-way through its shards) never makes a second cluster; a
+/// wiped initializer waits to be caught up by the leader.
 pub async fn bootstrap(node: Arc<Node>, initial: BTreeMap<u64, String>, mut shutdown: watch::Receiver<bool>) {
     let first = initial.keys().next().copied();
     if first != Some(node.node_id) {
         tracing::info!(initializer = ?first, "waiting for the cluster's first leader to contact this node");
         return;
     }
+    let mut pending = Vec::new();
     for shard in &node.shards {
-        if shard.raft.is_initialized().await {
-            return;
+        if !shard.raft.is_initialized().await {
+            pending.push(shard.clone());
         }
     }
+    if pending.is_empty() {
+        return;
+    }
+    let shard_count = node.shards.len() as u32;
     let mut members: BTreeMap<u64, GantryNode> = BTreeMap::new();
     members.insert(node.node_id, GantryNode { client: node.advertise.clone(), peer: node.peer_advertise.clone() });
     let mut warned = false;
@@ -50,11 +57,21 @@ pub async fn bootstrap(node: Arc<Node>, initial: BTreeMap<u64, String>, mut shut
                     let id = *id;
                     tracing::error!(expected = id, found = info.node_id, %address, "initial-cluster names the wrong node at this address; fix --initial-cluster or that node's --node-id");
                 }
-                Ok(info) if info.initialized => {
-                    tracing::warn!(node = *id, %address, "a member already belongs to an initialized cluster: not initializing another; waiting to be contacted by its leader");
-                    return;
+                Ok(info) if info.shards.max(1) != shard_count => {
+                    tracing::error!(node = *id, %address, theirs = info.shards.max(1), ours = shard_count, "a member runs another shard count; start every member with the same --shards");
                 }
                 Ok(info) => {
+                    let mut theirs = info.initialized_shards.clone();
+                    if info.initialized && theirs.is_empty() {
+                        theirs.push(0);
+                    }
+                    if !theirs.is_empty() {
+                        tracing::warn!(node = *id, %address, shards = ?theirs, "a member already belongs to an initialized cluster for these shards: not initializing them again; waiting to be contacted by their leader");
+                        pending.retain(|s| !theirs.contains(&s.raft.shard().0));
+                        if pending.is_empty() {
+                            return;
+                        }
+                    }
                     members.insert(*id, GantryNode { client: info.client_address, peer: address.clone() });
                 }
                 Err(e) if warned => tracing::debug!(node = *id, %address, error = %e, "member not reachable yet"),
@@ -70,7 +87,7 @@ pub async fn bootstrap(node: Arc<Node>, initial: BTreeMap<u64, String>, mut shut
             _ = shutdown.wait_for(|stop| *stop) => return,
         }
     }
-    for shard in &node.shards {
+    for shard in &pending {
         match shard.raft.initialize(members.clone()).await {
             Ok(()) => {
                 tracing::info!(shard = %shard.raft.shard(), members = ?members.keys().collect::<Vec<_>>(), "initialized a new cluster")
@@ -128,3 +145,39 @@ async fn add_self(node: &Node, address: &str) -> Result<(), String> {
     node.channels.authorize(&mut request);
     admin.add_node(request).await.map(|_| ()).map_err(|s| format!("{}: {}", s.code(), s.message()))
 }
+
+/// Keeps every shard led by the node that leads shard 0. The edge forwards
+/// a call to one node (shard 0's leader, `grpc/forward.rs`) and a worker's
+/// stream spans the shards of its queues, so every shard must be led there;
+/// after a failover the shards elect apart and this moves them back. It runs
+/// on every node and acts on the shards this node leads: only a leader can
+/// hand leadership over. A handover is tried at most once per election
+/// timeout per shard (a lagging target needs time to catch up).
+pub async fn align_leaders(node: Arc<Node>, election_timeout: Duration, mut shutdown: watch::Receiver<bool>) {
+    let mut last_try: BTreeMap<ShardId, tokio::time::Instant> = BTreeMap::new();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(ALIGN_PERIOD) => {}
+            _ = shutdown.wait_for(|stop| *stop) => return,
+        }
+        let Some((target, _)) = node.shards[0].raft.leader() else { continue };
+        if target == node.node_id {
+            continue;
+        }
+        for shard in &node.shards[1..] {
+            let id = shard.raft.shard();
+            let recently = last_try.get(&id).is_some_and(|at| at.elapsed() < election_timeout);
+            if recently || !shard.raft.is_leader() {
+                continue;
+            }
+            last_try.insert(id, tokio::time::Instant::now());
+            match shard.raft.transfer_leadership(target).await {
+                Ok(()) => tracing::info!(shard = %id, to = target, "handing leadership to shard 0's leader"),
+                Err(e) => tracing::debug!(shard = %id, to = target, error = %e, "leadership handover not possible yet"),
+            }
+        }
+    }
+}
+
+/// How often a node checks that the shards it leads follow shard 0.
+const ALIGN_PERIOD: Duration = Duration::from_millis(100);

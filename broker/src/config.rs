@@ -31,7 +31,9 @@ pub struct Config {
     /// Client addresses of a running cluster this node should join (with
     /// AddNode) if it is not a member yet, e.g. after a scale-up.
     pub join: Vec<String>,
-    /// Number of shards (Raft groups) of a new cluster (default 1).
+    /// Number of shards (Raft groups) of a new cluster (default 1). Fixed
+    /// when the cluster is created: the data directory records it, and a
+    /// start with another count is refused.
     pub shards: u32,
     /// How often workers must send something (default 1s).
     #[serde(with = "humantime_serde_compat")]
@@ -120,6 +122,10 @@ pub enum ConfigError {
     File { path: String, message: String },
 }
 
+/// Each shard is a Raft group with its own log writer threads and timers on
+/// every node; more than this costs more than it spreads.
+pub const MAX_SHARDS: u32 = 64;
+
 fn invalid(field: &'static str, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid { field, message: message.into() }
 }
@@ -136,10 +142,10 @@ impl Config {
         if self.node_id == 0 {
             return Err(invalid("node-id", "must be at least 1"));
         }
-        if self.shards != 1 {
+        if !(1..=MAX_SHARDS).contains(&self.shards) {
             return Err(invalid(
                 "shards",
-                format!("{} requested, but this version runs exactly 1 shard per cluster", self.shards),
+                format!("{} requested; a cluster has 1 to {MAX_SHARDS} shards", self.shards),
             ));
         }
         if self.token_reload_interval < Duration::from_millis(10) {

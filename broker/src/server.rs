@@ -109,6 +109,7 @@ pub async fn start_with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<R
     security.warn_if_open(local_addr, peer_addr);
 
     data_format::check_or_stamp(&config.data_dir)?;
+    data_format::check_or_record_shards(&config.data_dir, config.shards)?;
     let engine =
         log_store::open_engine(&config.data_dir.join("raft")).map_err(|e| BrokerError::Storage(e.to_string()))?;
     let purge_task = log_store::spawn_purge_task(engine.clone(), Duration::from_secs(10));
@@ -211,6 +212,9 @@ pub async fn start_with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<R
     if !config.join.is_empty() {
         tokio::spawn(cluster::join(node.clone(), config.join.clone(), shutdown_rx.clone()));
     }
+    if node.shards.len() > 1 {
+        tokio::spawn(cluster::align_leaders(node.clone(), config.election_timeout, shutdown_rx.clone()));
+    }
 
     let router = server_builder(security.client_tls.as_ref())?
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
@@ -243,8 +247,12 @@ pub async fn start_with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<R
             }
         };
         health_task.abort();
+        let mut successor = None;
         for shard in &task_node.shards {
-            shard.raft.hand_over_leadership(HANDOVER_TIMEOUT).await;
+            shard.raft.hand_over_leadership(HANDOVER_TIMEOUT, successor).await;
+            if successor.is_none() {
+                successor = shard.raft.leader().map(|(id, _)| id).filter(|id| *id != task_node.node_id);
+            }
             shard.raft.shutdown().await;
         }
         // Raft is down: nothing needs the peer port any more.
@@ -366,6 +374,66 @@ mod data_format {
                 std::fs::write(&file, format!("{CURRENT}\n")).map_err(storage)
             }
             Err(e) => Err(storage(e)),
+        }
+    }
+
+    /// The shard count a data directory was created with. Queues map to
+    /// shards by `hash % shards`, so another count would put every queue in
+    /// the wrong group: a start with a different `--shards` is refused.
+    pub fn check_or_record_shards(dir: &Path, shards: u32) -> Result<(), BrokerError> {
+        let storage = |e: std::io::Error| BrokerError::Storage(format!("{}: {e}", dir.display()));
+        let file = dir.join(SHARDS_FILE);
+        let recorded = match std::fs::read_to_string(&file) {
+            Ok(found) => Some(parse_shards(&found).ok_or_else(|| {
+                BrokerError::Storage(format!("{}: unreadable shard count {:?}", file.display(), found.trim()))
+            })?),
+            // Written before shard counts were recorded: they ran exactly one.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && dir.join("raft").exists() => Some(1),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(storage(e)),
+        };
+        match recorded {
+            Some(recorded) if recorded == shards => Ok(()),
+            Some(recorded) => Err(BrokerError::Storage(format!(
+                "{} belongs to a cluster of {recorded} shard(s), but --shards is {shards}; the shard count is fixed when a cluster is created (start with --shards {recorded}, or with an empty --data-dir for a new cluster)",
+                dir.display()
+            ))),
+            None => {
+                let temp = dir.join(format!("{SHARDS_FILE}.tmp"));
+                std::fs::write(&temp, format!("{SHARDS_PREFIX}{shards}\n")).map_err(storage)?;
+                std::fs::rename(&temp, &file).map_err(storage)
+            }
+        }
+    }
+
+    const SHARDS_FILE: &str = "SHARDS";
+    const SHARDS_PREFIX: &str = "gantry-shards ";
+
+    fn parse_shards(text: &str) -> Option<u32> {
+        text.trim().strip_prefix(SHARDS_PREFIX)?.parse().ok()
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn the_shard_count_is_fixed_by_the_first_start() {
+            let dir = tempfile::tempdir().expect("temp dir");
+            check_or_stamp(dir.path()).expect("new dir");
+            check_or_record_shards(dir.path(), 4).expect("recorded");
+            check_or_record_shards(dir.path(), 4).expect("same count again");
+            let refused = check_or_record_shards(dir.path(), 2).expect_err("another count").to_string();
+            assert!(refused.contains("4 shard(s)") && refused.contains("--shards is 2"), "{refused}");
+        }
+
+        #[test]
+        fn an_older_data_dir_ran_one_shard() {
+            let dir = tempfile::tempdir().expect("temp dir");
+            std::fs::create_dir_all(dir.path().join("raft")).expect("raft dir");
+            check_or_record_shards(dir.path(), 1).expect("one shard");
+            let refused = check_or_record_shards(dir.path(), 3).expect_err("more").to_string();
+            assert!(refused.contains("1 shard(s)"), "{refused}");
         }
     }
 }

@@ -24,10 +24,12 @@ pub async fn cluster_status(addr: SocketAddr) -> Option<proto::ClusterStatusResp
     admin.cluster_status(request).await.ok().map(|r| r.into_inner())
 }
 
-/// The leader of shard 0 as `addr` sees it (node id), if any.
+/// The leader of every shard as `addr` sees it (node id), if one node
+/// leads them all.
 pub async fn leader_seen_by(addr: SocketAddr) -> Option<u64> {
     let status = cluster_status(addr).await?;
-    status.shards.first().map(|s| s.leader_id).filter(|id| *id != 0)
+    let leader = status.shards.first().map(|s| s.leader_id).filter(|id| *id != 0)?;
+    status.shards.iter().all(|s| s.leader_id == leader).then_some(leader)
 }
 
 /// Brokers of one cluster inside the test process. Node `i` (0-based) has
@@ -138,28 +140,35 @@ impl TestCluster {
         self.nodes[i].is_some()
     }
 
-    /// Waits until every running node names the same leader, which is
-    /// running too; returns its index.
+    /// Waits until every running node names the same leader for every
+    /// shard (shards follow shard 0's leader), which is running too and
+    /// leads them all; returns its index.
     pub async fn wait_for_leader(&self) -> usize {
-        eventually("one leader seen by every running node", CLUSTER_WAIT, || async {
+        eventually("one leader of every shard, seen by every running node", CLUSTER_WAIT, || async {
             let mut seen = None;
             // Asked in-process, not over the client port: clusters with TLS
             // or tokens there work the same. `leader()` also needs the
             // leader's addresses, which forwarding uses.
             for i in (0..self.addrs.len()).filter(|i| self.is_running(*i) && self.is_member(*i)) {
-                let (leader, _) = self.nodes[i].as_ref()?.node().shards[0].raft.leader()?;
-                if seen.is_some_and(|s| s != leader) {
-                    return None;
+                for shard in &self.nodes[i].as_ref()?.node().shards {
+                    let (leader, _) = shard.raft.leader()?;
+                    if seen.is_some_and(|s| s != leader) {
+                        return None;
+                    }
+                    seen = Some(leader);
                 }
-                seen = Some(leader);
             }
             let index = seen? as usize - 1;
-            let raft = &self.nodes.get(index)?.as_ref()?.node().shards[0].raft;
-            // A new leader takes writes once the blank entry of its term is
-            // committed; until then it answers "no leader" (retryable).
-            let status = raft.status();
-            let established = status.last_log_index > 0 && status.commit_index >= status.last_log_index;
-            (raft.is_leader() && established).then_some(index)
+            for shard in &self.nodes.get(index)?.as_ref()?.node().shards {
+                // A new leader takes writes once the blank entry of its term
+                // is committed; until then it answers "no leader" (retryable).
+                let status = shard.raft.status();
+                let established = status.last_log_index > 0 && status.commit_index >= status.last_log_index;
+                if !(shard.raft.is_leader() && established) {
+                    return None;
+                }
+            }
+            Some(index)
         })
         .await
     }

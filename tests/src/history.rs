@@ -620,8 +620,9 @@ pub fn check(records: &[Record], finals: &FinalJobs, expect: Expect) -> Result<S
     }
 
     // The broker's own attempt records, job by job and across jobs.
-    let mut by_token: BTreeMap<u64, (&str, u32)> = BTreeMap::new();
-    let mut starts: Vec<(u64, u64, &str)> = Vec::new();
+    // Tokens are a shard's: two shards may hand out the same number.
+    let mut by_token: BTreeMap<(&str, u64), (&str, u32)> = BTreeMap::new();
+    let mut starts: Vec<(&str, u64, u64, &str)> = Vec::new();
     for (job_id, job) in finals.iter().filter_map(|(id, job)| Some((id.as_str(), job.as_ref()?))) {
         let history = &job.history;
         let successes: Vec<String> =
@@ -645,7 +646,9 @@ pub fn check(records: &[Record], finals: &FinalJobs, expect: Expect) -> Result<S
             }
         }
         for (i, record) in history.iter().enumerate() {
-            if let Some((other_job, other_attempt)) = by_token.insert(record.fencing_token, (job_id, record.attempt)) {
+            if let Some((other_job, other_attempt)) =
+                by_token.insert((shard_of(job_id), record.fencing_token), (job_id, record.attempt))
+            {
                 violation(
                     ViolationKind::TokenOrder,
                     job_id,
@@ -657,7 +660,7 @@ pub fn check(records: &[Record], finals: &FinalJobs, expect: Expect) -> Result<S
                 );
             }
             if let Some(start) = ms(&record.started_at) {
-                starts.push((start, record.fencing_token, job_id));
+                starts.push((shard_of(job_id), start, record.fencing_token, job_id));
             }
             let running = record.outcome() == AttemptOutcome::Running;
             if running && (i + 1 != history.len() || job.state() != JobState::Active) {
@@ -695,12 +698,17 @@ pub fn check(records: &[Record], finals: &FinalJobs, expect: Expect) -> Result<S
             }
         }
     }
-    // Commit order across jobs: the leader stamps entries with a clock it
-    // keeps monotonic, so an assignment stamped later has a greater token.
+    // Commit order across a shard's jobs: the leader stamps entries with a
+    // clock it keeps monotonic, so an assignment stamped later has a
+    // greater token.
     starts.sort();
     let mut max_before: Option<(u64, u64, &str)> = None;
     let mut group_max: Option<(u64, u64, &str)> = None;
-    for &(start, token, job_id) in &starts {
+    let mut shard = None;
+    for &(job_shard, start, token, job_id) in &starts {
+        if shard.replace(job_shard).is_some_and(|before| before != job_shard) {
+            (max_before, group_max) = (None, None);
+        }
         if group_max.is_some_and(|(group_start, ..)| group_start < start) {
             max_before = pick_max_token(max_before, group_max);
             group_max = None;
@@ -878,6 +886,11 @@ pub fn check(records: &[Record], finals: &FinalJobs, expect: Expect) -> Result<S
 }
 
 /// The entry with the greatest token (ties: the first).
+/// The shard part of a job id (`<shard>-<seq>`).
+fn shard_of(job_id: &str) -> &str {
+    job_id.split_once('-').map_or(job_id, |(shard, _)| shard)
+}
+
 fn pick_max_token<'a>(a: Option<(u64, u64, &'a str)>, b: Option<(u64, u64, &'a str)>) -> Option<(u64, u64, &'a str)> {
     match (a, b) {
         (Some(x), Some(y)) => Some(if y.1 > x.1 { y } else { x }),
@@ -1089,6 +1102,48 @@ mod tests {
                 "0-2",
                 JobState::Succeeded,
                 vec![attempt(1, "sb", 10, 1000, Some(1050), AttemptOutcome::Succeeded)],
+            )),
+        );
+        let violations = check(&records, &finals, Expect::Succeeded).unwrap_err();
+        assert!(violations.to_string().contains("token 10 of attempt 1"), "{violations}");
+    }
+
+    #[test]
+    fn tokens_are_compared_within_a_shard_only() {
+        // Shard 1 hands out its own tokens: the same number as shard 0's,
+        // and a smaller one later, are both fine there.
+        let (mut records, mut finals) = good();
+        records.push(enqueued(30, "1-1"));
+        records.push(enqueued(30, "1-2"));
+        records.push(assigned(31, "b", "sb", "1-1", 10, 1));
+        records.push(result(32, "b", "1-1", 10, ResultKind::Complete, Ack::Accepted));
+        records.push(assigned(33, "b", "sb", "1-2", 11, 1));
+        records.push(result(34, "b", "1-2", 11, ResultKind::Complete, Ack::Accepted));
+        finals.insert(
+            "1-1".into(),
+            Some(job(
+                "1-1",
+                JobState::Succeeded,
+                vec![attempt(1, "sb", 10, 3000, Some(3001), AttemptOutcome::Succeeded)],
+            )),
+        );
+        finals.insert(
+            "1-2".into(),
+            Some(job(
+                "1-2",
+                JobState::Succeeded,
+                vec![attempt(1, "sb", 11, 3002, Some(3003), AttemptOutcome::Succeeded)],
+            )),
+        );
+        check(&records, &finals, Expect::Succeeded).unwrap_or_else(|v| panic!("{v}"));
+
+        // Within shard 1, the same token twice is still caught.
+        finals.insert(
+            "1-2".into(),
+            Some(job(
+                "1-2",
+                JobState::Succeeded,
+                vec![attempt(1, "sb", 10, 3002, Some(3003), AttemptOutcome::Succeeded)],
             )),
         );
         let violations = check(&records, &finals, Expect::Succeeded).unwrap_err();

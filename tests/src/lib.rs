@@ -71,6 +71,11 @@ impl TestBroker {
         TestBroker { server: Some(server), addr, metrics_addr, data_dir }
     }
 
+    /// The running server (for in-process inspection).
+    pub fn server(&self) -> &RunningServer {
+        self.server.as_ref().expect("broker runs")
+    }
+
     /// The metrics port; panics when the test turned it off.
     pub fn metrics_addr(&self) -> SocketAddr {
         self.metrics_addr.expect("metrics port on")
@@ -426,9 +431,10 @@ impl RunningWorker {
         H: Fn(gantry_worker::JobContext) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<bytes::Bytes, gantry_worker::JobError>> + Send + 'static,
     {
-        // `endpoint` may list several nodes, comma-separated.
+        // `endpoint` may list several nodes, and `queue` several queues,
+        // comma-separated.
         let worker = gantry_worker::Worker::builder(endpoint.split(',').map(str::to_owned))
-            .queue(queue)
+            .queues(queue.split(','))
             .worker_id(worker_id)
             .concurrency(concurrency)
             .reconnect_backoff(Duration::from_millis(50), Duration::from_millis(500))

@@ -146,6 +146,14 @@ impl Admin for AdminService {
                 request.address, info.node_id, request.node_id
             )));
         }
+        let ours = self.node.shards.len() as u32;
+        if info.shards.max(1) != ours {
+            return Err(Status::failed_precondition(format!(
+                "node_id: node {} runs {} shard(s), this cluster {ours}; start it with --shards {ours} and an empty --data-dir",
+                request.node_id,
+                info.shards.max(1)
+            )));
+        }
         let member = crate::raft::GantryNode { client: info.client_address, peer: request.address.clone() };
         for shard in &self.node.shards {
             tracing::info!(shard = %shard.raft.shard(), node = request.node_id, %member, "adding node: learner first, voter once caught up");
@@ -177,21 +185,32 @@ impl Admin for AdminService {
             .iter()
             .find(|s| s.raft.shard().0 == request.shard)
             .ok_or_else(|| Status::not_found(format!("shard: this cluster has no shard {}", request.shard)))?;
-        if shard.raft.leader().is_some_and(|(id, _)| id == request.node_id) {
+        if shard.raft.shard().0 != 0 {
+            return Err(Status::failed_precondition(format!(
+                "shard: every shard follows the leader of shard 0 (the node clients are sent to); transfer shard 0 and shard {} moves with it",
+                request.shard
+            )));
+        }
+        let led_by_target =
+            |node: &Node| node.shards.iter().all(|s| s.raft.leader().is_some_and(|(id, _)| id == request.node_id));
+        if led_by_target(&self.node) {
             return Ok(Response::new(self.cluster_view().await));
         }
-        shard.raft.transfer_leadership(request.node_id).await.map_err(status::membership_error)?;
-        // Answer once the handover happened (or failed), bounded.
+        if !shard.raft.leader().is_some_and(|(id, _)| id == request.node_id) {
+            shard.raft.transfer_leadership(request.node_id).await.map_err(status::membership_error)?;
+        }
+        // Answer once the handover happened (the other shards follow shard
+        // 0: cluster::align_leaders), or failed, bounded.
         let deadline = tokio::time::Instant::now() + self.node.settings.session_ttl;
         while tokio::time::Instant::now() < deadline {
-            if shard.raft.leader().is_some_and(|(id, _)| id == request.node_id) {
+            if led_by_target(&self.node) {
                 return Ok(Response::new(self.cluster_view().await));
             }
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
         Err(Status::unavailable(format!(
-            "node {} did not take over shard {} in time; see ClusterStatus",
-            request.node_id, request.shard
+            "node {} did not take over every shard in time; see ClusterStatus",
+            request.node_id
         )))
     }
 

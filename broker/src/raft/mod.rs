@@ -451,19 +451,22 @@ impl ShardRaft {
     /// On a clean shutdown of a leader: hands leadership to the voter that
     /// has replicated the most, and waits (bounded) for it to take over, so
     /// a rolling restart costs a handover instead of an election timeout.
-    pub async fn hand_over_leadership(&self, timeout: Duration) {
+    /// `prefer` (a voter) is taken over the most replicated one: the other
+    /// shards follow shard 0's new leader.
+    pub async fn hand_over_leadership(&self, timeout: Duration, prefer: Option<u64>) {
         let status = self.status();
         if !self.is_leader() || status.voters.len() < 2 {
             return;
         }
         let me = self.raft.node_id();
-        let successor = status
+        let most_replicated = status
             .replication
             .iter()
             .flatten()
             .filter(|(id, _)| *id != me && status.voters.contains(id))
             .max_by_key(|(_, progress)| progress.matched_index)
             .map(|(id, _)| *id);
+        let successor = prefer.filter(|id| *id != *me && status.voters.contains(id)).or(most_replicated);
         let Some(successor) = successor else { return };
         if let Err(e) = self.transfer_leadership(successor).await {
             tracing::warn!(shard = %self.shard, error = %e, "leadership handover at shutdown failed");

@@ -113,15 +113,19 @@ impl PeerRpc for PeerService {
         &self,
         _request: Request<pb::NodeInfoRequest>,
     ) -> Result<Response<pb::NodeInfoResponse>, Status> {
-        let initialized = match self.shards.first() {
-            Some(shard) => shard.is_initialized().await,
-            None => false,
-        };
+        let mut initialized_shards = Vec::new();
+        for shard in &self.shards {
+            if shard.is_initialized().await {
+                initialized_shards.push(shard.shard().0);
+            }
+        }
         Ok(Response::new(pb::NodeInfoResponse {
             node_id: self.node_id,
             client_address: self.client_address.clone(),
             peer_address: self.peer_address.clone(),
-            initialized,
+            initialized: initialized_shards.contains(&0),
+            shards: self.shards.len() as u32,
+            initialized_shards,
         }))
     }
 }

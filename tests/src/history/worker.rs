@@ -68,8 +68,8 @@ pub struct RecordingWorker {
 
 impl RecordingWorker {
     /// Connects to `endpoints` (tried in turn; `host:port`), takes jobs
-    /// from `queue`, at most `max_in_flight` at once, and runs `handler` for
-    /// each lease.
+    /// from `queue` (several: comma-separated), at most `max_in_flight` at
+    /// once, and runs `handler` for each lease.
     pub fn spawn<F, Fut>(
         history: &History,
         name: &str,
@@ -201,7 +201,7 @@ impl Runner {
             };
             let hello = proto::Hello {
                 worker_id: self.name.clone(),
-                queues: vec![self.queue.clone()],
+                queues: self.queue.split(',').map(str::to_owned).collect(),
                 max_in_flight: self.max_in_flight,
                 resume_session_id: self.session.clone().unwrap_or_default(),
             };

@@ -7,4 +7,5 @@ mod dev;
 mod membership;
 mod processes;
 mod replication;
+mod shards;
 mod tls;

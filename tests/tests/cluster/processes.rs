@@ -327,6 +327,75 @@ async fn sigkill_the_leader_under_load() {
     drop(raw);
 }
 
+/// 1b. The same with three shards: every shard follows the new leader of
+/// shard 0, workers whose streams span the shards resume there, and the
+/// history holds across shards (tokens compared within a shard).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_the_leader_of_three_shards_under_load() {
+    gantry_tests::init_tracing();
+    gantry_tests::gantry_binary();
+    let _timer = Timer(Instant::now());
+    let dir = tempfile::tempdir().expect("temp dir");
+    let args: Vec<&str> = ARGS.iter().copied().chain(["--shards", "3"]).collect();
+    let mut cluster = BinaryCluster::start(dir.path(), 3, &args).await;
+    let endpoints = cluster.endpoints();
+    let leader = cluster.wait_for_leader().await;
+    let history = History::new();
+    // One queue per shard (fnv1a64 % 3), so every group carries load.
+    let queues = ["load-a", "load-b", "load-c"];
+    let shards: std::collections::BTreeSet<u64> =
+        queues.iter().map(|q| gantry_broker::dispatch::queue_hash(q) % 3).collect();
+    assert_eq!(shards.len(), 3, "the queues cover every shard");
+    let all = queues.join(",");
+
+    let raw: Vec<RecordingWorker> =
+        (0..2).map(|i| RecordingWorker::spawn(&history, &format!("raw-{i}"), &endpoints, &all, 8, echo)).collect();
+    let sdk = sdk_worker(&history, &endpoints.join(","), &all, "sdk-0", 8, |ctx| async move {
+        tokio::time::sleep(Duration::from_millis(3)).await;
+        Ok(ctx.payload().clone())
+    });
+    for worker in &raw {
+        worker.wait_connected().await;
+    }
+    sdk.wait_connected().await;
+    let producers: Vec<Producers> = queues.iter().map(|q| Producers::spawn(&history, &endpoints, q, 1, 1000)).collect();
+
+    eventually("100 jobs acknowledged before the kill", CLUSTER_WAIT, || async {
+        (history.acknowledged().len() >= 100).then_some(())
+    })
+    .await;
+    let before_kill = history.acknowledged().len();
+    history.note(format!("SIGKILL node {} (the leader of every shard)", leader + 1));
+    cluster.kill9(leader);
+    let new_leader = cluster.wait_for_leader_other_than(Some(leader)).await;
+    history.note(format!("node {} leads every shard", new_leader + 1));
+    eventually("300 more jobs acknowledged after the kill", CLUSTER_WAIT, || async {
+        (history.acknowledged().len() >= before_kill + 300).then_some(())
+    })
+    .await;
+    for producer in producers {
+        producer.stop().await;
+    }
+    for queue in queues {
+        wait_drained(&cluster, &history, queue).await;
+    }
+    wait_idle(&raw.iter().collect::<Vec<_>>()).await;
+    let sdk_handle = sdk.handle.clone();
+    sdk.shutdown().await;
+    history.sdk_stats("sdk-0", &sdk_handle);
+    let client = client(&endpoints).await;
+    check(&history, &client, &queues, Expect::Succeeded).await;
+    let acknowledged = history.acknowledged();
+    let by_shard: std::collections::BTreeMap<&str, usize> =
+        acknowledged.iter().fold(Default::default(), |mut counts, id| {
+            *counts.entry(id.split_once('-').map_or("?", |(s, _)| s)).or_default() += 1;
+            counts
+        });
+    assert_eq!(by_shard.len(), 3, "jobs in every shard: {by_shard:?}");
+    eprintln!("acknowledged per shard: {by_shard:?}\ntimeline:\n{}", history.timeline());
+    drop(raw);
+}
+
 /// Asserts that `check` stays true for `period`, polled every 50 ms: for
 /// what must *not* happen (a refused result retried, a job changed).
 async fn holds_for<F, Fut>(what: &str, period: Duration, mut check: F)

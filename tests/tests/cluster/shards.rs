@@ -1,0 +1,204 @@
+//! Several shards (Raft groups) per cluster: queues spread over them by
+//! hash, the count is fixed when the cluster is created, and every shard is
+//! led by the node that leads shard 0, through failovers and handovers.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use gantry_broker::{config::Config, dispatch::queue_hash};
+use gantry_tests::{
+    RunningWorker, TestBroker,
+    cluster::{CLUSTER_WAIT, TestCluster, cluster_status},
+    eventually,
+    v1::{self as proto, JobState},
+};
+
+/// One queue name per shard, `names[i]` in shard `i`.
+fn queue_per_shard(shards: u32) -> Vec<String> {
+    (0..shards)
+        .map(|shard| {
+            (0..).map(|i| format!("q{i}")).find(|q| queue_hash(q) % u64::from(shards) == u64::from(shard)).unwrap()
+        })
+        .collect()
+}
+
+fn shard_of_job(job_id: &str) -> u32 {
+    job_id.split_once('-').and_then(|(shard, _)| shard.parse().ok()).expect("job id <shard>-<seq>")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_node_runs_several_shards_and_keeps_its_shard_count() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = Config {
+        data_dir: dir.path().join("node"),
+        listen: "127.0.0.1:0".parse().expect("addr"),
+        peer_listen: "127.0.0.1:0".parse().expect("addr"),
+        metrics_listen: None,
+        shards: 4,
+        ..Config::default()
+    };
+    let server = gantry_broker::server::start(config.clone()).await.expect("starts with 4 shards");
+    let endpoint = server.local_addr().to_string();
+    let client = gantry_worker::Client::connect([endpoint.clone()]).await.expect("client");
+    let queues = queue_per_shard(4);
+
+    let mut ids = Vec::new();
+    for (shard, queue) in queues.iter().enumerate() {
+        for i in 0..3 {
+            let id = client.enqueue(queue.as_str(), format!("{queue} {i}")).send().await.expect("enqueue").job_id;
+            assert_eq!(shard_of_job(&id), shard as u32, "{queue} lives in shard {shard}: {id}");
+            ids.push(id);
+        }
+    }
+    // One batch over every shard: answered in request order.
+    let batch: Vec<proto::EnqueueRequest> = queues
+        .iter()
+        .rev()
+        .map(|q| proto::EnqueueRequest { queue: q.clone(), payload: b"batch".to_vec(), ..Default::default() })
+        .collect();
+    let results = client.enqueue_batch(batch).await.expect("batch over shards");
+    for (result, shard) in results.iter().zip((0..4u32).rev()) {
+        assert_eq!(shard_of_job(&result.job_id), shard, "{results:?}");
+        ids.push(result.job_id.clone());
+    }
+    let mut admin = proto::admin_client::AdminClient::new(gantry_tests::channel(server.local_addr()));
+    let listed = admin.list_queues(proto::ListQueuesRequest {}).await.expect("list").into_inner().queues;
+    for (shard, queue) in queues.iter().enumerate() {
+        let info = listed.iter().find(|q| &q.queue == queue).expect("listed");
+        assert_eq!((info.shard, info.ready), (shard as u32, 4), "{info:?}");
+    }
+
+    // One worker stream over all four shards runs every job.
+    let worker =
+        RunningWorker::spawn(&endpoint, &queues.join(","), "w", 8, |_ctx| async { Ok(Bytes::from_static(b"ok")) });
+    worker.wait_connected().await;
+    for id in &ids {
+        let job = client.wait(id, Duration::from_secs(20)).await.expect("wait");
+        assert_eq!(job.state(), JobState::Succeeded, "{job:?}");
+    }
+    worker.shutdown().await;
+    drop(client);
+    server.shutdown().await.expect("clean shutdown");
+
+    // The count is the cluster's: another one would map queues elsewhere.
+    let refused = gantry_broker::server::start(Config { shards: 2, ..config.clone() }).await.err().expect("refused");
+    assert!(refused.to_string().contains("4 shard(s)"), "{refused}");
+    let server = gantry_broker::server::start(config).await.expect("restarts with its own count");
+    let client = gantry_worker::Client::connect([server.local_addr().to_string()]).await.expect("client");
+    for id in &ids {
+        assert_eq!(client.get(id).await.expect("get").state(), JobState::Succeeded);
+    }
+    drop(client);
+    server.shutdown().await.expect("clean shutdown");
+}
+
+/// The node every shard names as leader, when they agree.
+fn leaders(cluster: &TestCluster, node: usize) -> Vec<Option<u64>> {
+    cluster.server(node).node().shards.iter().map(|s| s.raft.leader().map(|(id, _)| id)).collect()
+}
+
+/// Job id -> fencing tokens of every run the handler saw.
+type Runs = HashMap<String, Vec<u64>>;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_shard_follows_shard_zeros_leader_through_failover() {
+    let mut cluster = TestCluster::start_with(3, |c| c.shards = 3).await;
+    let leader = cluster.wait_for_leader().await;
+    let follower = cluster.other(leader);
+    let status = cluster_status(cluster.addrs[follower]).await.expect("status");
+    assert_eq!(status.shards.len(), 3, "{status:?}");
+    assert!(status.shards.iter().all(|s| s.leader_id == leader as u64 + 1 && s.voters.len() == 3), "{status:?}");
+
+    // A shard led elsewhere is handed back to shard 0's leader.
+    let shard1 = &cluster.server(leader).node().shards[1].raft;
+    shard1.transfer_leadership(follower as u64 + 1).await.expect("transfer shard 1 away");
+    eventually("shard 1 led by its own node for a moment", CLUSTER_WAIT, || async {
+        (leaders(&cluster, follower)[1] == Some(follower as u64 + 1)).then_some(())
+    })
+    .await;
+    assert_eq!(cluster.wait_for_leader().await, leader, "shard 1 came back to shard 0's leader");
+
+    // Slow jobs in every shard are held by one worker while the leader goes.
+    let queues = queue_per_shard(3);
+    let client = gantry_worker::Client::connect(cluster.endpoints()).await.expect("client");
+    let release = Arc::new(tokio::sync::Notify::new());
+    let runs: Arc<Mutex<Runs>> = Arc::default();
+    let worker = {
+        let (release, runs) = (release.clone(), runs.clone());
+        RunningWorker::spawn(&cluster.endpoints().join(","), &queues.join(","), "w1", 6, move |ctx| {
+            let (release, runs) = (release.clone(), runs.clone());
+            async move {
+                runs.lock().unwrap().entry(ctx.job_id().to_owned()).or_default().push(ctx.fencing_token());
+                release.notified().await;
+                Ok(Bytes::from_static(b"ok"))
+            }
+        })
+    };
+    worker.wait_connected().await;
+    let mut ids = Vec::new();
+    for queue in queues.iter().chain(&queues) {
+        ids.push(client.enqueue(queue.as_str(), "before").send().await.expect("enqueue").job_id);
+    }
+    eventually("six jobs running on the worker", CLUSTER_WAIT, || async {
+        (runs.lock().unwrap().len() == 6).then_some(())
+    })
+    .await;
+
+    cluster.stop(leader).await;
+    let new_leader = cluster.wait_for_leader().await;
+    assert_ne!(new_leader, leader);
+    for queue in &queues {
+        ids.push(client.enqueue(queue.as_str(), "after").send().await.expect("enqueue after failover").job_id);
+    }
+    eventually("the worker reconnected", CLUSTER_WAIT, || async {
+        (worker.handle.stats().sessions >= 2 && worker.handle.is_connected()).then_some(())
+    })
+    .await;
+    for id in &ids {
+        loop {
+            release.notify_waiters();
+            let job = client.wait(id, Duration::from_millis(500)).await.expect("wait");
+            if job.state() == JobState::Succeeded {
+                assert_eq!(job.attempt, 1, "job {id} ran again: {job:?}");
+                break;
+            }
+        }
+    }
+    let runs = runs.lock().unwrap().clone();
+    assert!(runs.values().all(|r| r.len() == 1), "a job ran twice: {runs:?}");
+    worker.shutdown().await;
+
+    // TransferLeader names shard 0; the other shards move with it.
+    let target = cluster.other(new_leader);
+    let mut admin = cluster.admin(target);
+    let moved = admin
+        .transfer_leader(proto::TransferLeaderRequest { shard: 0, node_id: target as u64 + 1 })
+        .await
+        .expect("transfer shard 0")
+        .into_inner();
+    assert!(moved.shards.iter().all(|s| s.leader_id == target as u64 + 1), "{moved:?}");
+    let refused = admin
+        .transfer_leader(proto::TransferLeaderRequest { shard: 2, node_id: new_leader as u64 + 1 })
+        .await
+        .expect_err("shard 2 follows shard 0");
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{refused:?}");
+    assert!(refused.message().contains("shard 0"), "{refused:?}");
+
+    // A node started with another shard count cannot join.
+    let stranger = TestBroker::start_with(|c| {
+        c.node_id = 9;
+        c.shards = 2;
+    })
+    .await;
+    let peer = stranger.server().peer_addr().to_string();
+    let refused =
+        admin.add_node(proto::AddNodeRequest { node_id: 9, address: peer }).await.expect_err("another shard count");
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{refused:?}");
+    assert!(refused.message().contains("runs 2 shard(s), this cluster 3"), "{refused:?}");
+    stranger.stop().await;
+    cluster.shutdown().await;
+}
