@@ -196,7 +196,7 @@ impl Admin for AdminService {
         if led_by_target(&self.node) {
             return Ok(Response::new(self.cluster_view().await));
         }
-        if !shard.raft.leader().is_some_and(|(id, _)| id == request.node_id) {
+        if shard.raft.leader().is_none_or(|(id, _)| id != request.node_id) {
             shard.raft.transfer_leadership(request.node_id).await.map_err(status::membership_error)?;
         }
         // Answer once the handover happened (the other shards follow shard
