@@ -73,6 +73,11 @@ pub struct BenchArgs {
     /// scenario uses `<queue>.<scenario>`.
     #[arg(long)]
     pub queue: Option<String>,
+    /// Spread each scenario over this many queues, `<queue>-0` to
+    /// `<queue>-<N-1>` (jobs round-robin, every worker takes all of them),
+    /// so a cluster of several shards carries load in each.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub queues: u32,
     /// Payload size of each job (the latency scenario uses at least 8: its send stamp).
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(0..=64 << 20))]
     pub payload_bytes: u64,
@@ -527,7 +532,7 @@ impl BenchWorkers {
             let worker = args
                 .client
                 .worker_builder()?
-                .queue(queue)
+                .queues(queue_names(queue, args.queues))
                 .concurrency(args.worker_concurrency)
                 .worker_id(format!("gantry-bench-{}-{i}", std::process::id()))
                 .shutdown_timeout(Duration::from_secs(5))
@@ -682,13 +687,13 @@ impl Bench {
         let max_errors = self.args.max_errors;
         let producers = self.args.in_flight.min(n.div_ceil(batch));
         let next = Arc::new(AtomicU64::new(0));
-        let queue: Arc<str> = Arc::from(queue);
+        let queues: Arc<[String]> = queue_names(queue, self.args.queues).into();
         let started = Instant::now();
         let mut set = JoinSet::new();
         for i in 0..producers {
             let client = self.clients[i as usize % self.clients.len()].clone();
-            let (queue, payload, next, counters) =
-                (queue.clone(), self.payload.clone(), next.clone(), counters.clone());
+            let (queues, payload, next, counters) =
+                (queues.clone(), self.payload.clone(), next.clone(), counters.clone());
             set.spawn(async move {
                 let mut hist = new_hist();
                 let mut errors = ErrorKinds::default();
@@ -702,18 +707,20 @@ impl Bench {
                         break;
                     }
                     let count = batch.min(n - start);
+                    // A batch goes to one queue: with several shards it stays one RPC to one group.
+                    let queue = &queues[((start / batch) % queues.len() as u64) as usize];
                     counters.sent.fetch_add(count, Relaxed);
                     let t0 = Instant::now();
                     let mut good = 0;
                     if batch == 1 {
-                        match client.enqueue(&*queue, incompressible(payload.len(), start)).send().await {
+                        match client.enqueue(queue.as_str(), incompressible(payload.len(), start)).send().await {
                             Ok(_) => good = 1,
                             Err(e) => errors.add(error_key(&e), 1),
                         }
                     } else {
                         let reqs = (0..count)
                             .map(|i| proto::EnqueueRequest {
-                                queue: queue.to_string(),
+                                queue: queue.clone(),
                                 payload: incompressible(payload.len(), start + i).to_vec(),
                                 ..Default::default()
                             })
@@ -802,19 +809,27 @@ impl Bench {
         notes: &mut Vec<String>,
     ) -> Option<u64> {
         let deadline = Instant::now() + Duration::from_secs(5);
+        let queues = queue_names(queue, self.args.queues);
         let mut seen = None;
-        loop {
-            match self.admin_client().admin().get_queue(proto::GetQueueRequest { queue: queue.to_owned() }).await {
-                Ok(info) => seen = Some(count(info.get_ref())),
-                Err(status) if status.code() == tonic::Code::NotFound && want == 0 => return Some(0),
-                Err(status) => {
-                    if Instant::now() >= deadline {
-                        notes.push(format!("GetQueue failed: {}", render_status(&status)));
-                        return seen;
+        'poll: loop {
+            let mut total = 0;
+            for queue in &queues {
+                match self.admin_client().admin().get_queue(proto::GetQueueRequest { queue: queue.clone() }).await {
+                    Ok(info) => total += count(info.get_ref()),
+                    // Not created: none of the jobs went there (yet).
+                    Err(status) if status.code() == tonic::Code::NotFound => {}
+                    Err(status) => {
+                        if Instant::now() >= deadline {
+                            notes.push(format!("GetQueue failed: {}", render_status(&status)));
+                            return seen;
+                        }
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue 'poll;
                     }
                 }
             }
-            if seen.is_some_and(|n| n >= want) || Instant::now() >= deadline {
+            seen = Some(total);
+            if total >= want || Instant::now() >= deadline {
                 return seen;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -825,9 +840,11 @@ impl Bench {
         if self.args.keep_jobs || self.args.queue.is_some() {
             return;
         }
-        let req = proto::PurgeQueueRequest { queue: queue.to_owned(), state: state as i32 };
-        if let Err(status) = self.admin_client().admin().purge_queue(req).await {
-            notes.push(format!("could not purge the queue afterwards: {}", render_status(&status)));
+        for queue in queue_names(queue, self.args.queues) {
+            let req = proto::PurgeQueueRequest { queue, state: state as i32 };
+            if let Err(status) = self.admin_client().admin().purge_queue(req).await {
+                notes.push(format!("could not purge the queue afterwards: {}", render_status(&status)));
+            }
         }
     }
 
@@ -966,7 +983,7 @@ impl Bench {
         let outstanding = Arc::new(Semaphore::new(MAX_OUTSTANDING));
         let mut base = self.payload.to_vec();
         base.resize(base.len().max(8), 0);
-        let queue_arc: Arc<str> = Arc::from(queue);
+        let queues: Arc<[String]> = queue_names(queue, self.args.queues).into();
         let sample = self.args.wait_sample;
         let wait_for = self.args.drain_timeout;
         let mut skipped = 0u64;
@@ -989,8 +1006,8 @@ impl Bench {
             let mut payload = base.clone();
             write_stamp(&mut payload, due.duration_since(epoch).as_nanos() as u64);
             let client = self.clients[i as usize % self.clients.len()].clone();
-            let (queue, counters, rpc_hist, done_hist, errors, wait_misses, last_answer, acked_at) = (
-                queue_arc.clone(),
+            let queue = queues[(i % queues.len() as u64) as usize].clone();
+            let (counters, rpc_hist, done_hist, errors, wait_misses, last_answer, acked_at) = (
                 counters.clone(),
                 rpc_hist.clone(),
                 done_hist.clone(),
@@ -1001,7 +1018,7 @@ impl Bench {
             );
             set.spawn(async move {
                 let _permit = permit;
-                let sent = client.enqueue(&*queue, payload).send().await;
+                let sent = client.enqueue(queue, payload).send().await;
                 last_answer.fetch_max(start.elapsed().as_nanos() as u64, Relaxed);
                 match sent {
                     Ok(job) => {
@@ -1106,6 +1123,14 @@ impl Bench {
 }
 
 /// Queue per scenario: the base name, or `<base>.<scenario>` when running all.
+/// The queues a scenario's jobs go to: its own name, or `--queues` of them.
+fn queue_names(queue: &str, count: u32) -> Vec<String> {
+    match count {
+        1 => vec![queue.to_owned()],
+        n => (0..n).map(|i| format!("{queue}-{i}")).collect(),
+    }
+}
+
 fn scenario_queues(base: &str, scenario: Scenario) -> Vec<(Scenario, String)> {
     match scenario {
         Scenario::All => [Scenario::Enqueue, Scenario::E2e, Scenario::Consume, Scenario::Latency]
@@ -1120,8 +1145,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let endpoints = args.client.endpoints()?;
     let base = args.queue.clone().unwrap_or_else(|| format!("bench-{:08x}", rand::random::<u32>()));
     let plan = scenario_queues(&base, args.scenario);
-    for (_, q) in &plan {
-        if !valid_queue_name(q) {
+    for q in plan.iter().flat_map(|(_, q)| queue_names(q, args.queues)) {
+        if !valid_queue_name(&q) {
             anyhow::bail!("--queue: {q:?} must match [A-Za-z0-9._-]{{1,128}}");
         }
     }
@@ -1168,7 +1193,12 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             Scenario::All => continue,
         };
         match result {
-            Ok(r) => reports.push(r),
+            Ok(mut r) => {
+                if bench.args.queues > 1 {
+                    r.queue = format!("{queue}-0..{}", bench.args.queues - 1);
+                }
+                reports.push(r)
+            }
             Err(e) => {
                 failure = Some(e.context(format!("bench scenario {}", scenario.name())));
                 break;
@@ -1316,6 +1346,8 @@ mod tests {
         assert!(valid_queue_name("bench-0a1b2c3d.latency"));
         assert!(!valid_queue_name("has space"));
         assert!(!valid_queue_name(&"x".repeat(129)));
+        assert_eq!(queue_names("b", 1), ["b"]);
+        assert_eq!(queue_names("b", 3), ["b-0", "b-1", "b-2"]);
     }
 
     #[test]

@@ -136,3 +136,36 @@ async fn bench_runs_every_scenario_and_loses_nothing() {
     assert_eq!((consume["jobs"].as_u64(), consume["completed"].as_u64()), (Some(400), Some(400)), "{consume:#}");
     assert_eq!(consume["handler_runs"].as_u64(), Some(400), "a job ran twice: {consume:#}");
 }
+
+/// `gantry bench --queues 3` on a broker of three shards: the jobs spread
+/// over the queues (so over the shards), and the counts still add up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_spreads_over_queues_and_shards() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BinaryBroker::start(&dir.path().join("node"), &["--shards", "3"]).await;
+    let addr = broker.addr.to_string();
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new(gantry_binary())
+            .args(["bench", "--addr", &addr, "--json", "--scenario", "e2e", "--jobs", "300", "--batch", "10"])
+            .args(["--queue", "spread", "--queues", "3", "--keep-jobs", "--workers", "2"])
+            .output()
+            .expect("run gantry bench")
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "bench failed: {}\n{stdout}", String::from_utf8_lossy(&output.stderr));
+    let report: serde_json::Value = serde_json::from_str(&stdout).expect("bench JSON");
+    let e2e = &report["scenarios"][0];
+    assert_eq!((e2e["completed"].as_u64(), e2e["lost"].as_u64()), (Some(300), Some(0)), "{e2e:#}");
+    assert_eq!(e2e["broker_count"].as_u64(), Some(300), "counted over every queue: {e2e:#}");
+    let listed =
+        broker.admin().list_queues(proto::ListQueuesRequest {}).await.expect("list queues").into_inner().queues;
+    let mut shards = std::collections::BTreeSet::new();
+    for name in ["spread-0", "spread-1", "spread-2"] {
+        let queue = listed.iter().find(|q| q.queue == name).unwrap_or_else(|| panic!("{name} in {listed:?}"));
+        assert_eq!(queue.succeeded, 100, "{queue:?}");
+        shards.insert(queue.shard);
+    }
+    assert!(shards.len() > 1, "the queues landed in several shards: {listed:?}");
+}
