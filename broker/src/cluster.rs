@@ -58,6 +58,9 @@ pub async fn bootstrap(node: Arc<Node>, initial: BTreeMap<u64, String>, mut shut
                     tracing::error!(expected = id, found = info.node_id, %address, "initial-cluster names the wrong node at this address; fix --initial-cluster or that node's --node-id");
                 }
                 Ok(info) if info.shards.max(1) != shard_count => {
+                    if warned {
+                        continue;
+                    }
                     tracing::error!(node = *id, %address, theirs = info.shards.max(1), ours = shard_count, "a member runs another shard count; start every member with the same --shards");
                 }
                 Ok(info) => {
@@ -155,6 +158,8 @@ async fn add_self(node: &Node, address: &str) -> Result<(), String> {
 /// timeout per shard (a lagging target needs time to catch up).
 pub async fn align_leaders(node: Arc<Node>, election_timeout: Duration, mut shutdown: watch::Receiver<bool>) {
     let mut last_try: BTreeMap<ShardId, tokio::time::Instant> = BTreeMap::new();
+    // Shards whose last handover was refused: said once at warn, not per try.
+    let mut refused: BTreeMap<ShardId, u64> = BTreeMap::new();
     loop {
         tokio::select! {
             _ = tokio::time::sleep(ALIGN_PERIOD) => {}
@@ -172,8 +177,16 @@ pub async fn align_leaders(node: Arc<Node>, election_timeout: Duration, mut shut
             }
             last_try.insert(id, tokio::time::Instant::now());
             match shard.raft.transfer_leadership(target).await {
-                Ok(()) => tracing::info!(shard = %id, to = target, "handing leadership to shard 0's leader"),
-                Err(e) => tracing::debug!(shard = %id, to = target, error = %e, "leadership handover not possible yet"),
+                Ok(()) => {
+                    refused.remove(&id);
+                    tracing::info!(shard = %id, to = target, "handing leadership to shard 0's leader")
+                }
+                Err(e) if refused.insert(id, target) != Some(target) => {
+                    tracing::warn!(shard = %id, to = target, error = %e, "cannot hand this shard to shard 0's leader; clients are refused for it until that is possible")
+                }
+                Err(e) => {
+                    tracing::debug!(shard = %id, to = target, error = %e, "leadership handover still not possible")
+                }
             }
         }
     }

@@ -247,12 +247,14 @@ pub async fn start_with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<R
             }
         };
         health_task.abort();
-        let mut successor = None;
+        // Shard 0 goes to a voter of every shard (the others follow it).
+        let (first, rest) = task_node.shards.split_first().expect("at least one shard");
+        first.raft.hand_over_leadership(HANDOVER_TIMEOUT, common_successor(&task_node)).await;
+        // The others at once, to shard 0's new leader: one timeout in all,
+        // however many shards.
+        let successor = first.raft.leader().map(|(id, _)| id).filter(|id| *id != task_node.node_id);
+        futures::future::join_all(rest.iter().map(|s| s.raft.hand_over_leadership(HANDOVER_TIMEOUT, successor))).await;
         for shard in &task_node.shards {
-            shard.raft.hand_over_leadership(HANDOVER_TIMEOUT, successor).await;
-            if successor.is_none() {
-                successor = shard.raft.leader().map(|(id, _)| id).filter(|id| *id != task_node.node_id);
-            }
             shard.raft.shutdown().await;
         }
         // Raft is down: nothing needs the peer port any more.
@@ -338,6 +340,20 @@ async fn report_health(node: Arc<Node>, reporter: tonic_health::server::HealthRe
     }
 }
 
+/// The voter of every shard (other than this node) that has replicated
+/// most of shard 0, if there is one.
+fn common_successor(node: &Node) -> Option<u64> {
+    let statuses: Vec<_> = node.shards.iter().map(|s| s.raft.status()).collect();
+    let shard0 = statuses.first()?;
+    shard0
+        .replication
+        .iter()
+        .flatten()
+        .filter(|(id, _)| **id != node.node_id && statuses.iter().all(|s| s.voters.contains(id)))
+        .max_by_key(|(_, progress)| progress.matched_index)
+        .map(|(id, _)| *id)
+}
+
 const JOBS_SERVICE: &str = "gantry.v1.Jobs";
 const WORKER_SERVICE: &str = "gantry.v1.Worker";
 const ADMIN_SERVICE: &str = "gantry.v1.Admin";
@@ -400,8 +416,13 @@ mod data_format {
             ))),
             None => {
                 let temp = dir.join(format!("{SHARDS_FILE}.tmp"));
-                std::fs::write(&temp, format!("{SHARDS_PREFIX}{shards}\n")).map_err(storage)?;
-                std::fs::rename(&temp, &file).map_err(storage)
+                let mut out = std::fs::File::create(&temp).map_err(storage)?;
+                std::io::Write::write_all(&mut out, format!("{SHARDS_PREFIX}{shards}\n").as_bytes())
+                    .map_err(storage)?;
+                out.sync_all().map_err(storage)?;
+                std::fs::rename(&temp, &file).map_err(storage)?;
+                // The rename itself survives a crash only once the directory is synced.
+                std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(storage)
             }
         }
     }

@@ -885,12 +885,12 @@ pub fn check(records: &[Record], finals: &FinalJobs, expect: Expect) -> Result<S
     if found.is_empty() { Ok(summary) } else { Err(Violations(found)) }
 }
 
-/// The entry with the greatest token (ties: the first).
 /// The shard part of a job id (`<shard>-<seq>`).
 fn shard_of(job_id: &str) -> &str {
     job_id.split_once('-').map_or(job_id, |(shard, _)| shard)
 }
 
+/// The entry with the greatest token (ties: the first).
 fn pick_max_token<'a>(a: Option<(u64, u64, &'a str)>, b: Option<(u64, u64, &'a str)>) -> Option<(u64, u64, &'a str)> {
     match (a, b) {
         (Some(x), Some(y)) => Some(if y.1 > x.1 { y } else { x }),

@@ -57,7 +57,8 @@ pub enum ClusterCommand {
         #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
         above: Option<u64>,
     },
-    /// Hand a shard's leadership to another voter.
+    /// Hand leadership to another voter: of shard 0, which every other shard
+    /// follows (only shard 0 is accepted).
     TransferLeader {
         #[arg(long, default_value_t = 0)]
         shard: u32,

@@ -155,8 +155,14 @@ impl Admin for AdminService {
             )));
         }
         let member = crate::raft::GantryNode { client: info.client_address, peer: request.address.clone() };
+        // Learner of every shard first, then voter, shard 0 last: a node
+        // that could lead shard 0 is a voter of every shard, so the other
+        // shards can follow it there (cluster::align_leaders).
         for shard in &self.node.shards {
-            tracing::info!(shard = %shard.raft.shard(), node = request.node_id, %member, "adding node: learner first, voter once caught up");
+            tracing::info!(shard = %shard.raft.shard(), node = request.node_id, %member, "adding node as a learner; it becomes a voter once every shard caught it up");
+            shard.raft.add_learner(request.node_id, member.clone()).await.map_err(status::membership_error)?;
+        }
+        for shard in self.node.shards.iter().rev() {
             shard.raft.add_member(request.node_id, member.clone()).await.map_err(status::membership_error)?;
         }
         Ok(Response::new(self.cluster_view().await))
@@ -167,7 +173,14 @@ impl Admin for AdminService {
         request: Request<proto::RemoveNodeRequest>,
     ) -> Result<Response<proto::ClusterStatusResponse>, Status> {
         let node_id = request.get_ref().node_id;
-        for shard in &self.node.shards {
+        // A removal that failed part-way is finished by calling again: the
+        // shards it already left are skipped.
+        let member_of: Vec<_> =
+            self.node.shards.iter().filter(|s| s.raft.status().nodes.contains_key(&node_id)).collect();
+        if member_of.is_empty() {
+            return Err(Status::failed_precondition(format!("node_id: node {node_id} is not a member of any shard")));
+        }
+        for shard in member_of {
             tracing::info!(shard = %shard.raft.shard(), node = node_id, "removing node");
             shard.raft.remove_member(node_id).await.map_err(status::membership_error)?;
         }
@@ -189,6 +202,13 @@ impl Admin for AdminService {
             return Err(Status::failed_precondition(format!(
                 "shard: every shard follows the leader of shard 0 (the node clients are sent to); transfer shard 0 and shard {} moves with it",
                 request.shard
+            )));
+        }
+        if let Some(shard) = self.node.shards.iter().find(|s| !s.raft.status().voters.contains(&request.node_id)) {
+            return Err(Status::failed_precondition(format!(
+                "node_id: node {} is not a voter of shard {} (yet): it could not lead every shard",
+                request.node_id,
+                shard.raft.shard()
             )));
         }
         let led_by_target =
@@ -370,8 +390,23 @@ impl Admin for AdminService {
         for shard in &self.node.shards {
             workers.extend(list_shard_workers(shard));
         }
+        // A session spans the shards of its queues: one row, their sums.
         workers.sort_by(|a, b| a.session_id.cmp(&b.session_id));
-        workers.dedup_by(|a, b| a.session_id == b.session_id);
+        workers.dedup_by(|later, kept| {
+            if later.session_id != kept.session_id {
+                return false;
+            }
+            kept.queues.append(&mut later.queues);
+            kept.max_in_flight += later.max_in_flight;
+            kept.in_flight += later.in_flight;
+            kept.connected |= later.connected;
+            kept.draining |= later.draining;
+            kept.last_heartbeat_age = match (kept.last_heartbeat_age.take(), later.last_heartbeat_age.take()) {
+                (Some(a), Some(b)) => Some(if (a.seconds, a.nanos) <= (b.seconds, b.nanos) { a } else { b }),
+                (a, b) => a.or(b),
+            };
+            true
+        });
         Ok(Response::new(proto::ListWorkersResponse { workers }))
     }
 

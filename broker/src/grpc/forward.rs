@@ -3,8 +3,11 @@
 //! peer port, untouched (unary calls and `Worker.Connect` streams alike),
 //! and says who the leader is in `gantry-leader` metadata.
 //!
-//! With one shard per cluster every public call belongs to shard 0, so the
-//! route is decided from the path alone, without decoding the request.
+//! Every shard is led by shard 0's leader (`cluster::align_leaders`), so
+//! every public call goes to shard 0's leader: the route is decided from the
+//! path alone, without decoding the request. Right after a failover, before
+//! the shards are aligned again, that node answers UNAVAILABLE for a shard it
+//! does not lead yet.
 
 use std::{
     pin::Pin,

@@ -98,11 +98,34 @@ impl Jobs for JobsService {
         }
         let proposals = by_shard.into_iter().map(|(slot, (indexes, commands))| {
             let shard = self.node.shards[slot].clone();
-            async move { shard.proposer.propose_all(commands).await.map(|applied| (indexes, applied)) }
+            async move {
+                match shard.proposer.propose_all(commands).await {
+                    Ok(applied) => Ok((indexes, applied)),
+                    Err(e) => Err((indexes, e)),
+                }
+            }
         });
         let mut results = vec![proto::EnqueueBatchResult::default(); total];
-        for outcome in futures::future::join_all(proposals).await {
-            let (indexes, applied) = outcome.map_err(status::propose_error)?;
+        let outcomes = futures::future::join_all(proposals).await;
+        // A call failing as a whole tells the client to send it all again,
+        // which would enqueue twice what other shards already committed:
+        // only when no part committed; else the failed part's jobs carry
+        // the error in their results.
+        if outcomes.iter().all(Result::is_err) {
+            let (_, first) = outcomes.into_iter().find_map(Result::err).expect("at least one part");
+            return Err(status::propose_error(first));
+        }
+        for outcome in outcomes {
+            let (indexes, applied) = match outcome {
+                Ok(done) => done,
+                Err((indexes, e)) => {
+                    let message = status::propose_error(e).message().to_owned();
+                    for i in indexes {
+                        results[i].error = format!("not enqueued, or outcome unknown: {message}");
+                    }
+                    continue;
+                }
+            };
             for (i, applied) in indexes.into_iter().zip(applied) {
                 results[i] = match applied {
                     Applied::Enqueued { job_id, created, state } => proto::EnqueueBatchResult {

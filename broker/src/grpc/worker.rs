@@ -163,9 +163,10 @@ impl WorkerService {
         fresh: &SessionId,
     ) -> Result<Opened, Status> {
         let mut outcomes = Vec::with_capacity(shards.len());
-        for shard in shards {
+        for (position, shard) in shards.iter().enumerate() {
             let queues = self.queues_of(hello, shard);
-            let (worker_id, max_in_flight) = (hello.worker_id.clone(), hello.max_in_flight);
+            let worker_id = hello.worker_id.clone();
+            let max_in_flight = slots_in_shard(hello.max_in_flight, shards.len(), position);
             let command = match &hello.resume_session_id {
                 Some(old) => Command::ResumeSession {
                     session_id: old.clone(),
@@ -191,7 +192,7 @@ impl WorkerService {
         // too late in one shard cannot keep the old session in the others:
         // end it there too and use the fresh session everywhere.
         let old = hello.resume_session_id.clone().expect("a resume");
-        for (shard, _, _) in outcomes.iter().filter(|(_, resumed, _)| *resumed) {
+        for (position, (shard, _, _)) in outcomes.iter().enumerate().filter(|(_, (_, resumed, _))| *resumed) {
             let expire = Command::ExpireSession { session_id: old.clone(), reason: ExpiryReason::Superseded };
             shard.proposer.propose(expire).await.map_err(status::propose_error)?;
             if let Some(expired) = shard.raft.state().read().queue.expired_session(&old) {
@@ -202,12 +203,22 @@ impl WorkerService {
                 session_id: fresh.clone(),
                 worker_id: hello.worker_id.clone(),
                 queues,
-                max_in_flight: hello.max_in_flight,
+                max_in_flight: slots_in_shard(hello.max_in_flight, shards.len(), position),
             };
             shard.proposer.propose(open).await.map_err(status::propose_error)?;
         }
         Ok(Opened { session_id: fresh.clone(), resumed: false, lost })
     }
+}
+
+/// A worker's `max_in_flight` split over the shards its stream spans: each
+/// shard fills its own session, so giving every shard the whole limit would
+/// hand the worker up to shards × max_in_flight jobs. At least one each
+/// (a limit below the shard count is exceeded by that much).
+fn slots_in_shard(max_in_flight: u32, shards: usize, position: usize) -> u32 {
+    let shards = shards.max(1) as u32;
+    let extra = u32::from((position as u32) < max_in_flight % shards);
+    (max_in_flight / shards + extra).max(1)
 }
 
 /// The assignments a session holds now, to send again on resume.
@@ -541,5 +552,18 @@ fn command_job(command: &Command) -> Option<JobId> {
         | Command::Release { job_id, .. }
         | Command::Progress { job_id, .. } => Some(*job_id),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::slots_in_shard;
+
+    #[test]
+    fn max_in_flight_is_split_over_the_shards() {
+        assert_eq!(slots_in_shard(8, 1, 0), 8);
+        let split: Vec<u32> = (0..3).map(|p| slots_in_shard(8, 3, p)).collect();
+        assert_eq!(split, [3, 3, 2]);
+        assert_eq!((0..4).map(|p| slots_in_shard(2, 4, p)).collect::<Vec<_>>(), [1, 1, 1, 1]);
     }
 }

@@ -286,9 +286,9 @@ impl ShardRaft {
         Some((id, node))
     }
 
-    /// Adds a node as a learner, waits until it has caught up, then makes
-    /// it a voter. Idempotent: a member is left as it is.
-    pub async fn add_member(&self, node_id: u64, node: GantryNode) -> Result<(), MembershipError> {
+    /// Adds a node as a learner and waits until it has caught up.
+    /// Idempotent: a member is left as it is.
+    pub async fn add_learner(&self, node_id: u64, node: GantryNode) -> Result<(), MembershipError> {
         let status = self.status();
         if let Some(existing) = status.nodes.get(&node_id)
             && existing != &node
@@ -297,10 +297,17 @@ impl ShardRaft {
                 "node {node_id} is already a member with {existing}; remove it first to change its addresses"
             )));
         }
-        if !status.voters.contains(&node_id) {
-            if !status.nodes.contains_key(&node_id) {
-                self.raft.add_learner(node_id, node, true).await.map_err(|e| self.write_error(e))?;
-            }
+        if !status.nodes.contains_key(&node_id) {
+            self.raft.add_learner(node_id, node, true).await.map_err(|e| self.write_error(e))?;
+        }
+        Ok(())
+    }
+
+    /// Adds a node as a learner, waits until it has caught up, then makes
+    /// it a voter. Idempotent: a member is left as it is.
+    pub async fn add_member(&self, node_id: u64, node: GantryNode) -> Result<(), MembershipError> {
+        self.add_learner(node_id, node).await?;
+        if !self.status().voters.contains(&node_id) {
             let voters = BTreeSet::from([node_id]);
             self.raft
                 .change_membership(ChangeMembers::AddVoterIds(voters), false)
