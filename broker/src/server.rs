@@ -249,7 +249,9 @@ pub async fn start_with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<R
         health_task.abort();
         // Shard 0 goes to a voter of every shard (the others follow it).
         let (first, rest) = task_node.shards.split_first().expect("at least one shard");
-        first.raft.hand_over_leadership(HANDOVER_TIMEOUT, common_successor(&task_node)).await;
+        let voters: Vec<_> = rest.iter().map(|s| s.raft.status().voters).collect();
+        let voter_of_all = first.raft.most_replicated_voter(|id| voters.iter().all(|v| v.contains(&id)));
+        first.raft.hand_over_leadership(HANDOVER_TIMEOUT, voter_of_all).await;
         // The others at once, to shard 0's new leader: one timeout in all,
         // however many shards.
         let successor = first.raft.leader().map(|(id, _)| id).filter(|id| *id != task_node.node_id);
@@ -338,20 +340,6 @@ async fn report_health(node: Arc<Node>, reporter: tonic_health::server::HealthRe
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-}
-
-/// The voter of every shard (other than this node) that has replicated
-/// most of shard 0, if there is one.
-fn common_successor(node: &Node) -> Option<u64> {
-    let statuses: Vec<_> = node.shards.iter().map(|s| s.raft.status()).collect();
-    let shard0 = statuses.first()?;
-    shard0
-        .replication
-        .iter()
-        .flatten()
-        .filter(|(id, _)| **id != node.node_id && statuses.iter().all(|s| s.voters.contains(id)))
-        .max_by_key(|(_, progress)| progress.matched_index)
-        .map(|(id, _)| *id)
 }
 
 const JOBS_SERVICE: &str = "gantry.v1.Jobs";

@@ -466,14 +466,9 @@ impl ShardRaft {
             return;
         }
         let me = self.raft.node_id();
-        let most_replicated = status
-            .replication
-            .iter()
-            .flatten()
-            .filter(|(id, _)| *id != me && status.voters.contains(id))
-            .max_by_key(|(_, progress)| progress.matched_index)
-            .map(|(id, _)| *id);
-        let successor = prefer.filter(|id| *id != *me && status.voters.contains(id)).or(most_replicated);
+        let successor = prefer
+            .filter(|id| *id != *me && status.voters.contains(id))
+            .or_else(|| self.most_replicated_voter(|_| true));
         let Some(successor) = successor else { return };
         if let Err(e) = self.transfer_leadership(successor).await {
             tracing::warn!(shard = %self.shard, error = %e, "leadership handover at shutdown failed");
@@ -488,6 +483,20 @@ impl ShardRaft {
             Ok(_) => tracing::info!(shard = %self.shard, successor, "handed leadership over before shutting down"),
             Err(e) => tracing::warn!(shard = %self.shard, successor, error = %e, "leadership handover did not finish"),
         }
+    }
+
+    /// As its leader sees it: the voter other than this node that has
+    /// replicated the most of this shard, among those `eligible` allows.
+    pub fn most_replicated_voter(&self, eligible: impl Fn(u64) -> bool) -> Option<u64> {
+        let status = self.status();
+        let me = *self.raft.node_id();
+        status
+            .replication
+            .iter()
+            .flatten()
+            .filter(|(id, _)| **id != me && status.voters.contains(id) && eligible(**id))
+            .max_by_key(|(_, progress)| progress.matched_index)
+            .map(|(id, _)| *id)
     }
 
     /// Forces a snapshot now (tests, and an operator before maintenance).

@@ -111,19 +111,8 @@ async fn cli_enqueues_and_reads_jobs() {
 async fn bench_runs_every_scenario_and_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let broker = BinaryBroker::start(&dir.path().join("node"), &[]).await;
-    let addr = broker.addr.to_string();
-    let output = tokio::task::spawn_blocking(move || {
-        Command::new(gantry_binary())
-            .args(["bench", "--addr", &addr, "--json", "--scenario", "all", "--jobs", "400", "--batch", "20"])
-            .args(["--in-flight", "4", "--workers", "2", "--rate", "200", "--duration", "1s"])
-            .output()
-            .expect("run gantry bench")
-    })
-    .await
-    .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success(), "bench failed: {}\n{stdout}", String::from_utf8_lossy(&output.stderr));
-    let report: serde_json::Value = serde_json::from_str(&stdout).expect("bench JSON");
+    let args = ["--scenario", "all", "--jobs", "400", "--batch", "20", "--in-flight", "4", "--workers", "2"];
+    let report = bench_json(&broker, &[&args[..], &["--rate", "200", "--duration", "1s"]].concat()).await;
     assert_eq!(report["ok"], true, "{report:#}");
     let scenarios = report["scenarios"].as_array().expect("scenarios");
     let names: Vec<&str> = scenarios.iter().map(|s| s["scenario"].as_str().unwrap()).collect();
@@ -143,19 +132,9 @@ async fn bench_runs_every_scenario_and_loses_nothing() {
 async fn bench_spreads_over_queues_and_shards() {
     let dir = tempfile::tempdir().unwrap();
     let broker = BinaryBroker::start(&dir.path().join("node"), &["--shards", "3"]).await;
-    let addr = broker.addr.to_string();
-    let output = tokio::task::spawn_blocking(move || {
-        Command::new(gantry_binary())
-            .args(["bench", "--addr", &addr, "--json", "--scenario", "e2e", "--jobs", "300", "--batch", "10"])
-            .args(["--queue", "spread", "--queues", "3", "--keep-jobs", "--workers", "2"])
-            .output()
-            .expect("run gantry bench")
-    })
-    .await
-    .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success(), "bench failed: {}\n{stdout}", String::from_utf8_lossy(&output.stderr));
-    let report: serde_json::Value = serde_json::from_str(&stdout).expect("bench JSON");
+    let args = ["--scenario", "e2e", "--jobs", "300", "--batch", "10", "--workers", "2"];
+    let report =
+        bench_json(&broker, &[&args[..], &["--queue", "spread", "--queues", "3", "--keep-jobs"]].concat()).await;
     let e2e = &report["scenarios"][0];
     assert_eq!((e2e["completed"].as_u64(), e2e["lost"].as_u64()), (Some(300), Some(0)), "{e2e:#}");
     assert_eq!(e2e["broker_count"].as_u64(), Some(300), "counted over every queue: {e2e:#}");
@@ -168,4 +147,23 @@ async fn bench_spreads_over_queues_and_shards() {
         shards.insert(queue.shard);
     }
     assert!(shards.len() > 1, "the queues landed in several shards: {listed:?}");
+}
+
+/// Runs `gantry bench --json` against `broker` with `args`; asserts it
+/// succeeded and returns its report.
+async fn bench_json(broker: &BinaryBroker, args: &[&str]) -> serde_json::Value {
+    let addr = broker.addr.to_string();
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new(gantry_binary())
+            .args(["bench", "--addr", &addr, "--json"])
+            .args(&args)
+            .output()
+            .expect("run gantry bench")
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "bench failed: {}\n{stdout}", String::from_utf8_lossy(&output.stderr));
+    serde_json::from_str(&stdout).expect("bench JSON")
 }
