@@ -367,6 +367,16 @@ mod tests {
     }
 
     #[test]
+    fn shards_are_bounded() {
+        for shards in [0, MAX_SHARDS + 1] {
+            let c = Config { shards, ..Default::default() };
+            let error = c.validate().expect_err("out of range").to_string();
+            assert!(error.contains("shards") && error.contains(&shards.to_string()), "{error}");
+        }
+        assert!(Config { shards: MAX_SHARDS, ..Default::default() }.validate().is_ok());
+    }
+
+    #[test]
     fn ttl_must_outlast_two_heartbeats() {
         let c = Config {
             heartbeat_interval: Duration::from_secs(1),
