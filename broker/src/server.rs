@@ -194,7 +194,12 @@ pub async fn start_with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<R
         .add_service(jobs_server(&node, &limits))
         .add_service(worker_server(&node, &limits))
         .add_service(AdminServer::new(AdminService::new(node.clone())));
-    let peer_task = tokio::spawn(serve(peer_router, peer_listener, shutdown_rx.clone()));
+    // The peer port outlives the client port: a leader shutting down hands
+    // its shards over, and the successor's election needs this node's vote
+    // (the other voters still see this node's heartbeats and refuse it).
+    // Closed once Raft is down.
+    let (peer_stop_tx, peer_stop_rx) = watch::channel(false);
+    let mut peer_task = tokio::spawn(serve(peer_router, peer_listener, peer_stop_rx));
     if let Some(listener) = metrics_listener {
         tokio::spawn(crate::metrics::http::serve(listener, node.clone(), shutdown_rx.clone()));
     }
@@ -260,7 +265,10 @@ pub async fn start_with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<R
             shard.raft.shutdown().await;
         }
         // Raft is down: nothing needs the peer port any more.
-        peer_task.abort();
+        let _ = peer_stop_tx.send(true);
+        if tokio::time::timeout(PEER_CLOSE_GRACE, &mut peer_task).await.is_err() {
+            peer_task.abort();
+        }
         purge_task.abort();
         drop(task_node);
         if let Err(e) = log_store::close_engine(engine, Duration::from_secs(10)).await {
@@ -270,6 +278,10 @@ pub async fn start_with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<R
     });
     Ok(RunningServer { local_addr, peer_addr, metrics_addr, node, shutdown: shutdown_tx, task })
 }
+
+/// How long forwarded calls still in flight on the peer port may take to
+/// finish once this node's Raft is down (they fail fast by then).
+const PEER_CLOSE_GRACE: Duration = Duration::from_secs(1);
 
 /// A server builder, speaking TLS when `tls` is set.
 fn server_builder(tls: Option<&ServerTlsConfig>) -> Result<tonic::transport::Server, BrokerError> {
@@ -329,7 +341,7 @@ async fn report_health(node: Arc<Node>, reporter: tonic_health::server::HealthRe
             // once the leader has replicated them again.
             let _ = shard.raft.may_vote();
         }
-        let ready = node.shards.iter().all(|s| s.raft.leader().is_some());
+        let ready = crate::metrics::http::not_ready_reason(&node).is_none();
         if last != Some(ready) {
             let status =
                 if ready { tonic_health::ServingStatus::Serving } else { tonic_health::ServingStatus::NotServing };

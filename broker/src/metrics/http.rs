@@ -3,8 +3,9 @@
 //! - `GET /metrics`: Prometheus text format;
 //! - `GET /healthz`: 200 while the process runs (liveness);
 //! - `GET /readyz`: 200 when this node knows a leader for every shard (it
-//!   can answer or forward), 503 with a one-line reason otherwise: the same
-//!   rule as the gRPC health of the public services.
+//!   can answer or forward) and, for the shards it leads, a quorum answered
+//!   within an election timeout; 503 with a one-line reason otherwise: the
+//!   same rule as the gRPC health of the public services.
 //!
 //! Never TLS: it serves no job data, and kubelet's HTTP probes use it when
 //! the gRPC ports speak TLS. Bind it to a private address.
@@ -106,10 +107,24 @@ pub fn not_ready_reason(node: &Node) -> Option<String> {
     let leaderless: Vec<String> =
         node.shards.iter().filter(|s| s.raft.leader().is_none()).map(|s| s.raft.shard().to_string()).collect();
     match leaderless.len() {
-        0 => None,
-        1 => Some(format!("shard {} has no known leader (election in progress or no quorum)", leaderless[0])),
-        _ => Some(format!("shards {} have no known leader (election in progress or no quorum)", leaderless.join(", "))),
+        0 => {}
+        1 => return Some(format!("shard {} has no known leader (election in progress or no quorum)", leaderless[0])),
+        _ => {
+            return Some(format!(
+                "shards {} have no known leader (election in progress or no quorum)",
+                leaderless.join(", ")
+            ));
+        }
     }
+    node.shards.iter().find_map(|s| {
+        let silent = s.raft.quorum_silent_for()?;
+        Some(format!(
+            "this node leads shard {} but no quorum of its voters has answered for {} ms (cut off, or most voters \
+             down): it can commit nothing",
+            s.raft.shard(),
+            silent.as_millis()
+        ))
+    })
 }
 
 fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {

@@ -84,6 +84,9 @@ pub enum MembershipError {
 #[derive(Clone, Debug, Default)]
 pub struct MemberProgress {
     pub matched_index: Option<u64>,
+    /// How long ago the leader last heard from it (a heartbeat or an
+    /// append answered); None if it never has.
+    pub last_heard: Option<Duration>,
 }
 
 /// What ClusterStatus reports for a shard.
@@ -118,6 +121,8 @@ pub struct ShardRaft {
     /// (recovered, acknowledged) last indexes when the log came back shorter
     /// than this node had acknowledged.
     lost_at_open: Option<(u64, u64)>,
+    /// A member not heard from for this long is taken to be down.
+    election_timeout: Duration,
 }
 
 impl ShardRaft {
@@ -172,7 +177,14 @@ impl ShardRaft {
             .await
             .map_err(|e| RaftError::Raft(e.to_string()))?;
         let lost_at_open = (recovered < acknowledged).then_some((recovered, acknowledged));
-        let shard_raft = ShardRaft { shard, raft, state, vote_barrier: Default::default(), lost_at_open };
+        let shard_raft = ShardRaft {
+            shard,
+            raft,
+            state,
+            vote_barrier: Default::default(),
+            lost_at_open,
+            election_timeout: settings.election_timeout,
+        };
         if recovered < acknowledged {
             tracing::error!(
                 %shard, recovered, acknowledged,
@@ -397,12 +409,34 @@ impl ShardRaft {
             voters: membership.voter_ids().collect(),
             nodes,
             replication: m.replication.as_ref().map(|replication| {
+                let heard = m.heartbeat.as_ref();
                 replication
                     .iter()
-                    .map(|(id, matched)| (*id, MemberProgress { matched_index: matched.as_ref().map(|l| l.index) }))
+                    .map(|(id, matched)| {
+                        let last_heard = heard
+                            .and_then(|h| h.get(id))
+                            .and_then(|at| at.as_ref())
+                            .map(|at| openraft::Instant::elapsed(&**at));
+                        (*id, MemberProgress { matched_index: matched.as_ref().map(|l| l.index), last_heard })
+                    })
                     .collect()
             }),
         }
+    }
+
+    /// On the leader of a group with other voters: how long no quorum has
+    /// answered it, once that is longer than an election timeout. Such a
+    /// leader (cut off from most voters, or most of them down) keeps its
+    /// role but can commit nothing, so it must not look ready.
+    pub fn quorum_silent_for(&self) -> Option<Duration> {
+        let metrics = self.raft.metrics();
+        let m = metrics.borrow_watched();
+        if m.state != ServerState::Leader || m.membership_config.membership().voter_ids().count() < 2 {
+            return None;
+        }
+        let acked = m.last_quorum_acked.as_ref()?;
+        let silent = openraft::Instant::elapsed(&**acked);
+        (silent > self.election_timeout).then_some(silent)
     }
 
     /// Waits (bounded) until this node leads the shard.
@@ -469,7 +503,10 @@ impl ShardRaft {
         let successor = prefer
             .filter(|id| *id != *me && status.voters.contains(id))
             .or_else(|| self.most_replicated_voter(|_| true));
-        let Some(successor) = successor else { return };
+        let Some(successor) = successor else {
+            tracing::info!(shard = %self.shard, "no other voter answered lately: not handing leadership over");
+            return;
+        };
         if let Err(e) = self.transfer_leadership(successor).await {
             tracing::warn!(shard = %self.shard, error = %e, "leadership handover at shutdown failed");
             return;
@@ -486,15 +523,20 @@ impl ShardRaft {
     }
 
     /// As its leader sees it: the voter other than this node that has
-    /// replicated the most of this shard, among those `eligible` allows.
+    /// replicated the most of this shard, among those `eligible` allows and
+    /// heard from within an election timeout. A voter that stopped answering
+    /// cannot take leadership: handing it over would only wait out a
+    /// timeout (a whole cluster shutting down node by node waited one per
+    /// shard on each node).
     pub fn most_replicated_voter(&self, eligible: impl Fn(u64) -> bool) -> Option<u64> {
         let status = self.status();
         let me = *self.raft.node_id();
+        let alive = |progress: &MemberProgress| progress.last_heard.is_some_and(|ago| ago < self.election_timeout);
         status
             .replication
             .iter()
             .flatten()
-            .filter(|(id, _)| **id != me && status.voters.contains(id) && eligible(**id))
+            .filter(|(id, progress)| **id != me && status.voters.contains(id) && eligible(**id) && alive(progress))
             .max_by_key(|(_, progress)| progress.matched_index)
             .map(|(id, _)| *id)
     }

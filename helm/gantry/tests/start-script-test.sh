@@ -260,6 +260,30 @@ sys.exit(0 if s["leader_id"] and sorted(s["voters"]) == [int(v) for v in sys.arg
             sleep 0.5
         done
     }
+    # The ports are fixed (the dry runs print them); one may still be held
+    # for a moment by a connection of the test run before this (the
+    # ephemeral range covers them): wait (bounded) until all can be bound.
+    local busy deadline_ports=$((SECONDS + 30))
+    until busy=$(python3 - <<'PY'
+import socket
+for port in (46051, 46052, 46464, 46061, 46062, 46474, 46071, 46072, 46484, 46081, 46082, 46494):
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        s.bind(("127.0.0.1", port))
+    except OSError:
+        print(port)
+        raise SystemExit(1)
+    finally:
+        s.close()
+PY
+    ); do
+        if ((SECONDS >= deadline_ports)); then
+            fail "live test: port $busy on 127.0.0.1 still in use after 30 s"
+            return
+        fi
+        sleep 0.5
+    done
     for ordinal in 0 1 2; do
         env -i PATH="$PATH" "${loopback[@]}" POD_NAME="gantry-$ordinal" DATA_DIR="$work/node-$ordinal" \
             GANTRY_BIN="$gantry" sh "$script" "${timing[@]}" >"$work/node-$ordinal.log" 2>&1 &

@@ -232,3 +232,27 @@ async fn a_node_whose_log_tail_was_lost_does_not_vote_until_caught_up() {
     }
     cluster.shutdown().await;
 }
+
+/// A leader shut down cleanly (as in a rolling restart) hands leadership to
+/// a follower before it goes: once its shutdown returned, another node
+/// leads already, instead of the cluster waiting out an election timeout
+/// with no leader. Elections are made too slow here to stand in for a
+/// handover that did not happen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_shutting_down_hands_leadership_over_first() {
+    let mut cluster = TestCluster::start_with(3, |c| {
+        c.election_timeout = Duration::from_secs(30);
+        c.session_ttl = Duration::from_secs(60);
+    })
+    .await;
+    let leader = cluster.wait_for_leader().await;
+    let mut jobs = cluster.jobs(cluster.other(leader));
+    let job_id = gantry_tests::enqueue(&mut jobs, "q", b"before the restart").await;
+    cluster.stop(leader).await;
+    let leading: Vec<usize> =
+        (0..3).filter(|i| *i != leader && cluster.server(*i).node().shards[0].raft.is_leader()).collect();
+    assert_eq!(leading.len(), 1, "no node led when the old leader's shutdown returned");
+    assert_eq!(get_job(&mut cluster.jobs(leading[0]), &job_id).await.payload, b"before the restart");
+    cluster.restart(leader).await;
+    cluster.shutdown().await;
+}

@@ -132,10 +132,25 @@ async fn metrics_can_be_turned_off() {
     broker.stop().await;
 }
 
+fn metrics_of(cluster: &TestCluster, i: usize) -> std::net::SocketAddr {
+    cluster.server(i).metrics_addr().expect("metrics on")
+}
+
+/// The reason `/readyz` gives once it refuses (bounded wait).
+async fn readyz_refusal(addr: std::net::SocketAddr) -> String {
+    eventually("readyz turns 503", Duration::from_secs(30), || async move {
+        match http_get(addr, "/readyz").await {
+            Some((503, body)) => Some(body),
+            _ => None,
+        }
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn followers_report_and_readyz_needs_a_leader() {
-    let mut cluster = TestCluster::start(3).await;
-    let metrics = |i: usize| cluster.server(i).metrics_addr().expect("metrics on");
+    let mut cluster = TestCluster::start_with_spare(3).await;
+    let metrics = |i: usize| metrics_of(&cluster, i);
     // An election on a busy machine is retried.
     let leader = eventually("an enqueue on the leader", Duration::from_secs(30), || async {
         let leader = cluster.wait_for_leader().await;
@@ -160,20 +175,21 @@ async fn followers_report_and_readyz_needs_a_leader() {
         assert_eq!(lags, if i == leader { 2 } else { 0 }, "node {}: per-follower lag on the leader only", i + 1);
     }
 
-    // Take the leader and another node away: the last one loses its leader.
-    let survivor = (0..3).find(|i| *i != leader).expect("a follower");
-    let survivor_metrics = metrics(survivor);
-    for i in (0..3).filter(|i| *i != survivor) {
+    // A leader whose voters are gone can commit nothing: not ready, though
+    // it keeps its role.
+    let leader_metrics = metrics_of(&cluster, leader);
+    for i in (0..3).filter(|i| *i != leader) {
         cluster.stop(i).await;
     }
-    let reason = eventually("readyz turns 503", Duration::from_secs(30), || async move {
-        match http_get(survivor_metrics, "/readyz").await {
-            Some((503, body)) => Some(body),
-            _ => None,
-        }
-    })
-    .await;
+    let reason = readyz_refusal(leader_metrics).await;
+    assert!(reason.starts_with("not ready: this node leads shard 0 but no quorum"), "{reason}");
+    assert_eq!(http_get(leader_metrics, "/healthz").await.map(|(status, _)| status), Some(200));
+
+    // A node waiting to be added knows no leader at all.
+    cluster.restart(3).await;
+    let spare_metrics = metrics_of(&cluster, 3);
+    let reason = readyz_refusal(spare_metrics).await;
     assert!(reason.starts_with("not ready: shard 0 has no known leader"), "{reason}");
-    assert_eq!(http_get(survivor_metrics, "/healthz").await.map(|(status, _)| status), Some(200));
+    assert_eq!(http_get(spare_metrics, "/healthz").await.map(|(status, _)| status), Some(200));
     cluster.shutdown().await;
 }
