@@ -145,6 +145,9 @@ async fn run(
             drop(permit);
             committed.notify_one();
             let elapsed = started.elapsed();
+            if outcome.is_ok() {
+                raft.timings().committed(elapsed);
+            }
             if elapsed > SLOW_COMMIT {
                 tracing::warn!(shard = %raft.shard(), commands = count, ?elapsed, "slow commit");
             }

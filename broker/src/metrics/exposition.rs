@@ -8,7 +8,10 @@
 use std::{collections::BTreeMap, fmt::Write as _};
 
 use super::counters::QueueCounters;
-use crate::{dispatch::Node, raft::ShardStatus};
+use crate::{
+    dispatch::Node,
+    raft::{ShardStatus, timings::LatencyHistogram},
+};
 
 /// Per queue, read from the applied state at scrape time.
 struct QueueGauges {
@@ -75,6 +78,10 @@ fn escape_label(value: &str) -> String {
 
 fn seconds(ms: u64) -> f64 {
     ms as f64 / 1000.0
+}
+
+fn micros_as_seconds(us: u64) -> f64 {
+    us as f64 / 1_000_000.0
 }
 
 /// Everything `/metrics` shows for this node.
@@ -239,6 +246,38 @@ pub fn render(node: &Node) -> String {
     }
     families.push(lag);
 
+    type Timing = fn(&crate::raft::ShardRaft) -> LatencyHistogram;
+    let timing_families: [(&'static str, &'static str, Timing); 2] = [
+        (
+            "gantry_raft_log_sync_seconds",
+            "Synced writes of the shard's Raft log on this node (raft-engine write + fdatasync); each covers every entry appended since the one before. Every acknowledgement waits for one.",
+            |raft| raft.timings().log_sync(),
+        ),
+        (
+            "gantry_raft_commit_seconds",
+            "On the leader: log entries from proposal until applied (replication to a quorum, their log syncs, apply). Many calls share one entry.",
+            |raft| raft.timings().commit(),
+        ),
+    ];
+    for (name, help, timing) in timing_families {
+        let mut family = Family::new(name, "histogram", help);
+        for shard in &node.shards {
+            let h = timing(&shard.raft);
+            let id = shard.raft.shard().to_string();
+            for (bound_us, count) in h.cumulative() {
+                family.add_suffixed(
+                    "_bucket",
+                    &[("shard", &id), ("le", &micros_as_seconds(bound_us).to_string())],
+                    count,
+                );
+            }
+            family.add_suffixed("_bucket", &[("shard", &id), ("le", "+Inf")], h.count);
+            family.add_suffixed("_sum", &[("shard", &id)], micros_as_seconds(h.sum_us));
+            family.add_suffixed("_count", &[("shard", &id)], h.count);
+        }
+        families.push(family);
+    }
+
     let mut out = String::with_capacity(8 << 10);
     for family in &families {
         family.write(&mut out);
@@ -263,5 +302,6 @@ mod tests {
         );
         assert_eq!(seconds(2_500).to_string(), "2.5");
         assert_eq!(seconds(1).to_string(), "0.001");
+        assert_eq!(micros_as_seconds(250).to_string(), "0.00025");
     }
 }

@@ -3,8 +3,8 @@
 //! - `GET /metrics`: Prometheus text format;
 //! - `GET /healthz`: 200 while the process runs (liveness);
 //! - `GET /readyz`: 200 when this node knows a leader for every shard (it
-//!   can answer or forward) and, for the shards it leads, a quorum answered
-//!   within an election timeout; 503 with a one-line reason otherwise: the
+//!   can answer or forward) that reached it within an election timeout and,
+//!   for the shards it leads, a quorum answered within one; 503 with a one-line reason otherwise: the
 //!   same rule as the gRPC health of the public services.
 //!
 //! Never TLS: it serves no job data, and kubelet's HTTP probes use it when
@@ -115,6 +115,16 @@ pub fn not_ready_reason(node: &Node) -> Option<String> {
                 leaderless.join(", ")
             ));
         }
+    }
+    if let Some((shard, leader, silent)) = node
+        .shards
+        .iter()
+        .find_map(|s| s.raft.leader_silent_for().map(|(leader, silent)| (s.raft.shard(), leader, silent)))
+    {
+        return Some(format!(
+            "shard {shard}: its leader, node {leader}, has not reached this node for {} ms (down, or cut off from it)",
+            silent.as_millis()
+        ));
     }
     node.shards.iter().find_map(|s| {
         let silent = s.raft.quorum_silent_for()?;

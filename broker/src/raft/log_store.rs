@@ -52,6 +52,7 @@ use serde::de::DeserializeOwned;
 use tokio::runtime::Handle;
 
 use super::log_tail::LogTail;
+use super::timings::Timings;
 use super::watermark::Watermark;
 use tokio::task::JoinHandle;
 
@@ -306,6 +307,7 @@ pub struct EngineLogStore<C: RaftTypeConfig> {
     durable: Option<Arc<DurableMark>>,
     /// The committed id openraft saved last, until a flush writes it.
     committed: Arc<PendingCommitted<C>>,
+    timings: Option<Arc<Timings>>,
 }
 
 /// `Some` while a committed id is waiting for the flusher's next sync.
@@ -333,6 +335,7 @@ where
             },
             flusher: None,
             durable: None,
+            timings: None,
             committed: Arc::new(Mutex::new(None)),
         }
     }
@@ -342,6 +345,12 @@ where
     pub fn with_watermark(mut self, watermark: Arc<Watermark>) -> Self {
         let appended = AtomicU64::new(watermark.recorded());
         self.durable = Some(Arc::new(DurableMark { watermark, appended }));
+        self
+    }
+
+    /// Records the duration of every synced write in `timings`.
+    pub fn with_timings(mut self, timings: Arc<Timings>) -> Self {
+        self.timings = Some(timings);
         self
     }
 
@@ -365,10 +374,10 @@ where
         if self.flusher.is_none() {
             let (tx, rx) = std::sync::mpsc::channel();
             let (engine, group) = (self.reader.engine.clone(), self.reader.group);
-            let (durable, committed) = (self.durable.clone(), self.committed.clone());
+            let (durable, committed, timings) = (self.durable.clone(), self.committed.clone(), self.timings.clone());
             std::thread::Builder::new()
                 .name(format!("raft-flush-{group}"))
-                .spawn(move || run_flusher(engine, group, durable, committed, rx))?;
+                .spawn(move || run_flusher(engine, group, durable, committed, timings, rx))?;
             self.flusher = Some(tx);
         }
         Ok(self.flusher.as_ref().expect("started above"))
@@ -406,6 +415,7 @@ fn run_flusher<C: RaftTypeConfig>(
     group: u64,
     durable: Option<Arc<DurableMark>>,
     committed: Arc<PendingCommitted<C>>,
+    timings: Option<Arc<Timings>>,
     callbacks: std::sync::mpsc::Receiver<IOFlushed<C>>,
 ) {
     let marker = durable.map(|durable| WatermarkWriter::spawn(group, durable));
@@ -417,7 +427,12 @@ fn run_flusher<C: RaftTypeConfig>(
         waiting.extend(callbacks.try_iter());
         if failure.is_none() {
             let marking = marker.as_ref().inspect(|marker| marker.start());
-            if let Err(e) = sync_group::<C>(&engine, group, take_committed()) {
+            let started = std::time::Instant::now();
+            let synced = sync_group::<C>(&engine, group, take_committed());
+            if let Some(timings) = &timings {
+                timings.log_synced(started.elapsed());
+            }
+            if let Err(e) = synced {
                 failure = Some(e.to_string());
             }
             if let Some(Err(e)) = marking.map(WatermarkWriter::finish) {

@@ -7,6 +7,7 @@ mod log_tail;
 pub mod network;
 pub mod peer_service;
 pub mod state_machine;
+pub mod timings;
 pub mod types;
 pub mod watermark;
 
@@ -123,6 +124,10 @@ pub struct ShardRaft {
     lost_at_open: Option<(u64, u64)>,
     /// A member not heard from for this long is taken to be down.
     election_timeout: Duration,
+    /// When a leader last reached this node (an append or a heartbeat it
+    /// did not refuse), or when the group was opened.
+    leader_heard_at: std::sync::Mutex<std::time::Instant>,
+    timings: Arc<timings::Timings>,
 }
 
 impl ShardRaft {
@@ -170,7 +175,10 @@ impl ShardRaft {
         let state = sm.shared();
         let watermark_path = data_dir.join("raft-watermark").join(shard.0.to_string());
         let (watermark, acknowledged) = watermark::Watermark::open(&watermark_path)?;
-        let log = EngineLogStore::new(engine, u64::from(shard.0)).with_watermark(Arc::new(watermark));
+        let timings = Arc::new(timings::Timings::default());
+        let log = EngineLogStore::new(engine, u64::from(shard.0))
+            .with_watermark(Arc::new(watermark))
+            .with_timings(timings.clone());
         let recovered = log.recovered_last_index().map_err(std::io::Error::from)?;
         let network = PeerNetwork { shard, channels };
         let raft = GantryRaft::new(node_id, Arc::new(config), network, log, sm)
@@ -184,6 +192,8 @@ impl ShardRaft {
             vote_barrier: Default::default(),
             lost_at_open,
             election_timeout: settings.election_timeout,
+            leader_heard_at: std::sync::Mutex::new(std::time::Instant::now()),
+            timings,
         };
         if recovered < acknowledged {
             tracing::error!(
@@ -422,6 +432,30 @@ impl ShardRaft {
                     .collect()
             }),
         }
+    }
+
+    pub fn timings(&self) -> &timings::Timings {
+        &self.timings
+    }
+
+    /// Called by the peer service for every append or snapshot a leader
+    /// sent this node and it accepted.
+    pub fn heard_from_leader(&self) {
+        *self.leader_heard_at.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = std::time::Instant::now();
+    }
+
+    /// On a node following a leader: how long that leader has not reached
+    /// it, once that is longer than an election timeout. openraft keeps
+    /// naming the last leader meanwhile (a restarted node names the one it
+    /// voted for; with pre-vote a node cut off never moves to a new term),
+    /// but this node can forward nothing to it.
+    pub fn leader_silent_for(&self) -> Option<(u64, Duration)> {
+        let (leader, _) = self.leader()?;
+        if leader == *self.raft.node_id() {
+            return None;
+        }
+        let silent = self.leader_heard_at.lock().unwrap_or_else(std::sync::PoisonError::into_inner).elapsed();
+        (silent > self.election_timeout).then_some((leader, silent))
     }
 
     /// On the leader of a group with other voters: how long no quorum has

@@ -4,7 +4,10 @@
 use std::{io::Cursor, sync::Arc};
 
 use gantry_proto::peer::{self as pb, peer_service_server::PeerService as PeerRpc};
-use openraft::type_config::alias::{SnapshotMetaOf, SnapshotOf, VoteOf};
+use openraft::{
+    raft::AppendEntriesResponse,
+    type_config::alias::{SnapshotMetaOf, SnapshotOf, VoteOf},
+};
 use serde::Serialize;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -74,7 +77,13 @@ impl PeerRpc for PeerService {
             return reply::<(), _>(Err(refusal));
         }
         match kind {
-            Ok(pb::RaftKind::AppendEntries) => reply(raft.append_entries(decode(payload).map_err(bad_payload)?).await),
+            Ok(pb::RaftKind::AppendEntries) => {
+                let answer = raft.append_entries(decode(payload).map_err(bad_payload)?).await;
+                if answer.as_ref().is_ok_and(|a| !matches!(a, AppendEntriesResponse::HigherVote(_))) {
+                    shard.heard_from_leader();
+                }
+                reply(answer)
+            }
             Ok(pb::RaftKind::Vote) => reply(raft.vote(decode(payload).map_err(bad_payload)?).await),
             Ok(pb::RaftKind::PreVote) => reply(raft.pre_vote(decode(payload).map_err(bad_payload)?).await),
             Ok(pb::RaftKind::TransferLeader) => {

@@ -62,6 +62,14 @@ async fn series_follow_enqueues_and_results() {
     assert_eq!(value(&queued, r#"gantry_dispatch_latency_seconds_count{queue="metered"}"#), 0.0);
     let applied = value(&queued, r#"gantry_raft_applied_index{shard="0"}"#);
     assert!(applied > value(&before, r#"gantry_raft_applied_index{shard="0"}"#));
+    // Each acknowledged enqueue waited for a commit and a log sync.
+    for timing in ["gantry_raft_commit_seconds", "gantry_raft_log_sync_seconds"] {
+        let count = |s: &Scrape| value(s, &format!(r#"{timing}_count{{shard="0"}}"#));
+        assert!(count(&queued) > count(&before), "{timing}: {queued:?}");
+        let all = value(&queued, &format!(r#"{timing}_bucket{{shard="0",le="+Inf"}}"#));
+        assert_eq!(all, count(&queued), "{timing}: +Inf bucket holds every observation");
+        assert!(value(&queued, &format!(r#"{timing}_sum{{shard="0"}}"#)) > 0.0, "{timing}");
+    }
 
     let worker = RunningWorker::spawn(&broker.endpoint(), "metered", "metrics-worker", 2, |ctx| async move {
         match (ctx.payload().as_ref(), ctx.attempt()) {
@@ -191,5 +199,15 @@ async fn followers_report_and_readyz_needs_a_leader() {
     let reason = readyz_refusal(spare_metrics).await;
     assert!(reason.starts_with("not ready: shard 0 has no known leader"), "{reason}");
     assert_eq!(http_get(spare_metrics, "/healthz").await.map(|(status, _)| status), Some(200));
+
+    // A follower restarted alone may go on naming the leader it voted for,
+    // which is gone (openraft drops it only on some later event): not ready
+    // either way.
+    cluster.stop(leader).await;
+    let follower = (leader + 1) % 3;
+    cluster.restart(follower).await;
+    let reason = readyz_refusal(metrics_of(&cluster, follower)).await;
+    let stale = format!("not ready: shard 0: its leader, node {}, has not reached this node", leader + 1);
+    assert!(reason.starts_with(&stale) || reason.starts_with("not ready: shard 0 has no known leader"), "{reason}");
     cluster.shutdown().await;
 }
