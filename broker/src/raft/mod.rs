@@ -438,8 +438,8 @@ impl ShardRaft {
         &self.timings
     }
 
-    /// Called by the peer service for every append or snapshot a leader
-    /// sent this node and it accepted.
+    /// Called by the peer service for every append a leader sent this node
+    /// and it did not refuse (heartbeats are appends too).
     pub fn heard_from_leader(&self) {
         *self.leader_heard_at.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = std::time::Instant::now();
     }

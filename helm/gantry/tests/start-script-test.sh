@@ -97,24 +97,25 @@ expect_error() {
 
 timing=(--heartbeat-interval 1s --session-ttl 10s --election-timeout 1s)
 
-# --- Three copies on loopback: one host, ports 10 apart per ordinal. ---
+# --- Three copies on loopback: one host, ports 10 apart per ordinal (below
+# the ephemeral range, which the suite's own connections draw from). ---
 loopback=(POD_NAMESPACE=test STATEFULSET_NAME=gantry PEER_SERVICE=gantry-headless CLIENT_SERVICE=gantry
     BOOTSTRAP_SIZE=3 HOST_TEMPLATE=127.0.0.1 BIND_HOST=127.0.0.1 PORT_STRIDE=10
-    CLIENT_PORT=46051 PEER_PORT=46052 METRICS_PORT=46464)
-members=1=127.0.0.1:46052,2=127.0.0.1:46062,3=127.0.0.1:46072
+    CLIENT_PORT=26051 PEER_PORT=26052 METRICS_PORT=26464)
+members=1=127.0.0.1:26052,2=127.0.0.1:26062,3=127.0.0.1:26072
 expect_line "loopback gantry-0" \
-    "gantry serve --node-id 1 --data-dir /tmp/g/node-0 --listen 127.0.0.1:46051 --peer-listen 127.0.0.1:46052 --advertise 127.0.0.1:46051 --peer-advertise 127.0.0.1:46052 --initial-cluster $members --metrics-listen 127.0.0.1:46464 --heartbeat-interval 1s --session-ttl 10s --election-timeout 1s" \
+    "gantry serve --node-id 1 --data-dir /tmp/g/node-0 --listen 127.0.0.1:26051 --peer-listen 127.0.0.1:26052 --advertise 127.0.0.1:26051 --peer-advertise 127.0.0.1:26052 --initial-cluster $members --metrics-listen 127.0.0.1:26464 --heartbeat-interval 1s --session-ttl 10s --election-timeout 1s" \
     "${loopback[@]}" POD_NAME=gantry-0 DATA_DIR=/tmp/g/node-0 -- "${timing[@]}"
 expect_line "loopback gantry-1" \
-    "gantry serve --node-id 2 --data-dir /tmp/g/node-1 --listen 127.0.0.1:46061 --peer-listen 127.0.0.1:46062 --advertise 127.0.0.1:46061 --peer-advertise 127.0.0.1:46062 --initial-cluster $members --metrics-listen 127.0.0.1:46474 --heartbeat-interval 1s --session-ttl 10s --election-timeout 1s" \
+    "gantry serve --node-id 2 --data-dir /tmp/g/node-1 --listen 127.0.0.1:26061 --peer-listen 127.0.0.1:26062 --advertise 127.0.0.1:26061 --peer-advertise 127.0.0.1:26062 --initial-cluster $members --metrics-listen 127.0.0.1:26474 --heartbeat-interval 1s --session-ttl 10s --election-timeout 1s" \
     "${loopback[@]}" POD_NAME=gantry-1 DATA_DIR=/tmp/g/node-1 -- "${timing[@]}"
 expect_line "loopback gantry-2" \
-    "gantry serve --node-id 3 --data-dir /tmp/g/node-2 --listen 127.0.0.1:46071 --peer-listen 127.0.0.1:46072 --advertise 127.0.0.1:46071 --peer-advertise 127.0.0.1:46072 --initial-cluster $members --metrics-listen 127.0.0.1:46484 --heartbeat-interval 1s --session-ttl 10s --election-timeout 1s" \
+    "gantry serve --node-id 3 --data-dir /tmp/g/node-2 --listen 127.0.0.1:26071 --peer-listen 127.0.0.1:26072 --advertise 127.0.0.1:26071 --peer-advertise 127.0.0.1:26072 --initial-cluster $members --metrics-listen 127.0.0.1:26484 --heartbeat-interval 1s --session-ttl 10s --election-timeout 1s" \
     "${loopback[@]}" POD_NAME=gantry-2 DATA_DIR=/tmp/g/node-2 -- "${timing[@]}"
 # A fourth pod (scale-up) joins through a running node instead of bootstrapping.
 expect_line "loopback gantry-3 joins" \
-    "gantry serve --node-id 4 --data-dir /tmp/g/node-3 --listen 127.0.0.1:46081 --peer-listen 127.0.0.1:46082 --advertise 127.0.0.1:46081 --peer-advertise 127.0.0.1:46082 --join 127.0.0.1:46051 --metrics-listen 127.0.0.1:46494" \
-    "${loopback[@]}" POD_NAME=gantry-3 DATA_DIR=/tmp/g/node-3 JOIN_ADDR=127.0.0.1:46051
+    "gantry serve --node-id 4 --data-dir /tmp/g/node-3 --listen 127.0.0.1:26081 --peer-listen 127.0.0.1:26082 --advertise 127.0.0.1:26081 --peer-advertise 127.0.0.1:26082 --join 127.0.0.1:26051 --metrics-listen 127.0.0.1:26494" \
+    "${loopback[@]}" POD_NAME=gantry-3 DATA_DIR=/tmp/g/node-3 JOIN_ADDR=127.0.0.1:26051
 # One loopback address per node instead of port offsets: 127.0.0.<id>.
 expect_line "loopback address per node" \
     "gantry serve --node-id 2 --data-dir /data --listen 127.0.0.2:50051 --peer-listen 127.0.0.2:50052 --advertise 127.0.0.2:50051 --peer-advertise 127.0.0.2:50052 --initial-cluster 1=127.0.0.1:50052,2=127.0.0.2:50052,3=127.0.0.3:50052 --metrics-listen 127.0.0.2:9464" \
@@ -180,7 +181,7 @@ expect_error "BOOTSTRAP_SIZE 0" "BOOTSTRAP_SIZE '0' is not a number of at least 
 expect_error "BOOTSTRAP_SIZE not a number" "BOOTSTRAP_SIZE 'three'" "${k8s[@]}" POD_NAME=gantry-0 BOOTSTRAP_SIZE=three
 expect_error "bad port" "port '5005x' is not a port number" "${k8s[@]}" POD_NAME=gantry-0 PEER_PORT=5005x
 expect_error "port offset beyond 65535" "is beyond 65535" "${loopback[@]}" POD_NAME=gantry-1 CLIENT_PORT=65530
-expect_error "member port beyond 65535" "is beyond 65535" "${loopback[@]}" POD_NAME=gantry-0 PORT_STRIDE=10000
+expect_error "member port beyond 65535" "is beyond 65535" "${loopback[@]}" POD_NAME=gantry-0 PORT_STRIDE=20000
 expect_error "scale-up pod without a join address" "CLIENT_SERVICE (or JOIN_ADDR) is not set" \
     POD_NAME=gantry-3 POD_NAMESPACE=jobs STATEFULSET_NAME=gantry PEER_SERVICE=gantry-headless BOOTSTRAP_SIZE=3
 
@@ -228,9 +229,9 @@ done
 # With GANTRY_LIVE_TEST=1 (scripts/test.sh, after the build): starts
 # gantry-0..2 through the script on loopback exactly as the dry runs above
 # print them, waits (bounded) until
-#   gantry cluster status --addr 127.0.0.1:46051 --json
+#   gantry cluster status --addr 127.0.0.1:26051 --json
 # reports a leader and voters [1,2,3], then starts gantry-3 with
-# JOIN_ADDR=127.0.0.1:46051, waits until it is a voter too, prints the
+# JOIN_ADDR=127.0.0.1:26051, waits until it is a voter too, prints the
 # status and stops every node by its PID.
 live_cluster_test() {
     local gantry=${GANTRY_BIN:-$here/../../../target/debug/gantry}
@@ -242,7 +243,7 @@ live_cluster_test() {
     gantry=$(cd "$(dirname "$gantry")" && pwd)/$(basename "$gantry")
     # cluster_has VOTERS: the status JSON names a leader and exactly these voters.
     cluster_has() {
-        "$gantry" cluster status --addr 127.0.0.1:46051 --json 2>/dev/null | python3 -c '
+        "$gantry" cluster status --addr 127.0.0.1:26051 --json 2>/dev/null | python3 -c '
 import json, sys
 s = json.load(sys.stdin)["shards"][0]
 sys.exit(0 if s["leader_id"] and sorted(s["voters"]) == [int(v) for v in sys.argv[1].split(",")] else 1)
@@ -260,13 +261,14 @@ sys.exit(0 if s["leader_id"] and sorted(s["voters"]) == [int(v) for v in sys.arg
             sleep 0.5
         done
     }
-    # The ports are fixed (the dry runs print them); one may still be held
-    # for a moment by a connection of the test run before this (the
-    # ephemeral range covers them): wait (bounded) until all can be bound.
+    # The ports are fixed (the dry runs print them) and below Linux's
+    # ephemeral range (32768-60999), so no outgoing connection of the tests
+    # before this one holds them; a server of theirs still closing might:
+    # wait (bounded) until all can be bound.
     local busy deadline_ports=$((SECONDS + 30))
     until busy=$(python3 - <<'PY'
 import socket
-for port in (46051, 46052, 46464, 46061, 46062, 46474, 46071, 46072, 46484, 46081, 46082, 46494):
+for port in (26051, 26052, 26464, 26061, 26062, 26474, 26071, 26072, 26484, 26081, 26082, 26494):
     s = socket.socket()
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
@@ -292,7 +294,7 @@ PY
     status=0
     wait_for 1,2,3 60 || status=1
     if [[ $status -eq 0 ]]; then
-        env -i PATH="$PATH" "${loopback[@]}" POD_NAME=gantry-3 DATA_DIR="$work/node-3" JOIN_ADDR=127.0.0.1:46051 \
+        env -i PATH="$PATH" "${loopback[@]}" POD_NAME=gantry-3 DATA_DIR="$work/node-3" JOIN_ADDR=127.0.0.1:26051 \
             GANTRY_BIN="$gantry" sh "$script" "${timing[@]}" >"$work/node-3.log" 2>&1 &
         live_pids+=($!)
         # The joined node may stay a learner until it has caught up.
@@ -302,7 +304,7 @@ PY
     # node 4 (an id above the new replica count); run again, it is a no-op.
     if [[ $status -eq 0 ]]; then
         for round in first again; do
-            if ! env -i PATH="$PATH" REPLICAS=3 CLIENT_ADDR=127.0.0.1:46051 GANTRY_BIN="$gantry" ATTEMPTS=5 \
+            if ! env -i PATH="$PATH" REPLICAS=3 CLIENT_ADDR=127.0.0.1:26051 GANTRY_BIN="$gantry" ATTEMPTS=5 \
                 sh "$scale_down" >"$work/scale-down-$round.log" 2>&1; then
                 fail "live test: the scale-down script failed ($round run):"
                 cat "$work/scale-down-$round.log" >&2
@@ -314,7 +316,7 @@ PY
         grep -q "removed node 4" "$work/scale-down-first.log" || { fail "live test: node 4 was not removed"; status=1; }
         grep -q "nothing to remove" "$work/scale-down-again.log" || { fail "live test: the second run removed something"; status=1; }
     fi
-    [[ $status -eq 0 ]] && "$gantry" cluster status --addr 127.0.0.1:46051 || true
+    [[ $status -eq 0 ]] && "$gantry" cluster status --addr 127.0.0.1:26051 || true
     stop_live_nodes
     checks=$((checks + 1))
     [[ $status -eq 0 ]] && echo "live three-node start-up: ok (a fourth node joined, then the scale-down hook removed it)"
