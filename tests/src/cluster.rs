@@ -11,6 +11,8 @@ use crate::{BinaryBroker, TEST_HEARTBEAT, TEST_SESSION_TTL, channel, eventually,
 
 /// How long a test waits for an election or a catch-up.
 pub const CLUSTER_WAIT: Duration = Duration::from_secs(30);
+/// The election timeout of a `TestCluster`'s nodes.
+pub const CLUSTER_ELECTION_TIMEOUT: Duration = Duration::from_millis(800);
 
 fn initial_cluster(peers: &[SocketAddr]) -> String {
     peers.iter().enumerate().map(|(i, p)| format!("{}={p}", i + 1)).collect::<Vec<_>>().join(",")
@@ -87,7 +89,7 @@ impl TestCluster {
                 // leader; the session ttl outlasts two election timeouts.
                 heartbeat_interval: TEST_HEARTBEAT,
                 session_ttl: TEST_SESSION_TTL.max(Duration::from_millis(2000)),
-                election_timeout: Duration::from_millis(800),
+                election_timeout: CLUSTER_ELECTION_TIMEOUT,
                 raft_heartbeat_interval: Duration::from_millis(100),
                 metrics_listen: Some("127.0.0.1:0".parse().expect("addr")),
                 ..Config::default()

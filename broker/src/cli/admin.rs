@@ -302,6 +302,7 @@ struct NodeJson {
     peer_address: String,
     role: String,
     replication_lag: Option<u64>,
+    last_heard_ms: Option<u64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -327,16 +328,18 @@ struct ClusterJson {
 
 pub fn render_cluster(status: &proto::ClusterStatusResponse) -> String {
     let mut out = format!("answered by node {}\n\nnodes:\n", status.node_id);
-    let mut nodes = Table::new(&[">NODE", "ADDRESS", "PEER ADDRESS", "ROLE", ">LAG"]);
+    let mut nodes = Table::new(&[">NODE", "ADDRESS", "PEER ADDRESS", "ROLE", ">LAG", ">HEARD"]);
     for n in &status.nodes {
         let me = if n.node_id == status.node_id { " (this node)" } else { "" };
         let lag = n.replication_lag.map_or_else(|| "-".to_owned(), |l| l.to_string());
+        let heard = n.last_heard_ms.map_or_else(|| "-".to_owned(), |ms| format!("{ms} ms ago"));
         nodes.row(vec![
             n.node_id.to_string(),
             n.address.clone(),
             n.peer_address.clone(),
             format!("{}{me}", n.role),
             lag,
+            heard,
         ]);
     }
     out.push_str(&nodes.render());
@@ -426,6 +429,7 @@ pub async fn cluster(client_args: ClientArgs, command: ClusterCommand) -> anyhow
                     peer_address: n.peer_address.clone(),
                     role: n.role.clone(),
                     replication_lag: n.replication_lag,
+                    last_heard_ms: n.last_heard_ms,
                 })
                 .collect(),
             shards: status
@@ -559,6 +563,9 @@ mod tests {
         let text = render_cluster(&status);
         assert!(text.starts_with("answered by node 1\n"), "{text}");
         assert!(text.contains("voter (this node)"), "{text}");
+        let mut followed = status.clone();
+        followed.nodes[0].last_heard_ms = Some(40);
+        assert!(render_cluster(&followed).contains("40 ms ago"), "{}", render_cluster(&followed));
         assert!(text.contains("1 (127.0.0.1:50051)"), "{text}");
     }
 }

@@ -75,6 +75,10 @@ impl AdminService {
                         peer_address: member.peer.clone(),
                         replication_lag: progress.map(|_| s.last_log_index.saturating_sub(matched.unwrap_or(0))),
                         matched_index: matched,
+                        last_heard_ms: progress
+                            .and_then(|p| p.last_heard)
+                            .filter(|_| *id != self.node.node_id)
+                            .map(|ago| u64::try_from(ago.as_millis()).unwrap_or(u64::MAX)),
                     });
                 }
                 proto::ShardStatus {

@@ -10,7 +10,7 @@ use std::{
 use bytes::Bytes;
 use gantry_tests::{
     RunningWorker,
-    cluster::{CLUSTER_WAIT, TestCluster, cluster_status},
+    cluster::{CLUSTER_ELECTION_TIMEOUT, CLUSTER_WAIT, TestCluster, cluster_status},
     eventually, get_job,
     v1::{self as proto, JobState},
     wait_for_state,
@@ -18,7 +18,7 @@ use gantry_tests::{
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_node_serves_every_rpc_and_names_the_leader() {
-    let cluster = TestCluster::start(3).await;
+    let mut cluster = TestCluster::start(3).await;
     let leader = cluster.wait_for_leader().await;
     let follower = cluster.other(leader);
 
@@ -58,6 +58,27 @@ async fn every_node_serves_every_rpc_and_names_the_leader() {
         assert_eq!(status.node_id, leader as u64 + 1, "a follower asks the leader, who knows replication");
         assert!(status.nodes.iter().all(|n| n.replication_lag.is_some()), "{status:?}");
     }
+
+    // The leader says when it last heard from each other node: recently
+    // while they answer, ever longer ago once one is gone.
+    let heard = |status: &proto::ClusterStatusResponse, node: usize| {
+        status.nodes.iter().find(|n| n.node_id == node as u64 + 1).and_then(|n| n.last_heard_ms)
+    };
+    let first = cluster_status(cluster.addrs[leader]).await.expect("cluster status");
+    assert_eq!(heard(&first, leader), None, "not of itself: {first:?}");
+    assert!(heard(&first, follower).is_some(), "{first:?}");
+    let election_ms = CLUSTER_ELECTION_TIMEOUT.as_millis() as u64;
+    eventually("the followers heard from within an election timeout", CLUSTER_WAIT, || async {
+        let status = cluster_status(cluster.addrs[leader]).await?;
+        (0..3).filter(|i| *i != leader).all(|i| heard(&status, i).is_some_and(|ms| ms < election_ms)).then_some(())
+    })
+    .await;
+    cluster.stop(follower).await;
+    eventually("the stopped follower not heard from for an election timeout", CLUSTER_WAIT, || async {
+        let status = cluster_status(cluster.addrs[leader]).await?;
+        heard(&status, follower).is_some_and(|ms| ms > election_ms).then_some(())
+    })
+    .await;
     cluster.shutdown().await;
 }
 

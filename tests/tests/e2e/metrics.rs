@@ -158,7 +158,6 @@ async fn readyz_refusal(addr: std::net::SocketAddr) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn followers_report_and_readyz_needs_a_leader() {
     let mut cluster = TestCluster::start_with_spare(3).await;
-    let metrics = |i: usize| metrics_of(&cluster, i);
     // An election on a busy machine is retried.
     let leader = eventually("an enqueue on the leader", Duration::from_secs(30), || async {
         let leader = cluster.wait_for_leader().await;
@@ -175,7 +174,8 @@ async fn followers_report_and_readyz_needs_a_leader() {
 
     // Every node counts what it applies; only the leader knows replication.
     for i in 0..3 {
-        let s = wait_for_series(metrics(i), r#"gantry_jobs_enqueued_total{queue="replicated"}"#, 1.0).await;
+        let s =
+            wait_for_series(metrics_of(&cluster, i), r#"gantry_jobs_enqueued_total{queue="replicated"}"#, 1.0).await;
         let is_leader = value(&s, r#"gantry_raft_is_leader{shard="0"}"#);
         assert_eq!(is_leader, if i == leader { 1.0 } else { 0.0 }, "node {}", i + 1);
         assert_eq!(value(&s, r#"gantry_raft_leader_id{shard="0"}"#), (leader + 1) as f64);
