@@ -195,9 +195,10 @@ pub async fn start_with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<R
         .add_service(worker_server(&node, &limits))
         .add_service(AdminServer::new(AdminService::new(node.clone())));
     // The peer port outlives the client port: a leader shutting down hands
-    // its shards over, and the successor's election needs this node's vote
-    // (the other voters still see this node's heartbeats and refuse it).
-    // Closed once Raft is down.
+    // its shards over and must hear from its successor to know the handover
+    // finished (else it waits out the handover timeout per shard and hands
+    // the other shards to a node it picks blindly). Closed once Raft is
+    // down.
     let (peer_stop_tx, peer_stop_rx) = watch::channel(false);
     let mut peer_task = tokio::spawn(serve(peer_router, peer_listener, peer_stop_rx));
     if let Some(listener) = metrics_listener {
@@ -279,8 +280,9 @@ pub async fn start_with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<R
     Ok(RunningServer { local_addr, peer_addr, metrics_addr, node, shutdown: shutdown_tx, task })
 }
 
-/// How long forwarded calls still in flight on the peer port may take to
-/// finish once this node's Raft is down (they fail fast by then).
+/// How long the peer port's accept loop waits for calls still in flight
+/// once this node's Raft is down (they fail fast by then); after it the
+/// loop is dropped, and connections still open end with the process.
 const PEER_CLOSE_GRACE: Duration = Duration::from_secs(1);
 
 /// A server builder, speaking TLS when `tls` is set.
@@ -335,13 +337,22 @@ where
 async fn report_health(node: Arc<Node>, reporter: tonic_health::server::HealthReporter) {
     reporter.set_service_status("", tonic_health::ServingStatus::Serving).await;
     let mut last = None;
+    let mut refusals_in_a_row = 0u32;
     loop {
         for shard in &node.shards {
             // Lifts the vote barrier of a node that lost acknowledged entries
             // once the leader has replicated them again.
             let _ = shard.raft.may_vote();
         }
-        let ready = crate::metrics::http::not_ready_reason(&node).is_none();
+        let refused = crate::metrics::http::not_ready_reason(&node).is_some();
+        refusals_in_a_row = if refused { refusals_in_a_row + 1 } else { 0 };
+        // Serving again at once; out of service only after two looks in a
+        // row, so one unlucky sample (a leader changing hands) does not
+        // drop the node from every client's balancer.
+        let ready = match last {
+            Some(true) => refusals_in_a_row < 2,
+            _ => !refused,
+        };
         if last != Some(ready) {
             let status =
                 if ready { tonic_health::ServingStatus::Serving } else { tonic_health::ServingStatus::NotServing };

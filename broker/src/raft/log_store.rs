@@ -429,7 +429,7 @@ fn run_flusher<C: RaftTypeConfig>(
             let marking = marker.as_ref().inspect(|marker| marker.start());
             let started = std::time::Instant::now();
             let synced = sync_group::<C>(&engine, group, take_committed());
-            if let Some(timings) = &timings {
+            if let (Some(timings), Ok(())) = (&timings, &synced) {
                 timings.log_synced(started.elapsed());
             }
             if let Err(e) = synced {

@@ -85,8 +85,8 @@ pub enum MembershipError {
 #[derive(Clone, Debug, Default)]
 pub struct MemberProgress {
     pub matched_index: Option<u64>,
-    /// How long ago the leader last heard from it (a heartbeat or an
-    /// append answered); None if it never has.
+    /// How long ago the leader sent the last heartbeat or append it
+    /// answered (openraft's heartbeat metrics); None if it never has.
     pub last_heard: Option<Duration>,
 }
 
@@ -124,9 +124,8 @@ pub struct ShardRaft {
     lost_at_open: Option<(u64, u64)>,
     /// A member not heard from for this long is taken to be down.
     election_timeout: Duration,
-    /// When a leader last reached this node (an append or a heartbeat it
-    /// did not refuse), or when the group was opened.
-    leader_heard_at: std::sync::Mutex<std::time::Instant>,
+    /// What readiness judges leader contact from; see `LeaderContact`.
+    contact: std::sync::Mutex<LeaderContact>,
     timings: Arc<timings::Timings>,
 }
 
@@ -192,7 +191,7 @@ impl ShardRaft {
             vote_barrier: Default::default(),
             lost_at_open,
             election_timeout: settings.election_timeout,
-            leader_heard_at: std::sync::Mutex::new(std::time::Instant::now()),
+            contact: std::sync::Mutex::new(LeaderContact::new()),
             timings,
         };
         if recovered < acknowledged {
@@ -441,36 +440,63 @@ impl ShardRaft {
     /// Called by the peer service for every append a leader sent this node
     /// and it did not refuse (heartbeats are appends too).
     pub fn heard_from_leader(&self) {
-        *self.leader_heard_at.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = std::time::Instant::now();
+        self.contact.lock().unwrap_or_else(std::sync::PoisonError::into_inner).heard = std::time::Instant::now();
+    }
+
+    /// How long readiness lets the leader (or a quorum) stay silent: twice
+    /// the election timeout, above openraft's own lease (1.25 times), so a
+    /// slow sync or two does not take every node out of service at once.
+    fn silence_allowed(&self) -> Duration {
+        self.election_timeout * 2
+    }
+
+    /// The term and leader now, with the contact times reset when they
+    /// changed since the last look (a new leader, or this node newly
+    /// leading, gets a full allowance before it is judged).
+    fn observe_contact(&self) -> (openraft::ServerState, Option<u64>, LeaderContact) {
+        let metrics = self.raft.metrics();
+        let (state, term, leader) = {
+            let m = metrics.borrow_watched();
+            (m.state, m.current_term, m.current_leader)
+        };
+        let mut contact = self.contact.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if (contact.term, contact.leader) != (term, leader) {
+            *contact = LeaderContact { term, leader, ..LeaderContact::new() };
+        }
+        (state, leader, *contact)
     }
 
     /// On a node following a leader: how long that leader has not reached
-    /// it, once that is longer than an election timeout. openraft keeps
+    /// it, once that is longer than `silence_allowed`. openraft keeps
     /// naming the last leader meanwhile (a restarted node names the one it
     /// voted for; with pre-vote a node cut off never moves to a new term),
     /// but this node can forward nothing to it.
     pub fn leader_silent_for(&self) -> Option<(u64, Duration)> {
-        let (leader, _) = self.leader()?;
-        if leader == *self.raft.node_id() {
-            return None;
-        }
-        let silent = self.leader_heard_at.lock().unwrap_or_else(std::sync::PoisonError::into_inner).elapsed();
-        (silent > self.election_timeout).then_some((leader, silent))
+        let (_, leader, contact) = self.observe_contact();
+        let leader = leader.filter(|l| l != self.raft.node_id())?;
+        let silent = contact.heard.elapsed();
+        (silent > self.silence_allowed()).then_some((leader, silent))
     }
 
     /// On the leader of a group with other voters: how long no quorum has
-    /// answered it, once that is longer than an election timeout. Such a
-    /// leader (cut off from most voters, or most of them down) keeps its
-    /// role but can commit nothing, so it must not look ready.
+    /// answered it, once that is longer than `silence_allowed`. Such a
+    /// leader (cut off from most voters, most of them down, or restored as
+    /// leader at a restart while the others are down) keeps its role but
+    /// can commit nothing, so it must not look ready.
     pub fn quorum_silent_for(&self) -> Option<Duration> {
+        let (state, _, contact) = self.observe_contact();
         let metrics = self.raft.metrics();
         let m = metrics.borrow_watched();
-        if m.state != ServerState::Leader || m.membership_config.membership().voter_ids().count() < 2 {
+        if state != ServerState::Leader || m.membership_config.membership().voter_ids().count() < 2 {
             return None;
         }
-        let acked = m.last_quorum_acked.as_ref()?;
-        let silent = openraft::Instant::elapsed(&**acked);
-        (silent > self.election_timeout).then_some(silent)
+        // Never acknowledged by a quorum in this term: silent since this
+        // node was first seen leading.
+        let silent = match m.last_quorum_acked.as_ref() {
+            Some(acked) => openraft::Instant::elapsed(&**acked),
+            None => contact.since.elapsed(),
+        };
+        (silent > self.silence_allowed()).then_some(silent)
     }
 
     /// Waits (bounded) until this node leads the shard.
@@ -584,6 +610,23 @@ impl ShardRaft {
         if let Err(e) = self.raft.shutdown().await {
             tracing::warn!(shard = %self.shard, error = %e, "raft shutdown");
         }
+    }
+}
+
+/// Readiness's memory of one shard's leadership: the term and leader last
+/// seen, since when, and when a leader last reached this node.
+#[derive(Clone, Copy, Debug)]
+struct LeaderContact {
+    term: u64,
+    leader: Option<u64>,
+    since: std::time::Instant,
+    heard: std::time::Instant,
+}
+
+impl LeaderContact {
+    fn new() -> Self {
+        let now = std::time::Instant::now();
+        LeaderContact { term: 0, leader: None, since: now, heard: now }
     }
 }
 

@@ -64,19 +64,25 @@ async fn every_node_serves_every_rpc_and_names_the_leader() {
     let heard = |status: &proto::ClusterStatusResponse, node: usize| {
         status.nodes.iter().find(|n| n.node_id == node as u64 + 1).and_then(|n| n.last_heard_ms)
     };
+    // (A leader change on a busy machine would make both moot: then the
+    // check is skipped rather than failed.)
+    let led_by = |status: &proto::ClusterStatusResponse| status.shards[0].leader_id == leader as u64 + 1;
     let first = cluster_status(cluster.addrs[leader]).await.expect("cluster status");
-    assert_eq!(heard(&first, leader), None, "not of itself: {first:?}");
-    assert!(heard(&first, follower).is_some(), "{first:?}");
+    if led_by(&first) {
+        assert_eq!(heard(&first, leader), None, "not of itself: {first:?}");
+        assert!(heard(&first, follower).is_some(), "{first:?}");
+    }
     let election_ms = CLUSTER_ELECTION_TIMEOUT.as_millis() as u64;
     eventually("the followers heard from within an election timeout", CLUSTER_WAIT, || async {
         let status = cluster_status(cluster.addrs[leader]).await?;
-        (0..3).filter(|i| *i != leader).all(|i| heard(&status, i).is_some_and(|ms| ms < election_ms)).then_some(())
+        let recent = (0..3).filter(|i| *i != leader).all(|i| heard(&status, i).is_some_and(|ms| ms < election_ms));
+        (recent || !led_by(&status)).then_some(())
     })
     .await;
     cluster.stop(follower).await;
     eventually("the stopped follower not heard from for an election timeout", CLUSTER_WAIT, || async {
         let status = cluster_status(cluster.addrs[leader]).await?;
-        heard(&status, follower).is_some_and(|ms| ms > election_ms).then_some(())
+        (heard(&status, follower).is_some_and(|ms| ms > election_ms) || !led_by(&status)).then_some(())
     })
     .await;
     cluster.shutdown().await;
@@ -261,7 +267,18 @@ async fn a_node_whose_log_tail_was_lost_does_not_vote_until_caught_up() {
 /// handover that did not happen.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leader_shutting_down_hands_leadership_over_first() {
-    let mut cluster = TestCluster::start_with(3, |c| {
+    hands_over_at_shutdown(3).await;
+}
+
+/// With two voters the one left can never win an election alone: only the
+/// departing leader's handover makes it leader.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_of_two_shutting_down_hands_leadership_over_first() {
+    hands_over_at_shutdown(2).await;
+}
+
+async fn hands_over_at_shutdown(size: usize) {
+    let mut cluster = TestCluster::start_with(size, |c| {
         c.election_timeout = Duration::from_secs(30);
         c.session_ttl = Duration::from_secs(60);
     })
@@ -271,9 +288,12 @@ async fn a_leader_shutting_down_hands_leadership_over_first() {
     let job_id = gantry_tests::enqueue(&mut jobs, "q", b"before the restart").await;
     cluster.stop(leader).await;
     let leading: Vec<usize> =
-        (0..3).filter(|i| *i != leader && cluster.server(*i).node().shards[0].raft.is_leader()).collect();
+        (0..size).filter(|i| *i != leader && cluster.server(*i).node().shards[0].raft.is_leader()).collect();
     assert_eq!(leading.len(), 1, "no node led when the old leader's shutdown returned");
-    assert_eq!(get_job(&mut cluster.jobs(leading[0]), &job_id).await.payload, b"before the restart");
+    if size > 2 {
+        // (Of two, the one left has no quorum to read with.)
+        assert_eq!(get_job(&mut cluster.jobs(leading[0]), &job_id).await.payload, b"before the restart");
+    }
     cluster.restart(leader).await;
     cluster.shutdown().await;
 }
