@@ -3,10 +3,10 @@
 //! - `GET /metrics`: Prometheus text format;
 //! - `GET /healthz`: 200 while the process runs (liveness);
 //! - `GET /readyz`: 200 when this node knows a leader for every shard (it
-//!   can answer or forward) that reached it within an election timeout
-//!   and, for the shards it leads, a quorum answered within one; 503 with a
-//!   one-line reason otherwise: the same rule as the gRPC health of the
-//!   public services.
+//!   can answer or forward) that reached it within twice the election
+//!   timeout and, for the shards it leads, a quorum answered within that;
+//!   503 with a one-line reason otherwise: the rule of the gRPC health of
+//!   the public services (which goes NOT_SERVING after two looks in a row).
 //!
 //! Never TLS: it serves no job data, and kubelet's HTTP probes use it when
 //! the gRPC ports speak TLS. Bind it to a private address.
