@@ -450,20 +450,15 @@ impl ShardRaft {
         self.election_timeout * 2
     }
 
-    /// The term and leader now, with the contact times reset when they
-    /// changed since the last look (a new leader, or this node newly
+    /// The contact times for the term and leader `m` shows, reset when
+    /// they changed since the last look (a new leader, or this node newly
     /// leading, gets a full allowance before it is judged).
-    fn observe_contact(&self) -> (openraft::ServerState, Option<u64>, LeaderContact) {
-        let metrics = self.raft.metrics();
-        let (state, term, leader) = {
-            let m = metrics.borrow_watched();
-            (m.state, m.current_term, m.current_leader)
-        };
+    fn observe_contact(&self, m: &openraft::RaftMetrics<types::TypeConfig>) -> LeaderContact {
         let mut contact = self.contact.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if (contact.term, contact.leader) != (term, leader) {
-            *contact = LeaderContact { term, leader, ..LeaderContact::new() };
+        if (contact.term, contact.leader) != (m.current_term, m.current_leader) {
+            *contact = LeaderContact { term: m.current_term, leader: m.current_leader, ..LeaderContact::new() };
         }
-        (state, leader, *contact)
+        *contact
     }
 
     /// On a node following a leader: how long that leader has not reached
@@ -472,8 +467,10 @@ impl ShardRaft {
     /// voted for; with pre-vote a node cut off never moves to a new term),
     /// but this node can forward nothing to it.
     pub fn leader_silent_for(&self) -> Option<(u64, Duration)> {
-        let (_, leader, contact) = self.observe_contact();
-        let leader = leader.filter(|l| l != self.raft.node_id())?;
+        let metrics = self.raft.metrics();
+        let m = metrics.borrow_watched();
+        let contact = self.observe_contact(&m);
+        let leader = m.current_leader.filter(|l| l != self.raft.node_id())?;
         let silent = contact.heard.elapsed();
         (silent > self.silence_allowed()).then_some((leader, silent))
     }
@@ -484,10 +481,10 @@ impl ShardRaft {
     /// leader at a restart while the others are down) keeps its role but
     /// can commit nothing, so it must not look ready.
     pub fn quorum_silent_for(&self) -> Option<Duration> {
-        let (state, _, contact) = self.observe_contact();
         let metrics = self.raft.metrics();
         let m = metrics.borrow_watched();
-        if state != ServerState::Leader || m.membership_config.membership().voter_ids().count() < 2 {
+        let contact = self.observe_contact(&m);
+        if m.state != ServerState::Leader || m.membership_config.membership().voter_ids().count() < 2 {
             return None;
         }
         // Never acknowledged by a quorum in this term: silent since this
