@@ -307,11 +307,11 @@ impl Admin for AdminService {
         linearizable(self.node.shard_for_queue(&request.queue)).await?;
         let shard = self.node.shard_for_queue(&request.queue);
         let now = self.node.clock.now_ms();
-        let applied = shard.raft.state().read();
+        // The walk may pass every job of the shard to find one queue's: it
+        // runs on a copy (O(1), persistent map), so apply never waits for it.
+        let jobs = shard.raft.state().read().queue.jobs().clone();
         let start = after.map_or(std::ops::Bound::Unbounded, std::ops::Bound::Excluded);
-        let mut matching = applied
-            .queue
-            .jobs()
+        let mut matching = jobs
             .range((start, std::ops::Bound::Unbounded))
             .map(|(_, job)| job)
             .filter(|job| job.queue == request.queue && state.is_none_or(|s| job.state_at(now) == s));

@@ -76,7 +76,7 @@ pub fn attempt_to_proto(r: &AttemptRecord) -> proto::AttemptRecord {
     proto::AttemptRecord {
         attempt: r.attempt,
         worker_id: r.worker_id.clone(),
-        session_id: r.session_id.0.clone(),
+        session_id: r.session_id.to_string(),
         fencing_token: r.token.0,
         started_at: Some(timestamp(r.started_ms)),
         finished_at: r.finished_ms.map(timestamp),
@@ -117,7 +117,7 @@ pub fn job_ref_to_proto(job: &Job, state: JobState, include_payload: bool) -> pr
         lease_timeout: Some(duration(job.lease_timeout_ms)),
         idempotency_key: job.idempotency_key.clone().unwrap_or_default(),
         lease_deadline: lease.map(|l| timestamp(l.deadline_ms)),
-        session_id: lease.map(|l| l.session_id.0.clone()).unwrap_or_default(),
+        session_id: lease.map(|l| l.session_id.to_string()).unwrap_or_default(),
         progress: job.progress.clone(),
     }
 }
@@ -289,7 +289,7 @@ mod tests {
         for (r, want) in p.history.iter().zip(&job.history) {
             assert_eq!(r.attempt, want.attempt);
             assert_eq!(r.worker_id, want.worker_id);
-            assert_eq!(r.session_id, want.session_id.0);
+            assert_eq!(r.session_id, *want.session_id.0);
             assert_eq!(r.fencing_token, want.token.0);
             assert_eq!(ms(&r.started_at), Some(want.started_ms));
             assert_eq!(ms(&r.finished_at), want.finished_ms);

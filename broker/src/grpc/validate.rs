@@ -217,7 +217,7 @@ pub fn session_id(field: &str, id: &str) -> Result<Option<SessionId>> {
         return Ok(None);
     }
     check_len(field, id.len(), MAX_SESSION_ID_BYTES)?;
-    Ok(Some(SessionId(id.to_owned())))
+    Ok(Some(SessionId(id.into())))
 }
 
 /// A required session id, e.g. `ExpireSessionRequest.session_id`.

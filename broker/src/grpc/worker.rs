@@ -88,7 +88,7 @@ impl Worker for WorkerService {
                 let _ = tokio::time::timeout(ttl, shard.registry.reconnecting(old)).await;
             }
         }
-        let fresh = SessionId(format!("{}-{:016x}", self.node.node_id, rand::random::<u64>()));
+        let fresh = SessionId(format!("{}-{:016x}", self.node.node_id, rand::random::<u64>()).into());
         let opened = self.open_sessions(&hello, &shards, &fresh).await?;
         let session_id = opened.session_id;
         let resumed = opened.resumed;

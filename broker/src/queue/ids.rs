@@ -46,9 +46,11 @@ impl FromStr for JobId {
     }
 }
 
-/// A worker session, named by the leader that opened it.
+/// A worker session, named by the leader that opened it. Shared, not
+/// copied: every lease, attempt record and event of the session holds it.
+/// Encoded as the string it is (snapshots and log entries unchanged).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub struct SessionId(pub String);
+pub struct SessionId(pub std::sync::Arc<str>);
 
 impl fmt::Display for SessionId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

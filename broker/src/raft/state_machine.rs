@@ -196,7 +196,7 @@ impl RaftSnapshotBuilder<C> for StateMachineStore {
         let snapshots = self.snapshots.clone();
         // Encoding a large state and fsyncing it must not stall async threads.
         tokio::task::spawn_blocking(move || {
-            // Apply waits only for the copy: jobs are shared, not copied, and
+            // Apply waits only for the copy, O(1) with the persistent maps;
             // the encoding (seconds for millions of jobs) runs on the copy.
             let started = std::time::Instant::now();
             let (meta, queue) = {

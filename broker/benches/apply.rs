@@ -1,0 +1,93 @@
+//! What applying a committed entry costs the state machine, and what a
+//! snapshot's copy of the state costs (apply waits for that copy), with a
+//! state that already holds many retained jobs: every node pays both.
+//!
+//!   cargo bench -p gantry-broker --bench apply
+
+use std::hint::black_box;
+
+use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
+use gantry_broker::queue::{Applied, Batch, Command, NewJob, QueueConfigUpdate, QueueState, SessionId, ShardId};
+
+// The allocator `gantry serve` runs with: the maps' costs are mostly
+// allocations.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// Finished jobs kept for the retention period: what a busy shard carries.
+const RETAINED: usize = 300_000;
+const BATCH: usize = 100;
+
+struct Shard {
+    state: QueueState,
+    index: u64,
+    now_ms: u64,
+}
+
+impl Shard {
+    fn apply(&mut self, commands: Vec<Command>) -> Vec<Applied> {
+        self.index += 1;
+        self.now_ms += 1;
+        let batch = Batch { proposed_at_ms: self.now_ms, commands: commands.into() };
+        self.state.apply(self.index, &batch).results
+    }
+
+    /// Enqueue `BATCH` jobs, hand them to `session`, complete them: one
+    /// job's whole life, in three entries as the leader would commit them.
+    fn cycle(&mut self, queue: &str, session: &SessionId) {
+        let enqueues = (0..BATCH).map(|_| Command::Enqueue(NewJob::new(queue, vec![7u8; 256]))).collect();
+        self.apply(enqueues);
+        self.apply(vec![Command::Dispatch { sessions: vec![session.clone()] }]);
+        let held: Vec<_> = self
+            .state
+            .sessions()
+            .get(session)
+            .expect("session open")
+            .held
+            .iter()
+            .map(|&job_id| {
+                let token = self.state.job(job_id).and_then(|j| j.lease()).expect("held job is leased").token;
+                Command::Complete { job_id, token, result: Vec::new() }
+            })
+            .collect();
+        self.apply(held);
+    }
+}
+
+fn shard_with_retained_jobs() -> (Shard, SessionId) {
+    let mut shard = Shard { state: QueueState::new(ShardId(0)), index: 0, now_ms: 1_000_000 };
+    let session = SessionId("bench-session".into());
+    shard.apply(vec![Command::OpenSession {
+        session_id: session.clone(),
+        worker_id: "bench-worker".into(),
+        queues: vec!["retained".into(), "hot".into()],
+        max_in_flight: BATCH as u32,
+    }]);
+    // The hot queue forgets its finished jobs at once, so the state stays
+    // at RETAINED jobs however long the benchmark runs.
+    shard.apply(vec![Command::SetQueueConfig {
+        queue: "hot".into(),
+        update: QueueConfigUpdate { retention_ms: Some(0), ..Default::default() },
+    }]);
+    for _ in 0..RETAINED / BATCH {
+        shard.cycle("retained", &session);
+    }
+    (shard, session)
+}
+
+fn benches(c: &mut Criterion) {
+    let (mut shard, session) = shard_with_retained_jobs();
+    c.bench_function("apply: enqueue, dispatch, complete 100 jobs (300k retained)", |b| {
+        b.iter(|| shard.cycle("hot", &session));
+    });
+    c.bench_function("snapshot copy of a state of 300k jobs", |b| {
+        b.iter_batched(|| (), |()| black_box(shard.state.clone()), BatchSize::SmallInput);
+    });
+}
+
+criterion_group! {
+    name = apply;
+    config = Criterion::default().sample_size(20);
+    targets = benches
+}
+criterion_main!(apply);
