@@ -183,7 +183,9 @@ impl Session {
                 Some(done) = self.handlers.join_next(), if !self.handlers.is_empty() => Event::HandlerDone(done),
                 Some(cmd) = self.commands.recv() => Event::Command(cmd),
                 ev = next_link_event(&mut self.link) => ev,
-                () = tokio::time::sleep_until(stop_timer.unwrap_or_else(Instant::now)), if stop_timer.is_some() => Event::StopTick,
+                // select! builds every branch's future on every turn, even a
+                // disabled one: no clock read or timer unless stopping.
+                () = sleep_until_some(stop_timer), if stop_timer.is_some() => Event::StopTick,
             };
             self.handle(event)?;
         }
@@ -868,5 +870,12 @@ impl RecentKeys {
 
     fn contains(&self, key: &JobKey) -> bool {
         self.set.contains(key)
+    }
+}
+
+async fn sleep_until_some(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
     }
 }
