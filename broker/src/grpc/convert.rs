@@ -11,7 +11,7 @@
 
 use gantry_proto::v1 as proto;
 
-use crate::queue::{AttemptRecord, Job, JobState, JobView, Outcome, QueueConfig, ShardId, state::Queue};
+use crate::queue::{AttemptRecord, JobState, JobView, Outcome, QueueConfig, ShardId, state::Queue};
 
 pub fn job_state_to_proto(state: JobState) -> proto::JobState {
     match state {
@@ -89,11 +89,7 @@ pub fn attempt_to_proto(r: &AttemptRecord) -> proto::AttemptRecord {
 /// and `result` empty: listings (`ListJobs`) may hold a thousand jobs of up
 /// to a MiB each, and a caller who wants the bodies asks `GetJob`.
 pub fn job_to_proto(view: &JobView, include_payload: bool) -> proto::Job {
-    job_ref_to_proto(&view.job, view.state, include_payload)
-}
-
-/// [`job_to_proto`] of a job read in place (no `JobView` copy of it first).
-pub fn job_ref_to_proto(job: &Job, state: JobState, include_payload: bool) -> proto::Job {
+    let (job, state) = (&*view.job, view.state);
     // Lease fields only while the job is leased: after that they would name
     // a holder that no longer holds it.
     let lease = job.lease();

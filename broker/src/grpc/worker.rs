@@ -274,15 +274,15 @@ impl Connection {
             let kind = match outbound {
                 Outbound::Assign(a) => {
                     let now = self.node.clock.now_ms();
-                    let applied = shard.raft.state().read();
-                    // Converted in place: a `view` would copy the whole job first.
-                    let Some(job) = applied.queue.job(a.job_id) else { continue };
+                    // The job is shared, not copied: converted after the lock
+                    // is released, so apply never waits for the conversion.
+                    let Some(view) = shard.raft.state().read().queue.view(a.job_id, now) else { continue };
                     // Lost or finished since it was assigned: nothing to run.
-                    if job.lease().is_none_or(|l| l.token != a.token) {
+                    if view.job.lease().is_none_or(|l| l.token != a.token) {
                         continue;
                     }
                     Out::Assign(proto::Assign {
-                        job: Some(convert::job_ref_to_proto(job, job.state_at(now), true)),
+                        job: Some(convert::job_to_proto(&view, true)),
                         fencing_token: a.token.0,
                         attempt: a.attempt,
                         lease_deadline: Some(convert::timestamp(a.lease_deadline_ms)),
