@@ -309,9 +309,9 @@ impl Admin for AdminService {
         let now = self.node.clock.now_ms();
         // The walk may pass every job of the shard to find one queue's: it
         // runs on a copy (O(1), persistent map), so apply never waits for it.
-        let jobs = shard.raft.state().read().queue.jobs().clone();
+        let all_jobs = shard.raft.state().read().queue.jobs().clone();
         let start = after.map_or(std::ops::Bound::Unbounded, std::ops::Bound::Excluded);
-        let mut matching = jobs
+        let mut matching = all_jobs
             .range((start, std::ops::Bound::Unbounded))
             .map(|(_, job)| job)
             .filter(|job| job.queue == request.queue && state.is_none_or(|s| job.state_at(now) == s));

@@ -572,6 +572,20 @@ fn snapshot_rejects_foreign_bytes() {
     assert!(decode_snapshot_v1(&bytes).is_err());
 }
 
+/// A damaged snapshot that claims a huge job map fails to decode: it must
+/// not make the node reserve memory for the entries it claims (imbl's own
+/// reader did, and the process aborted).
+#[test]
+fn a_snapshot_claiming_a_huge_job_map_is_refused() {
+    let mut bytes = encode_snapshot_v1(&QueueState::new(SHARD));
+    // Magic, then shard 0, now 0, next_seq 1, last_token 0, and the job
+    // map's length: 0.
+    assert_eq!(&bytes[8..13], &[0, 0, 1, 0, 0]);
+    // 2^40 entries, as a postcard varint.
+    bytes.splice(12..13, [0x80, 0x80, 0x80, 0x80, 0x80, 0x20]);
+    assert!(decode_snapshot_v1(&bytes).is_err());
+}
+
 /// The bytes of a snapshot of a known history, as the build before the
 /// persistent maps wrote them: a node must read the snapshots its previous
 /// version left on disk (and send followers the same format).

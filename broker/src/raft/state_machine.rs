@@ -196,7 +196,8 @@ impl RaftSnapshotBuilder<C> for StateMachineStore {
         let snapshots = self.snapshots.clone();
         // Encoding a large state and fsyncing it must not stall async threads.
         tokio::task::spawn_blocking(move || {
-            // Apply waits only for the copy, O(1) with the persistent maps;
+            // Apply waits only for the copy, independent of the number of
+            // jobs with the persistent maps;
             // the encoding (seconds for millions of jobs) runs on the copy.
             let started = std::time::Instant::now();
             let (meta, queue) = {
