@@ -260,7 +260,7 @@ fn job_mut(jobs: &mut Jobs, id: JobId) -> Option<&mut Job> {
 
 /// Ends `job`'s current lease: its status, the deadline index, the
 /// holder's held set and its queue's active count. Over the fields it needs,
-/// so a caller holding the job keeps it (one lookup per command).
+/// so a caller already holding the job needs no second lookup.
 fn end_lease_of(
     job: &mut Job,
     queue: &mut Queue,
