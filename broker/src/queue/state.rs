@@ -258,6 +258,19 @@ fn job_mut(jobs: &mut Jobs, id: JobId) -> Option<&mut Job> {
     jobs.get_mut(&id).map(Arc::make_mut)
 }
 
+/// Whether `token` holds `job`'s current lease. `Ok(None)` means a repeat
+/// of a result already recorded for that token with an outcome in
+/// `repeat_of`.
+fn lease_check(job: &Job, token: FencingToken, repeat_of: &[Outcome]) -> Result<Option<()>, Rejection> {
+    match job.lease() {
+        Some(lease) if lease.token == token => Ok(Some(())),
+        _ => match job.attempt_with_token(token) {
+            Some(record) if repeat_of.contains(&record.outcome) => Ok(None),
+            _ => Err(Rejection::StaleLease { job_id: job.id, token }),
+        },
+    }
+}
+
 /// Ends `job`'s current lease: its status, the deadline index, the
 /// holder's held set and its queue's active count. Over the fields it needs,
 /// so a caller already holding the job needs no second lookup.
@@ -706,13 +719,7 @@ impl QueueState {
     /// repeat of a result already recorded for that token with `outcome`.
     fn check_lease(&self, job_id: JobId, token: FencingToken, repeat_of: &[Outcome]) -> Result<Option<()>, Rejection> {
         let job = self.jobs.get(&job_id).ok_or(Rejection::JobNotFound(job_id))?;
-        match job.lease() {
-            Some(lease) if lease.token == token => Ok(Some(())),
-            _ => match job.attempt_with_token(token) {
-                Some(record) if repeat_of.contains(&record.outcome) => Ok(None),
-                _ => Err(Rejection::StaleLease { job_id, token }),
-            },
-        }
+        lease_check(job, token, repeat_of)
     }
 
     /// Ends the current lease of `job_id`: index, session and counters.
@@ -750,16 +757,19 @@ impl QueueState {
         events: &mut Vec<Event>,
         tally: &mut Tally,
     ) -> Applied {
-        match self.check_lease(job_id, token, &[Outcome::Succeeded]) {
+        // The hottest command: one lookup of the job for the check and
+        // every change (each lookup of the persistent map costs more than a
+        // BTreeMap's). The job itself is copied only once the check passed.
+        let Some(shared) = self.jobs.get_mut(&job_id) else {
+            return Applied::Rejected(Rejection::JobNotFound(job_id));
+        };
+        match lease_check(shared, token, &[Outcome::Succeeded]) {
             Ok(Some(())) => {}
             Ok(None) => return Applied::Accepted { lease_deadline_ms: None },
             Err(rejection) => return Applied::Rejected(rejection),
         }
-        // The hottest command: two lookups of the job (the check, then one
-        // for every change) where there were five; each lookup of the
-        // persistent map costs more than a BTreeMap's.
         let now = self.now_ms;
-        let job = job_mut(&mut self.jobs, job_id).expect("checked");
+        let job = Arc::make_mut(shared);
         let queue = self.queues.get_mut(&job.queue).expect("queue of a job");
         let lease = end_lease_of(job, queue, &mut self.lease_deadlines, &mut self.sessions);
         job.close_attempt(lease.token, now, Outcome::Succeeded, "");
