@@ -5,7 +5,7 @@
 use std::{collections::BTreeMap, future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use gantry_proto::{
-    peer::peer_service_server::PeerServiceServer,
+    peer::{peer_service_server::PeerServiceServer, shard_service_server::ShardServiceServer},
     v1::{admin_server::AdminServer, jobs_server::JobsServer, worker_server::WorkerServer},
 };
 use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
@@ -15,7 +15,7 @@ use crate::{
     clock::{Clock, SystemClock},
     cluster,
     config::Config,
-    dispatch::{DispatchSettings, Node, ShardNode},
+    dispatch::{DispatchSettings, Node, ShardNode, route::ShardCommands},
     error::BrokerError,
     grpc::{
         admin::AdminService, auth::AuthLayer, forward::ForwardLayer, jobs::JobsService, validate::Limits,
@@ -148,7 +148,15 @@ pub async fn start_with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<R
         }
         let raft = Arc::new(raft);
         raft.spawn_snapshot_policy(raft_settings.snapshot_every_commands, Duration::from_millis(500));
-        shards.push(ShardNode::start(raft, events_rx, clock.clone(), settings.clone(), shutdown_rx.clone()));
+        shards.push(ShardNode::start(
+            config.node_id,
+            raft,
+            events_rx,
+            clock.clone(),
+            settings.clone(),
+            channels.clone(),
+            shutdown_rx.clone(),
+        ));
     }
     let node = Arc::new(Node {
         node_id: config.node_id,
@@ -191,6 +199,11 @@ pub async fn start_with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<R
                 .max_decoding_message_size(PEER_MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(PEER_MAX_MESSAGE_BYTES),
         )
+        .add_service(
+            ShardServiceServer::new(ShardCommands::new(config.node_id, node.shards.clone()))
+                .max_decoding_message_size(PEER_MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(PEER_MAX_MESSAGE_BYTES),
+        )
         .add_service(jobs_server(&node, &limits))
         .add_service(worker_server(&node, &limits))
         .add_service(AdminServer::new(AdminService::new(node.clone())));
@@ -218,7 +231,7 @@ pub async fn start_with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<R
     if !config.join.is_empty() {
         tokio::spawn(cluster::join(node.clone(), config.join.clone(), shutdown_rx.clone()));
     }
-    if node.shards.len() > 1 {
+    if node.shards.len() > 1 && config.align_leaders {
         tokio::spawn(cluster::align_leaders(node.clone(), config.election_timeout, shutdown_rx.clone()));
     }
 

@@ -5,6 +5,7 @@
 mod dispatcher;
 pub mod proposer;
 pub mod registry;
+pub mod route;
 pub mod waiters;
 
 use std::{
@@ -39,12 +40,16 @@ impl DispatchSettings {
 
 /// Everything this node runs for one shard.
 pub struct ShardNode {
+    /// This node.
+    pub node_id: u64,
     pub raft: Arc<ShardRaft>,
     pub proposer: Proposer,
     pub registry: Registry,
     pub waiters: Waiters,
     pub clock: Arc<dyn Clock>,
     pub settings: DispatchSettings,
+    /// Where commands go when another node leads the shard (`route.rs`).
+    peers: PeerChannels,
     wake: Arc<Notify>,
 }
 
@@ -52,10 +57,12 @@ impl ShardNode {
     /// Starts the proposer and the dispatch loop; `events` is the state
     /// machine's event stream of this shard.
     pub fn start(
+        node_id: u64,
         raft: Arc<ShardRaft>,
         events: mpsc::UnboundedReceiver<Vec<Event>>,
         clock: Arc<dyn Clock>,
         settings: DispatchSettings,
+        peers: PeerChannels,
         shutdown: watch::Receiver<bool>,
     ) -> Arc<Self> {
         let wake = Arc::new(Notify::new());
@@ -63,12 +70,14 @@ impl ShardNode {
             let me = me.clone();
             let rider: proposer::Rider = Box::new(move |commands| me.upgrade()?.dispatch_riding_along(commands));
             ShardNode {
+                node_id,
                 proposer: Proposer::spawn(raft.clone(), clock.clone(), Some(rider)),
                 raft,
                 registry: Registry::default(),
                 waiters: Waiters::default(),
                 clock,
                 settings,
+                peers,
                 wake: wake.clone(),
             }
         });

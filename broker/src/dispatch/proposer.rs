@@ -38,7 +38,15 @@ const SLOW_COMMIT: std::time::Duration = std::time::Duration::from_millis(50);
 
 struct Pending {
     commands: Vec<Command>,
-    reply: oneshot::Sender<Result<Vec<Applied>, ProposeError>>,
+    reply: oneshot::Sender<Result<Committed, ProposeError>>,
+}
+
+/// Commands committed together: the log index of their entry and each
+/// command's outcome, in order.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct Committed {
+    pub index: u64,
+    pub results: Vec<Applied>,
 }
 
 /// Given the commands of an entry about to be proposed, a command to append
@@ -66,6 +74,11 @@ impl Proposer {
 
     /// Commits the commands in one log entry, in order.
     pub async fn propose_all(&self, commands: Vec<Command>) -> Result<Vec<Applied>, ProposeError> {
+        Ok(self.commit(commands).await?.results)
+    }
+
+    /// Commits the commands in one log entry, in order, and says which.
+    pub async fn commit(&self, commands: Vec<Command>) -> Result<Committed, ProposeError> {
         let (reply, rx) = oneshot::channel();
         let stopped = || ProposeError::Stopped { shard: Default::default(), message: "proposer stopped".into() };
         self.tx.send(Pending { commands, reply }).map_err(|_| stopped())?;
@@ -152,11 +165,11 @@ async fn run(
                 tracing::warn!(shard = %raft.shard(), commands = count, ?elapsed, "slow commit");
             }
             match outcome {
-                Ok(results) => {
+                Ok((index, results)) => {
                     assert_eq!(results.len(), count, "one outcome per command");
                     let mut results = results.into_iter().take(answered);
                     for (reply, size) in replies.into_iter().zip(sizes) {
-                        let _ = reply.send(Ok(results.by_ref().take(size).collect()));
+                        let _ = reply.send(Ok(Committed { index, results: results.by_ref().take(size).collect() }));
                     }
                 }
                 Err(e) => {

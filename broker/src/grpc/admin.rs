@@ -13,6 +13,7 @@ use super::{
 use crate::{
     dispatch::{Node, ShardNode},
     queue::{Applied, Command, ExpiryReason, JobId},
+    raft::ProposeError,
 };
 
 /// Index entries one purge part examines: a part's apply stays short (a few
@@ -110,8 +111,18 @@ impl AdminService {
     /// Proposes a queue-level command and answers the queue as it is after it.
     async fn update_queue(&self, queue: String, command: Command) -> Result<Response<proto::QueueInfo>, Status> {
         let shard = self.node.shard_for_queue(&queue);
-        match shard.proposer.propose(command).await.map_err(status::propose_error)? {
-            Applied::QueueUpdated => self.queue_info(&queue).map(Response::new),
+        let mut committed = shard.commit(vec![command]).await.map_err(status::propose_error)?;
+        match committed.results.pop().expect("one result per command") {
+            Applied::QueueUpdated => {
+                // Read here after the change, wherever the leader is.
+                if !shard.applied_through(committed.index).await {
+                    return Err(status::propose_error(ProposeError::Lagging {
+                        shard: shard.raft.shard(),
+                        index: committed.index,
+                    }));
+                }
+                self.queue_info(&queue).map(|info| status::hint_leader(shard, Response::new(info)))
+            }
             Applied::Rejected(rejection) => Err(status::rejection(rejection)),
             other => Err(status::unexpected("queue update", &other)),
         }
@@ -261,8 +272,9 @@ impl Admin for AdminService {
     async fn get_queue(&self, request: Request<proto::GetQueueRequest>) -> Result<Response<proto::QueueInfo>, Status> {
         let queue = &request.get_ref().queue;
         validate::queue_name("queue", queue)?;
-        linearizable(self.node.shard_for_queue(queue)).await?;
-        self.queue_info(queue).map(Response::new)
+        let shard = self.node.shard_for_queue(queue);
+        linearizable(shard).await?;
+        self.queue_info(queue).map(|info| status::hint_leader(shard, Response::new(info)))
     }
 
     async fn set_queue_config(
@@ -304,8 +316,8 @@ impl Admin for AdminService {
         let state = validate::list_state(request.state)?;
         let limit = validate::list_limit(request.limit) as usize;
         let after = validate::decode_page_token("page_token", &request.page_token)?;
-        linearizable(self.node.shard_for_queue(&request.queue)).await?;
         let shard = self.node.shard_for_queue(&request.queue);
+        linearizable(shard).await?;
         let now = self.node.clock.now_ms();
         // The walk may pass every job of the shard to find one queue's: it
         // runs on a copy (O(1), persistent map), so apply never waits for it.
@@ -329,13 +341,15 @@ impl Admin for AdminService {
             }
             _ => String::new(),
         };
-        Ok(Response::new(proto::ListJobsResponse { jobs, next_page_token }))
+        Ok(status::hint_leader(shard, Response::new(proto::ListJobsResponse { jobs, next_page_token })))
     }
 
     async fn retry_job(&self, request: Request<proto::RetryJobRequest>) -> Result<Response<proto::Job>, Status> {
         let job_id = validate::job_id("job_id", &request.get_ref().job_id)?;
         let shard = shard_of(&self.node, job_id)?;
-        propose_for_job(shard, Command::RetryJob { job_id }, "retry").await.map(Response::new)
+        propose_for_job(shard, Command::RetryJob { job_id }, "retry")
+            .await
+            .map(|job| status::hint_leader(shard, Response::new(job)))
     }
 
     async fn purge_queue(
@@ -360,14 +374,14 @@ impl Admin for AdminService {
                 through,
                 limit: PURGE_PART_LIMIT,
             };
-            match shard.proposer.propose(part).await {
+            match shard.propose(part).await {
                 Ok(Applied::PurgedPart { count, below_seq: bound, through: end, next }) => {
                     purged += count;
                     below_seq = Some(bound);
                     through = end;
                     after = next;
                     if after.is_none() {
-                        return Ok(Response::new(proto::PurgeQueueResponse { purged }));
+                        return Ok(status::hint_leader(shard, Response::new(proto::PurgeQueueResponse { purged })));
                     }
                 }
                 Ok(Applied::Rejected(rejection)) => return Err(status::rejection(rejection)),
@@ -422,11 +436,13 @@ impl Admin for AdminService {
         let mut released = 0;
         let mut found = false;
         for shard in &self.node.shards {
+            // A session opened a moment ago on the leader must be seen here.
+            linearizable(shard).await?;
             if shard.raft.state().read().queue.session(&session_id).is_none() {
                 continue;
             }
             let command = Command::ExpireSession { session_id: session_id.clone(), reason: ExpiryReason::Admin };
-            match shard.proposer.propose(command).await.map_err(status::propose_error)? {
+            match shard.propose(command).await.map_err(status::propose_error)? {
                 Applied::SessionExpired { released: n } => {
                     found = true;
                     released += n;

@@ -1,12 +1,13 @@
-//! Any node serves every RPC: a tower layer in front of the public services
-//! that sends calls for a shard this node does not lead to the leader's
-//! peer port, untouched (unary calls and `Worker.Connect` streams alike),
-//! and says who the leader is in `gantry-leader` metadata.
+//! Worker streams, ListWorkers and membership changes need the leader's
+//! memory: a tower layer in front of the public services sends those calls
+//! to the leader's peer port, untouched, and says who the leader is in
+//! `gantry-leader` metadata. Every other call is served by the node it
+//! reaches (`dispatch/route.rs` takes a shard's commands to its leader).
 //!
 //! Every shard is led by shard 0's leader (`cluster::align_leaders`), so
-//! every public call goes to shard 0's leader: the route is decided from the
-//! path alone, without decoding the request. Right after a failover, before
-//! the shards are aligned again, that node answers UNAVAILABLE for a shard it
+//! these calls go to shard 0's leader: the route is decided from the path
+//! alone, without decoding the request. Right after a failover, before the
+//! shards are aligned again, that node answers UNAVAILABLE for a shard it
 //! does not lead yet.
 
 use std::{
@@ -20,7 +21,10 @@ use tonic::{Status, body::Body};
 use tower::{Layer, Service};
 
 use super::status::{LEADER_METADATA, OUTCOME_METADATA};
-use crate::{dispatch::Node, raft::PeerChannels};
+use crate::{
+    dispatch::Node,
+    raft::{PeerChannels, network::never_sent},
+};
 
 /// Set on a forwarded call, so a node that is not the leader either (a
 /// stale view during an election) answers UNAVAILABLE instead of forwarding
@@ -57,12 +61,20 @@ pub struct Forward<S> {
     channels: PeerChannels,
 }
 
-/// Whether a call needs the shard leader. Health, reflection, the peer
-/// service and ClusterStatus (which must answer even without a leader) are
-/// served by every node itself.
+/// Whether a call needs the leader's memory: worker streams (sessions live
+/// there), ListWorkers (which ones are connected, their heartbeats) and
+/// membership changes (only a leader changes a group's membership). Every
+/// other call is served by the node it reaches, which sends the commands of
+/// a shard it does not lead to that shard's leader (`dispatch/route.rs`).
 fn needs_leader(path: &str) -> bool {
-    let public = ["/gantry.v1.Jobs/", "/gantry.v1.Worker/", "/gantry.v1.Admin/"];
-    public.iter().any(|prefix| path.starts_with(prefix)) && path != "/gantry.v1.Admin/ClusterStatus"
+    matches!(
+        path,
+        "/gantry.v1.Worker/Connect"
+            | "/gantry.v1.Admin/ListWorkers"
+            | "/gantry.v1.Admin/AddNode"
+            | "/gantry.v1.Admin/RemoveNode"
+            | "/gantry.v1.Admin/TransferLeader"
+    )
 }
 
 fn status_response(status: Status, leader_client: Option<&str>) -> Response<Body> {
@@ -134,7 +146,7 @@ where
             };
             if let Err(e) = &sent
                 && !replay_safe
-                && !never_reached_the_leader(e)
+                && !never_sent(e)
             {
                 // UNAVAILABLE would tell clients to send it again, which
                 // for an enqueue without an idempotency key makes a second
@@ -169,22 +181,10 @@ where
     }
 }
 
-/// Whether a forwarding error happened before the request left this node
-/// (no connection to the leader could be made).
-fn never_reached_the_leader(error: &(dyn std::error::Error + 'static)) -> bool {
-    let mut source = Some(error);
-    while let Some(e) = source {
-        if e.is::<tonic::ConnectError>() {
-            return true;
-        }
-        source = e.source();
-    }
-    false
-}
-
 #[cfg(test)]
 mod tests {
-    use super::{needs_leader, never_reached_the_leader};
+    use super::needs_leader;
+    use crate::raft::network::never_sent;
 
     #[tokio::test]
     async fn a_refused_connection_is_told_from_a_call_lost_in_flight() {
@@ -199,17 +199,19 @@ mod tests {
             Ok(()) => channel.call(request).await.expect_err("nobody listens"),
             Err(e) => e,
         };
-        assert!(never_reached_the_leader(&error), "{error:?}");
+        assert!(never_sent(&error), "{error:?}");
         // A broken connection mid-call carries no connect error.
         let lost = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset by peer");
-        assert!(!never_reached_the_leader(&lost));
+        assert!(!never_sent(&lost));
     }
 
     #[test]
     fn routes_by_path() {
-        assert!(needs_leader("/gantry.v1.Jobs/Enqueue"));
         assert!(needs_leader("/gantry.v1.Worker/Connect"));
         assert!(needs_leader("/gantry.v1.Admin/AddNode"));
+        assert!(needs_leader("/gantry.v1.Admin/ListWorkers"));
+        assert!(!needs_leader("/gantry.v1.Jobs/Enqueue"));
+        assert!(!needs_leader("/gantry.v1.Admin/PurgeQueue"));
         assert!(!needs_leader("/gantry.v1.Admin/ClusterStatus"));
         assert!(!needs_leader("/grpc.health.v1.Health/Check"));
         assert!(!needs_leader("/gantry.peer.v1.PeerService/Raft"));

@@ -10,6 +10,7 @@ use super::{convert, status, validate};
 use crate::{
     dispatch::{Node, ShardNode},
     queue::{Applied, Command, JobId},
+    raft::ProposeError,
 };
 
 pub struct JobsService {
@@ -31,9 +32,10 @@ pub(super) fn shard_of(node: &Node, job_id: JobId) -> Result<&Arc<ShardNode>, St
 
 /// Reads after this see every write acknowledged before the call, even
 /// across a leader change: a deposed leader finds out here instead of
-/// answering from a stale state.
+/// answering from a stale state, a follower waits until it has applied what
+/// the leader confirmed.
 pub(super) async fn linearizable(shard: &ShardNode) -> Result<(), Status> {
-    shard.raft.ensure_linearizable().await.map_err(status::propose_error)
+    shard.linearizable().await.map_err(status::propose_error)
 }
 
 pub(super) fn read_job(shard: &ShardNode, job_id: JobId) -> Result<proto::Job, Status> {
@@ -45,7 +47,7 @@ pub(super) fn read_job(shard: &ShardNode, job_id: JobId) -> Result<proto::Job, S
 
 /// Answers a command that yields a job (cancel, retry).
 pub(super) async fn propose_for_job(shard: &ShardNode, command: Command, what: &str) -> Result<proto::Job, Status> {
-    match shard.proposer.propose(command).await.map_err(status::propose_error)? {
+    match shard.propose(command).await.map_err(status::propose_error)? {
         Applied::Job(view) => Ok(convert::job_to_proto(&view, true)),
         Applied::Rejected(rejection) => Err(status::rejection(rejection)),
         other => Err(status::unexpected(what, &other)),
@@ -62,15 +64,16 @@ impl Jobs for JobsService {
         let shard = self.node.shard_for_queue(&new.queue);
         let span = tracing::debug_span!("enqueue", queue = %new.queue, shard = %shard.raft.shard(), job_id = tracing::field::Empty);
         async move {
-            match shard.proposer.propose(Command::Enqueue(new)).await.map_err(status::propose_error)? {
+            match shard.propose(Command::Enqueue(new)).await.map_err(status::propose_error)? {
                 Applied::Enqueued { job_id, created, state } => {
                     tracing::Span::current().record("job_id", tracing::field::display(job_id));
                     tracing::debug!(created, ?state, "enqueued");
-                    Ok(Response::new(proto::EnqueueResponse {
+                    let response = proto::EnqueueResponse {
                         job_id: job_id.to_string(),
                         created,
                         state: convert::job_state_to_proto(state) as i32,
-                    }))
+                    };
+                    Ok(status::hint_leader(shard, Response::new(response)))
                 }
                 Applied::Rejected(rejection) => Err(status::rejection(rejection)),
                 other => Err(status::unexpected("enqueue", &other)),
@@ -87,6 +90,7 @@ impl Jobs for JobsService {
         let now = self.node.clock.now_ms();
         let jobs = validate::enqueue_batch(request.get_ref(), &self.limits, now)?;
         let total = jobs.len();
+        let first_shard = jobs.first().map(|job| self.node.shard_for_queue(&job.queue).clone());
         // One log entry per shard, so each shard's part commits together.
         let mut by_shard: BTreeMap<usize, (Vec<usize>, Vec<Command>)> = BTreeMap::new();
         for (i, job) in jobs.into_iter().enumerate() {
@@ -99,56 +103,26 @@ impl Jobs for JobsService {
         let proposals = by_shard.into_iter().map(|(slot, (indexes, commands))| {
             let shard = self.node.shards[slot].clone();
             async move {
-                match shard.proposer.propose_all(commands).await {
+                match shard.propose_all(commands).await {
                     Ok(applied) => Ok((indexes, applied)),
                     Err(e) => Err((indexes, e)),
                 }
             }
         });
-        let mut results = vec![proto::EnqueueBatchResult::default(); total];
         let outcomes = futures::future::join_all(proposals).await;
-        // A call failing as a whole tells the client to send it all again,
-        // which would enqueue twice what other shards already committed:
-        // only when no part committed; else the failed part's jobs carry
-        // the error in their results.
-        if outcomes.iter().all(Result::is_err) {
-            let (_, first) = outcomes.into_iter().find_map(Result::err).expect("at least one part");
-            return Err(status::propose_error(first));
-        }
-        for outcome in outcomes {
-            let (indexes, applied) = match outcome {
-                Ok(done) => done,
-                Err((indexes, e)) => {
-                    let message = status::propose_error(e).message().to_owned();
-                    for i in indexes {
-                        results[i].error = format!("not enqueued, or outcome unknown: {message}");
-                    }
-                    continue;
-                }
-            };
-            for (i, applied) in indexes.into_iter().zip(applied) {
-                results[i] = match applied {
-                    Applied::Enqueued { job_id, created, state } => proto::EnqueueBatchResult {
-                        job_id: job_id.to_string(),
-                        created,
-                        state: convert::job_state_to_proto(state) as i32,
-                        error: String::new(),
-                    },
-                    Applied::Rejected(rejection) => {
-                        proto::EnqueueBatchResult { error: rejection.to_string(), ..Default::default() }
-                    }
-                    other => return Err(status::unexpected("enqueue", &other)),
-                };
-            }
-        }
-        Ok(Response::new(proto::EnqueueBatchResponse { results }))
+        let results = batch_results(total, outcomes)?;
+        let response = Response::new(proto::EnqueueBatchResponse { results });
+        Ok(match &first_shard {
+            Some(shard) => status::hint_leader(shard, response),
+            None => response,
+        })
     }
 
     async fn get_job(&self, request: Request<proto::GetJobRequest>) -> Result<Response<proto::Job>, Status> {
         let job_id = validate::job_id("job_id", &request.get_ref().job_id)?;
         let shard = shard_of(&self.node, job_id)?;
         linearizable(shard).await?;
-        read_job(shard, job_id).map(Response::new)
+        read_job(shard, job_id).map(|job| status::hint_leader(shard, Response::new(job)))
     }
 
     async fn wait_job(&self, request: Request<proto::WaitJobRequest>) -> Result<Response<proto::Job>, Status> {
@@ -161,13 +135,13 @@ impl Jobs for JobsService {
         linearizable(shard).await?;
         let job = read_job(shard, job_id)?;
         if is_terminal(&job) {
-            return Ok(Response::new(job));
+            return Ok(status::hint_leader(shard, Response::new(job)));
         }
         let woken = tokio::time::timeout(timeout, finished).await;
         if woken.is_err() {
             shard.waiters.forget_abandoned(job_id);
         }
-        read_job(shard, job_id).map(Response::new)
+        read_job(shard, job_id).map(|job| status::hint_leader(shard, Response::new(job)))
     }
 
     async fn cancel_job(&self, request: Request<proto::CancelJobRequest>) -> Result<Response<proto::Job>, Status> {
@@ -177,11 +151,89 @@ impl Jobs for JobsService {
         let span = tracing::info_span!("cancel", job_id = %job_id, shard = %shard.raft.shard());
         let job = propose_for_job(shard, command, "cancel").instrument(span.clone()).await?;
         span.in_scope(|| tracing::info!(queue = %job.queue, "job cancelled"));
-        Ok(Response::new(job))
+        Ok(status::hint_leader(shard, Response::new(job)))
     }
+}
+
+/// Each shard's part of a batch, in its jobs' request order: their indexes
+/// in the request and the part's outcome.
+type BatchPart = Result<(Vec<usize>, Vec<Applied>), (Vec<usize>, ProposeError)>;
+
+/// Answers a batch from its parts' outcomes. A call failing as a whole
+/// tells the client to send it all again, which would enqueue twice what
+/// other shards already committed: only when no part committed; else the
+/// failed part's jobs carry the error in their results.
+fn batch_results(total: usize, outcomes: Vec<BatchPart>) -> Result<Vec<proto::EnqueueBatchResult>, Status> {
+    if outcomes.iter().all(Result::is_err) {
+        let (_, first) = outcomes.into_iter().find_map(Result::err).expect("at least one part");
+        return Err(status::propose_error(first));
+    }
+    let mut results = vec![proto::EnqueueBatchResult::default(); total];
+    for outcome in outcomes {
+        let (indexes, applied) = match outcome {
+            Ok(done) => done,
+            Err((indexes, e)) => {
+                let message = status::propose_error(e).message().to_owned();
+                for i in indexes {
+                    results[i].error = format!("not enqueued, or outcome unknown: {message}");
+                }
+                continue;
+            }
+        };
+        for (i, applied) in indexes.into_iter().zip(applied) {
+            results[i] = match applied {
+                Applied::Enqueued { job_id, created, state } => proto::EnqueueBatchResult {
+                    job_id: job_id.to_string(),
+                    created,
+                    state: convert::job_state_to_proto(state) as i32,
+                    error: String::new(),
+                },
+                Applied::Rejected(rejection) => {
+                    proto::EnqueueBatchResult { error: rejection.to_string(), ..Default::default() }
+                }
+                other => return Err(status::unexpected("enqueue", &other)),
+            };
+        }
+    }
+    Ok(results)
 }
 
 fn is_terminal(job: &proto::Job) -> bool {
     use proto::JobState::*;
     matches!(proto::JobState::try_from(job.state), Ok(Succeeded | Failed | Cancelled))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::queue::{JobState, Rejection, ShardId};
+
+    fn enqueued(shard: u32, seq: u64) -> Applied {
+        Applied::Enqueued { job_id: JobId { shard: ShardId(shard), seq }, created: true, state: JobState::Ready }
+    }
+
+    #[test]
+    fn a_batch_answers_per_job_when_some_shards_committed_and_fails_only_when_none_did() {
+        let lost = ProposeError::OutcomeUnknown { shard: ShardId(1), leader: 2, message: "reset".into() };
+        let parts = vec![
+            Ok((
+                vec![0, 3],
+                vec![enqueued(0, 7), Applied::Rejected(Rejection::JobNotFound(JobId { shard: ShardId(0), seq: 9 }))],
+            )),
+            Err((vec![1, 2], lost.clone())),
+        ];
+        let results = batch_results(4, parts).expect("a part committed: answered per job");
+        assert_eq!(results[0].job_id, "0-7");
+        assert!(results[0].error.is_empty());
+        for i in [1, 2] {
+            assert!(results[i].job_id.is_empty(), "{results:?}");
+            assert!(results[i].error.starts_with("not enqueued, or outcome unknown: sent to node 2"), "{results:?}");
+        }
+        assert!(results[3].error.contains("not found"), "{results:?}");
+
+        let unreachable = ProposeError::LeaderUnreachable { shard: ShardId(0), leader: 3, message: "refused".into() };
+        let failed = batch_results(2, vec![Err((vec![0], unreachable)), Err((vec![1], lost))])
+            .expect_err("nothing committed: the call fails");
+        assert_eq!(failed.code(), tonic::Code::Unavailable, "the first part's error: {failed:?}");
+    }
 }

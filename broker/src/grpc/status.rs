@@ -3,6 +3,7 @@
 use tonic::{Status, metadata::MetadataValue};
 
 use crate::{
+    dispatch::ShardNode,
     queue::Rejection,
     raft::{MembershipError, ProposeError},
 };
@@ -13,6 +14,17 @@ pub const LEADER_METADATA: &str = "gantry-leader";
 /// the call was applied (a forwarded call whose answer was lost): clients
 /// may send it again only if that is harmless (reads, keyed enqueues).
 pub const OUTCOME_METADATA: &str = "gantry-outcome";
+
+/// Names the shard's leader in `gantry-leader` when another node leads it,
+/// so clients that can go direct (the SDK learns it per queue) do next time.
+pub fn hint_leader<T>(shard: &ShardNode, mut response: tonic::Response<T>) -> tonic::Response<T> {
+    if let Some((_, leader)) = shard.raft.leader().filter(|(id, _)| *id != shard.node_id)
+        && let Ok(value) = MetadataValue::try_from(leader.client)
+    {
+        response.metadata_mut().insert(LEADER_METADATA, value);
+    }
+    response
+}
 
 pub fn propose_error(error: ProposeError) -> Status {
     match error {
@@ -35,6 +47,26 @@ pub fn propose_error(error: ProposeError) -> Status {
             tracing::warn!(%shard, %message, "proposal failed");
             Status::unavailable(format!("shard {shard} is unavailable (shutting down?)"))
         }
+        // No hint: a leader this node cannot reach is likely gone, and
+        // clients would only waste a try on it.
+        ProposeError::LeaderUnreachable { shard, leader, message } => Status::unavailable(format!(
+            "cannot reach node {leader}, the leader of shard {shard} ({message}); retry shortly"
+        )),
+        ProposeError::OutcomeUnknown { shard, leader, message } => {
+            // UNAVAILABLE would tell clients to send it again, which for an
+            // enqueue without an idempotency key makes a second job if the
+            // first was committed.
+            tracing::debug!(%shard, leader, %message, "answer of the leader lost");
+            let mut status = Status::unknown(format!(
+                "sent to node {leader}, the leader of shard {shard}, and its answer was lost ({message}): it may \
+                 or may not have been applied"
+            ));
+            status.metadata_mut().insert(OUTCOME_METADATA, MetadataValue::from_static("unknown"));
+            status
+        }
+        ProposeError::Lagging { shard, index } => Status::unavailable(format!(
+            "this node has not caught up with shard {shard}'s leader (index {index}) in time; retry, or ask another node"
+        )),
     }
 }
 

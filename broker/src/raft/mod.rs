@@ -61,7 +61,9 @@ pub enum RaftError {
     Raft(String),
 }
 
-#[derive(Debug, Clone, thiserror::Error)]
+/// Why a command was not committed, or a read not confirmed. Crosses the
+/// peer port when another node proposed for this one (postcard).
+#[derive(Debug, Clone, thiserror::Error, serde::Serialize, serde::Deserialize)]
 pub enum ProposeError {
     /// `leader` is the leader's id and client address, when known.
     #[error("this node is not the leader of shard {shard}")]
@@ -70,6 +72,17 @@ pub enum ProposeError {
     NoQuorum { shard: ShardId, message: String },
     #[error("shard {shard} is shutting down or failed: {message}")]
     Stopped { shard: ShardId, message: String },
+    /// The leader could not be reached: nothing was sent to it.
+    #[error("cannot reach node {leader}, the leader of shard {shard}: {message}")]
+    LeaderUnreachable { shard: ShardId, leader: u64, message: String },
+    /// The commands went to the leader and its answer was lost: they may or
+    /// may not have been committed.
+    #[error("the answer of node {leader}, the leader of shard {shard}, was lost: {message}")]
+    OutcomeUnknown { shard: ShardId, leader: u64, message: String },
+    /// This node has not applied the shard's log through `index` in time,
+    /// so it cannot answer a linearizable read.
+    #[error("this node has not applied shard {shard} through index {index} yet")]
+    Lagging { shard: ShardId, index: u64 },
 }
 
 /// Why a membership change was refused.
@@ -261,9 +274,14 @@ impl ShardRaft {
         &self.state
     }
 
-    /// Commits a batch (fsync'd on a quorum) and returns each command's outcome.
-    pub async fn propose(&self, batch: Batch) -> Result<Vec<Applied>, ProposeError> {
-        self.raft.client_write(batch).await.map(|response| response.data.0).map_err(|e| self.write_error(e))
+    /// Commits a batch (fsync'd on a quorum) and returns its log index and
+    /// each command's outcome.
+    pub async fn propose(&self, batch: Batch) -> Result<(u64, Vec<Applied>), ProposeError> {
+        self.raft
+            .client_write(batch)
+            .await
+            .map(|response| (response.log_id.index, response.data.0))
+            .map_err(|e| self.write_error(e))
     }
 
     fn write_error(
@@ -284,18 +302,41 @@ impl ShardRaft {
     /// applied everything committed before the call: a read after it is
     /// linearizable (a deposed leader cannot answer from stale state).
     pub async fn ensure_linearizable(&self) -> Result<(), ProposeError> {
-        use openraft::errors::{LinearizableReadError, RaftError as E};
+        use openraft::errors::RaftError as E;
         match self.raft.ensure_linearizable(ReadPolicy::ReadIndex).await {
             Ok(_) => Ok(()),
-            Err(E::APIError(LinearizableReadError::ForwardToLeader(f))) => Err(ProposeError::NotLeader {
-                shard: self.shard,
-                leader: f.leader_id.zip(f.leader_node.map(|n| n.client)),
-            }),
-            Err(E::APIError(LinearizableReadError::QuorumNotEnough(q))) => {
-                Err(ProposeError::NoQuorum { shard: self.shard, message: q.to_string() })
-            }
+            Err(E::APIError(e)) => Err(self.read_error(e)),
             Err(E::Fatal(fatal)) => Err(ProposeError::Stopped { shard: self.shard, message: fatal.to_string() }),
         }
+    }
+
+    /// Confirms with a quorum that this node leads the shard and returns the
+    /// index every node must have applied before it answers a linearizable
+    /// read (a follower read: the follower waits for it, then reads its own
+    /// state).
+    pub async fn read_index(&self) -> Result<u64, ProposeError> {
+        use openraft::errors::RaftError as E;
+        match self.raft.get_read_log_id(ReadPolicy::ReadIndex).await {
+            Ok((read, _)) => Ok(read.log_id().index),
+            Err(E::APIError(e)) => Err(self.read_error(e)),
+            Err(E::Fatal(fatal)) => Err(ProposeError::Stopped { shard: self.shard, message: fatal.to_string() }),
+        }
+    }
+
+    fn read_error(&self, error: openraft::errors::LinearizableReadError<types::TypeConfig>) -> ProposeError {
+        use openraft::errors::LinearizableReadError as E;
+        match error {
+            E::ForwardToLeader(f) => {
+                ProposeError::NotLeader { shard: self.shard, leader: f.leader_id.zip(f.leader_node.map(|n| n.client)) }
+            }
+            E::QuorumNotEnough(q) => ProposeError::NoQuorum { shard: self.shard, message: q.to_string() },
+        }
+    }
+
+    /// Waits, at most `timeout`, until this node applied the log through
+    /// `index`; returns whether it did.
+    pub async fn wait_applied(&self, index: u64, timeout: Duration) -> bool {
+        self.raft.wait(Some(timeout)).applied_index_at_least(Some(index), "apply through an index").await.is_ok()
     }
 
     /// The leader this node knows of (itself included), with its addresses.

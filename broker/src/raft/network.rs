@@ -130,6 +130,19 @@ fn tls_endpoint(address: &str, tls: Option<&ClientTlsConfig>) -> Result<Endpoint
     }
 }
 
+/// Whether a call to a peer failed before the request left this node (no
+/// connection could be made), so the peer never saw it.
+pub fn never_sent(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = Some(error);
+    while let Some(e) = source {
+        if e.is::<tonic::ConnectError>() {
+            return true;
+        }
+        source = e.source();
+    }
+    false
+}
+
 pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, postcard::Error> {
     postcard::to_allocvec(value)
 }

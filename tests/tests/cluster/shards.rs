@@ -1,6 +1,7 @@
 //! Several shards (Raft groups) per cluster: queues spread over them by
-//! hash, the count is fixed when the cluster is created, and every shard is
-//! led by the node that leads shard 0, through failovers and handovers.
+//! hash, the count is fixed when the cluster is created, every shard is led
+//! by the node that leads shard 0, through failovers and handovers, and any
+//! node serves the unary calls of a shard another node leads.
 
 use std::{
     collections::HashMap,
@@ -262,52 +263,120 @@ async fn every_shard_follows_shard_zeros_leader_through_failover() {
     cluster.shutdown().await;
 }
 
-/// An EnqueueBatch over two shards while the node serving it has just lost
-/// one of them: the part in the shard it still leads commits and the call
-/// succeeds, answering the other part's jobs with the error. Failing the
-/// whole call would tell the client to resend the part already committed.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_enqueue_batch_whose_part_in_one_shard_fails_answers_per_job() {
-    let cluster = TestCluster::start_with(3, |c| c.shards = 2).await;
-    let leader = cluster.wait_for_leader().await;
-    let follower = cluster.other(leader);
-    let queues = queue_per_shard(2);
-    let batch = proto::EnqueueBatchRequest {
-        jobs: queues
-            .iter()
-            .map(|q| proto::EnqueueRequest { queue: q.clone(), payload: b"split".to_vec(), ..Default::default() })
-            .collect(),
-    };
-    let jobs = cluster.jobs(leader);
-    let shard1 = &cluster.server(leader).node().shards[1].raft;
-    // Shard 1 comes back to shard 0's leader within about align_leaders'
-    // period: a try whose batch missed that window is made again.
-    let results = eventually("a batch served while shard 1 is led by another node", CLUSTER_WAIT, || async {
-        if !shard1.is_leader() {
-            return None;
-        }
-        shard1.transfer_leadership(follower as u64 + 1).await.ok()?;
-        for _ in 0..1000 {
-            if !shard1.is_leader() {
-                break;
+/// Moves every shard's leadership to `placement[shard]` (0-based node) and
+/// waits until every node sees it.
+async fn place_leaders(cluster: &TestCluster, placement: &[usize]) {
+    eventually("each shard led by its node, as every node sees it", CLUSTER_WAIT, || async {
+        for (shard, node) in placement.iter().enumerate() {
+            let wanted = *node as u64 + 1;
+            let current = leaders(cluster, *node)[shard]?;
+            if current != wanted {
+                let raft = &cluster.server(current as usize - 1).node().shards[shard].raft;
+                if raft.is_leader() {
+                    let _ = raft.transfer_leadership(wanted).await;
+                }
             }
-            tokio::time::sleep(Duration::from_millis(1)).await;
         }
-        let results = jobs
-            .clone()
-            .enqueue_batch(batch.clone())
-            .await
-            .expect("a batch of which a part committed is answered, not failed")
-            .into_inner()
-            .results;
-        (!results[1].error.is_empty()).then_some(results)
+        let settled = (0..3)
+            .all(|i| leaders(cluster, i).iter().zip(placement).all(|(leader, node)| *leader == Some(*node as u64 + 1)));
+        settled.then_some(())
     })
     .await;
-    assert!(results[0].error.is_empty(), "{results:?}");
-    assert_eq!(shard_of_job(&results[0].job_id), 0, "{results:?}");
-    assert!(results[1].job_id.is_empty(), "{results:?}");
-    assert!(results[1].error.contains("not enqueued, or outcome unknown"), "{results:?}");
-    let committed = get_job(&mut jobs.clone(), &results[0].job_id).await;
-    assert_eq!(committed.queue, queues[0]);
+}
+
+fn leader_hint<T>(response: &tonic::Response<T>) -> Option<String> {
+    response.metadata().get("gantry-leader").map(|v| v.to_str().expect("ascii").to_owned())
+}
+
+/// Every node serves every unary call of every shard itself, whichever node
+/// leads the shard: a shard's commands go to its leader, reads wait until
+/// the serving node has applied what the leader confirmed (so they are
+/// linearizable from any node), and the answer names the shard's leader
+/// when another node leads it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_node_serves_unary_calls_of_shards_led_by_other_nodes() {
+    let cluster = TestCluster::start_with(3, |c| {
+        c.shards = 3;
+        c.align_leaders = false;
+    })
+    .await;
+    cluster.wait_for_leader().await;
+    // Shard i led by node i.
+    place_leaders(&cluster, &[0, 1, 2]).await;
+    let queues = queue_per_shard(3);
+    let leader_address = |shard: usize| cluster.addrs[shard].to_string();
+
+    for via in 0..3 {
+        let mut jobs = cluster.jobs(via);
+        let mut admin = cluster.admin(via);
+        for (shard, queue) in queues.iter().enumerate() {
+            let expected_hint = (shard != via).then(|| leader_address(shard));
+            let request =
+                proto::EnqueueRequest { queue: queue.clone(), payload: b"routed".to_vec(), ..Default::default() };
+            let response = jobs.enqueue(request).await.expect("enqueue from any node");
+            assert_eq!(leader_hint(&response), expected_hint, "enqueue in shard {shard} via node {via}");
+            let job_id = response.into_inner().job_id;
+            assert_eq!(shard_of_job(&job_id), shard as u32, "{job_id}");
+            // Read right after, from each node: linearizable wherever it runs.
+            for reader in 0..3 {
+                let job = get_job(&mut cluster.jobs(reader), &job_id).await;
+                assert_eq!((job.queue.as_str(), job.state()), (queue.as_str(), JobState::Ready), "via {reader}");
+            }
+            let cancelled = jobs
+                .cancel_job(proto::CancelJobRequest { job_id: job_id.clone(), ..Default::default() })
+                .await
+                .expect("cancel from any node");
+            assert_eq!(leader_hint(&cancelled), expected_hint);
+            assert_eq!(cancelled.into_inner().state(), JobState::Cancelled);
+            let waited = jobs
+                .wait_job(proto::WaitJobRequest { job_id: job_id.clone(), timeout: None })
+                .await
+                .expect("wait from any node")
+                .into_inner();
+            assert_eq!(waited.state(), JobState::Cancelled);
+
+            let paused = admin.pause_queue(proto::PauseQueueRequest { queue: queue.clone() }).await.expect("pause");
+            assert_eq!(leader_hint(&paused), expected_hint);
+            assert!(paused.into_inner().paused, "the answer reads the node's state after the commit");
+            let resumed = admin.resume_queue(proto::ResumeQueueRequest { queue: queue.clone() }).await.expect("resume");
+            assert!(!resumed.into_inner().paused);
+            let listed = admin
+                .list_jobs(proto::ListJobsRequest { queue: queue.clone(), ..Default::default() })
+                .await
+                .expect("list jobs")
+                .into_inner()
+                .jobs;
+            assert!(listed.iter().any(|j| j.id == job_id), "{listed:?}");
+        }
+
+        // One batch over every shard: each part commits on its own leader.
+        let batch = proto::EnqueueBatchRequest {
+            jobs: queues
+                .iter()
+                .map(|q| proto::EnqueueRequest { queue: q.clone(), payload: b"batch".to_vec(), ..Default::default() })
+                .collect(),
+        };
+        let results = jobs.enqueue_batch(batch).await.expect("batch over shards").into_inner().results;
+        for (shard, result) in results.iter().enumerate() {
+            assert!(result.error.is_empty(), "{results:?}");
+            assert_eq!(shard_of_job(&result.job_id), shard as u32, "{results:?}");
+        }
+        let listed = admin.list_queues(proto::ListQueuesRequest {}).await.expect("list queues").into_inner().queues;
+        for (shard, queue) in queues.iter().enumerate() {
+            let info = listed.iter().find(|q| &q.queue == queue).expect("every shard's queue listed");
+            assert_eq!((info.shard, info.ready, info.cancelled), (shard as u32, via as u64 + 1, via as u64 + 1));
+        }
+    }
+
+    // Purging a queue whose shard another node leads, in parts, each on it.
+    let mut admin = cluster.admin(0);
+    let purged = admin
+        .purge_queue(proto::PurgeQueueRequest { queue: queues[2].clone(), state: proto::JobState::Ready as i32 })
+        .await
+        .expect("purge from a node that does not lead the queue's shard");
+    assert_eq!(leader_hint(&purged), Some(leader_address(2)));
+    assert_eq!(purged.into_inner().purged, 3);
+    let info = admin.get_queue(proto::GetQueueRequest { queue: queues[2].clone() }).await.expect("get queue");
+    assert_eq!(info.into_inner().ready, 0);
     cluster.shutdown().await;
 }

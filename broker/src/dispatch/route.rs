@@ -1,0 +1,182 @@
+//! A shard's commands go to its leader, from whichever node a call reached:
+//! proposed here when this node leads the shard, else sent to the leader
+//! over the peer port (`gantry.peer.v1.ShardService`). Reads are follower
+//! reads: the leader confirms its leadership with a quorum and names an
+//! index, and this node answers from its own state once it has applied
+//! that far. So every node serves the unary calls of every shard itself,
+//! whichever node leads it; only worker streams, whose sessions live in the
+//! leader's memory, still travel whole to the leader (`grpc/forward.rs`).
+
+use std::{sync::Arc, time::Duration};
+
+use gantry_proto::peer::{self as pb, shard_service_client::ShardServiceClient, shard_service_server::ShardService};
+use tonic::{Request, Response, Status};
+
+use super::{ShardNode, proposer::Committed};
+use crate::{
+    queue::{Applied, Command},
+    raft::{
+        ProposeError,
+        network::{PEER_MAX_MESSAGE_BYTES, decode, encode, never_sent},
+    },
+};
+
+/// Longest wait for the leader's answer: a commit takes milliseconds, so
+/// this only ends a call to a leader that hangs (stopped, partitioned).
+const REMOTE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest wait for this node to apply what the leader committed or
+/// confirmed. A follower is normally a few milliseconds behind; one that is
+/// far behind (installing a snapshot) answers UNAVAILABLE instead of a
+/// stale read.
+const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl ShardNode {
+    pub async fn propose(&self, command: Command) -> Result<Applied, ProposeError> {
+        let mut results = self.propose_all(vec![command]).await?;
+        Ok(results.pop().expect("one result per command"))
+    }
+
+    /// Commits the commands in one log entry of this shard, in order, on
+    /// its leader.
+    pub async fn propose_all(&self, commands: Vec<Command>) -> Result<Vec<Applied>, ProposeError> {
+        Ok(self.commit(commands).await?.results)
+    }
+
+    /// Like `propose_all`, and says which log entry holds the commands: a
+    /// read of this node's state after `applied_through(index)` sees them.
+    /// (Not waited for here: this node learns of the commit a peer round
+    /// trip after the leader, and most callers read nothing after.)
+    pub async fn commit(&self, commands: Vec<Command>) -> Result<Committed, ProposeError> {
+        let Some((leader, peer)) = self.remote_leader()? else {
+            return self.proposer.commit(commands).await;
+        };
+        let shard = self.raft.shard();
+        let payload = encode(&commands)
+            .map_err(|e| ProposeError::Stopped { shard, message: format!("cannot encode the commands: {e}") })?;
+        let mut request = Request::new(pb::ProposeRequest { shard: shard.0, commands: payload });
+        request.set_timeout(REMOTE_TIMEOUT);
+        let answer = match self.leader_client(leader, &peer)?.propose(request).await {
+            Ok(answer) => answer.into_inner(),
+            Err(status) if never_sent(&status) || refused_before_proposing(&status) => {
+                return Err(ProposeError::LeaderUnreachable { shard, leader, message: status.message().into() });
+            }
+            Err(status) => {
+                return Err(ProposeError::OutcomeUnknown { shard, leader, message: status.message().into() });
+            }
+        };
+        let outcome: Result<Committed, ProposeError> = decode(&answer.outcome)
+            .map_err(|e| ProposeError::OutcomeUnknown { shard, leader, message: format!("undecodable answer: {e}") })?;
+        outcome
+    }
+
+    /// Waits (bounded) until this node has applied the shard's log through
+    /// `index`; returns whether it has.
+    pub async fn applied_through(&self, index: u64) -> bool {
+        self.raft.wait_applied(index, CATCH_UP_TIMEOUT).await
+    }
+
+    /// Returns once a read of this node's state is linearizable: it sees
+    /// every write acknowledged before the call, by any node, even across a
+    /// leader change (a deposed leader finds out here).
+    pub async fn linearizable(&self) -> Result<(), ProposeError> {
+        let Some((leader, peer)) = self.remote_leader()? else {
+            return self.raft.ensure_linearizable().await;
+        };
+        let shard = self.raft.shard();
+        let mut request = Request::new(pb::ReadIndexRequest { shard: shard.0 });
+        request.set_timeout(REMOTE_TIMEOUT);
+        // A read may always be asked again: any failure is UNAVAILABLE.
+        let answer =
+            self.leader_client(leader, &peer)?.read_index(request).await.map_err(|status| {
+                ProposeError::LeaderUnreachable { shard, leader, message: status.message().into() }
+            })?;
+        let outcome: Result<u64, ProposeError> = decode(&answer.into_inner().outcome).map_err(|e| {
+            ProposeError::LeaderUnreachable { shard, leader, message: format!("undecodable answer: {e}") }
+        })?;
+        let index = outcome?;
+        if self.applied_through(index).await { Ok(()) } else { Err(ProposeError::Lagging { shard, index }) }
+    }
+
+    /// The leader's id and peer address when another node leads this shard;
+    /// None when this node does.
+    fn remote_leader(&self) -> Result<Option<(u64, String)>, ProposeError> {
+        if self.raft.is_leader() {
+            return Ok(None);
+        }
+        match self.raft.leader() {
+            Some((id, node)) if id != self.node_id => Ok(Some((id, node.peer))),
+            // Leading in name only (stepping down or up): ask again shortly.
+            _ => Err(ProposeError::NotLeader { shard: self.raft.shard(), leader: None }),
+        }
+    }
+
+    fn leader_client(
+        &self,
+        leader: u64,
+        peer: &str,
+    ) -> Result<ShardServiceClient<tonic::transport::Channel>, ProposeError> {
+        let channel = self.peers.channel(peer).map_err(|message| ProposeError::LeaderUnreachable {
+            shard: self.raft.shard(),
+            leader,
+            message,
+        })?;
+        Ok(ShardServiceClient::new(channel)
+            .max_decoding_message_size(PEER_MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(PEER_MAX_MESSAGE_BYTES))
+    }
+}
+
+/// Statuses the leader's ShardService answers before anything is proposed
+/// (an unknown shard, a request it cannot decode, a node without the
+/// service): nothing was committed.
+fn refused_before_proposing(status: &Status) -> bool {
+    use tonic::Code::*;
+    matches!(status.code(), InvalidArgument | NotFound | Unimplemented) && std::error::Error::source(status).is_none()
+}
+
+/// The server half: commands and read indexes for the shards this node
+/// leads, from nodes that do not.
+pub struct ShardCommands {
+    node_id: u64,
+    shards: Vec<Arc<ShardNode>>,
+}
+
+impl ShardCommands {
+    pub fn new(node_id: u64, shards: Vec<Arc<ShardNode>>) -> Self {
+        ShardCommands { node_id, shards }
+    }
+
+    fn shard(&self, shard: u32) -> Result<&Arc<ShardNode>, Status> {
+        self.shards
+            .iter()
+            .find(|s| s.raft.shard().0 == shard)
+            .ok_or_else(|| Status::not_found(format!("shard {shard} is not on node {}", self.node_id)))
+    }
+}
+
+fn encoded<T: serde::Serialize>(outcome: &Result<T, ProposeError>) -> Result<Vec<u8>, Status> {
+    encode(outcome).map_err(|e| Status::internal(format!("cannot encode the outcome: {e}")))
+}
+
+#[tonic::async_trait]
+impl ShardService for ShardCommands {
+    async fn propose(&self, request: Request<pb::ProposeRequest>) -> Result<Response<pb::ProposeResponse>, Status> {
+        let request = request.into_inner();
+        let shard = self.shard(request.shard)?;
+        let commands: Vec<Command> =
+            decode(&request.commands).map_err(|e| Status::invalid_argument(format!("commands: {e}")))?;
+        // Only proposed here: a node that does not lead the shard says so
+        // (openraft refuses), it never passes the commands on again.
+        let outcome = shard.proposer.commit(commands).await;
+        Ok(Response::new(pb::ProposeResponse { outcome: encoded(&outcome)? }))
+    }
+
+    async fn read_index(
+        &self,
+        request: Request<pb::ReadIndexRequest>,
+    ) -> Result<Response<pb::ReadIndexResponse>, Status> {
+        let shard = self.shard(request.get_ref().shard)?;
+        let outcome = shard.raft.read_index().await;
+        Ok(Response::new(pb::ReadIndexResponse { outcome: encoded(&outcome)? }))
+    }
+}
