@@ -18,8 +18,8 @@ use crate::{
     dispatch::{DispatchSettings, Node, ShardNode, route::ShardCommands},
     error::BrokerError,
     grpc::{
-        admin::AdminService, auth::AuthLayer, forward::ForwardLayer, jobs::JobsService, validate::Limits,
-        worker::WorkerService,
+        MAX_MESSAGE_BYTES, admin::AdminService, auth::AuthLayer, forward::ForwardLayer, jobs::JobsService,
+        validate::Limits, worker::WorkerService,
     },
     queue::ShardId,
     raft::{
@@ -33,9 +33,6 @@ use crate::{
 const LEADERSHIP_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long replaying the log after the last snapshot may take.
 const REPLAY_TIMEOUT: Duration = Duration::from_secs(600);
-/// Largest gRPC message accepted: a full batch of maximal payloads is refused
-/// by validation with a clear message, not by the transport.
-const MAX_MESSAGE_BYTES: usize = 64 << 20;
 /// How long a leader that shuts down waits for a successor to take over.
 const HANDOVER_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long in-flight calls may take to finish once shutdown begins.

@@ -61,6 +61,8 @@ pub struct Forward<S> {
     channels: PeerChannels,
 }
 
+const WORKER_CONNECT: &str = "/gantry.v1.Worker/Connect";
+
 /// Whether a call needs the leader's memory: worker streams (sessions live
 /// there), ListWorkers (which ones are connected, their heartbeats) and
 /// membership changes (only a leader changes a group's membership). Every
@@ -69,12 +71,21 @@ pub struct Forward<S> {
 fn needs_leader(path: &str) -> bool {
     matches!(
         path,
-        "/gantry.v1.Worker/Connect"
+        WORKER_CONNECT
             | "/gantry.v1.Admin/ListWorkers"
             | "/gantry.v1.Admin/AddNode"
             | "/gantry.v1.Admin/RemoveNode"
             | "/gantry.v1.Admin/TransferLeader"
     )
+}
+
+/// Whether one other node leads every shard: a worker stream then goes to
+/// it untouched, whatever its queues. Otherwise the stream is served here,
+/// with one part per other leader of its shards (`grpc/relay.rs`).
+fn led_by_one_other_node(node: &Node) -> bool {
+    let mut leaders = node.shards.iter().map(|s| s.raft.leader().map(|(id, _)| id));
+    let first = leaders.next().flatten();
+    first.is_some_and(|id| id != node.node_id) && leaders.all(|l| l == first)
 }
 
 fn status_response(status: Status, leader_client: Option<&str>) -> Response<Body> {
@@ -101,7 +112,11 @@ where
 
     fn call(&mut self, mut request: Request<Body>) -> BoxFuture {
         let shard = &self.node.shards[0];
-        if !needs_leader(request.uri().path()) || shard.raft.is_leader() {
+        let path = request.uri().path();
+        let served_here = !needs_leader(path)
+            || shard.raft.is_leader()
+            || (path == WORKER_CONNECT && !led_by_one_other_node(&self.node));
+        if served_here {
             // The clone is not ready; the ready one serves this call.
             let clone = self.inner.clone();
             let mut inner = std::mem::replace(&mut self.inner, clone);

@@ -1,9 +1,12 @@
 //! `gantry.v1.Worker.Connect`: one bidirectional stream per worker process.
 //! Hello opens (or resumes) a session in every shard that owns one of its
 //! queues; assignments are pushed as the dispatcher commits them; every
-//! result is proposed and answered with an `ack`.
+//! result is proposed and answered with an `ack`. Shards this node does not
+//! lead are served by their leaders, over one stream part per leader
+//! (`relay.rs`).
 
 use std::{
+    collections::BTreeMap,
     pin::Pin,
     sync::{
         Arc,
@@ -17,7 +20,12 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::{convert, status, validate};
+use super::{
+    convert,
+    forward::FORWARDED_METADATA,
+    relay::{Part, PartHello},
+    status, validate,
+};
 use crate::{
     dispatch::{Node, Outbound, ShardNode},
     queue::{Applied, Command, ExpiryReason, FencingToken, JobId, Rejection, SessionId},
@@ -46,7 +54,10 @@ struct Connection {
     node: Arc<Node>,
     limits: validate::Limits,
     session_id: SessionId,
+    /// The shards of the stream this node leads (and pushes assignments of).
     shards: Vec<Arc<ShardNode>>,
+    /// Every shard of the stream's queues, wherever it is led.
+    stream_shards: Vec<Arc<ShardNode>>,
     out: OutTx,
     /// Set once the worker said goodbye, so the end of its session closes
     /// the stream cleanly instead of as an error.
@@ -61,6 +72,9 @@ impl Worker for WorkerService {
         &self,
         request: Request<Streaming<proto::WorkerMessage>>,
     ) -> Result<Response<Self::ConnectStream>, Status> {
+        // A part of a stream another node set up: this node serves it
+        // itself or refuses, it never sends it on again.
+        let forwarded = request.metadata().contains_key(FORWARDED_METADATA);
         let mut inbound = request.into_inner();
         let ttl = self.node.settings.session_ttl;
         let first = tokio::time::timeout(ttl, inbound.message())
@@ -79,10 +93,12 @@ impl Worker for WorkerService {
                 shards.push(shard.clone());
             }
         }
+        let (local, remote) = self.by_leader(&shards, hello.max_in_flight, forwarded)?;
         // A worker that is reconnecting is not silent; an expiry already
         // decided is let through first, so the resume sees its outcome.
+        // (Other leaders do the same when their part resumes the session.)
         if let Some(old) = &hello.resume_session_id {
-            for shard in &shards {
+            for shard in &local {
                 // Bounded: an expiry stuck in a leader change must not keep
                 // the worker out; the state machine decides either way.
                 let _ = tokio::time::timeout(ttl, shard.registry.reconnecting(old)).await;
@@ -94,6 +110,7 @@ impl Worker for WorkerService {
         let resumed = opened.resumed;
 
         let (out, out_rx) = mpsc::unbounded_channel();
+        // Queued first: the parts may relay assignments as soon as they open.
         let _ = out.send(message(Out::Welcome(proto::Welcome {
             session_id: session_id.to_string(),
             heartbeat_interval: Some(convert::duration(self.node.settings.heartbeat_interval.as_millis() as u64)),
@@ -101,19 +118,35 @@ impl Worker for WorkerService {
             node_id: self.node.node_id,
             resumed,
         })));
+        let mut parts = Vec::with_capacity(remote.len());
+        for (leader, (peer, group)) in remote {
+            let part = PartHello {
+                leader,
+                peer,
+                shards: group.iter().map(|(shard, _)| shard.raft.shard()).collect(),
+                hello: proto::Hello {
+                    worker_id: hello.worker_id.clone(),
+                    queues: group.iter().flat_map(|(shard, _)| self.queues_of(&hello, shard)).collect(),
+                    max_in_flight: group.iter().map(|(_, slots)| slots).sum(),
+                    resume_session_id: session_id.to_string(),
+                },
+            };
+            parts.push(Part::open(&self.node.channels, self.node.node_id, part, out.clone()).await?);
+        }
         let connection = Arc::new(Connection {
             node: self.node.clone(),
             limits: self.limits.clone(),
             session_id: session_id.clone(),
-            shards: shards.clone(),
+            shards: local.clone(),
+            stream_shards: shards.clone(),
             out,
             goodbye: Arc::new(AtomicBool::new(false)),
         });
         if let Some(old) = &hello.resume_session_id {
             connection.revoke_lost_leases(old, &opened.lost);
         }
-        let mut generations = Vec::with_capacity(shards.len());
-        for shard in &shards {
+        let mut generations = Vec::with_capacity(local.len());
+        for shard in &local {
             let (tx, rx) = mpsc::unbounded_channel();
             if resumed {
                 // An assignment committed just before a leader change or a
@@ -132,8 +165,9 @@ impl Worker for WorkerService {
             }
             shard.wake_dispatcher();
         }
-        tracing::info!(session = %session_id, worker = %hello.worker_id, queues = ?hello.queues, max_in_flight = hello.max_in_flight, resumed, "worker connected");
-        tokio::spawn(connection.serve(inbound, generations));
+        let leaders: Vec<u64> = parts.iter().map(Part::leader).collect();
+        tracing::info!(session = %session_id, worker = %hello.worker_id, queues = ?hello.queues, max_in_flight = hello.max_in_flight, resumed, other_leaders = ?leaders, "worker connected");
+        tokio::spawn(connection.serve(inbound, generations, parts));
         Ok(Response::new(Box::pin(UnboundedReceiverStream::new(out_rx))))
     }
 }
@@ -146,7 +180,39 @@ struct Opened {
     lost: Vec<(JobId, FencingToken)>,
 }
 
+/// Shards by who leads them: this node, or others (per leader: its peer
+/// address and its shards, each with the slots of `max_in_flight` it gets).
+type ByLeader = (Vec<Arc<ShardNode>>, BTreeMap<u64, (String, Vec<(Arc<ShardNode>, u32)>)>);
+
 impl WorkerService {
+    /// Groups a stream's shards by their leaders. A part another node
+    /// forwarded here must be led here: it is refused (with the leader's
+    /// address) rather than sent on again.
+    fn by_leader(&self, shards: &[Arc<ShardNode>], max_in_flight: u32, forwarded: bool) -> Result<ByLeader, Status> {
+        let (mut local, mut remote) = (Vec::new(), BTreeMap::new());
+        for (position, shard) in shards.iter().enumerate() {
+            if shard.raft.is_leader() {
+                local.push(shard.clone());
+                continue;
+            }
+            match shard.raft.leader().filter(|(id, _)| *id != self.node.node_id) {
+                Some((id, leader)) if !forwarded => {
+                    let slots = slots_in_shard(max_in_flight, shards.len(), position);
+                    let (_, group): &mut (String, Vec<_>) =
+                        remote.entry(id).or_insert_with(|| (leader.peer, Vec::new()));
+                    group.push((shard.clone(), slots));
+                }
+                leader => {
+                    return Err(status::propose_error(ProposeError::NotLeader {
+                        shard: shard.raft.shard(),
+                        leader: leader.map(|(id, node)| (id, node.client)),
+                    }));
+                }
+            }
+        }
+        Ok((local, remote))
+    }
+
     /// The worker's queues that `shard` owns.
     fn queues_of(&self, hello: &validate::ValidHello, shard: &Arc<ShardNode>) -> Vec<String> {
         hello.queues.iter().filter(|q| Arc::ptr_eq(self.node.shard_for_queue(q), shard)).cloned().collect()
@@ -177,7 +243,9 @@ impl WorkerService {
                 },
                 None => Command::OpenSession { session_id: fresh.clone(), worker_id, queues, max_in_flight },
             };
-            match shard.proposer.propose(command).await.map_err(status::propose_error)? {
+            // On the shard's leader, wherever that is: a part opened on
+            // another leader then resumes this very session.
+            match shard.propose(command).await.map_err(status::propose_error)? {
                 Applied::SessionOpened { resumed, lost, .. } => outcomes.push((shard, resumed, lost)),
                 other => return Err(status::unexpected("open session", &other)),
             }
@@ -194,7 +262,11 @@ impl WorkerService {
         let old = hello.resume_session_id.clone().expect("a resume");
         for (position, (shard, _, _)) in outcomes.iter().enumerate().filter(|(_, (_, resumed, _))| *resumed) {
             let expire = Command::ExpireSession { session_id: old.clone(), reason: ExpiryReason::Superseded };
-            shard.proposer.propose(expire).await.map_err(status::propose_error)?;
+            let committed = shard.commit(vec![expire]).await.map_err(status::propose_error)?;
+            if !shard.applied_through(committed.index).await {
+                let lagging = ProposeError::Lagging { shard: shard.raft.shard(), index: committed.index };
+                return Err(status::propose_error(lagging));
+            }
             if let Some(expired) = shard.raft.state().read().queue.expired_session(&old) {
                 lost.extend(expired.lost.iter().copied());
             }
@@ -205,7 +277,7 @@ impl WorkerService {
                 queues,
                 max_in_flight: slots_in_shard(hello.max_in_flight, shards.len(), position),
             };
-            shard.proposer.propose(open).await.map_err(status::propose_error)?;
+            shard.propose(open).await.map_err(status::propose_error)?;
         }
         Ok(Opened { session_id: fresh.clone(), resumed: false, lost })
     }
@@ -317,8 +389,14 @@ impl Connection {
     }
 
     /// Reads the worker's messages until the stream ends.
-    async fn serve(self: Arc<Self>, mut inbound: Streaming<proto::WorkerMessage>, generations: Vec<u64>) {
+    async fn serve(
+        self: Arc<Self>,
+        mut inbound: Streaming<proto::WorkerMessage>,
+        generations: Vec<u64>,
+        mut parts: Vec<Part>,
+    ) {
         let mut shutdown = self.node.shutdown.clone();
+        let keep_alive = self.node.settings.heartbeat_interval / 2;
         let mut results = Vec::new();
         'stream: loop {
             let received = tokio::select! {
@@ -343,6 +421,13 @@ impl Connection {
                     for shard in &self.shards {
                         shard.registry.touch(&self.session_id);
                     }
+                    for part in &mut parts {
+                        part.keep_alive(keep_alive);
+                    }
+                }
+                if !relay(&msg, &mut parts) {
+                    // The part's relay task ended the worker's stream with the reason.
+                    break 'stream;
                 }
                 match self.read(msg, &mut results).await {
                     Read::Next if results.len() < RESULTS_PER_PROPOSAL_MAX => {
@@ -435,7 +520,8 @@ impl Connection {
             let (commands, acks): (Vec<_>, Vec<_>) = now.into_iter().map(|r| (r.command, r.ack)).unzip();
             let this = self.clone();
             tokio::spawn(async move {
-                let outcomes = shard.proposer.propose_all(commands).await;
+                // On the shard's leader, which may be another node.
+                let outcomes = shard.propose_all(commands).await;
                 this.acknowledge(&shard, acks, outcomes);
             });
         }
@@ -479,11 +565,13 @@ impl Connection {
         }
     }
 
-    /// Graceful shutdown begins: no new jobs for this session.
+    /// Graceful shutdown begins: no new jobs for this session, in any of its
+    /// shards (those other leaders serve too: a release after the drain
+    /// must find it committed there as well).
     async fn drain(&self) {
-        for shard in &self.shards {
+        for shard in &self.stream_shards {
             let command = Command::DrainSession { session_id: self.session_id.clone() };
-            match shard.proposer.propose(command).await {
+            match shard.propose(command).await {
                 Ok(Applied::SessionDrained) => {}
                 // Expired meanwhile: the stream is about to end anyway.
                 Ok(other) => tracing::debug!(session = %self.session_id, outcome = ?other, "drain not applied"),
@@ -495,7 +583,8 @@ impl Connection {
         tracing::info!(session = %self.session_id, "worker is draining");
     }
 
-    /// Clean shutdown: jobs still held go back to the queue at once.
+    /// Clean shutdown: jobs still held go back to the queue at once (in the
+    /// shards led here; other leaders were passed the goodbye).
     async fn say_goodbye(&self) {
         for shard in &self.shards {
             let command = Command::ExpireSession { session_id: self.session_id.clone(), reason: ExpiryReason::Goodbye };
@@ -542,6 +631,19 @@ impl Acker {
             message,
             lease_deadline: lease_deadline_ms.map(convert::timestamp),
         }))
+    }
+}
+
+/// Passes heartbeats and the goodbye on to every part of the stream (each
+/// leader keeps its own heartbeat table and ends its own part). Results
+/// and drains are commands: proposed from here on their shard's leader.
+fn relay(msg: &proto::WorkerMessage, parts: &mut [Part]) -> bool {
+    match &msg.kind {
+        Some(In::Heartbeat(_) | In::Goodbye(_)) => {
+            // One part ended is the end of the whole stream: no need to go on.
+            parts.iter_mut().all(|part| part.send(msg.clone()))
+        }
+        _ => true,
     }
 }
 

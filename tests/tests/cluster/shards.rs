@@ -380,3 +380,74 @@ async fn every_node_serves_unary_calls_of_shards_led_by_other_nodes() {
     assert_eq!(info.into_inner().ready, 0);
     cluster.shutdown().await;
 }
+
+/// A worker stream over queues whose shards three different nodes lead,
+/// connected to each node in turn: the node serves the shards it leads and
+/// opens one part per other leader, so every job runs once (heartbeats
+/// reach every leader: jobs held past the session ttl keep their leases),
+/// the stream's max_in_flight holds over all of them, and a goodbye ends
+/// the session in every shard.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_stream_spans_shards_led_by_different_nodes() {
+    let cluster = TestCluster::start_with(3, |c| {
+        c.shards = 3;
+        c.align_leaders = false;
+    })
+    .await;
+    cluster.wait_for_leader().await;
+    place_leaders(&cluster, &[0, 1, 2]).await;
+    let queues = queue_per_shard(3);
+    let client = gantry_worker::Client::connect(cluster.endpoints()).await.expect("client");
+
+    for via in 0..3 {
+        let running = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let most = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let runs: Arc<Mutex<Runs>> = Arc::default();
+        let worker = {
+            let (running, most, runs) = (running.clone(), most.clone(), runs.clone());
+            RunningWorker::spawn(&cluster.endpoint(via), &queues.join(","), &format!("w{via}"), 4, move |ctx| {
+                let (running, most, runs) = (running.clone(), most.clone(), runs.clone());
+                async move {
+                    use std::sync::atomic::Ordering::SeqCst;
+                    most.fetch_max(running.fetch_add(1, SeqCst) + 1, SeqCst);
+                    runs.lock().unwrap().entry(ctx.job_id().to_owned()).or_default().push(ctx.fencing_token());
+                    // Longer than the session ttl (1 s): only heartbeats keep the leases.
+                    tokio::time::sleep(Duration::from_millis(1500)).await;
+                    running.fetch_sub(1, SeqCst);
+                    Ok(Bytes::from_static(b"ok"))
+                }
+            })
+        };
+        worker.wait_connected().await;
+        let mut ids = Vec::new();
+        for queue in &queues {
+            for _ in 0..3 {
+                ids.push(client.enqueue(queue.as_str(), "spread").send().await.expect("enqueue").job_id);
+            }
+        }
+        for id in &ids {
+            let job = eventually(&format!("job {id} finished (stream via node {via})"), CLUSTER_WAIT, || async {
+                let job = client.wait(id, Duration::from_millis(500)).await.ok()?;
+                matches!(job.state(), JobState::Succeeded | JobState::Failed | JobState::Cancelled).then_some(job)
+            })
+            .await;
+            assert_eq!((job.state(), job.attempt), (JobState::Succeeded, 1), "job {id} ran again or failed: {job:?}");
+        }
+        let runs = runs.lock().unwrap().clone();
+        assert_eq!(runs.len(), 9, "{runs:?}");
+        assert!(runs.values().all(|r| r.len() == 1), "a job ran twice: {runs:?}");
+        let most = most.load(std::sync::atomic::Ordering::SeqCst);
+        assert!((2..=4).contains(&most), "max_in_flight 4 over three leaders, {most} ran at once");
+
+        worker.shutdown().await;
+        eventually("the goodbye ended the session in every shard, on every node", CLUSTER_WAIT, || async {
+            let ended = (0..3).all(|node| {
+                cluster.server(node).node().shards.iter().all(|s| s.raft.state().read().queue.sessions().is_empty())
+            });
+            ended.then_some(())
+        })
+        .await;
+    }
+    drop(client);
+    cluster.shutdown().await;
+}
