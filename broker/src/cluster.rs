@@ -1,7 +1,11 @@
 //! Forming and growing a cluster: the one-time initialization of a new
 //! cluster from `--initial-cluster`, and joining a running one (`--join`).
 
-use std::{collections::BTreeMap, sync::Arc, time::Duration};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+    time::Duration,
+};
 
 use gantry_proto::{peer as pb, v1 as proto};
 use tokio::sync::watch;
@@ -149,48 +153,143 @@ async fn add_self(node: &Node, address: &str) -> Result<(), String> {
     admin.add_node(request).await.map(|_| ()).map_err(|s| format!("{}: {}", s.code(), s.message()))
 }
 
-/// Keeps every shard led by the node that leads shard 0. The edge forwards
-/// a call to one node (shard 0's leader, `grpc/forward.rs`) and a worker's
-/// stream spans the shards of its queues, so every shard must be led there;
-/// after a failover the shards elect apart and this moves them back. It runs
-/// on every node and acts on the shards this node leads: only a leader can
-/// hand leadership over. A handover is tried at most once per election
-/// timeout per shard (a lagging target needs time to catch up).
-pub async fn align_leaders(node: Arc<Node>, election_timeout: Duration, mut shutdown: watch::Receiver<bool>) {
-    let mut last_try: BTreeMap<ShardId, tokio::time::Instant> = BTreeMap::new();
-    // Shards whose last handover was refused: said once at warn, not per try.
-    let mut refused: BTreeMap<ShardId, u64> = BTreeMap::new();
+/// Spreads the shards' leaders over the nodes, so every node's CPU leads
+/// some (DESIGN §6). Runs on every node and acts on the shards this node
+/// leads (only a leader can hand leadership over): a node that leads at
+/// least two more shards than a live voter leading the fewest hands one to
+/// it. Shards elect apart after a failover and a node that comes back leads
+/// nothing; this evens them out again, one handover per election timeout
+/// per node, so leadership never moves faster than the cluster settles.
+pub async fn balance_leaders(node: Arc<Node>, election_timeout: Duration, mut shutdown: watch::Receiver<bool>) {
+    // A new or restarted cluster elects first.
+    let mut quiet_until = tokio::time::Instant::now() + election_timeout * 2;
+    // Said once at warn, not per try.
+    let mut refused: Option<(ShardId, u64)> = None;
     loop {
         tokio::select! {
-            _ = tokio::time::sleep(ALIGN_PERIOD) => {}
+            _ = tokio::time::sleep(BALANCE_PERIOD) => {}
             _ = shutdown.wait_for(|stop| *stop) => return,
         }
-        let Some((target, _)) = node.shards[0].raft.leader() else { continue };
-        if target == node.node_id {
+        if tokio::time::Instant::now() < quiet_until {
             continue;
         }
-        for shard in &node.shards[1..] {
-            let id = shard.raft.shard();
-            let recently = last_try.get(&id).is_some_and(|at| at.elapsed() < election_timeout);
-            if recently || !shard.raft.is_leader() {
-                continue;
+        let Some((slot, to)) = handover(&node, election_timeout) else { continue };
+        let shard = &node.shards[slot];
+        let id = shard.raft.shard();
+        quiet_until = tokio::time::Instant::now() + election_timeout;
+        match shard.raft.transfer_leadership(to).await {
+            Ok(()) => {
+                refused = None;
+                tracing::info!(shard = %id, to, "handing leadership over to spread the shards' leaders");
             }
-            last_try.insert(id, tokio::time::Instant::now());
-            match shard.raft.transfer_leadership(target).await {
-                Ok(()) => {
-                    refused.remove(&id);
-                    tracing::info!(shard = %id, to = target, "handing leadership to shard 0's leader")
-                }
-                Err(e) if refused.insert(id, target) != Some(target) => {
-                    tracing::warn!(shard = %id, to = target, error = %e, "cannot hand this shard to shard 0's leader; clients are refused for it until that is possible")
-                }
-                Err(e) => {
-                    tracing::debug!(shard = %id, to = target, error = %e, "leadership handover still not possible")
-                }
+            Err(e) if refused.replace((id, to)) != Some((id, to)) => {
+                tracing::warn!(shard = %id, to, error = %e, "cannot hand this shard over to spread the leaders")
             }
+            Err(e) => tracing::debug!(shard = %id, to, error = %e, "leadership handover still not possible"),
         }
     }
 }
 
-/// How often a node checks that the shards it leads follow shard 0.
-const ALIGN_PERIOD: Duration = Duration::from_millis(100);
+/// How often a node looks at how the leaders are spread.
+const BALANCE_PERIOD: Duration = Duration::from_millis(250);
+/// How far behind the leader's log a node may be and still be handed a
+/// shard (it must win the election the handover starts).
+const HANDOVER_MAX_LAG: u64 = 100;
+
+/// The shard this node should hand over now, and to whom, if any.
+fn handover(node: &Node, election_timeout: Duration) -> Option<(usize, u64)> {
+    let statuses: Vec<_> = node.shards.iter().map(|s| s.raft.status()).collect();
+    let leaders: Vec<Option<u64>> = statuses.iter().map(|s| s.leader_id).collect();
+    let led_here = statuses.iter().position(|s| s.leader_id == Some(node.node_id) && s.replication.is_some())?;
+    let progress = statuses[led_here].replication.as_ref()?;
+    // Only voters of every shard that answered this node lately are given
+    // shards: a handover to a node that is down costs an election.
+    let candidates: BTreeSet<u64> = statuses[0]
+        .voters
+        .iter()
+        .copied()
+        .filter(|id| statuses.iter().all(|s| s.voters.contains(id)))
+        .filter(|id| {
+            *id == node.node_id || progress.get(id).and_then(|p| p.last_heard).is_some_and(|ago| ago < election_timeout)
+        })
+        .collect();
+    let caught_up = |slot: usize, to: u64| {
+        let status = &statuses[slot];
+        let matched = status.replication.as_ref().and_then(|r| r.get(&to)).and_then(|p| p.matched_index);
+        matched.is_some_and(|m| m + HANDOVER_MAX_LAG >= status.last_log_index)
+    };
+    pick_handover(node.node_id, &leaders, &candidates, caught_up)
+}
+
+/// Given each shard's leader (None: an election is under way) and the
+/// nodes that may lead, the shard `me` hands over and to whom: one it
+/// leads, to the candidate leading the fewest (the lowest id of those),
+/// when `me` leads at least two more than it. `ready(slot, to)` says
+/// whether `to` could take shard `slot` now. Nothing moves while any shard
+/// has no leader.
+fn pick_handover(
+    me: u64,
+    leaders: &[Option<u64>],
+    candidates: &BTreeSet<u64>,
+    ready: impl Fn(usize, u64) -> bool,
+) -> Option<(usize, u64)> {
+    if leaders.iter().any(Option::is_none) {
+        return None;
+    }
+    let led = |id: u64| leaders.iter().filter(|l| **l == Some(id)).count();
+    let (fewest, to) = candidates.iter().filter(|id| **id != me).map(|id| (led(*id), *id)).min()?;
+    if led(me) < fewest + 2 {
+        return None;
+    }
+    // The highest shard first: shard 0 moves last, so where it is says
+    // little about where the others are.
+    let slot = (0..leaders.len()).rev().find(|slot| leaders[*slot] == Some(me) && ready(*slot, to))?;
+    Some((slot, to))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::pick_handover;
+
+    fn ids(ids: &[u64]) -> BTreeSet<u64> {
+        ids.iter().copied().collect()
+    }
+
+    #[test]
+    fn leaders_spread_one_handover_at_a_time_and_settle() {
+        let all = ids(&[1, 2, 3]);
+        let ready = |_: usize, _: u64| true;
+        // Everything on node 1: it hands its highest shard to the lowest
+        // idle node, and the others have nothing to hand over.
+        let mut leaders = vec![Some(1); 3];
+        assert_eq!(pick_handover(1, &leaders, &all, ready), Some((2, 2)));
+        assert_eq!(pick_handover(2, &leaders, &all, ready), None);
+        leaders[2] = Some(2);
+        assert_eq!(pick_handover(1, &leaders, &all, ready), Some((1, 3)));
+        leaders[1] = Some(3);
+        for me in 1..=3 {
+            assert_eq!(pick_handover(me, &leaders, &all, ready), None, "settled: one shard each");
+        }
+        // Four shards on three nodes: 2, 1, 1 is as even as it gets.
+        let four = [Some(1), Some(1), Some(2), Some(3)];
+        assert!((1..=3).all(|me| pick_handover(me, &four, &all, ready).is_none()));
+    }
+
+    #[test]
+    fn nothing_moves_during_an_election_or_toward_a_node_that_cannot_take_it() {
+        let all = ids(&[1, 2, 3]);
+        let electing = [Some(1), Some(1), None];
+        assert_eq!(pick_handover(1, &electing, &all, |_, _| true), None);
+        // Node 3 is down (not a candidate): 2 and 1 is even among the rest.
+        let after_failover = [Some(1), Some(1), Some(2)];
+        assert_eq!(pick_handover(1, &after_failover, &ids(&[1, 2]), |_, _| true), None);
+        // Node 3 came back but has not caught up with shard 1 yet: shard 0 goes.
+        let led_by_one = [Some(1), Some(1), Some(1)];
+        assert_eq!(pick_handover(1, &led_by_one, &ids(&[1, 3]), |slot, _| slot != 2), Some((1, 3)));
+        assert_eq!(pick_handover(1, &led_by_one, &ids(&[1, 3]), |_, _| false), None);
+        // A single shard never moves.
+        assert_eq!(pick_handover(1, &[Some(1)], &all, |_, _| true), None);
+    }
+}

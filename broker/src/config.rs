@@ -81,11 +81,10 @@ pub struct Config {
     /// (default 5s).
     #[serde(with = "humantime_serde_compat")]
     pub token_reload_interval: Duration,
-    /// Keep every shard led by shard 0's leader (`cluster::align_leaders`).
-    /// Not a flag: worker streams need it; tests turn it off to prove that
-    /// unary calls are served whichever node leads each shard.
+    /// Spread the shards' leaders over the nodes (`cluster::balance_leaders`).
+    /// Not a flag: tests turn it off to place leaders themselves.
     #[serde(skip)]
-    pub align_leaders: bool,
+    pub balance_leaders: bool,
 }
 
 impl Default for Config {
@@ -115,7 +114,7 @@ impl Default for Config {
             peer_tls_ca: None,
             token_file: None,
             token_reload_interval: Duration::from_secs(5),
-            align_leaders: true,
+            balance_leaders: true,
         }
     }
 }

@@ -228,8 +228,8 @@ pub async fn start_with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<R
     if !config.join.is_empty() {
         tokio::spawn(cluster::join(node.clone(), config.join.clone(), shutdown_rx.clone()));
     }
-    if node.shards.len() > 1 && config.align_leaders {
-        tokio::spawn(cluster::align_leaders(node.clone(), config.election_timeout, shutdown_rx.clone()));
+    if node.shards.len() > 1 && config.balance_leaders {
+        tokio::spawn(cluster::balance_leaders(node.clone(), config.election_timeout, shutdown_rx.clone()));
     }
 
     let router = server_builder(security.client_tls.as_ref())?
@@ -263,15 +263,10 @@ pub async fn start_with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<R
             }
         };
         health_task.abort();
-        // Shard 0 goes to a voter of every shard (the others follow it).
-        let (first, rest) = task_node.shards.split_first().expect("at least one shard");
-        let voters: Vec<_> = rest.iter().map(|s| s.raft.status().voters).collect();
-        let voter_of_all = first.raft.most_replicated_voter(|id| voters.iter().all(|v| v.contains(&id)));
-        first.raft.hand_over_leadership(HANDOVER_TIMEOUT, voter_of_all).await;
-        // The others at once, to shard 0's new leader: one timeout in all,
-        // however many shards.
-        let successor = first.raft.leader().map(|(id, _)| id).filter(|id| *id != task_node.node_id);
-        futures::future::join_all(rest.iter().map(|s| s.raft.hand_over_leadership(HANDOVER_TIMEOUT, successor))).await;
+        // Each shard led here goes to its most caught-up live voter, all
+        // at once: one timeout in all, however many shards.
+        let handovers = task_node.shards.iter().map(|s| s.raft.hand_over_leadership(HANDOVER_TIMEOUT, None));
+        futures::future::join_all(handovers).await;
         for shard in &task_node.shards {
             shard.raft.shutdown().await;
         }

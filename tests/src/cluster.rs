@@ -26,12 +26,10 @@ pub async fn cluster_status(addr: SocketAddr) -> Option<proto::ClusterStatusResp
     admin.cluster_status(request).await.ok().map(|r| r.into_inner())
 }
 
-/// The leader of every shard as `addr` sees it (node id), if one node
-/// leads them all.
-pub async fn leader_seen_by(addr: SocketAddr) -> Option<u64> {
+/// Each shard's leader as `addr` sees it (node ids), if every shard has one.
+pub async fn leaders_seen_by(addr: SocketAddr) -> Option<Vec<u64>> {
     let status = cluster_status(addr).await?;
-    let leader = status.shards.first().map(|s| s.leader_id).filter(|id| *id != 0)?;
-    status.shards.iter().all(|s| s.leader_id == leader).then_some(leader)
+    status.shards.iter().map(|s| Some(s.leader_id).filter(|id| *id != 0)).collect()
 }
 
 /// Brokers of one cluster inside the test process. Node `i` (0-based) has
@@ -142,35 +140,41 @@ impl TestCluster {
         self.nodes[i].is_some()
     }
 
-    /// Waits until every running node names the same leader for every
-    /// shard (shards follow shard 0's leader), which is running too and
-    /// leads them all; returns its index.
+    /// Waits until every running node names the same leader for each
+    /// shard, each running and established; returns the index of shard 0's.
     pub async fn wait_for_leader(&self) -> usize {
-        eventually("one leader of every shard, seen by every running node", CLUSTER_WAIT, || async {
-            let mut seen = None;
-            // Asked in-process, not over the client port: clusters with TLS
-            // or tokens there work the same. `leader()` also needs the
-            // leader's addresses, which forwarding uses.
-            for i in (0..self.addrs.len()).filter(|i| self.is_running(*i) && self.is_member(*i)) {
-                for shard in &self.nodes[i].as_ref()?.node().shards {
-                    let (leader, _) = shard.raft.leader()?;
+        self.wait_for_leaders().await[0]
+    }
+
+    /// Like `wait_for_leader`; returns the index of each shard's leader.
+    pub async fn wait_for_leaders(&self) -> Vec<usize> {
+        eventually("a leader of every shard, seen by every running node", CLUSTER_WAIT, || async {
+            let shards = self.nodes.iter().flatten().next()?.node().shards.len();
+            let mut leaders = Vec::with_capacity(shards);
+            for slot in 0..shards {
+                let mut seen = None;
+                // Asked in-process, not over the client port: clusters with
+                // TLS or tokens there work the same. `leader()` also needs
+                // the leader's addresses, which forwarding uses.
+                for i in (0..self.addrs.len()).filter(|i| self.is_running(*i) && self.is_member(*i)) {
+                    let (leader, _) = self.nodes[i].as_ref()?.node().shards[slot].raft.leader()?;
                     if seen.is_some_and(|s| s != leader) {
                         return None;
                     }
                     seen = Some(leader);
                 }
-            }
-            let index = seen? as usize - 1;
-            for shard in &self.nodes.get(index)?.as_ref()?.node().shards {
+                let index = seen? as usize - 1;
                 // A new leader takes writes once the blank entry of its term
                 // is committed; until then it answers "no leader" (retryable).
+                let shard = &self.nodes.get(index)?.as_ref()?.node().shards[slot];
                 let status = shard.raft.status();
                 let established = status.last_log_index > 0 && status.commit_index >= status.last_log_index;
                 if !(shard.raft.is_leader() && established) {
                     return None;
                 }
+                leaders.push(index);
             }
-            Some(index)
+            Some(leaders)
         })
         .await
     }
@@ -292,24 +296,30 @@ impl BinaryCluster {
         self.wait_for_leader_other_than(None).await
     }
 
-    /// Like [`wait_for_leader`](Self::wait_for_leader), for a leader that
-    /// is not node `old` (after `old` was killed or paused).
+    /// Like [`wait_for_leader`](Self::wait_for_leader), for leaders that
+    /// are not node `old` (after `old` was killed or paused).
     pub async fn wait_for_leader_other_than(&self, old: Option<usize>) -> usize {
+        self.wait_for_leaders_other_than(old).await[0]
+    }
+
+    /// The index of each shard's leader, as every live node names it, none
+    /// of them node `old`.
+    pub async fn wait_for_leaders_other_than(&self, old: Option<usize>) -> Vec<usize> {
         let what = match old {
-            Some(old) => format!("a leader other than node {} seen by every live node", old + 1),
-            None => "one leader seen by every live node".to_owned(),
+            Some(old) => format!("leaders other than node {} seen by every live node", old + 1),
+            None => "the same leaders seen by every live node".to_owned(),
         };
         eventually(&what, CLUSTER_WAIT, || async {
             let mut seen = None;
             for i in (0..self.nodes.len()).filter(|i| self.is_live(*i)) {
-                let leader = leader_seen_by(self.nodes[i].addr).await?;
-                if seen.is_some_and(|s| s != leader) {
+                let leaders = leaders_seen_by(self.nodes[i].addr).await?;
+                if seen.as_ref().is_some_and(|s| *s != leaders) {
                     return None;
                 }
-                seen = Some(leader);
+                seen = Some(leaders);
             }
-            let index = seen? as usize - 1;
-            (self.is_live(index) && Some(index) != old).then_some(index)
+            let indexes: Vec<usize> = seen?.into_iter().map(|id| id as usize - 1).collect();
+            indexes.iter().all(|i| self.is_live(*i) && Some(*i) != old).then_some(indexes)
         })
         .await
     }

@@ -57,8 +57,7 @@ pub enum ClusterCommand {
         #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
         above: Option<u64>,
     },
-    /// Hand leadership to another voter: of shard 0, which every other shard
-    /// follows (only shard 0 is accepted).
+    /// Hand a shard's leadership to another voter (shard 0 unless named).
     TransferLeader {
         #[arg(long, default_value_t = 0)]
         shard: u32,

@@ -47,7 +47,7 @@ impl Live {
     }
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct LiveInfo {
     pub session_id: SessionId,
     pub last_seen_age: Duration,
@@ -185,12 +185,16 @@ impl Registry {
         }
     }
 
-    pub fn info(&self, session_id: &SessionId) -> Option<LiveInfo> {
-        self.lock().get(session_id).map(|live| LiveInfo {
-            session_id: session_id.clone(),
-            last_seen_age: live.last_seen.elapsed(),
-            connected: live.stream.is_some(),
-        })
+    /// Every session this node has heard from, as `info` says it.
+    pub fn live(&self) -> Vec<LiveInfo> {
+        self.lock()
+            .iter()
+            .map(|(session_id, live)| LiveInfo {
+                session_id: session_id.clone(),
+                last_seen_age: live.last_seen.elapsed(),
+                connected: live.stream.is_some(),
+            })
+            .collect()
     }
 }
 
@@ -250,6 +254,6 @@ mod tests {
         registry.attach(&s, tx);
         std::thread::sleep(Duration::from_millis(2));
         assert!(registry.silent([&s], Duration::ZERO).is_empty(), "expired twice");
-        assert!(registry.info(&s).unwrap().connected);
+        assert!(registry.live().iter().any(|l| l.session_id == s && l.connected));
     }
 }

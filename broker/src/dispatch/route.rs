@@ -12,14 +12,39 @@ use std::{sync::Arc, time::Duration};
 use gantry_proto::peer::{self as pb, shard_service_client::ShardServiceClient, shard_service_server::ShardService};
 use tonic::{Request, Response, Status};
 
-use super::{ShardNode, proposer::Committed};
+use super::{ShardNode, proposer::Committed, registry::LiveInfo};
 use crate::{
     queue::{Applied, Command},
     raft::{
-        ProposeError,
+        GantryNode, MembershipError, ProposeError,
         network::{PEER_MAX_MESSAGE_BYTES, decode, encode, never_sent},
     },
 };
+
+/// A change of a shard's Raft group, made by its leader.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub enum ShardChange {
+    /// Adds the node as a learner and waits until it has caught up.
+    AddLearner {
+        node_id: u64,
+        node: GantryNode,
+    },
+    /// Makes the node a voter (a learner first, caught up).
+    AddVoter {
+        node_id: u64,
+        node: GantryNode,
+    },
+    Remove {
+        node_id: u64,
+    },
+    TransferLeader {
+        to: u64,
+    },
+}
+
+/// Longest a membership change may take: a new member catches up first,
+/// which takes as long as sending it the shard's state.
+const CHANGE_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// Longest wait for the leader's answer: a commit takes milliseconds, so
 /// this only ends a call to a leader that hangs (stopped, partitioned).
@@ -97,6 +122,61 @@ impl ShardNode {
         if self.applied_through(index).await { Ok(()) } else { Err(ProposeError::Lagging { shard, index }) }
     }
 
+    /// Changes the shard's group on its leader, wherever that is.
+    pub async fn change(&self, change: ShardChange) -> Result<(), MembershipError> {
+        let Some((leader, peer)) = self.remote_leader()? else {
+            return self.change_here(change).await;
+        };
+        let shard = self.raft.shard();
+        let payload = encode(&change)
+            .map_err(|e| ProposeError::Stopped { shard, message: format!("cannot encode the change: {e}") })?;
+        let mut request = Request::new(pb::ChangeShardRequest { shard: shard.0, change: payload });
+        request.set_timeout(CHANGE_TIMEOUT);
+        // A change may be asked again: adding a member it has, or handing
+        // leadership to the leader, does nothing.
+        let answer =
+            self.leader_client(leader, &peer)?.change_shard(request).await.map_err(|status| {
+                ProposeError::LeaderUnreachable { shard, leader, message: status.message().into() }
+            })?;
+        decode(&answer.into_inner().outcome).map_err(|e| {
+            MembershipError::from(ProposeError::LeaderUnreachable {
+                shard,
+                leader,
+                message: format!("undecodable answer: {e}"),
+            })
+        })?
+    }
+
+    /// Only here: a node that does not lead the shard says so.
+    async fn change_here(&self, change: ShardChange) -> Result<(), MembershipError> {
+        match change {
+            ShardChange::AddLearner { node_id, node } => self.raft.add_learner(node_id, node).await,
+            ShardChange::AddVoter { node_id, node } => self.raft.add_member(node_id, node).await,
+            ShardChange::Remove { node_id } => self.raft.remove_member(node_id).await,
+            ShardChange::TransferLeader { to } if self.raft.leader().is_some_and(|(id, _)| id == to) => Ok(()),
+            ShardChange::TransferLeader { to } => self.raft.transfer_leadership(to).await,
+        }
+    }
+
+    /// The sessions the shard's leader hears from (its heartbeat table).
+    pub async fn live_sessions(&self) -> Result<Vec<LiveInfo>, ProposeError> {
+        let Some((leader, peer)) = self.remote_leader()? else {
+            return Ok(self.registry.live());
+        };
+        let shard = self.raft.shard();
+        let mut request = Request::new(pb::LiveSessionsRequest { shard: shard.0 });
+        request.set_timeout(REMOTE_TIMEOUT);
+        let answer =
+            self.leader_client(leader, &peer)?.live_sessions(request).await.map_err(|status| {
+                ProposeError::LeaderUnreachable { shard, leader, message: status.message().into() }
+            })?;
+        decode(&answer.into_inner().outcome).map_err(|e| ProposeError::LeaderUnreachable {
+            shard,
+            leader,
+            message: format!("undecodable answer: {e}"),
+        })?
+    }
+
     /// The leader's id and peer address when another node leads this shard;
     /// None when this node does.
     fn remote_leader(&self) -> Result<Option<(u64, String)>, ProposeError> {
@@ -154,7 +234,7 @@ impl ShardCommands {
     }
 }
 
-fn encoded<T: serde::Serialize>(outcome: &Result<T, ProposeError>) -> Result<Vec<u8>, Status> {
+fn encoded<T: serde::Serialize, E: serde::Serialize>(outcome: &Result<T, E>) -> Result<Vec<u8>, Status> {
     encode(outcome).map_err(|e| Status::internal(format!("cannot encode the outcome: {e}")))
 }
 
@@ -178,5 +258,32 @@ impl ShardService for ShardCommands {
         let shard = self.shard(request.get_ref().shard)?;
         let outcome = shard.raft.read_index().await;
         Ok(Response::new(pb::ReadIndexResponse { outcome: encoded(&outcome)? }))
+    }
+
+    async fn change_shard(
+        &self,
+        request: Request<pb::ChangeShardRequest>,
+    ) -> Result<Response<pb::ChangeShardResponse>, Status> {
+        let request = request.into_inner();
+        let shard = self.shard(request.shard)?;
+        let change: ShardChange =
+            decode(&request.change).map_err(|e| Status::invalid_argument(format!("change: {e}")))?;
+        tracing::info!(shard = %shard.raft.shard(), ?change, "changing the shard's group for another node");
+        let outcome = shard.change_here(change).await;
+        Ok(Response::new(pb::ChangeShardResponse { outcome: encoded(&outcome)? }))
+    }
+
+    async fn live_sessions(
+        &self,
+        request: Request<pb::LiveSessionsRequest>,
+    ) -> Result<Response<pb::LiveSessionsResponse>, Status> {
+        let shard = self.shard(request.get_ref().shard)?;
+        let outcome = if shard.raft.is_leader() {
+            Ok(shard.registry.live())
+        } else {
+            let leader = shard.raft.leader().map(|(id, node)| (id, node.client));
+            Err(ProposeError::NotLeader { shard: shard.raft.shard(), leader })
+        };
+        Ok(Response::new(pb::LiveSessionsResponse { outcome: encoded(&outcome)? }))
     }
 }

@@ -11,7 +11,7 @@ use super::{
     status, validate,
 };
 use crate::{
-    dispatch::{Node, ShardNode},
+    dispatch::{Node, ShardNode, registry::LiveInfo, route::ShardChange},
     queue::{Applied, Command, ExpiryReason, JobId},
     raft::ProposeError,
 };
@@ -171,14 +171,17 @@ impl Admin for AdminService {
         }
         let member = crate::raft::GantryNode { client: info.client_address, peer: request.address.clone() };
         // Learner of every shard first, then voter, shard 0 last: a node
-        // that could lead shard 0 is a voter of every shard, so the other
-        // shards can follow it there (cluster::align_leaders).
+        // that could lead shard 0 is a voter of every shard. Each change is
+        // made by its shard's leader, wherever that is.
+        let node_id = request.node_id;
         for shard in &self.node.shards {
-            tracing::info!(shard = %shard.raft.shard(), node = request.node_id, %member, "adding node as a learner; it becomes a voter once every shard caught it up");
-            shard.raft.add_learner(request.node_id, member.clone()).await.map_err(status::membership_error)?;
+            tracing::info!(shard = %shard.raft.shard(), node = node_id, %member, "adding node as a learner; it becomes a voter once every shard caught it up");
+            let change = ShardChange::AddLearner { node_id, node: member.clone() };
+            shard.change(change).await.map_err(status::membership_error)?;
         }
         for shard in self.node.shards.iter().rev() {
-            shard.raft.add_member(request.node_id, member.clone()).await.map_err(status::membership_error)?;
+            let change = ShardChange::AddVoter { node_id, node: member.clone() };
+            shard.change(change).await.map_err(status::membership_error)?;
         }
         Ok(Response::new(self.cluster_view().await))
     }
@@ -197,7 +200,7 @@ impl Admin for AdminService {
         }
         for shard in member_of {
             tracing::info!(shard = %shard.raft.shard(), node = node_id, "removing node");
-            shard.raft.remove_member(node_id).await.map_err(status::membership_error)?;
+            shard.change(ShardChange::Remove { node_id }).await.map_err(status::membership_error)?;
         }
         Ok(Response::new(self.cluster_view().await))
     }
@@ -213,39 +216,29 @@ impl Admin for AdminService {
             .iter()
             .find(|s| s.raft.shard().0 == request.shard)
             .ok_or_else(|| Status::not_found(format!("shard: this cluster has no shard {}", request.shard)))?;
-        if shard.raft.shard().0 != 0 {
+        if !shard.raft.status().voters.contains(&request.node_id) {
             return Err(Status::failed_precondition(format!(
-                "shard: every shard follows the leader of shard 0 (the node clients are sent to); transfer shard 0 and shard {} moves with it",
-                request.shard
-            )));
-        }
-        if let Some(shard) = self.node.shards.iter().find(|s| !s.raft.status().voters.contains(&request.node_id)) {
-            return Err(Status::failed_precondition(format!(
-                "node_id: node {} is not a voter of shard {} (yet): it could not lead every shard",
+                "node_id: node {} is not a voter of shard {}",
                 request.node_id,
                 shard.raft.shard()
             )));
         }
-        let led_by_target =
-            |node: &Node| node.shards.iter().all(|s| s.raft.leader().is_some_and(|(id, _)| id == request.node_id));
-        if led_by_target(&self.node) {
-            return Ok(Response::new(self.cluster_view().await));
+        let led_by_target = || shard.raft.leader().is_some_and(|(id, _)| id == request.node_id);
+        if !led_by_target() {
+            let change = ShardChange::TransferLeader { to: request.node_id };
+            shard.change(change).await.map_err(status::membership_error)?;
         }
-        if shard.raft.leader().is_none_or(|(id, _)| id != request.node_id) {
-            shard.raft.transfer_leadership(request.node_id).await.map_err(status::membership_error)?;
-        }
-        // Answer once the handover happened (the other shards follow shard
-        // 0: cluster::align_leaders), or failed, bounded.
+        // Answer once the handover happened, or failed, bounded.
         let deadline = tokio::time::Instant::now() + self.node.settings.session_ttl;
         while tokio::time::Instant::now() < deadline {
-            if led_by_target(&self.node) {
+            if led_by_target() {
                 return Ok(Response::new(self.cluster_view().await));
             }
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
         Err(Status::unavailable(format!(
-            "node {} did not take over every shard in time; see ClusterStatus",
-            request.node_id
+            "node {} did not take over shard {} in time; see ClusterStatus",
+            request.node_id, request.shard
         )))
     }
 
@@ -406,7 +399,9 @@ impl Admin for AdminService {
         }
         let mut workers = Vec::new();
         for shard in &self.node.shards {
-            workers.extend(list_shard_workers(shard));
+            // Heartbeats live in the memory of the shard's leader.
+            let live = shard.live_sessions().await.map_err(status::propose_error)?;
+            workers.extend(list_shard_workers(shard, live));
         }
         // A session spans the shards of its queues: one row, their sums.
         workers.sort_by(|a, b| a.session_id.cmp(&b.session_id));
@@ -461,14 +456,15 @@ impl Admin for AdminService {
     }
 }
 
-fn list_shard_workers(shard: &ShardNode) -> Vec<proto::WorkerInfo> {
+fn list_shard_workers(shard: &ShardNode, live: Vec<LiveInfo>) -> Vec<proto::WorkerInfo> {
+    let live: std::collections::HashMap<_, _> = live.into_iter().map(|l| (l.session_id.clone(), l)).collect();
     let applied = shard.raft.state().read();
     applied
         .queue
         .sessions()
         .iter()
         .map(|(session_id, session)| {
-            let live = shard.registry.info(session_id);
+            let live = live.get(session_id);
             proto::WorkerInfo {
                 session_id: session_id.to_string(),
                 worker_id: session.worker_id.clone(),

@@ -1,14 +1,10 @@
-//! Worker streams, ListWorkers and membership changes need the leader's
-//! memory: a tower layer in front of the public services sends those calls
-//! to the leader's peer port, untouched, and says who the leader is in
+//! A worker stream whose node leads none of the shards, when one other
+//! node leads them all, goes whole to that node's peer port, untouched (no
+//! message decoded here), and the answer names the leader in
 //! `gantry-leader` metadata. Every other call is served by the node it
-//! reaches (`dispatch/route.rs` takes a shard's commands to its leader).
-//!
-//! Every shard is led by shard 0's leader (`cluster::align_leaders`), so
-//! these calls go to shard 0's leader: the route is decided from the path
-//! alone, without decoding the request. Right after a failover, before the
-//! shards are aligned again, that node answers UNAVAILABLE for a shard it
-//! does not lead yet.
+//! reaches: unary calls send a shard's commands to its leader
+//! (`dispatch/route.rs`), a stream over shards led by several nodes opens a
+//! part on each (`relay.rs`).
 
 use std::{
     pin::Pin,
@@ -63,22 +59,6 @@ pub struct Forward<S> {
 
 const WORKER_CONNECT: &str = "/gantry.v1.Worker/Connect";
 
-/// Whether a call needs the leader's memory: worker streams (sessions live
-/// there), ListWorkers (which ones are connected, their heartbeats) and
-/// membership changes (only a leader changes a group's membership). Every
-/// other call is served by the node it reaches, which sends the commands of
-/// a shard it does not lead to that shard's leader (`dispatch/route.rs`).
-fn needs_leader(path: &str) -> bool {
-    matches!(
-        path,
-        WORKER_CONNECT
-            | "/gantry.v1.Admin/ListWorkers"
-            | "/gantry.v1.Admin/AddNode"
-            | "/gantry.v1.Admin/RemoveNode"
-            | "/gantry.v1.Admin/TransferLeader"
-    )
-}
-
 /// Whether one other node leads every shard: a worker stream then goes to
 /// it untouched, whatever its queues. Otherwise the stream is served here,
 /// with one part per other leader of its shards (`grpc/relay.rs`).
@@ -112,11 +92,7 @@ where
 
     fn call(&mut self, mut request: Request<Body>) -> BoxFuture {
         let shard = &self.node.shards[0];
-        let path = request.uri().path();
-        let served_here = !needs_leader(path)
-            || shard.raft.is_leader()
-            || (path == WORKER_CONNECT && !led_by_one_other_node(&self.node));
-        if served_here {
+        if request.uri().path() != WORKER_CONNECT || !led_by_one_other_node(&self.node) {
             // The clone is not ready; the ready one serves this call.
             let clone = self.inner.clone();
             let mut inner = std::mem::replace(&mut self.inner, clone);
@@ -198,7 +174,6 @@ where
 
 #[cfg(test)]
 mod tests {
-    use super::needs_leader;
     use crate::raft::network::never_sent;
 
     #[tokio::test]
@@ -218,18 +193,5 @@ mod tests {
         // A broken connection mid-call carries no connect error.
         let lost = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset by peer");
         assert!(!never_sent(&lost));
-    }
-
-    #[test]
-    fn routes_by_path() {
-        assert!(needs_leader("/gantry.v1.Worker/Connect"));
-        assert!(needs_leader("/gantry.v1.Admin/AddNode"));
-        assert!(needs_leader("/gantry.v1.Admin/ListWorkers"));
-        assert!(!needs_leader("/gantry.v1.Jobs/Enqueue"));
-        assert!(!needs_leader("/gantry.v1.Admin/PurgeQueue"));
-        assert!(!needs_leader("/gantry.v1.Admin/ClusterStatus"));
-        assert!(!needs_leader("/grpc.health.v1.Health/Check"));
-        assert!(!needs_leader("/gantry.peer.v1.PeerService/Raft"));
-        assert!(!needs_leader("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"));
     }
 }

@@ -85,8 +85,9 @@ pub enum ProposeError {
     Lagging { shard: ShardId, index: u64 },
 }
 
-/// Why a membership change was refused.
-#[derive(Debug, Clone, thiserror::Error)]
+/// Why a membership change was refused. Crosses the peer port when another
+/// node asked this one to change a shard it leads (postcard).
+#[derive(Debug, Clone, thiserror::Error, serde::Serialize, serde::Deserialize)]
 pub enum MembershipError {
     #[error(transparent)]
     Propose(#[from] ProposeError),

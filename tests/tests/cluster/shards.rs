@@ -1,7 +1,7 @@
 //! Several shards (Raft groups) per cluster: queues spread over them by
-//! hash, the count is fixed when the cluster is created, every shard is led
-//! by the node that leads shard 0, through failovers and handovers, and any
-//! node serves the unary calls of a shard another node leads.
+//! hash, the count is fixed when the cluster is created, the shards'
+//! leaders spread over the nodes (again after a failover), and any node
+//! serves the calls and worker streams of shards other nodes lead.
 
 use std::{
     collections::HashMap,
@@ -162,26 +162,32 @@ fn leaders(cluster: &TestCluster, node: usize) -> Vec<Option<u64>> {
 /// Job id -> fencing tokens of every run the handler saw.
 type Runs = HashMap<String, Vec<u64>>;
 
+/// How many shards each node (0-based) leads, as node `node` sees it.
+fn led_per_node(cluster: &TestCluster, node: usize) -> Vec<usize> {
+    let leaders = leaders(cluster, node);
+    (0..3).map(|i| leaders.iter().filter(|l| **l == Some(i as u64 + 1)).count()).collect()
+}
+
+async fn wait_spread(cluster: &TestCluster, running: &[usize], what: &str) {
+    eventually(what, CLUSTER_WAIT, || async {
+        let counts = led_per_node(cluster, running[0]);
+        let even = running.iter().all(|i| counts[*i] >= 1) && running.iter().map(|i| counts[*i]).sum::<usize>() == 3;
+        even.then_some(())
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_shard_follows_shard_zeros_leader_through_failover() {
+async fn shard_leaders_spread_over_the_nodes_and_again_after_a_failover() {
     let mut cluster = TestCluster::start_with(3, |c| c.shards = 3).await;
+    cluster.wait_for_leader().await;
+    // All three shards start on the initializer; they spread by themselves.
+    wait_spread(&cluster, &[0, 1, 2], "one shard led by each node").await;
     let leader = cluster.wait_for_leader().await;
     let follower = cluster.other(leader);
     let status = cluster_status(cluster.addrs[follower]).await.expect("status");
     assert_eq!(status.shards.len(), 3, "{status:?}");
-    assert!(status.shards.iter().all(|s| s.leader_id == leader as u64 + 1 && s.voters.len() == 3), "{status:?}");
-
-    // A shard led elsewhere is handed back to shard 0's leader.
-    // (Its stay there may be too short to see: two more terms show it.)
-    let shard1 = &cluster.server(leader).node().shards[1].raft;
-    let term = shard1.status().term;
-    shard1.transfer_leadership(follower as u64 + 1).await.expect("transfer shard 1 away");
-    eventually("shard 1 led by another node, then by shard 0's leader again", CLUSTER_WAIT, || async {
-        let back = shard1.is_leader() && shard1.status().term >= term + 2;
-        (back && leaders(&cluster, follower)[1] == Some(leader as u64 + 1)).then_some(())
-    })
-    .await;
-    assert_eq!(cluster.wait_for_leader().await, leader, "shard 1 came back to shard 0's leader");
+    assert!(status.shards.iter().all(|s| s.voters.len() == 3), "{status:?}");
 
     // Slow jobs in every shard are held by one worker while the leader goes.
     let queues = queue_per_shard(3);
@@ -209,9 +215,12 @@ async fn every_shard_follows_shard_zeros_leader_through_failover() {
     })
     .await;
 
+    // Shard 0's leader goes; its shard is led by one of the two others.
     cluster.stop(leader).await;
     let new_leader = cluster.wait_for_leader().await;
     assert_ne!(new_leader, leader);
+    let running: Vec<usize> = (0..3).filter(|i| *i != leader).collect();
+    wait_spread(&cluster, &running, "the two running nodes lead every shard, each at least one").await;
     for queue in &queues {
         ids.push(client.enqueue(queue.as_str(), "after").send().await.expect("enqueue after failover").job_id);
     }
@@ -232,21 +241,23 @@ async fn every_shard_follows_shard_zeros_leader_through_failover() {
     assert!(runs.values().all(|r| r.len() == 1), "a job ran twice: {runs:?}");
     worker.shutdown().await;
 
-    // TransferLeader names shard 0; the other shards move with it.
-    let target = cluster.other(new_leader);
-    let mut admin = cluster.admin(target);
+    // The node comes back and is given a shard again.
+    cluster.restart(leader).await;
+    wait_spread(&cluster, &[0, 1, 2], "one shard led by each node again").await;
+
+    // TransferLeader moves the shard it names, from any node.
+    let leaders_now = cluster.wait_for_leaders().await;
+    let target = (0..3).find(|i| *i != leaders_now[2]).expect("another node");
+    let mut admin = cluster.admin(leaders_now[0]);
     let moved = admin
-        .transfer_leader(proto::TransferLeaderRequest { shard: 0, node_id: target as u64 + 1 })
+        .transfer_leader(proto::TransferLeaderRequest { shard: 2, node_id: target as u64 + 1 })
         .await
-        .expect("transfer shard 0")
+        .expect("transfer shard 2")
         .into_inner();
-    assert!(moved.shards.iter().all(|s| s.leader_id == target as u64 + 1), "{moved:?}");
-    let refused = admin
-        .transfer_leader(proto::TransferLeaderRequest { shard: 2, node_id: new_leader as u64 + 1 })
-        .await
-        .expect_err("shard 2 follows shard 0");
-    assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{refused:?}");
-    assert!(refused.message().contains("shard 0"), "{refused:?}");
+    assert_eq!(moved.shards[2].leader_id, target as u64 + 1, "{moved:?}");
+    let refused =
+        admin.transfer_leader(proto::TransferLeaderRequest { shard: 7, node_id: 1 }).await.expect_err("no shard 7");
+    assert_eq!(refused.code(), tonic::Code::NotFound, "{refused:?}");
 
     // A node started with another shard count cannot join.
     let stranger = TestBroker::start_with(|c| {
@@ -297,7 +308,7 @@ fn leader_hint<T>(response: &tonic::Response<T>) -> Option<String> {
 async fn every_node_serves_unary_calls_of_shards_led_by_other_nodes() {
     let cluster = TestCluster::start_with(3, |c| {
         c.shards = 3;
-        c.align_leaders = false;
+        c.balance_leaders = false;
     })
     .await;
     cluster.wait_for_leader().await;
@@ -391,7 +402,7 @@ async fn every_node_serves_unary_calls_of_shards_led_by_other_nodes() {
 async fn a_worker_stream_spans_shards_led_by_different_nodes() {
     let cluster = TestCluster::start_with(3, |c| {
         c.shards = 3;
-        c.align_leaders = false;
+        c.balance_leaders = false;
     })
     .await;
     cluster.wait_for_leader().await;
