@@ -158,17 +158,28 @@ async fn add_self(node: &Node, address: &str) -> Result<(), String> {
 /// leads (only a leader can hand leadership over): a node that leads at
 /// least two more shards than a live voter leading the fewest hands one to
 /// it. Shards elect apart after a failover and a node that comes back leads
-/// nothing; this evens them out again, one handover per election timeout
-/// per node, so leadership never moves faster than the cluster settles.
+/// nothing; this evens them out again, at most one handover per election
+/// timeout per node and none within two election timeouts of any leader
+/// change, so leadership never moves faster than the cluster settles.
 pub async fn balance_leaders(node: Arc<Node>, election_timeout: Duration, mut shutdown: watch::Receiver<bool>) {
     // A new or restarted cluster elects first.
     let mut quiet_until = tokio::time::Instant::now() + election_timeout * 2;
+    let mut leaders_seen = Vec::new();
     // Said once at warn, not per try.
     let mut refused: Option<(ShardId, u64)> = None;
     loop {
         tokio::select! {
             _ = tokio::time::sleep(BALANCE_PERIOD) => {}
             _ = shutdown.wait_for(|stop| *stop) => return,
+        }
+        // Any leader change (a failover, a node handing its shards over as
+        // it shuts down, an operator's TransferLeader) is let settle first:
+        // a node that just handed its shards over is about to go, and must
+        // not be handed one back while it still answers.
+        let leaders: Vec<Option<u64>> = node.shards.iter().map(|s| s.raft.leader().map(|(id, _)| id)).collect();
+        if leaders != leaders_seen {
+            leaders_seen = leaders;
+            quiet_until = quiet_until.max(tokio::time::Instant::now() + election_timeout * 2);
         }
         if tokio::time::Instant::now() < quiet_until {
             continue;
@@ -210,7 +221,10 @@ fn handover(node: &Node, election_timeout: Duration) -> Option<(usize, u64)> {
         .copied()
         .filter(|id| statuses.iter().all(|s| s.voters.contains(id)))
         .filter(|id| {
-            *id == node.node_id || progress.get(id).and_then(|p| p.last_heard).is_some_and(|ago| ago < election_timeout)
+            // Heard within a few Raft heartbeats, not merely before it
+            // would be voted out.
+            *id == node.node_id
+                || progress.get(id).and_then(|p| p.last_heard).is_some_and(|ago| ago < election_timeout / 4)
         })
         .collect();
     let caught_up = |slot: usize, to: u64| {
@@ -285,7 +299,7 @@ mod tests {
         // Node 3 is down (not a candidate): 2 and 1 is even among the rest.
         let after_failover = [Some(1), Some(1), Some(2)];
         assert_eq!(pick_handover(1, &after_failover, &ids(&[1, 2]), |_, _| true), None);
-        // Node 3 came back but has not caught up with shard 1 yet: shard 0 goes.
+        // Node 3 came back but has not caught up with shard 2 yet: shard 1 goes.
         let led_by_one = [Some(1), Some(1), Some(1)];
         assert_eq!(pick_handover(1, &led_by_one, &ids(&[1, 3]), |slot, _| slot != 2), Some((1, 3)));
         assert_eq!(pick_handover(1, &led_by_one, &ids(&[1, 3]), |_, _| false), None);

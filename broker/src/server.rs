@@ -180,8 +180,9 @@ pub async fn start_with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<R
         .build_v1alpha()
         .map_err(|e| BrokerError::Serve(e.to_string()))?;
 
-    // The peer port: Raft traffic, plus the public services for calls that
-    // followers forward here.
+    // The peer port: Raft traffic, the shards' commands and reads from other
+    // nodes (ShardService), and the public services for worker streams
+    // other nodes forward or relay here.
     let peer_service = PeerService::new(
         config.node_id,
         node.advertise.clone(),
@@ -265,7 +266,7 @@ pub async fn start_with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<R
         health_task.abort();
         // Each shard led here goes to its most caught-up live voter, all
         // at once: one timeout in all, however many shards.
-        let handovers = task_node.shards.iter().map(|s| s.raft.hand_over_leadership(HANDOVER_TIMEOUT, None));
+        let handovers = task_node.shards.iter().map(|s| s.raft.hand_over_leadership(HANDOVER_TIMEOUT));
         futures::future::join_all(handovers).await;
         for shard in &task_node.shards {
             shard.raft.shutdown().await;

@@ -58,13 +58,16 @@ pub type Rider = Box<dyn Fn(&[Command]) -> Option<Command> + Send + Sync>;
 #[derive(Clone)]
 pub struct Proposer {
     tx: mpsc::UnboundedSender<Pending>,
+    shard: crate::queue::ShardId,
+    node_id: u64,
 }
 
 impl Proposer {
     pub fn spawn(raft: Arc<ShardRaft>, clock: Arc<dyn Clock>, rider: Option<Rider>) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
+        let (shard, node_id) = (raft.shard(), raft.node_id());
         tokio::spawn(run(raft, clock, rider, rx));
-        Proposer { tx }
+        Proposer { tx, shard, node_id }
     }
 
     pub async fn propose(&self, command: Command) -> Result<Applied, ProposeError> {
@@ -80,9 +83,14 @@ impl Proposer {
     /// Commits the commands in one log entry, in order, and says which.
     pub async fn commit(&self, commands: Vec<Command>) -> Result<Committed, ProposeError> {
         let (reply, rx) = oneshot::channel();
-        let stopped = || ProposeError::Stopped { shard: Default::default(), message: "proposer stopped".into() };
-        self.tx.send(Pending { commands, reply }).map_err(|_| stopped())?;
-        rx.await.map_err(|_| stopped())?
+        let stopped = ProposeError::Stopped { shard: self.shard, message: "proposer stopped".into() };
+        self.tx.send(Pending { commands, reply }).map_err(|_| stopped)?;
+        // Taken by the proposer and then dropped: it may have been proposed.
+        rx.await.map_err(|_| ProposeError::OutcomeUnknown {
+            shard: self.shard,
+            leader: self.node_id,
+            message: "the proposer stopped with the commands in flight".into(),
+        })?
     }
 }
 

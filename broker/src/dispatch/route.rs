@@ -3,9 +3,10 @@
 //! over the peer port (`gantry.peer.v1.ShardService`). Reads are follower
 //! reads: the leader confirms its leadership with a quorum and names an
 //! index, and this node answers from its own state once it has applied
-//! that far. So every node serves the unary calls of every shard itself,
-//! whichever node leads it; only worker streams, whose sessions live in the
-//! leader's memory, still travel whole to the leader (`grpc/forward.rs`).
+//! that far. Membership changes and the heartbeat table of a shard are asked
+//! of its leader the same way. So every node serves the unary calls of
+//! every shard itself, whichever node leads it; a worker stream gets one
+//! part per other leader of its shards (`grpc/relay.rs`).
 
 use std::{sync::Arc, time::Duration};
 
@@ -83,7 +84,7 @@ impl ShardNode {
         let answer = match self.leader_client(leader, &peer)?.propose(request).await {
             Ok(answer) => answer.into_inner(),
             Err(status) if never_sent(&status) || refused_before_proposing(&status) => {
-                return Err(ProposeError::LeaderUnreachable { shard, leader, message: status.message().into() });
+                return Err(call_failed(shard, leader, &status));
             }
             Err(status) => {
                 return Err(ProposeError::OutcomeUnknown { shard, leader, message: status.message().into() });
@@ -111,10 +112,11 @@ impl ShardNode {
         let mut request = Request::new(pb::ReadIndexRequest { shard: shard.0 });
         request.set_timeout(REMOTE_TIMEOUT);
         // A read may always be asked again: any failure is UNAVAILABLE.
-        let answer =
-            self.leader_client(leader, &peer)?.read_index(request).await.map_err(|status| {
-                ProposeError::LeaderUnreachable { shard, leader, message: status.message().into() }
-            })?;
+        let answer = self
+            .leader_client(leader, &peer)?
+            .read_index(request)
+            .await
+            .map_err(|status| call_failed(shard, leader, &status))?;
         let outcome: Result<u64, ProposeError> = decode(&answer.into_inner().outcome).map_err(|e| {
             ProposeError::LeaderUnreachable { shard, leader, message: format!("undecodable answer: {e}") }
         })?;
@@ -134,10 +136,11 @@ impl ShardNode {
         request.set_timeout(CHANGE_TIMEOUT);
         // A change may be asked again: adding a member it has, or handing
         // leadership to the leader, does nothing.
-        let answer =
-            self.leader_client(leader, &peer)?.change_shard(request).await.map_err(|status| {
-                ProposeError::LeaderUnreachable { shard, leader, message: status.message().into() }
-            })?;
+        let answer = self
+            .leader_client(leader, &peer)?
+            .change_shard(request)
+            .await
+            .map_err(|status| call_failed(shard, leader, &status))?;
         decode(&answer.into_inner().outcome).map_err(|e| {
             MembershipError::from(ProposeError::LeaderUnreachable {
                 shard,
@@ -166,10 +169,11 @@ impl ShardNode {
         let shard = self.raft.shard();
         let mut request = Request::new(pb::LiveSessionsRequest { shard: shard.0 });
         request.set_timeout(REMOTE_TIMEOUT);
-        let answer =
-            self.leader_client(leader, &peer)?.live_sessions(request).await.map_err(|status| {
-                ProposeError::LeaderUnreachable { shard, leader, message: status.message().into() }
-            })?;
+        let answer = self
+            .leader_client(leader, &peer)?
+            .live_sessions(request)
+            .await
+            .map_err(|status| call_failed(shard, leader, &status))?;
         decode(&answer.into_inner().outcome).map_err(|e| ProposeError::LeaderUnreachable {
             shard,
             leader,
@@ -204,6 +208,18 @@ impl ShardNode {
             .max_decoding_message_size(PEER_MAX_MESSAGE_BYTES)
             .max_encoding_message_size(PEER_MAX_MESSAGE_BYTES))
     }
+}
+
+/// A call to the leader that failed, and says nothing was changed: it
+/// could not be sent, or the leader refused it before acting. (Reads and
+/// membership changes may always be asked again.)
+fn call_failed(shard: crate::queue::ShardId, leader: u64, status: &Status) -> ProposeError {
+    let message = if never_sent(status) {
+        format!("not reachable: {}", status.message())
+    } else {
+        format!("{:?}: {}", status.code(), status.message())
+    };
+    ProposeError::LeaderUnreachable { shard, leader, message }
 }
 
 /// Statuses the leader's ShardService answers before anything is proposed

@@ -16,10 +16,10 @@ use http::{HeaderValue, Request, Response};
 use tonic::{Status, body::Body};
 use tower::{Layer, Service};
 
-use super::status::{LEADER_METADATA, OUTCOME_METADATA};
+use super::status::LEADER_METADATA;
 use crate::{
     dispatch::Node,
-    raft::{PeerChannels, network::never_sent},
+    raft::{GantryNode, PeerChannels},
 };
 
 /// Set on a forwarded call, so a node that is not the leader either (a
@@ -59,13 +59,13 @@ pub struct Forward<S> {
 
 const WORKER_CONNECT: &str = "/gantry.v1.Worker/Connect";
 
-/// Whether one other node leads every shard: a worker stream then goes to
-/// it untouched, whatever its queues. Otherwise the stream is served here,
-/// with one part per other leader of its shards (`grpc/relay.rs`).
-fn led_by_one_other_node(node: &Node) -> bool {
-    let mut leaders = node.shards.iter().map(|s| s.raft.leader().map(|(id, _)| id));
-    let first = leaders.next().flatten();
-    first.is_some_and(|id| id != node.node_id) && leaders.all(|l| l == first)
+/// The node that leads every shard, when it is another one: a worker
+/// stream then goes to it untouched, whatever its queues. Otherwise the
+/// stream is served here, with one part per other leader of its shards
+/// (`grpc/relay.rs`).
+fn sole_other_leader(node: &Node) -> Option<(u64, GantryNode)> {
+    let (id, leader) = node.shards[0].raft.leader().filter(|(id, _)| *id != node.node_id)?;
+    node.shards[1..].iter().all(|s| s.raft.leader().is_some_and(|(other, _)| other == id)).then_some((id, leader))
 }
 
 fn status_response(status: Status, leader_client: Option<&str>) -> Response<Body> {
@@ -91,21 +91,14 @@ where
     }
 
     fn call(&mut self, mut request: Request<Body>) -> BoxFuture {
-        let shard = &self.node.shards[0];
-        if request.uri().path() != WORKER_CONNECT || !led_by_one_other_node(&self.node) {
+        let sole_leader = (request.uri().path() == WORKER_CONNECT).then(|| sole_other_leader(&self.node)).flatten();
+        let Some((leader_id, leader)) = sole_leader else {
             // The clone is not ready; the ready one serves this call.
             let clone = self.inner.clone();
             let mut inner = std::mem::replace(&mut self.inner, clone);
             return Box::pin(async move { inner.call(request).await.map_err(Into::into) });
-        }
-        let shard_id = shard.raft.shard();
-        let leader = shard.raft.leader().filter(|(id, _)| *id != self.node.node_id);
-        let Some((leader_id, leader)) = leader else {
-            let status = Status::unavailable(format!(
-                "shard {shard_id} has no leader right now (election in progress, or no quorum); retry shortly"
-            ));
-            return Box::pin(async move { Ok(status_response(status, None)) });
         };
+        let shard_id = self.node.shards[0].raft.shard();
         if let Some(from) = request.headers().get(FORWARDED_METADATA) {
             let status = Status::unavailable(format!(
                 "node {} is not the leader of shard {shard_id} either (forwarded by node {}); node {leader_id} at {} is",
@@ -124,8 +117,6 @@ where
         };
         request.headers_mut().insert(FORWARDED_METADATA, HeaderValue::from(self.node.node_id));
         let node_id = self.node.node_id;
-        // Reopening a worker stream is always safe (the session resumes).
-        let replay_safe = request.uri().path() == "/gantry.v1.Worker/Connect";
         Box::pin(async move {
             let mut channel = channel;
             let hint = HeaderValue::from_str(&leader.client).ok();
@@ -135,21 +126,6 @@ where
                 Ok(()) => Service::call(&mut channel, request).await,
                 Err(e) => Err(e),
             };
-            if let Err(e) = &sent
-                && !replay_safe
-                && !never_sent(e)
-            {
-                // UNAVAILABLE would tell clients to send it again, which
-                // for an enqueue without an idempotency key makes a second
-                // job if the first copy was applied.
-                tracing::debug!(leader = leader_id, error = %e, "forwarded call lost mid-flight");
-                let mut status = Status::unknown(format!(
-                    "node {node_id} forwarded the call to node {leader_id}, the leader of shard {shard_id}, and \
-                     the connection broke before its answer came back: it may or may not have been applied"
-                ));
-                status.metadata_mut().insert(OUTCOME_METADATA, tonic::metadata::MetadataValue::from_static("unknown"));
-                return Ok(status_response(status, None));
-            }
             match sent {
                 Ok(mut response) => {
                     if let Some(hint) = hint {
@@ -157,6 +133,8 @@ where
                     }
                     Ok(response)
                 }
+                // Reopening a worker stream is always safe (the session
+                // resumes), so a stream lost in flight is UNAVAILABLE too.
                 Err(e) => {
                     tracing::debug!(leader = leader_id, error = %e, "forwarding to the leader failed");
                     let status = Status::unavailable(format!(
@@ -169,29 +147,5 @@ where
                 }
             }
         })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use crate::raft::network::never_sent;
-
-    #[tokio::test]
-    async fn a_refused_connection_is_told_from_a_call_lost_in_flight() {
-        use tonic::codegen::Service as _;
-        // A port nobody listens on: the call never leaves this node.
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let channels = crate::raft::PeerChannels::new(Default::default());
-        let mut channel = channels.channel(&format!("127.0.0.1:{port}")).unwrap();
-        let request = http::Request::builder().uri("/gantry.v1.Jobs/Enqueue").body(tonic::body::Body::empty()).unwrap();
-        let ready = std::future::poll_fn(|cx| channel.poll_ready(cx)).await;
-        let error = match ready {
-            Ok(()) => channel.call(request).await.expect_err("nobody listens"),
-            Err(e) => e,
-        };
-        assert!(never_sent(&error), "{error:?}");
-        // A broken connection mid-call carries no connect error.
-        let lost = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset by peer");
-        assert!(!never_sent(&lost));
     }
 }

@@ -165,8 +165,11 @@ type BatchPart = Result<(Vec<usize>, Vec<Applied>), (Vec<usize>, ProposeError)>;
 /// failed part's jobs carry the error in their results.
 fn batch_results(total: usize, outcomes: Vec<BatchPart>) -> Result<Vec<proto::EnqueueBatchResult>, Status> {
     if outcomes.iter().all(Result::is_err) {
-        let (_, first) = outcomes.into_iter().find_map(Result::err).expect("at least one part");
-        return Err(status::propose_error(first));
+        // One part of unknown outcome makes the whole call's unknown: the
+        // client must not be invited to send the others again with it.
+        let mut errors: Vec<ProposeError> = outcomes.into_iter().filter_map(Result::err).map(|(_, e)| e).collect();
+        let unknown = errors.iter().position(|e| matches!(e, ProposeError::OutcomeUnknown { .. })).unwrap_or(0);
+        return Err(status::propose_error(errors.swap_remove(unknown)));
     }
     let mut results = vec![proto::EnqueueBatchResult::default(); total];
     for outcome in outcomes {
@@ -227,13 +230,17 @@ mod tests {
         assert!(results[0].error.is_empty());
         for i in [1, 2] {
             assert!(results[i].job_id.is_empty(), "{results:?}");
-            assert!(results[i].error.starts_with("not enqueued, or outcome unknown: sent to node 2"), "{results:?}");
+            assert!(results[i].error.starts_with("not enqueued, or outcome unknown: shard 1: node 2"), "{results:?}");
         }
         assert!(results[3].error.contains("not found"), "{results:?}");
 
         let unreachable = ProposeError::LeaderUnreachable { shard: ShardId(0), leader: 3, message: "refused".into() };
-        let failed = batch_results(2, vec![Err((vec![0], unreachable)), Err((vec![1], lost))])
+        let failed = batch_results(2, vec![Err((vec![0], unreachable.clone())), Err((vec![1], lost))])
+            .expect_err("nothing known to be committed: the call fails");
+        assert_eq!(failed.code(), tonic::Code::Unknown, "one part may be in: never UNAVAILABLE: {failed:?}");
+        assert_eq!(failed.metadata().get("gantry-outcome").map(|v| v.to_str().unwrap()), Some("unknown"));
+        let failed = batch_results(2, vec![Err((vec![0], unreachable.clone())), Err((vec![1], unreachable))])
             .expect_err("nothing committed: the call fails");
-        assert_eq!(failed.code(), tonic::Code::Unavailable, "the first part's error: {failed:?}");
+        assert_eq!(failed.code(), tonic::Code::Unavailable, "safe to send again: {failed:?}");
     }
 }

@@ -92,7 +92,9 @@ impl Part {
                     Ok(None) => return,
                     Err(status) => {
                         tracing::debug!(leader, ?shards, %status, "worker stream part ended");
-                        let _ = out.send(Err(status));
+                        let message =
+                            format!("node {leader}, leading shards {shards:?} of this stream: {}", status.message());
+                        let _ = out.send(Err(Status::with_metadata(status.code(), message, status.metadata().clone())));
                         return;
                     }
                 }

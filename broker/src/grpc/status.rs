@@ -50,7 +50,7 @@ pub fn propose_error(error: ProposeError) -> Status {
         // No hint: a leader this node cannot reach is likely gone, and
         // clients would only waste a try on it.
         ProposeError::LeaderUnreachable { shard, leader, message } => Status::unavailable(format!(
-            "cannot reach node {leader}, the leader of shard {shard} ({message}); retry shortly"
+            "node {leader}, the leader of shard {shard}, did not take the call ({message}); retry shortly"
         )),
         ProposeError::OutcomeUnknown { shard, leader, message } => {
             // UNAVAILABLE would tell clients to send it again, which for an
@@ -58,8 +58,8 @@ pub fn propose_error(error: ProposeError) -> Status {
             // first was committed.
             tracing::debug!(%shard, leader, %message, "answer of the leader lost");
             let mut status = Status::unknown(format!(
-                "sent to node {leader}, the leader of shard {shard}, and its answer was lost ({message}): it may \
-                 or may not have been applied"
+                "shard {shard}: node {leader}, its leader, cannot say whether the call was applied ({message}); it \
+                 may or may not have been"
             ));
             status.metadata_mut().insert(OUTCOME_METADATA, MetadataValue::from_static("unknown"));
             status

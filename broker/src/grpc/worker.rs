@@ -62,6 +62,9 @@ struct Connection {
     /// Set once the worker said goodbye, so the end of its session closes
     /// the stream cleanly instead of as an error.
     goodbye: Arc<AtomicBool>,
+    /// Read-held by every batch of results being proposed; a goodbye takes
+    /// it to wait for them all.
+    answering: Arc<tokio::sync::RwLock<()>>,
 }
 
 #[tonic::async_trait]
@@ -96,7 +99,10 @@ impl Worker for WorkerService {
         let (local, remote) = self.by_leader(&shards, hello.max_in_flight, forwarded)?;
         // A worker that is reconnecting is not silent; an expiry already
         // decided is let through first, so the resume sees its outcome.
-        // (Other leaders do the same when their part resumes the session.)
+        // (On other leaders the session is resumed from here first, then
+        // by the part, which waits there: a verdict that lands between the
+        // two makes the part's answer name another session, and the
+        // connect fails for the worker to try again.)
         if let Some(old) = &hello.resume_session_id {
             for shard in &local {
                 // Bounded: an expiry stuck in a leader change must not keep
@@ -131,7 +137,27 @@ impl Worker for WorkerService {
                     resume_session_id: session_id.to_string(),
                 },
             };
-            parts.push(Part::open(&self.node.channels, self.node.node_id, part, out.clone()).await?);
+            let leader = part.leader;
+            // Bounded: a leader that hangs (stopped, cut off) must not hold
+            // the worker here; it reconnects and the shards regroup.
+            let open = Part::open(&self.node.channels, self.node.node_id, part, out.clone());
+            let opened = tokio::time::timeout(ttl, open).await.unwrap_or_else(|_| {
+                Err(Status::unavailable(format!(
+                    "node {leader}, a leader of this stream's shards, did not answer within session_ttl; reconnect"
+                )))
+            });
+            match opened {
+                Ok(part) => parts.push(part),
+                Err(status) => {
+                    if !resumed {
+                        // The worker never hears of this session: it must not
+                        // hold jobs (pushed by the parts already open) until
+                        // its ttl runs out.
+                        tokio::spawn(end_unused_session(shards.clone(), session_id.clone()));
+                    }
+                    return Err(status);
+                }
+            }
         }
         let connection = Arc::new(Connection {
             node: self.node.clone(),
@@ -141,6 +167,7 @@ impl Worker for WorkerService {
             stream_shards: shards.clone(),
             out,
             goodbye: Arc::new(AtomicBool::new(false)),
+            answering: Arc::default(),
         });
         if let Some(old) = &hello.resume_session_id {
             connection.revoke_lost_leases(old, &opened.lost);
@@ -280,6 +307,17 @@ impl WorkerService {
             shard.propose(open).await.map_err(status::propose_error)?;
         }
         Ok(Opened { session_id: fresh.clone(), resumed: false, lost })
+    }
+}
+
+/// Ends a session opened for a stream that failed before its worker heard
+/// of it; jobs pushed to it meanwhile go back to their queues at once.
+async fn end_unused_session(shards: Vec<Arc<ShardNode>>, session_id: SessionId) {
+    for shard in shards {
+        let command = Command::ExpireSession { session_id: session_id.clone(), reason: ExpiryReason::Goodbye };
+        if let Err(e) = shard.propose(command).await {
+            tracing::debug!(shard = %shard.raft.shard(), session = %session_id, error = %e, "unused session left to expire");
+        }
     }
 }
 
@@ -425,6 +463,13 @@ impl Connection {
                         part.keep_alive(keep_alive);
                     }
                 }
+                if matches!(msg.kind, Some(In::Goodbye(_))) {
+                    // The leaders end the session when told: every result
+                    // read before the goodbye is committed first, or it
+                    // would find its lease gone.
+                    self.clone().answer(std::mem::take(&mut results));
+                    let _settled = self.answering.write().await;
+                }
                 if !relay(&msg, &mut parts) {
                     // The part's relay task ended the worker's stream with the reason.
                     break 'stream;
@@ -519,10 +564,13 @@ impl Connection {
             rest = later;
             let (commands, acks): (Vec<_>, Vec<_>) = now.into_iter().map(|r| (r.command, r.ack)).unzip();
             let this = self.clone();
+            // Held until answered; only a goodbye waits for it (`answering`).
+            let answering = self.answering.clone().try_read_owned().ok();
             tokio::spawn(async move {
                 // On the shard's leader, which may be another node.
                 let outcomes = shard.propose_all(commands).await;
                 this.acknowledge(&shard, acks, outcomes);
+                drop(answering);
             });
         }
     }

@@ -72,8 +72,9 @@ pub enum ProposeError {
     NoQuorum { shard: ShardId, message: String },
     #[error("shard {shard} is shutting down or failed: {message}")]
     Stopped { shard: ShardId, message: String },
-    /// The leader could not be reached: nothing was sent to it.
-    #[error("cannot reach node {leader}, the leader of shard {shard}: {message}")]
+    /// The leader could not be reached, or refused the call before acting
+    /// on it: nothing was changed.
+    #[error("node {leader}, the leader of shard {shard}, did not take the call: {message}")]
     LeaderUnreachable { shard: ShardId, leader: u64, message: String },
     /// The commands went to the leader and its answer was lost: they may or
     /// may not have been committed.
@@ -271,6 +272,11 @@ impl ShardRaft {
         self.shard
     }
 
+    /// This node's id.
+    pub fn node_id(&self) -> u64 {
+        *self.raft.node_id()
+    }
+
     pub fn state(&self) -> &Arc<ShardState> {
         &self.state
     }
@@ -290,12 +296,23 @@ impl ShardRaft {
         error: openraft::errors::RaftError<types::TypeConfig, openraft::errors::ClientWriteError<types::TypeConfig>>,
     ) -> ProposeError {
         use openraft::errors::{ClientWriteError, RaftError as E};
+        let unknown =
+            |message: String| ProposeError::OutcomeUnknown { shard: self.shard, leader: *self.raft.node_id(), message };
         match error {
-            E::APIError(ClientWriteError::ForwardToLeader(f) | ClientWriteError::LogEntryDiscarded(f)) => {
+            // Never appended: safe to send again, to the leader named.
+            E::APIError(ClientWriteError::ForwardToLeader(f)) => {
                 ProposeError::NotLeader { shard: self.shard, leader: f.leader_id.zip(f.leader_node.map(|n| n.client)) }
             }
+            // Appended here, then this node adopted another leader's log:
+            // the entry may have committed, or may still commit there.
+            E::APIError(ClientWriteError::LogEntryDiscarded(f)) => unknown(format!(
+                "leadership changed while the entry was being replicated (new leader: {:?})",
+                f.leader_id
+            )),
             E::APIError(other) => ProposeError::Stopped { shard: self.shard, message: other.to_string() },
-            E::Fatal(fatal) => ProposeError::Stopped { shard: self.shard, message: fatal.to_string() },
+            // The node stopped (shutting down, or a storage failure) with
+            // the write in flight.
+            E::Fatal(fatal) => unknown(format!("the node stopped with the write in flight: {fatal}")),
         }
     }
 
@@ -591,18 +608,13 @@ impl ShardRaft {
     /// On a clean shutdown of a leader: hands leadership to the voter that
     /// has replicated the most, and waits (bounded) for it to take over, so
     /// a rolling restart costs a handover instead of an election timeout.
-    /// `prefer` (a voter) is taken over the most replicated one: the other
-    /// shards follow shard 0's new leader.
-    pub async fn hand_over_leadership(&self, timeout: Duration, prefer: Option<u64>) {
+    pub async fn hand_over_leadership(&self, timeout: Duration) {
         let status = self.status();
         if !self.is_leader() || status.voters.len() < 2 {
             return;
         }
         let me = self.raft.node_id();
-        let successor = prefer
-            .filter(|id| *id != *me && status.voters.contains(id))
-            .or_else(|| self.most_replicated_voter(|_| true));
-        let Some(successor) = successor else {
+        let Some(successor) = self.most_replicated_voter() else {
             tracing::info!(shard = %self.shard, "no other voter answered lately: not handing leadership over");
             return;
         };
@@ -622,12 +634,12 @@ impl ShardRaft {
     }
 
     /// As its leader sees it: the voter other than this node that has
-    /// replicated the most of this shard, among those `eligible` allows and
-    /// heard from within an election timeout. A voter that stopped answering
+    /// replicated the most of this shard, among those heard from within an
+    /// election timeout. A voter that stopped answering
     /// cannot take leadership: handing it over would only wait out a
     /// timeout (a whole cluster shutting down node by node waited one per
     /// shard on each node).
-    pub fn most_replicated_voter(&self, eligible: impl Fn(u64) -> bool) -> Option<u64> {
+    fn most_replicated_voter(&self) -> Option<u64> {
         let status = self.status();
         let me = *self.raft.node_id();
         let alive = |progress: &MemberProgress| progress.last_heard.is_some_and(|ago| ago < self.election_timeout);
@@ -635,7 +647,7 @@ impl ShardRaft {
             .replication
             .iter()
             .flatten()
-            .filter(|(id, progress)| **id != me && status.voters.contains(id) && eligible(**id) && alive(progress))
+            .filter(|(id, progress)| **id != me && status.voters.contains(id) && alive(progress))
             .max_by_key(|(_, progress)| progress.matched_index)
             .map(|(id, _)| *id)
     }

@@ -264,3 +264,27 @@ impl RaftNetworkV2<C> for PeerConnection {
         decode(&reply.payload).map_err(|e| StreamingError::Network(NetworkError::new(&e)))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::never_sent;
+
+    #[tokio::test]
+    async fn a_refused_connection_is_told_from_a_call_lost_in_flight() {
+        use tonic::codegen::Service as _;
+        // A port nobody listens on: the call never leaves this node.
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let channels = crate::raft::PeerChannels::new(Default::default());
+        let mut channel = channels.channel(&format!("127.0.0.1:{port}")).unwrap();
+        let request = http::Request::builder().uri("/gantry.v1.Jobs/Enqueue").body(tonic::body::Body::empty()).unwrap();
+        let ready = std::future::poll_fn(|cx| channel.poll_ready(cx)).await;
+        let error = match ready {
+            Ok(()) => channel.call(request).await.expect_err("nobody listens"),
+            Err(e) => e,
+        };
+        assert!(never_sent(&error), "{error:?}");
+        // A broken connection mid-call carries no connect error.
+        let lost = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset by peer");
+        assert!(!never_sent(&lost));
+    }
+}
