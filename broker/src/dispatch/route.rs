@@ -117,9 +117,8 @@ impl ShardNode {
             .read_index(request)
             .await
             .map_err(|status| call_failed(shard, leader, &status))?;
-        let outcome: Result<u64, ProposeError> = decode(&answer.into_inner().outcome).map_err(|e| {
-            ProposeError::LeaderUnreachable { shard, leader, message: format!("undecodable answer: {e}") }
-        })?;
+        let outcome: Result<u64, ProposeError> = decode(&answer.into_inner().outcome)
+            .map_err(|e| ProposeError::LeaderUnreachable { shard, leader, message: undecodable(e) })?;
         let index = outcome?;
         if self.applied_through(index).await { Ok(()) } else { Err(ProposeError::Lagging { shard, index }) }
     }
@@ -142,11 +141,7 @@ impl ShardNode {
             .await
             .map_err(|status| call_failed(shard, leader, &status))?;
         decode(&answer.into_inner().outcome).map_err(|e| {
-            MembershipError::from(ProposeError::LeaderUnreachable {
-                shard,
-                leader,
-                message: format!("undecodable answer: {e}"),
-            })
+            MembershipError::from(ProposeError::LeaderUnreachable { shard, leader, message: undecodable(e) })
         })?
     }
 
@@ -177,7 +172,7 @@ impl ShardNode {
         decode(&answer.into_inner().outcome).map_err(|e| ProposeError::LeaderUnreachable {
             shard,
             leader,
-            message: format!("undecodable answer: {e}"),
+            message: undecodable(e),
         })?
     }
 
@@ -208,6 +203,12 @@ impl ShardNode {
             .max_decoding_message_size(PEER_MAX_MESSAGE_BYTES)
             .max_encoding_message_size(PEER_MAX_MESSAGE_BYTES))
     }
+}
+
+/// An answer from another node's ShardService this node cannot read (a
+/// node of another version).
+fn undecodable(error: postcard::Error) -> String {
+    format!("undecodable answer: {error}")
 }
 
 /// A call to the leader that failed, and says nothing was changed: it

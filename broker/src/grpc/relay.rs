@@ -74,6 +74,17 @@ impl Part {
             }
             other => {
                 tracing::info!(leader, ?shards, session = %session_id, answer = ?other, "the leader answered another session");
+                // That session is the leader's own making and nobody's: it
+                // must not hold jobs until its ttl runs out.
+                let goodbye = proto::WorkerMessage { kind: Some(In::Goodbye(proto::Goodbye {})) };
+                let _ = tx.send(goodbye);
+                // Kept open until the leader ends it, so the goodbye is read
+                // rather than cut off by a reset.
+                tokio::spawn(async move {
+                    let drained = async { while let Ok(Some(_)) = inbound.message().await {} };
+                    let _ = tokio::time::timeout(Duration::from_secs(5), drained).await;
+                    drop(tx);
+                });
                 return Err(Status::unavailable(format!(
                     "the session changed on node {leader}, the leader of shards {shards:?}, while the stream was set up; reconnect"
                 )));

@@ -91,6 +91,14 @@ pub fn unexpected(what: &str, applied: &crate::queue::Applied) -> Status {
 
 pub fn membership_error(error: MembershipError) -> Status {
     match error {
+        // A membership change may always be asked again: a member it added
+        // is kept, a node it removed is skipped.
+        MembershipError::Propose(ProposeError::OutcomeUnknown { shard, leader, message }) => {
+            Status::unavailable(format!(
+                "shard {shard}: node {leader}, its leader, cannot say whether the change was made ({message}); \
+                 ask again"
+            ))
+        }
         MembershipError::Propose(e) => propose_error(e),
         MembershipError::Refused(message) => Status::failed_precondition(message),
     }

@@ -466,9 +466,12 @@ impl Connection {
                 if matches!(msg.kind, Some(In::Goodbye(_))) {
                     // The leaders end the session when told: every result
                     // read before the goodbye is committed first, or it
-                    // would find its lease gone.
+                    // would find its lease gone. Bounded: a shard without a
+                    // quorum must not keep the others' jobs held.
+                    self.goodbye.store(true, Ordering::Release);
                     self.clone().answer(std::mem::take(&mut results));
-                    let _settled = self.answering.write().await;
+                    let ttl = self.node.settings.session_ttl;
+                    let _settled = tokio::time::timeout(ttl, self.answering.write()).await;
                 }
                 if !relay(&msg, &mut parts) {
                     // The part's relay task ended the worker's stream with the reason.

@@ -142,6 +142,9 @@ pub struct ShardRaft {
     /// What readiness judges leader contact from; see `LeaderContact`.
     contact: std::sync::Mutex<LeaderContact>,
     timings: Arc<timings::Timings>,
+    /// Set when Raft is being shut down: a write after it was never sent
+    /// (openraft answers it and a write caught in flight alike).
+    stopping: std::sync::atomic::AtomicBool,
 }
 
 impl ShardRaft {
@@ -208,6 +211,7 @@ impl ShardRaft {
             election_timeout: settings.election_timeout,
             contact: std::sync::Mutex::new(LeaderContact::new()),
             timings,
+            stopping: Default::default(),
         };
         if recovered < acknowledged {
             tracing::error!(
@@ -284,6 +288,9 @@ impl ShardRaft {
     /// Commits a batch (fsync'd on a quorum) and returns its log index and
     /// each command's outcome.
     pub async fn propose(&self, batch: Batch) -> Result<(u64, Vec<Applied>), ProposeError> {
+        if self.stopping.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(ProposeError::Stopped { shard: self.shard, message: "shutting down".into() });
+        }
         self.raft
             .client_write(batch)
             .await
@@ -658,6 +665,7 @@ impl ShardRaft {
     }
 
     pub async fn shutdown(&self) {
+        self.stopping.store(true, std::sync::atomic::Ordering::Release);
         if let Err(e) = self.raft.shutdown().await {
             tracing::warn!(shard = %self.shard, error = %e, "raft shutdown");
         }

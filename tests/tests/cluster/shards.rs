@@ -295,6 +295,19 @@ async fn place_leaders(cluster: &TestCluster, placement: &[usize]) {
     .await;
 }
 
+/// Three nodes, three shards, shard i led by node i (the balancer off, so
+/// the placement holds).
+async fn cluster_of_three_leaders() -> TestCluster {
+    let cluster = TestCluster::start_with(3, |c| {
+        c.shards = 3;
+        c.balance_leaders = false;
+    })
+    .await;
+    cluster.wait_for_leader().await;
+    place_leaders(&cluster, &[0, 1, 2]).await;
+    cluster
+}
+
 fn leader_hint<T>(response: &tonic::Response<T>) -> Option<String> {
     response.metadata().get("gantry-leader").map(|v| v.to_str().expect("ascii").to_owned())
 }
@@ -306,14 +319,7 @@ fn leader_hint<T>(response: &tonic::Response<T>) -> Option<String> {
 /// when another node leads it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_node_serves_unary_calls_of_shards_led_by_other_nodes() {
-    let cluster = TestCluster::start_with(3, |c| {
-        c.shards = 3;
-        c.balance_leaders = false;
-    })
-    .await;
-    cluster.wait_for_leader().await;
-    // Shard i led by node i.
-    place_leaders(&cluster, &[0, 1, 2]).await;
+    let cluster = cluster_of_three_leaders().await;
     let queues = queue_per_shard(3);
     let leader_address = |shard: usize| cluster.addrs[shard].to_string();
 
@@ -400,13 +406,7 @@ async fn every_node_serves_unary_calls_of_shards_led_by_other_nodes() {
 /// the session in every shard.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_stream_spans_shards_led_by_different_nodes() {
-    let cluster = TestCluster::start_with(3, |c| {
-        c.shards = 3;
-        c.balance_leaders = false;
-    })
-    .await;
-    cluster.wait_for_leader().await;
-    place_leaders(&cluster, &[0, 1, 2]).await;
+    let cluster = cluster_of_three_leaders().await;
     let queues = queue_per_shard(3);
     let client = gantry_worker::Client::connect(cluster.endpoints()).await.expect("client");
 
