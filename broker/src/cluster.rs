@@ -221,10 +221,10 @@ fn handover(node: &Node, election_timeout: Duration) -> Option<(usize, u64)> {
         .copied()
         .filter(|id| statuses.iter().all(|s| s.voters.contains(id)))
         .filter(|id| {
-            // Heard within a few Raft heartbeats, not merely before it
-            // would be voted out.
-            *id == node.node_id
-                || progress.get(id).and_then(|p| p.last_heard).is_some_and(|ago| ago < election_timeout / 4)
+            // (A node that just handed its shards over to shut down still
+            // answers: the quiet period after every leader change keeps it
+            // from being handed one back.)
+            *id == node.node_id || progress.get(id).and_then(|p| p.last_heard).is_some_and(|ago| ago < election_timeout)
         })
         .collect();
     let caught_up = |slot: usize, to: u64| {
@@ -255,8 +255,7 @@ fn pick_handover(
     if led(me) < fewest + 2 {
         return None;
     }
-    // The highest shard first: shard 0 moves last, so where it is says
-    // little about where the others are.
+    // The highest shard first: any fixed order would do.
     let slot = (0..leaders.len()).rev().find(|slot| leaders[*slot] == Some(me) && ready(*slot, to))?;
     Some((slot, to))
 }

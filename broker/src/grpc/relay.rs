@@ -123,11 +123,11 @@ impl Part {
     /// Any message is a heartbeat, but a worker busy with one leader's jobs
     /// may send the others nothing: each part hears from it at least every
     /// `every` while the worker is heard from.
-    pub(super) fn keep_alive(&mut self, every: Duration) -> bool {
-        if self.last_sent.elapsed() < every {
-            return true;
+    /// (A part that has ended is found out by the next message it is sent.)
+    pub(super) fn keep_alive(&mut self, every: Duration) {
+        if self.last_sent.elapsed() >= every {
+            self.send(proto::WorkerMessage { kind: Some(In::Heartbeat(proto::Heartbeat {})) });
         }
-        self.send(proto::WorkerMessage { kind: Some(In::Heartbeat(proto::Heartbeat {})) })
     }
 
     pub(super) fn leader(&self) -> u64 {
