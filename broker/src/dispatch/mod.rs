@@ -138,7 +138,11 @@ impl Node {
 
     /// The shard a job id names, if this cluster has it.
     pub fn shard_for_job(&self, job_id: crate::queue::JobId) -> Option<&Arc<ShardNode>> {
-        self.shards.iter().find(|s| s.raft.shard() == job_id.shard)
+        self.shard(job_id.shard)
+    }
+
+    pub fn shard(&self, id: crate::queue::ShardId) -> Option<&Arc<ShardNode>> {
+        self.shards.iter().find(|s| s.raft.shard() == id)
     }
 }
 

@@ -7,9 +7,10 @@
 //! revokes, which go back to the worker; heartbeats and the goodbye are
 //! passed on to every leader. Results and drains are commands, proposed by
 //! this node on their shard's leader (`dispatch/route.rs`), and answered
-//! from here. A part that ends ends the whole stream: the worker reconnects
-//! and resumes its session, and the shards are grouped by their leaders
-//! anew.
+//! from here. A part that ends ends the whole stream, and so does a shard
+//! of a part that another node leads now (a stopped leader ends nothing
+//! itself): the worker reconnects and resumes its session, and the shards
+//! are grouped by their leaders anew.
 
 use std::{
     collections::BTreeSet,
@@ -31,6 +32,7 @@ type OutTx = mpsc::UnboundedSender<Result<proto::BrokerMessage, Status>>;
 /// One other leader's part of a worker stream.
 pub(super) struct Part {
     leader: u64,
+    shards: BTreeSet<ShardId>,
     tx: mpsc::UnboundedSender<proto::WorkerMessage>,
     last_sent: Instant,
 }
@@ -90,6 +92,7 @@ impl Part {
                 )));
             }
         }
+        let part_shards = shards.clone();
         tokio::spawn(async move {
             loop {
                 match inbound.message().await {
@@ -111,7 +114,7 @@ impl Part {
                 }
             }
         });
-        Ok(Part { leader, tx, last_sent: Instant::now() })
+        Ok(Part { leader, shards: part_shards, tx, last_sent: Instant::now() })
     }
 
     /// Passes a message on; false when the part has ended.
@@ -132,5 +135,16 @@ impl Part {
 
     pub(super) fn leader(&self) -> u64 {
         self.leader
+    }
+
+    /// A shard of this part that, as `leader_of` says, another node leads
+    /// now. A leader that stopped (frozen, cut off) does not end its part
+    /// itself: the stream would keep a session the new leader never hears
+    /// from, and no jobs of that shard would reach the worker.
+    pub(super) fn moved(&self, leader_of: impl Fn(ShardId) -> Option<u64>) -> Option<(ShardId, u64)> {
+        self.shards.iter().find_map(|shard| match leader_of(*shard) {
+            Some(now) if now != self.leader => Some((*shard, now)),
+            _ => None,
+        })
     }
 }

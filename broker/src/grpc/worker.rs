@@ -462,6 +462,10 @@ impl Connection {
                     for part in &mut parts {
                         part.keep_alive(keep_alive);
                     }
+                    if let Some(status) = self.moved_leader(&parts) {
+                        let _ = self.out.send(Err(status));
+                        break 'stream;
+                    }
                 }
                 if matches!(msg.kind, Some(In::Goodbye(_))) {
                     // The leaders end the session when told: every result
@@ -491,6 +495,17 @@ impl Connection {
         for (shard, generation) in self.shards.iter().zip(generations) {
             shard.registry.detach(&self.session_id, generation);
         }
+    }
+
+    /// A shard whose part no longer goes to its leader: the stream ends
+    /// (UNAVAILABLE, the new leader named) so the worker reconnects and its
+    /// shards are grouped by their leaders anew.
+    fn moved_leader(&self, parts: &[Part]) -> Option<Status> {
+        let leader_of = |id| self.node.shard(id)?.raft.leader().map(|(l, _)| l);
+        let (part, (shard, now)) = parts.iter().find_map(|part| part.moved(leader_of).map(|m| (part, m)))?;
+        let leader = self.node.shard(shard)?.raft.leader().map(|(id, n)| (id, n.client));
+        tracing::info!(session = %self.session_id, %shard, from = part.leader(), to = now, "a shard of this stream changed leader: ending the stream for the worker to regroup");
+        Some(status::propose_error(ProposeError::NotLeader { shard, leader }))
     }
 
     /// Handles one message; a result (or progress) joins `results` to be

@@ -341,12 +341,7 @@ async fn sigkill_the_leader_of_three_shards_under_load() {
     let args: Vec<&str> = ARGS.iter().copied().chain(["--shards", "3"]).collect();
     let mut cluster = BinaryCluster::start(dir.path(), 3, &args).await;
     let endpoints = cluster.endpoints();
-    let leaders = eventually("one shard led by each node", CLUSTER_WAIT, || async {
-        let leaders = cluster.wait_for_leaders_other_than(None).await;
-        (leaders.iter().collect::<std::collections::BTreeSet<_>>().len() == 3).then_some(leaders)
-    })
-    .await;
-    let leader = leaders[0];
+    let leader = leaders_spread(&cluster).await[0];
     let history = History::new();
     // One queue per shard (fnv1a64 % 3), so every group carries load.
     let queues = ["load-a", "load-b", "load-c"];
@@ -401,6 +396,97 @@ async fn sigkill_the_leader_of_three_shards_under_load() {
     assert_eq!(by_shard.len(), 3, "jobs in every shard: {by_shard:?}");
     eprintln!("acknowledged per shard: {by_shard:?}\ntimeline:\n{}", history.timeline());
     drop(raw);
+}
+
+/// Each shard's leader (node index) once the three shards are led by three
+/// different nodes.
+async fn leaders_spread(cluster: &BinaryCluster) -> Vec<usize> {
+    eventually("one shard led by each node", CLUSTER_WAIT, || async {
+        let leaders = cluster.wait_for_leaders_other_than(None).await;
+        (leaders.iter().collect::<std::collections::BTreeSet<_>>().len() == 3).then_some(leaders)
+    })
+    .await
+}
+
+/// 1c. Three shards led by three nodes; a worker that knows only one node
+/// takes jobs of every shard (one stream, a part per other leader). The
+/// leader of another shard is SIGSTOPped past the election timeout: it
+/// cannot end its part itself, so the worker's node sees the shard led
+/// elsewhere and ends the stream, the worker regroups on the new leader,
+/// and that shard's jobs keep being done while the node is still stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_stream_regroups_when_a_shard_leader_freezes() {
+    gantry_tests::init_tracing();
+    gantry_tests::gantry_binary();
+    let _timer = Timer(Instant::now());
+    let dir = tempfile::tempdir().expect("temp dir");
+    let args: Vec<&str> = ARGS.iter().copied().chain(["--shards", "3"]).collect();
+    let mut cluster = BinaryCluster::start(dir.path(), 3, &args).await;
+    let endpoints = cluster.endpoints();
+    let leaders = leaders_spread(&cluster).await;
+    let (via, frozen) = (leaders[0], leaders[1]);
+    let history = History::new();
+    let client = client(&endpoints).await;
+    // queues[i] lives in shard i.
+    let queues: Vec<String> = (0..3u64)
+        .map(|shard| {
+            (0..).map(|i| format!("regroup-{i}")).find(|q| gantry_broker::dispatch::queue_hash(q) % 3 == shard).unwrap()
+        })
+        .collect();
+    let all = queues.join(",");
+    let worker =
+        sdk_worker(
+            &history,
+            &cluster.endpoint(via),
+            &all,
+            "one-node",
+            8,
+            |ctx| async move { Ok(ctx.payload().clone()) },
+        );
+    worker.wait_connected().await;
+    for queue in &queues {
+        history.enqueued(&client.enqueue(queue.as_str(), "before").send().await.expect("enqueue").job_id);
+    }
+    for id in history.acknowledged() {
+        let job = client.wait(&id, Duration::from_secs(10)).await.expect("wait");
+        assert_eq!(job.state(), JobState::Succeeded, "{job:?}");
+    }
+
+    history.note(format!("SIGSTOP node {} (the leader of shard 1; the worker is on node {})", frozen + 1, via + 1));
+    cluster.pause(frozen);
+    let now_led = cluster.wait_for_leaders_other_than(Some(frozen)).await;
+    history.note(format!("shards led by nodes {:?}", now_led.iter().map(|i| i + 1).collect::<Vec<_>>()));
+    // Well before the peer connection's keepalive (5 s + 5 s) would notice
+    // the stopped node and end the part that way.
+    eventually("the worker's stream regrouped", Duration::from_secs(4), || async {
+        (worker.handle.stats().sessions >= 2 && worker.handle.is_connected()).then_some(())
+    })
+    .await;
+    let mut after = Vec::new();
+    for i in 0..3 {
+        // Keyed: the client may try the stopped node first (it led the
+        // queue), and only a keyed enqueue is sent again past a timeout.
+        let enqueue =
+            client.enqueue(queues[1].as_str(), format!("while frozen {i}")).idempotency_key(format!("frozen-{i}"));
+        let id = enqueue.send().await.expect("enqueue").job_id;
+        history.enqueued(&id);
+        after.push(id);
+    }
+    for id in &after {
+        let job =
+            eventually(&format!("job {id} of shard 1 done while its old leader is stopped"), CLUSTER_WAIT, || async {
+                let job = client.wait(id, Duration::from_millis(500)).await.ok()?;
+                (job.state() == JobState::Succeeded).then_some(job)
+            })
+            .await;
+        assert_eq!(job.attempt, 1, "{job:?}");
+    }
+    cluster.resume(frozen);
+    let handle = worker.handle.clone();
+    worker.shutdown().await;
+    history.sdk_stats("one-node", &handle);
+    let queues: Vec<&str> = queues.iter().map(String::as_str).collect();
+    check(&history, &client, &queues, Expect::Succeeded).await;
 }
 
 /// Asserts that `check` stays true for `period`, polled every 50 ms: for
