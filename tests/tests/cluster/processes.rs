@@ -334,14 +334,9 @@ async fn sigkill_the_leader_under_load() {
 /// compared within a shard).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_the_leader_of_three_shards_under_load() {
-    gantry_tests::init_tracing();
-    gantry_tests::gantry_binary();
-    let _timer = Timer(Instant::now());
-    let dir = tempfile::tempdir().expect("temp dir");
-    let args: Vec<&str> = ARGS.iter().copied().chain(["--shards", "3"]).collect();
-    let mut cluster = BinaryCluster::start(dir.path(), 3, &args).await;
+    let (_timer, _dir, mut cluster, leaders) = start_three_leaders().await;
     let endpoints = cluster.endpoints();
-    let leader = leaders_spread(&cluster).await[0];
+    let leader = leaders[0];
     let history = History::new();
     // One queue per shard (fnv1a64 % 3), so every group carries load.
     let queues = ["load-a", "load-b", "load-c"];
@@ -398,14 +393,21 @@ async fn sigkill_the_leader_of_three_shards_under_load() {
     drop(raw);
 }
 
-/// Each shard's leader (node index) once the three shards are led by three
-/// different nodes.
-async fn leaders_spread(cluster: &BinaryCluster) -> Vec<usize> {
-    eventually("one shard led by each node", CLUSTER_WAIT, || async {
+/// Three nodes with three shards, once each shard is led by another node;
+/// with each shard's leader (node index).
+async fn start_three_leaders() -> (Timer, tempfile::TempDir, BinaryCluster, Vec<usize>) {
+    gantry_tests::init_tracing();
+    gantry_tests::gantry_binary();
+    let timer = Timer(Instant::now());
+    let dir = tempfile::tempdir().expect("temp dir");
+    let args: Vec<&str> = ARGS.iter().copied().chain(["--shards", "3"]).collect();
+    let cluster = BinaryCluster::start(dir.path(), 3, &args).await;
+    let leaders = eventually("one shard led by each node", CLUSTER_WAIT, || async {
         let leaders = cluster.wait_for_leaders_other_than(None).await;
         (leaders.iter().collect::<std::collections::BTreeSet<_>>().len() == 3).then_some(leaders)
     })
-    .await
+    .await;
+    (timer, dir, cluster, leaders)
 }
 
 /// 1c. Three shards led by three nodes; a worker that knows only one node
@@ -416,14 +418,8 @@ async fn leaders_spread(cluster: &BinaryCluster) -> Vec<usize> {
 /// and that shard's jobs keep being done while the node is still stopped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_stream_regroups_when_a_shard_leader_freezes() {
-    gantry_tests::init_tracing();
-    gantry_tests::gantry_binary();
-    let _timer = Timer(Instant::now());
-    let dir = tempfile::tempdir().expect("temp dir");
-    let args: Vec<&str> = ARGS.iter().copied().chain(["--shards", "3"]).collect();
-    let mut cluster = BinaryCluster::start(dir.path(), 3, &args).await;
+    let (_timer, _dir, mut cluster, leaders) = start_three_leaders().await;
     let endpoints = cluster.endpoints();
-    let leaders = leaders_spread(&cluster).await;
     let (via, frozen) = (leaders[0], leaders[1]);
     let history = History::new();
     let client = client(&endpoints).await;
