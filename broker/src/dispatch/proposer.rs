@@ -71,13 +71,8 @@ impl Proposer {
     }
 
     pub async fn propose(&self, command: Command) -> Result<Applied, ProposeError> {
-        let mut results = self.propose_all(vec![command]).await?;
-        Ok(results.pop().expect("one result per command"))
-    }
-
-    /// Commits the commands in one log entry, in order.
-    pub async fn propose_all(&self, commands: Vec<Command>) -> Result<Vec<Applied>, ProposeError> {
-        Ok(self.commit(commands).await?.results)
+        let mut committed = self.commit(vec![command]).await?;
+        Ok(committed.results.pop().expect("one result per command"))
     }
 
     /// Commits the commands in one log entry, in order, and says which.

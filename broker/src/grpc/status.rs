@@ -18,6 +18,10 @@ pub const OUTCOME_METADATA: &str = "gantry-outcome";
 /// Names the shard's leader in `gantry-leader` when another node leads it,
 /// so clients that can go direct (the SDK learns it per queue) do next time.
 pub fn hint_leader<T>(shard: &ShardNode, mut response: tonic::Response<T>) -> tonic::Response<T> {
+    // Most calls reach the leader: no addresses copied for them.
+    if shard.raft.is_leader() {
+        return response;
+    }
     if let Some((_, leader)) = shard.raft.leader().filter(|(id, _)| *id != shard.node_id)
         && let Ok(value) = MetadataValue::try_from(leader.client)
     {
