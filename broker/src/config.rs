@@ -57,6 +57,12 @@ pub struct Config {
     /// behind it is purged. Fewer means faster restarts and more CPU spent
     /// writing the state out.
     pub snapshot_every: u64,
+    /// How often replicas compare their state: every replica computes a
+    /// digest of a shard's state at the first entry the leader stamped in
+    /// each window of this length (the same entries on every replica), and
+    /// the leader compares them (default 60s).
+    #[serde(with = "humantime_serde_compat")]
+    pub digest_every: Duration,
     /// Plain-HTTP address of `/metrics` (Prometheus), `/healthz` and
     /// `/readyz` (default `127.0.0.1:9464`); `off` (or empty) serves none.
     #[serde(with = "metrics_listen_text")]
@@ -105,6 +111,7 @@ impl Default for Config {
             raft_heartbeat_interval: Duration::from_millis(100),
             max_payload_bytes: 1 << 20,
             snapshot_every: 1_000_000,
+            digest_every: Duration::from_secs(60),
             metrics_listen: Some(SocketAddr::from(([127, 0, 0, 1], 9464))),
             tls_cert: None,
             tls_key: None,
@@ -213,6 +220,9 @@ impl Config {
         }
         if self.snapshot_every == 0 {
             return Err(invalid("snapshot-every", "must be at least 1"));
+        }
+        if self.digest_every < Duration::from_millis(100) {
+            return Err(invalid("digest-every", "must be at least 100ms"));
         }
         if let Some(metrics) = self.metrics_listen
             && metrics.port() != 0

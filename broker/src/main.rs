@@ -94,6 +94,9 @@ struct ServeArgs {
     /// as many as the last snapshot held jobs when that is more.
     #[arg(long, env = "GANTRY_SNAPSHOT_EVERY")]
     snapshot_every: Option<u64>,
+    /// How often replicas compare digests of each shard's state (default 60s).
+    #[arg(long, env = "GANTRY_DIGEST_EVERY", value_parser = humantime::parse_duration)]
+    digest_every: Option<Duration>,
     /// Plain-HTTP address of /metrics, /healthz and /readyz (default
     /// 127.0.0.1:9464), or `off`.
     #[arg(long, env = "GANTRY_METRICS_LISTEN")]
@@ -144,6 +147,7 @@ impl ServeArgs {
             raft_heartbeat_interval,
             max_payload_bytes,
             snapshot_every,
+            digest_every,
             peer_listen,
             initial_cluster,
             join,

@@ -113,14 +113,16 @@ pub async fn start_with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<R
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let settings = DispatchSettings { heartbeat_interval: config.heartbeat_interval, session_ttl: config.session_ttl };
+    let single_node = config.initial_cluster.0.is_empty() && config.join.is_empty();
     let raft_settings = RaftSettings {
         heartbeat_interval: config.raft_heartbeat_interval,
         election_timeout: config.election_timeout,
         snapshot_every_commands: config.snapshot_every,
+        may_rebuild_from_peers: !single_node,
+        digest_every: config.digest_every,
         ..RaftSettings::default()
     };
     let channels = PeerChannels::new(security.dial.clone());
-    let single_node = config.initial_cluster.0.is_empty() && config.join.is_empty();
     let mut shards = Vec::new();
     for shard in (0..config.shards).map(ShardId) {
         let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
@@ -136,7 +138,7 @@ pub async fn start_with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<R
         .await?;
         if single_node {
             let me = GantryNode { client: advertise.clone(), peer: peer_advertise.clone() };
-            raft.lift_vote_barrier();
+            raft.lift_fence_of_sole_voter();
             raft.initialize(BTreeMap::from([(config.node_id, me)])).await?;
             raft.wait_for_leadership(LEADERSHIP_TIMEOUT).await?;
             // One voter: everything in its log is committed, so reads after

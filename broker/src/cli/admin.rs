@@ -316,6 +316,9 @@ struct ShardJson {
     snapshot_index: u64,
     role: String,
     voters: Vec<u64>,
+    fenced: String,
+    digest_index: u64,
+    state_digest: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -343,8 +346,18 @@ pub fn render_cluster(status: &proto::ClusterStatusResponse) -> String {
     }
     out.push_str(&nodes.render());
     out.push_str("\nshards:\n");
-    let mut shards =
-        Table::new(&[">SHARD", "LEADER", ">TERM", ">COMMIT", ">APPLIED", ">LAST LOG", ">SNAPSHOT", "ROLE", "VOTERS"]);
+    let mut shards = Table::new(&[
+        ">SHARD",
+        "LEADER",
+        ">TERM",
+        ">COMMIT",
+        ">APPLIED",
+        ">LAST LOG",
+        ">SNAPSHOT",
+        "ROLE",
+        "VOTERS",
+        "DIGEST",
+    ]);
     for s in &status.shards {
         let leader = match (s.leader_id, s.leader_address.as_str()) {
             (0, _) => "none".to_owned(),
@@ -359,11 +372,18 @@ pub fn render_cluster(status: &proto::ClusterStatusResponse) -> String {
             s.applied_index.to_string(),
             s.last_log_index.to_string(),
             s.snapshot_index.to_string(),
-            s.role.clone(),
+            if s.fenced.is_empty() { s.role.clone() } else { format!("{} FENCED", s.role) },
             s.voters.iter().map(u64::to_string).collect::<Vec<_>>().join(","),
+            match s.digest_index {
+                0 => "-".to_owned(),
+                index => format!("{}@{index}", s.state_digest.get(..8).unwrap_or(&s.state_digest)),
+            },
         ]);
     }
     out.push_str(&shards.render());
+    for s in status.shards.iter().filter(|s| !s.fenced.is_empty()) {
+        out.push_str(&format!("\nshard {} is FENCED on node {}: {}\n", s.shard, status.node_id, s.fenced));
+    }
     out
 }
 
@@ -445,6 +465,9 @@ pub async fn cluster(client_args: ClientArgs, command: ClusterCommand) -> anyhow
                     snapshot_index: s.snapshot_index,
                     role: s.role.clone(),
                     voters: s.voters.clone(),
+                    fenced: s.fenced.clone(),
+                    digest_index: s.digest_index,
+                    state_digest: s.state_digest.clone(),
                 })
                 .collect(),
         });
@@ -557,6 +580,7 @@ mod tests {
                 snapshot_index: 0,
                 role: "leader".into(),
                 voters: vec![1],
+                ..Default::default()
             }],
         };
         let text = render_cluster(&status);
@@ -566,5 +590,14 @@ mod tests {
         followed.nodes[0].last_heard_ms = Some(40);
         assert!(render_cluster(&followed).contains("40 ms ago"), "{}", render_cluster(&followed));
         assert!(text.contains("1 (127.0.0.1:50051)"), "{text}");
+        let mut fenced = status.clone();
+        fenced.shards[0].role = "follower".into();
+        fenced.shards[0].fenced = "the log ends at index 9 but this node had acknowledged entries up to 12".into();
+        fenced.shards[0].digest_index = 10;
+        fenced.shards[0].state_digest = "0123456789abcdef".into();
+        let text = render_cluster(&fenced);
+        assert!(text.contains("follower FENCED"), "{text}");
+        assert!(text.contains("01234567@10"), "{text}");
+        assert!(text.contains("shard 0 is FENCED on node 1: the log ends at index 9"), "{text}");
     }
 }

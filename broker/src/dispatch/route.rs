@@ -98,13 +98,18 @@ impl ShardNode {
     /// Waits (bounded) until this node has applied the shard's log through
     /// `index`; returns whether it has.
     pub async fn applied_through(&self, index: u64) -> bool {
-        self.raft.wait_applied(index, CATCH_UP_TIMEOUT).await
+        // A fenced copy may hold a state that differs from the others':
+        // nothing is read from it.
+        self.raft.fenced().is_none() && self.raft.wait_applied(index, CATCH_UP_TIMEOUT).await
     }
 
     /// Returns once a read of this node's state is linearizable: it sees
     /// every write acknowledged before the call, by any node, even across a
     /// leader change (a deposed leader finds out here).
     pub async fn linearizable(&self) -> Result<(), ProposeError> {
+        if let Some(reason) = self.raft.fenced() {
+            return Err(ProposeError::Fenced { shard: self.raft.shard(), reason });
+        }
         let Some((leader, peer)) = self.remote_leader()? else {
             return self.raft.ensure_linearizable().await;
         };

@@ -93,6 +93,9 @@ impl AdminService {
                     snapshot_index: s.snapshot_index,
                     role: s.role.into(),
                     voters: s.voters,
+                    fenced: s.fenced.unwrap_or_default(),
+                    digest_index: s.digest.map_or(0, |d| d.index),
+                    state_digest: s.digest.map(|d| d.to_hex()).unwrap_or_default(),
                 }
             })
             .collect();

@@ -71,6 +71,10 @@ pub fn propose_error(error: ProposeError) -> Status {
         ProposeError::Lagging { shard, index } => Status::unavailable(format!(
             "this node has not caught up with shard {shard}'s leader (index {index}) in time; retry, or ask another node"
         )),
+        ProposeError::Fenced { shard, reason } => Status::unavailable(format!(
+            "this node's copy of shard {shard} is fenced and serves no reads until it is whole again ({reason}); \
+             ask another node"
+        )),
     }
 }
 

@@ -203,7 +203,7 @@ pub fn render(node: &Node) -> String {
     families.extend([depth, oldest, paused]);
 
     type ShardGauge = fn(&ShardView) -> u64;
-    let shard_families: [(&'static str, &'static str, ShardGauge); 10] = [
+    let shard_families: [(&'static str, &'static str, ShardGauge); 11] = [
         ("gantry_raft_term", "Raft term this node is in.", |s| s.status.term),
         ("gantry_raft_commit_index", "Highest log index known committed.", |s| s.status.commit_index),
         ("gantry_raft_applied_index", "Highest log index applied to the state machine.", |s| s.status.applied_index),
@@ -213,6 +213,11 @@ pub fn render(node: &Node) -> String {
         ("gantry_raft_last_log_index", "Highest index in this node's log.", |s| s.status.last_log_index),
         ("gantry_raft_snapshot_index", "Log index of the last snapshot.", |s| s.status.snapshot_index),
         ("gantry_raft_is_leader", "1 when this node leads the shard.", |s| u64::from(s.status.role == "leader")),
+        (
+            "gantry_shard_fenced",
+            "1 while this node's copy of the shard is fenced (it lost, or cannot trust, what it acknowledged, or its state differed from the others'): it does not vote, lead or serve reads of the shard until it is whole again.",
+            |s| u64::from(s.status.fenced.is_some()),
+        ),
         ("gantry_raft_leader_id", "Node id of the leader this node knows of (0: none).", |s| {
             s.status.leader_id.unwrap_or(0)
         }),
@@ -245,6 +250,19 @@ pub fn render(node: &Node) -> String {
         }
     }
     families.push(lag);
+
+    let mut faults = Family::new(
+        "gantry_storage_faults_total",
+        "counter",
+        "Storage faults and divergence this node found in its copy of a shard, by kind (corrupt_entry, log_lost, vote_restored, guard_slot_lost, guard_lost, committed_clamped, snapshot_corrupt, snapshot_dropped, digest_mismatch, rebuild); each is logged at error with what was found.",
+    );
+    for shard in &node.shards {
+        let id = shard.raft.shard().to_string();
+        for (kind, count) in shard.raft.fault_counts() {
+            faults.add(&[("shard", &id), ("kind", kind)], count);
+        }
+    }
+    families.push(faults);
 
     type Timing = fn(&crate::raft::ShardRaft) -> LatencyHistogram;
     let timing_families: [(&'static str, &'static str, Timing); 2] = [

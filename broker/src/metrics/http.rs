@@ -117,6 +117,9 @@ pub fn not_ready_reason(node: &Node) -> Option<String> {
             ));
         }
     }
+    if let Some((shard, reason)) = node.shards.iter().find_map(|s| s.raft.fenced().map(|why| (s.raft.shard(), why))) {
+        return Some(format!("this node's copy of shard {shard} is fenced: {reason}"));
+    }
     if let Some((shard, leader, silent)) = node
         .shards
         .iter()

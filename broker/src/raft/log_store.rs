@@ -40,8 +40,11 @@ use openraft::storage::IOFlushed;
 use openraft::storage::LogState;
 use openraft::storage::RaftLogStorage;
 use openraft::type_config::alias::EntryOf;
+use openraft::type_config::alias::LeaderIdOf;
 use openraft::type_config::alias::LogIdOf;
 use openraft::type_config::alias::VoteOf;
+use openraft::vote::RaftLeaderId;
+use openraft::vote::RaftVote;
 use protobuf::well_known_types::BytesValue;
 use raft_engine::Command;
 use raft_engine::Engine;
@@ -51,9 +54,9 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::runtime::Handle;
 
+use super::guard::{Guard, GuardFound, GuardVote};
 use super::log_tail::LogTail;
 use super::timings::Timings;
-use super::watermark::Watermark;
 use tokio::task::JoinHandle;
 
 #[cfg(test)]
@@ -120,8 +123,8 @@ pub enum StorageError {
     #[error("storage task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
 
-    #[error("group {group}: cannot write the durability watermark: {source}")]
-    Watermark {
+    #[error("group {group}: cannot write the durability record (raft-guard): {source}")]
+    Guard {
         group: u64,
         #[source]
         source: io::Error,
@@ -313,10 +316,10 @@ pub struct EngineLogStore<C: RaftTypeConfig> {
 /// `Some` while a committed id is waiting for the flusher's next sync.
 type PendingCommitted<C> = Mutex<Option<Option<LogIdOf<C>>>>;
 
-/// What the flush task raises the group's watermark to: the last index
-/// appended before a sync is durable after it.
+/// What the flush task raises the group's acknowledged index to: the last
+/// index appended before a sync is durable after it.
 struct DurableMark {
-    watermark: Arc<Watermark>,
+    guard: Arc<Guard>,
     appended: AtomicU64,
 }
 
@@ -340,11 +343,12 @@ where
         }
     }
 
-    /// Keeps `watermark` at the highest index this store acknowledged as
-    /// durable (raised with every flush, lowered by truncation).
-    pub fn with_watermark(mut self, watermark: Arc<Watermark>) -> Self {
-        let appended = AtomicU64::new(watermark.recorded());
-        self.durable = Some(Arc::new(DurableMark { watermark, appended }));
+    /// Keeps `guard` at the highest index this store acknowledged as
+    /// durable (raised with every flush, lowered by truncation) and at the
+    /// last vote it saved.
+    pub fn with_guard(mut self, guard: Arc<Guard>) -> Self {
+        let appended = AtomicU64::new(guard.acknowledged());
+        self.durable = Some(Arc::new(DurableMark { guard, appended }));
         self
     }
 
@@ -354,12 +358,10 @@ where
         self
     }
 
-    /// The last index the recovered log holds (entries or the purge point).
-    pub fn recovered_last_index(&self) -> Result<u64> {
-        let engine = self.engine();
-        let purged: Option<LogIdOf<C>> = get_meta(engine, self.group(), KEY_PURGED_V1)?;
-        let last = engine.last_index(self.group()).unwrap_or(0);
-        Ok(last.max(purged.map_or(0, |p| p.index())))
+    /// The index the log was purged through, if it ever was.
+    pub fn recovered_purge_point(&self) -> Result<Option<u64>> {
+        let purged: Option<LogIdOf<C>> = get_meta(self.engine(), self.group(), KEY_PURGED_V1)?;
+        Ok(purged.map(|p| p.index()))
     }
 
     pub fn group(&self) -> u64 {
@@ -406,10 +408,10 @@ where
 ///
 /// A thread of its own, not a task: each flush would otherwise cost a task
 /// wake-up and two trips to the blocking pool, on every node for every
-/// entry. The watermark is written by a second thread at the same time as
-/// the log sync (one more fdatasync, in parallel): if the log sync then
-/// fails, the watermark is ahead of the log, which only makes a restart
-/// cautious.
+/// entry. The acknowledged index is written to the guard by a second thread
+/// at the same time as the log sync (one more fdatasync, in parallel): if
+/// the log sync then fails, the guard is ahead of the log, which only makes
+/// a restart cautious.
 fn run_flusher<C: RaftTypeConfig>(
     engine: Arc<Engine>,
     group: u64,
@@ -436,7 +438,7 @@ fn run_flusher<C: RaftTypeConfig>(
                 failure = Some(e.to_string());
             }
             if let Some(Err(e)) = marking.map(WatermarkWriter::finish) {
-                failure = Some(format!("watermark: {e}"));
+                failure = Some(format!("durability record: {e}"));
             }
             if let Some(reason) = &failure {
                 tracing::error!(group, %reason, "raft log flush failed");
@@ -459,8 +461,8 @@ fn run_flusher<C: RaftTypeConfig>(
     }
 }
 
-/// The watermark's writer thread: told the index to record as a flush
-/// starts, answers once it is on disk.
+/// The guard's writer thread: told the acknowledged index to record as a
+/// flush starts, answers once it is on disk.
 struct WatermarkWriter {
     durable: Arc<DurableMark>,
     targets: std::sync::mpsc::Sender<u64>,
@@ -471,17 +473,17 @@ impl WatermarkWriter {
     fn spawn(group: u64, durable: Arc<DurableMark>) -> Self {
         let (targets, target_rx) = std::sync::mpsc::channel::<u64>();
         let (done_tx, done) = std::sync::mpsc::channel();
-        let watermark = durable.watermark.clone();
+        let guard = durable.guard.clone();
         let spawned = std::thread::Builder::new().name(format!("raft-mark-{group}")).spawn(move || {
             for target in target_rx {
-                if done_tx.send(watermark.record(target)).is_err() {
+                if done_tx.send(guard.record_acknowledged(target)).is_err() {
                     return;
                 }
             }
         });
         if let Err(e) = spawned {
             // Every flush then fails, naming why: no acknowledgement without the mark.
-            tracing::error!(group, error = %e, "cannot start the watermark writer");
+            tracing::error!(group, error = %e, "cannot start the durability record's writer");
         }
         WatermarkWriter { durable, targets, done }
     }
@@ -492,7 +494,7 @@ impl WatermarkWriter {
     }
 
     fn finish(&self) -> io::Result<()> {
-        self.done.recv().unwrap_or_else(|_| Err(io::Error::other("the watermark writer is gone")))
+        self.done.recv().unwrap_or_else(|_| Err(io::Error::other("the durability record's writer is gone")))
     }
 }
 
@@ -719,7 +721,7 @@ where
     }
 }
 
-impl<C: RaftTypeConfig> RaftLogStorage<C> for EngineLogStore<C>
+impl<C: RaftTypeConfig<NodeId = u64, Term = u64>> RaftLogStorage<C> for EngineLogStore<C>
 where
     EntryOf<C>: Clone,
 {
@@ -743,8 +745,19 @@ where
     async fn save_vote(&mut self, vote: &VoteOf<C>) -> io::Result<()> {
         let mut batch = LogBatch::with_capacity(1);
         put_meta(&mut batch, self.group(), KEY_VOTE_V1, vote)?;
-        // A vote must be durable before it is answered: a synced write.
-        self.blocking(move |engine, _| Ok(engine.write(&mut batch, true)?)).await?;
+        let guard = self.durable.as_ref().map(|d| d.guard.clone());
+        let guard_vote = guard_vote::<C>(vote);
+        // A vote must be durable before it is answered: a synced write, and
+        // the same vote in the guard (a second copy on another file), so
+        // that losing the engine's tail cannot let this node vote twice.
+        self.blocking(move |engine, group| {
+            engine.write(&mut batch, true)?;
+            if let Some(guard) = guard {
+                guard.record_vote(guard_vote).map_err(|source| StorageError::Guard { group, source })?;
+            }
+            Ok(())
+        })
+        .await?;
         Ok(())
     }
 
@@ -843,8 +856,8 @@ where
             if let Some(durable) = durable {
                 let keep = keep.unwrap_or(0);
                 durable.appended.store(keep, Ordering::Release);
-                if durable.watermark.recorded() > keep {
-                    durable.watermark.record(keep).map_err(|source| StorageError::Watermark { group, source })?;
+                if durable.guard.acknowledged() > keep {
+                    durable.guard.record_acknowledged(keep).map_err(|source| StorageError::Guard { group, source })?;
                 }
             }
             Ok(())
@@ -873,6 +886,259 @@ where
         .await?;
         Ok(())
     }
+}
+
+fn guard_vote<C: RaftTypeConfig<NodeId = u64, Term = u64>>(vote: &VoteOf<C>) -> GuardVote {
+    let leader = vote.leader_id();
+    GuardVote { term: leader.term(), node_id: *leader.node_id(), committed: vote.is_committed() }
+}
+
+fn engine_vote<C: RaftTypeConfig<NodeId = u64, Term = u64>>(vote: GuardVote) -> VoteOf<C> {
+    VoteOf::<C>::from_leader_id(LeaderIdOf::<C>::new(vote.term, vote.node_id), vote.committed)
+}
+
+/// The order of openraft's votes with advanced leader ids (its default):
+/// by term, then candidate, then committed over not.
+fn vote_key(vote: &GuardVote) -> (u64, u64, bool) {
+    (vote.term, vote.node_id, vote.committed)
+}
+
+/// What [`EngineLogStore::check_at_open`] found in one group's storage.
+#[derive(Clone, Debug, Default)]
+pub struct OpenCheck {
+    /// The last index the log holds after any repair (entries or the purge point).
+    pub recovered_last: u64,
+    /// The highest index this node had acknowledged, as the guard says.
+    pub acknowledged: u64,
+    /// Set when the log is now shorter than what this node acknowledged, or
+    /// when what it acknowledged is unknown: why, in words for an operator.
+    pub lost: Option<String>,
+    /// Everything found and repaired, each in words for an operator (logged
+    /// by the caller, counted in /metrics).
+    pub findings: Vec<Finding>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Finding {
+    /// A short name for /metrics: `corrupt_entry`, `vote_restored`,
+    /// `guard_slot_lost`, `guard_lost`, `log_lost`, `committed_clamped`.
+    pub kind: &'static str,
+    pub detail: String,
+}
+
+impl<C: RaftTypeConfig<NodeId = u64, Term = u64>> EngineLogStore<C>
+where
+    EntryOf<C>: Clone,
+{
+    /// Checks, before openraft reads anything, that the group's storage
+    /// holds what this node acknowledged, and repairs what can be repaired
+    /// locally: every entry is read back (raft-engine checks an entry's
+    /// checksum only when it is read, and at open only for the last batch
+    /// of its newest file), a corrupt entry cuts the log before it (or, when
+    /// a snapshot covers it, purges through the snapshot); a vote the engine
+    /// lost is restored from the guard; a committed id past the log's end
+    /// is brought back to it. `snapshot` is the last log id of the
+    /// snapshot this node will restore, if any.
+    pub async fn check_at_open(&self, found: GuardFound, snapshot: Option<LogIdOf<C>>) -> Result<OpenCheck> {
+        let guard = self.durable.as_ref().map(|d| d.guard.clone());
+        let check = self
+            .blocking(move |engine, group| {
+                let mut check = OpenCheck::default();
+                let had_data = engine.first_index(group).is_some() || engine.get(group, KEY_VOTE_V1).is_some();
+                match &found {
+                    GuardFound::OneSlotLost(why) => {
+                        check.findings.push(Finding { kind: "guard_slot_lost", detail: why.clone() });
+                        if let Some(guard) = &guard {
+                            guard.rewrite().map_err(|source| StorageError::Guard { group, source })?;
+                        }
+                    }
+                    GuardFound::Unreadable(why) if had_data => {
+                        check.lost = Some(format!("the durability record is unreadable: {why}"));
+                        check.findings.push(Finding { kind: "guard_lost", detail: why.clone() });
+                    }
+                    GuardFound::Missing if had_data => {
+                        let why = "the durability record (raft-guard) is missing while the log holds data".to_owned();
+                        check.lost = Some(why.clone());
+                        check.findings.push(Finding { kind: "guard_lost", detail: why });
+                    }
+                    _ => {}
+                }
+                verify_entries::<C>(engine, group, snapshot.clone(), &mut check)?;
+                let purged: Option<LogIdOf<C>> = get_meta(engine, group, KEY_PURGED_V1)?;
+                let last = last_log_id::<C>(engine, group)?.or(purged);
+                check.recovered_last = last.as_ref().map_or(0, |l| l.index());
+                if let Some(guard) = &guard {
+                    reconcile_vote::<C>(engine, group, guard, &mut check)?;
+                    check.acknowledged = guard.acknowledged();
+                }
+                let committed: Option<Option<LogIdOf<C>>> = get_meta(engine, group, KEY_COMMITTED_V1)?;
+                if let Some(Some(committed)) = committed
+                    && committed.index() > check.recovered_last
+                    && snapshot.as_ref().is_none_or(|s| committed.index() > s.index())
+                {
+                    // Everything up to the log's end is older than the
+                    // committed id, so committed too.
+                    let mut batch = LogBatch::with_capacity(1);
+                    put_meta(&mut batch, group, KEY_COMMITTED_V1, &last.clone().max(snapshot.clone()))?;
+                    engine.write(&mut batch, true)?;
+                    check.findings.push(Finding {
+                        kind: "committed_clamped",
+                        detail: format!(
+                            "the committed id ({}) is past the log's end ({}): brought back to it",
+                            committed.index(),
+                            check.recovered_last
+                        ),
+                    });
+                }
+                if check.recovered_last < check.acknowledged {
+                    let why = format!(
+                        "the log ends at index {} but this node had acknowledged entries up to {}",
+                        check.recovered_last, check.acknowledged
+                    );
+                    check.findings.push(Finding { kind: "log_lost", detail: why.clone() });
+                    check.lost.get_or_insert(why);
+                }
+                Ok(check)
+            })
+            .await?;
+        Ok(check)
+    }
+
+    /// Drops everything this group's log holds (entries and metadata) but
+    /// its vote, which the guard keeps too: the group is then rebuilt from
+    /// a healthy leader (a snapshot and the log after it). Used when its
+    /// snapshot is corrupt: the log behind it is purged, so nothing local
+    /// can replace it.
+    pub async fn drop_local_copy(&self) -> Result<()> {
+        let guard = self.durable.as_ref().map(|d| d.guard.clone());
+        self.reader.tail().truncated_after(None);
+        self.blocking(move |engine, group| {
+            let vote: Option<VoteOf<C>> = get_meta(engine, group, KEY_VOTE_V1)?;
+            let mut batch = LogBatch::with_capacity(2);
+            batch.add_command(group, Command::Clean);
+            engine.write(&mut batch, true)?;
+            let vote = vote.map(|v| guard_vote::<C>(&v));
+            let vote = [vote, guard.and_then(|g| g.current().vote)].into_iter().flatten().max_by_key(vote_key);
+            if let Some(vote) = vote {
+                let mut batch = LogBatch::with_capacity(1);
+                put_meta(&mut batch, group, KEY_VOTE_V1, &engine_vote::<C>(vote))?;
+                engine.write(&mut batch, true)?;
+            }
+            Ok(())
+        })
+        .await
+    }
+}
+
+/// Reads every entry of the group back; at the first one that does not
+/// read or decode, cuts the log before it (or purges through `snapshot`
+/// when the snapshot covers it) and goes on checking what is left.
+fn verify_entries<C: RaftTypeConfig>(
+    engine: &Engine,
+    group: u64,
+    snapshot: Option<LogIdOf<C>>,
+    check: &mut OpenCheck,
+) -> Result<()> {
+    // Each repair removes at least one entry: bounded by the log's length.
+    loop {
+        let (Some(first), Some(last)) = (engine.first_index(group), engine.last_index(group)) else {
+            return Ok(());
+        };
+        let Some((bad, error)) = first_unreadable_entry::<C>(engine, group, first, last) else {
+            return Ok(());
+        };
+        let mut batch = LogBatch::with_capacity(2);
+        let repair = match &snapshot {
+            Some(snapshot) if snapshot.index() >= bad => {
+                put_meta(&mut batch, group, KEY_PURGED_V1, snapshot)?;
+                batch.add_command(group, Command::Compact { index: snapshot.index() + 1 });
+                format!("the snapshot covers it (through {}): purged through the snapshot", snapshot.index())
+            }
+            _ if bad > first => {
+                let keep = engine.get_entry::<EntryCodec>(group, bad - 1)?.ok_or_else(|| {
+                    corrupt(group, format!("entry {}", bad - 1), "listed by the engine but not found")
+                })?;
+                batch.add_entries::<EntryCodec>(group, &[keep])?;
+                format!("the log was cut after index {}", bad - 1)
+            }
+            _ => {
+                batch.add_command(group, Command::Compact { index: last + 1 });
+                "every entry of the log was dropped".to_owned()
+            }
+        };
+        engine.write(&mut batch, true)?;
+        check.findings.push(Finding {
+            kind: "corrupt_entry",
+            detail: format!("entry {bad} (log {first}..={last}) does not read back: {error}; {repair}"),
+        });
+    }
+}
+
+const VERIFY_CHUNK_ENTRIES: u64 = 1024;
+
+/// The first entry in `first..=last` that raft-engine cannot read (checksum)
+/// or that does not decode, with why.
+fn first_unreadable_entry<C: RaftTypeConfig>(
+    engine: &Engine,
+    group: u64,
+    first: u64,
+    last: u64,
+) -> Option<(u64, String)> {
+    let mut from = first;
+    while from <= last {
+        let to = (from + VERIFY_CHUNK_ENTRIES).min(last + 1);
+        let mut raw = Vec::new();
+        let chunk_ok = engine.fetch_entries_to::<EntryCodec>(group, from, to, None, &mut raw).is_ok()
+            && raw.len() as u64 == to - from
+            && raw.iter().zip(from..).all(|(bytes, index)| decode_entry::<C>(group, index, bytes).is_ok());
+        if !chunk_ok {
+            // One by one, to name the entry.
+            for index in from..to {
+                let error = match engine.get_entry::<EntryCodec>(group, index) {
+                    Ok(Some(bytes)) => decode_entry::<C>(group, index, &bytes).err().map(|e| e.to_string()),
+                    Ok(None) => Some("missing".to_owned()),
+                    Err(e) => Some(e.to_string()),
+                };
+                if let Some(error) = error {
+                    return Some((index, error));
+                }
+            }
+        }
+        from = to;
+    }
+    None
+}
+
+/// The vote is in the engine and in the guard: the newer of the two is the
+/// one this node last acknowledged. An engine that lost it (its tail was
+/// dropped) gets it back; a guard behind the engine (its write torn) is
+/// raised.
+fn reconcile_vote<C: RaftTypeConfig<NodeId = u64, Term = u64>>(
+    engine: &Engine,
+    group: u64,
+    guard: &Guard,
+    check: &mut OpenCheck,
+) -> Result<()> {
+    let in_engine: Option<VoteOf<C>> = get_meta(engine, group, KEY_VOTE_V1)?;
+    let in_engine = in_engine.map(|v| guard_vote::<C>(&v));
+    let in_guard = guard.current().vote;
+    match (in_engine, in_guard) {
+        (engine_vote_now, Some(kept)) if engine_vote_now.as_ref().is_none_or(|v| vote_key(v) < vote_key(&kept)) => {
+            let mut batch = LogBatch::with_capacity(1);
+            put_meta(&mut batch, group, KEY_VOTE_V1, &engine_vote::<C>(kept))?;
+            engine.write(&mut batch, true)?;
+            let had = engine_vote_now.map_or("none".to_owned(), |v| v.to_string());
+            check.findings.push(Finding {
+                kind: "vote_restored",
+                detail: format!("the log engine lost the last vote (it held {had}): restored {kept} from the guard"),
+            });
+        }
+        (Some(newer), kept) if kept.as_ref().is_none_or(|k| vote_key(k) < vote_key(&newer)) => {
+            guard.record_vote(newer).map_err(|source| StorageError::Guard { group, source })?;
+        }
+        _ => {}
+    }
+    Ok(())
 }
 
 /// Refuses an append that would leave a hole or overwrite purged entries:

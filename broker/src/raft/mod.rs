@@ -2,6 +2,7 @@
 //! adapter and the network. The only module that names openraft types; the
 //! rest of the broker sees `ShardRaft`, `ShardStatus` and `ProposeError`.
 
+pub mod guard;
 pub mod log_store;
 mod log_tail;
 pub mod network;
@@ -9,7 +10,6 @@ pub mod peer_service;
 pub mod state_machine;
 pub mod timings;
 pub mod types;
-pub mod watermark;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -23,7 +23,7 @@ use openraft::{ChangeMembers, ReadPolicy, ServerState, SnapshotPolicy, async_run
 use self::{log_store::EngineLogStore, network::PeerNetwork, state_machine::StateMachineStore, types::GantryRaft};
 pub use self::{
     network::PeerChannels,
-    state_machine::{AppliedState, EventSink, ShardState},
+    state_machine::{AppliedState, EventSink, ShardState, StateDigest},
     types::GantryNode,
 };
 use crate::queue::{Applied, Batch, ShardId};
@@ -38,6 +38,12 @@ pub struct RaftSettings {
     pub snapshot_every_commands: u64,
     /// Entries kept behind a snapshot so a lagging follower needs no snapshot.
     pub keep_after_snapshot: u64,
+    /// Whether other replicas can rebuild a copy this node cannot trust
+    /// (false for a node started alone).
+    pub may_rebuild_from_peers: bool,
+    /// Replicas digest their state at the first entry of each window of
+    /// leader time this long (see `state_machine::StateDigest`).
+    pub digest_every: Duration,
 }
 
 impl Default for RaftSettings {
@@ -47,6 +53,8 @@ impl Default for RaftSettings {
             election_timeout: Duration::from_millis(1000),
             snapshot_every_commands: 1_000_000,
             keep_after_snapshot: 1_000,
+            may_rebuild_from_peers: true,
+            digest_every: Duration::from_secs(60),
         }
     }
 }
@@ -84,6 +92,10 @@ pub enum ProposeError {
     /// so it cannot answer a linearizable read.
     #[error("this node has not applied shard {shard} through index {index} yet")]
     Lagging { shard: ShardId, index: u64 },
+    /// This node's copy of the shard is fenced (see `ShardRaft::fenced`):
+    /// it serves no reads of the shard until it is whole again.
+    #[error("this node's copy of shard {shard} is fenced: {reason}")]
+    Fenced { shard: ShardId, reason: String },
 }
 
 /// Why a membership change was refused. Crosses the peer port when another
@@ -120,23 +132,42 @@ pub struct ShardStatus {
     /// The last log index removed behind a snapshot (0: none yet).
     pub purged_index: u64,
     pub voters: Vec<u64>,
+    /// Why this node's copy is fenced, while it is.
+    pub fenced: Option<String>,
+    /// The last digest of the shard's state this node computed.
+    pub digest: Option<StateDigest>,
     pub nodes: BTreeMap<u64, GantryNode>,
     /// Filled on the leader only: what each member has replicated.
     pub replication: Option<BTreeMap<u64, MemberProgress>>,
 }
 
+/// Why a node's copy of a group is fenced and what lifts it.
+struct Fence {
+    /// The fence lifts once a leader has replicated the log to this index.
+    until: u64,
+    reason: String,
+}
+
 /// One shard's Raft group on this node.
 pub struct ShardRaft {
     shard: ShardId,
-    raft: GantryRaft,
+    /// Replaced when this node's copy of the group is rebuilt (`rebuild.rs`);
+    /// always read through [`ShardRaft::raft`].
+    raft: std::sync::RwLock<GantryRaft>,
     state: Arc<ShardState>,
-    /// Non-zero after a restart that recovered less log than this node had
-    /// acknowledged: the index it must hold again before it may vote or
-    /// stand for election.
-    vote_barrier: std::sync::atomic::AtomicU64,
-    /// (recovered, acknowledged) last indexes when the log came back shorter
-    /// than this node had acknowledged.
-    lost_at_open: Option<(u64, u64)>,
+    /// Set while this node's copy of the group cannot be trusted (it lost
+    /// or cannot check what it acknowledged): it does not vote, stand for
+    /// election, lead or serve reads until a leader has replicated to it
+    /// past `Fence::until`.
+    fence: std::sync::Mutex<Option<Fence>>,
+    /// Set by the first append a leader sent that this node took.
+    heard_from_a_leader: std::sync::atomic::AtomicBool,
+    /// (recovered last index, acknowledged index) found at open.
+    opened: (u64, u64),
+    /// What the storage check at open found and repaired.
+    findings: Vec<log_store::Finding>,
+    /// Faults found since the process started, by kind (for /metrics).
+    faults: std::sync::Mutex<BTreeMap<&'static str, u64>>,
     /// A member not heard from for this long is taken to be down.
     election_timeout: Duration,
     /// What readiness judges leader contact from; see `LeaderContact`.
@@ -180,87 +211,198 @@ impl ShardRaft {
             // A follower whose disk lost a log tail (dropped as corrupt by
             // raft-engine at open) must be caught up again, not panic the
             // leader. Such a follower does not vote until it is (see
-            // `vote_barrier`), so the reversion cannot cost a committed entry.
+            // `Fence`), so the reversion cannot cost a committed entry.
             allow_log_reversion: Some(true),
             ..Default::default()
         }
         .validate()
         .map_err(|e| RaftError::Config(e.to_string()))?;
-        let snapshot_dir = data_dir.join("snapshots").join(shard.0.to_string());
-        let local_log_end = engine.last_index(u64::from(shard.0)).unwrap_or(0);
-        let sm = StateMachineStore::open(shard, snapshot_dir, events, local_log_end)?;
-        let state = sm.shared();
-        let watermark_path = data_dir.join("raft-watermark").join(shard.0.to_string());
-        let (watermark, acknowledged) = watermark::Watermark::open(&watermark_path)?;
+        let group = u64::from(shard.0);
+        let (guard, found) = guard::Guard::open(
+            &data_dir.join("raft-guard").join(shard.0.to_string()),
+            &data_dir.join("raft-watermark").join(shard.0.to_string()),
+        )?;
         let timings = Arc::new(timings::Timings::default());
-        let log = EngineLogStore::new(engine, u64::from(shard.0))
-            .with_watermark(Arc::new(watermark))
-            .with_timings(timings.clone());
-        let recovered = log.recovered_last_index().map_err(std::io::Error::from)?;
+        let log = EngineLogStore::new(engine.clone(), group).with_guard(Arc::new(guard)).with_timings(timings.clone());
+        let snapshot_dir = data_dir.join("snapshots").join(shard.0.to_string());
+        let local_log_end = engine.last_index(group).unwrap_or(0);
+        let mut findings = Vec::new();
+        let sm = match StateMachineStore::open(
+            shard,
+            snapshot_dir.clone(),
+            events.clone(),
+            local_log_end,
+            settings.digest_every,
+        ) {
+            Ok(sm) => sm,
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                findings.push(Self::set_corrupt_snapshot_aside(shard, &snapshot_dir, &log, settings, &e).await?);
+                StateMachineStore::open(shard, snapshot_dir, events, 0, settings.digest_every)?
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let state = sm.shared();
+        let snapshot_last = state.read().last_applied;
+        let check = log.check_at_open(found, snapshot_last).await.map_err(std::io::Error::from)?;
+        findings.extend(check.findings.iter().cloned());
+        for finding in &findings {
+            tracing::error!(%shard, kind = finding.kind, "storage check at start-up: {}", finding.detail);
+        }
+        let lost =
+            findings.iter().find(|f| f.kind == "snapshot_dropped").map(|f| f.detail.clone()).or(check.lost.clone());
+        let fence = lost.map(|reason| Fence {
+            // Past everything it acknowledged, and past its own log: only
+            // entries a leader sent since this start count.
+            until: check.acknowledged.max(check.recovered_last + 1),
+            reason,
+        });
+        let config = openraft::Config {
+            // A node that lost what it acknowledged must not come back as
+            // the leader it was (openraft restores a leader from its saved
+            // vote without an election): it would write new entries where
+            // the others hold different ones under the same term.
+            enable_leader_restore: Some(fence.is_none()),
+            ..config
+        };
         let network = PeerNetwork { shard, channels };
         let raft = GantryRaft::new(node_id, Arc::new(config), network, log, sm)
             .await
             .map_err(|e| RaftError::Raft(e.to_string()))?;
-        let lost_at_open = (recovered < acknowledged).then_some((recovered, acknowledged));
-        let shard_raft = ShardRaft {
+        if let Some(fence) = &fence {
+            tracing::error!(
+                %shard, until = fence.until, reason = %fence.reason,
+                "this node's copy of the shard is fenced: it will not vote, stand for election, lead or serve reads \
+                 of the shard until a healthy leader has replicated its log past index {} to it; if no healthy \
+                 leader can (most replicas damaged), rebuild a replica with `gantry cluster rebuild --node <id> --shard {shard}`",
+                fence.until
+            );
+            raft.runtime_config().elect(false);
+        }
+        Ok(ShardRaft {
             shard,
-            raft,
+            raft: std::sync::RwLock::new(raft),
             state,
-            vote_barrier: Default::default(),
-            lost_at_open,
+            fence: std::sync::Mutex::new(fence),
+            heard_from_a_leader: Default::default(),
+            opened: (check.recovered_last, check.acknowledged),
+            faults: std::sync::Mutex::new(findings.iter().fold(BTreeMap::new(), |mut counts, f| {
+                *counts.entry(f.kind).or_default() += 1;
+                counts
+            })),
+            findings,
             election_timeout: settings.election_timeout,
             contact: std::sync::Mutex::new(LeaderContact::new()),
             timings,
             stopping: Default::default(),
-        };
-        if recovered < acknowledged {
-            tracing::error!(
-                %shard, recovered, acknowledged,
-                "the raft log lost entries this node had acknowledged (a corrupt or truncated tail was dropped at open); \
-                 this node will not vote or lead until the leader has replicated them again"
-            );
-            shard_raft.vote_barrier.store(acknowledged, std::sync::atomic::Ordering::Release);
-            shard_raft.raft.runtime_config().elect(false);
-        }
-        Ok(shard_raft)
+        })
     }
 
-    /// Set when the log was found shorter at open than what this node had
-    /// acknowledged: (recovered, acknowledged) last indexes.
+    /// A snapshot that does not read back (checksum or decode) cannot be
+    /// replaced from the local log when the log behind it was purged: the
+    /// group's local copy is dropped and rebuilt from the leader, unless
+    /// this node is alone (then nothing can rebuild it: refused). A log
+    /// that still starts at its first entry replays without the snapshot.
+    async fn set_corrupt_snapshot_aside(
+        shard: ShardId,
+        dir: &Path,
+        log: &EngineLogStore<types::TypeConfig>,
+        settings: &RaftSettings,
+        error: &std::io::Error,
+    ) -> Result<log_store::Finding, RaftError> {
+        let purged = log.recovered_purge_point().map_err(std::io::Error::from)?;
+        if purged.is_some() && !settings.may_rebuild_from_peers {
+            return Err(RaftError::Config(format!(
+                "the snapshot of shard {shard} in {} is corrupt ({error}) and the log behind it is purged; this node \
+                 runs alone, so no other replica can rebuild it: restore {} from a backup",
+                dir.display(),
+                dir.display()
+            )));
+        }
+        let aside = state_machine::set_snapshot_aside(dir)?;
+        let detail = format!("the snapshot does not read back ({error}); moved to {}", aside.display());
+        if purged.is_none() {
+            return Ok(log_store::Finding {
+                kind: "snapshot_corrupt",
+                detail: format!("{detail}; the log holds every entry: replayed"),
+            });
+        }
+        log.drop_local_copy().await.map_err(std::io::Error::from)?;
+        Ok(log_store::Finding {
+            kind: "snapshot_dropped",
+            detail: format!(
+                "{detail}; the log behind it is purged, so this copy of the shard was dropped to be rebuilt from the leader"
+            ),
+        })
+    }
+
+    /// (recovered last index, acknowledged index) the storage check found at
+    /// open.
     pub fn lost_at_open(&self) -> Option<(u64, u64)> {
-        self.lost_at_open
+        let (recovered, acknowledged) = self.opened;
+        (recovered < acknowledged).then_some(self.opened)
     }
 
-    /// Whether this node may grant votes (and stand for election): not
-    /// while it lacks entries it once acknowledged (see `vote_barrier`).
+    /// What the storage check at open found and repaired.
+    pub fn storage_findings(&self) -> &[log_store::Finding] {
+        &self.findings
+    }
+
+    /// Faults found in this copy since the process started, by kind.
+    pub fn fault_counts(&self) -> Vec<(&'static str, u64)> {
+        self.faults.lock().unwrap_or_else(std::sync::PoisonError::into_inner).iter().map(|(k, n)| (*k, *n)).collect()
+    }
+
+    fn count_fault(&self, kind: &'static str) {
+        *self.faults.lock().unwrap_or_else(std::sync::PoisonError::into_inner).entry(kind).or_default() += 1;
+    }
+
+    /// Why this node's copy of the group is fenced, while it is (lifting
+    /// the fence first if it may be lifted).
+    pub fn fenced(&self) -> Option<String> {
+        self.may_vote().err()
+    }
+
+    /// Whether this node may grant votes, stand for election and serve
+    /// reads: not while it is fenced. The fence lifts once a leader has
+    /// replicated to it past `Fence::until` (the log then matches that
+    /// leader's up to there, and holds everything this node acknowledged).
     pub fn may_vote(&self) -> Result<(), String> {
-        use std::sync::atomic::Ordering;
-        let barrier = self.vote_barrier.load(Ordering::Acquire);
-        if barrier == 0 {
+        let mut fence = self.fence.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let Some(current) = fence.as_ref() else {
             return Ok(());
-        }
-        let last = self.raft.metrics().borrow_watched().last_log_index.unwrap_or(0);
-        if last >= barrier {
-            self.vote_barrier.store(0, Ordering::Release);
-            self.raft.runtime_config().elect(true);
-            tracing::info!(shard = %self.shard, last, "the log holds every acknowledged entry again: voting resumes");
+        };
+        let last = self.raft().metrics().borrow_watched().last_log_index.unwrap_or(0);
+        let heard = self.heard_from_a_leader.load(std::sync::atomic::Ordering::Acquire);
+        if heard && last >= current.until {
+            tracing::warn!(shard = %self.shard, last, "the log holds everything this node acknowledged again, from a leader: fence lifted");
+            *fence = None;
+            self.raft().runtime_config().elect(true);
             return Ok(());
         }
         Err(format!(
-            "node lost acknowledged log entries at restart and holds {last} of {barrier}: not voting until caught up"
+            "{}; not voting, leading or serving reads until a leader has replicated the log past index {} \
+             (it holds {last})",
+            current.reason, current.until
         ))
     }
 
     /// A single voter cannot get lost entries back from anyone: it goes on
     /// with what it has (the error at open says what was lost).
-    pub fn lift_vote_barrier(&self) {
-        self.vote_barrier.store(0, std::sync::atomic::Ordering::Release);
-        self.raft.runtime_config().elect(true);
+    pub fn lift_fence_of_sole_voter(&self) {
+        if let Some(fence) = self.fence.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take() {
+            tracing::error!(shard = %self.shard, reason = %fence.reason, "this node is the shard's only voter: it goes on with what its storage holds");
+        }
+        self.raft().runtime_config().elect(true);
+    }
+
+    /// The group's openraft handle (a new one after a rebuild).
+    pub(crate) fn raft(&self) -> GantryRaft {
+        self.raft.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
     }
 
     /// Whether this group has a membership (from its log or a snapshot).
     pub async fn is_initialized(&self) -> bool {
-        self.raft.is_initialized().await.unwrap_or(false)
+        self.raft().is_initialized().await.unwrap_or(false)
     }
 
     /// Gives a brand-new group its first membership. Called on one node of
@@ -269,7 +411,7 @@ impl ShardRaft {
         if self.is_initialized().await {
             return Ok(());
         }
-        self.raft.initialize(members).await.map_err(|e| RaftError::Raft(e.to_string()))
+        self.raft().initialize(members).await.map_err(|e| RaftError::Raft(e.to_string()))
     }
 
     pub fn shard(&self) -> ShardId {
@@ -278,7 +420,7 @@ impl ShardRaft {
 
     /// This node's id.
     pub fn node_id(&self) -> u64 {
-        *self.raft.node_id()
+        *self.raft().node_id()
     }
 
     pub fn state(&self) -> &Arc<ShardState> {
@@ -291,7 +433,7 @@ impl ShardRaft {
         if self.stopping.load(std::sync::atomic::Ordering::Acquire) {
             return Err(ProposeError::Stopped { shard: self.shard, message: "shutting down".into() });
         }
-        self.raft
+        self.raft()
             .client_write(batch)
             .await
             .map(|response| (response.log_id.index, response.data.0))
@@ -303,8 +445,11 @@ impl ShardRaft {
         error: openraft::errors::RaftError<types::TypeConfig, openraft::errors::ClientWriteError<types::TypeConfig>>,
     ) -> ProposeError {
         use openraft::errors::{ClientWriteError, RaftError as E};
-        let unknown =
-            |message: String| ProposeError::OutcomeUnknown { shard: self.shard, leader: *self.raft.node_id(), message };
+        let unknown = |message: String| ProposeError::OutcomeUnknown {
+            shard: self.shard,
+            leader: *self.raft().node_id(),
+            message,
+        };
         match error {
             // Never appended: safe to send again, to the leader named.
             E::APIError(ClientWriteError::ForwardToLeader(f)) => {
@@ -328,7 +473,7 @@ impl ShardRaft {
     /// linearizable (a deposed leader cannot answer from stale state).
     pub async fn ensure_linearizable(&self) -> Result<(), ProposeError> {
         use openraft::errors::RaftError as E;
-        match self.raft.ensure_linearizable(ReadPolicy::ReadIndex).await {
+        match self.raft().ensure_linearizable(ReadPolicy::ReadIndex).await {
             Ok(_) => Ok(()),
             Err(E::APIError(e)) => Err(self.read_error(e)),
             Err(E::Fatal(fatal)) => Err(ProposeError::Stopped { shard: self.shard, message: fatal.to_string() }),
@@ -341,7 +486,7 @@ impl ShardRaft {
     /// state).
     pub async fn read_index(&self) -> Result<u64, ProposeError> {
         use openraft::errors::RaftError as E;
-        match self.raft.get_read_log_id(ReadPolicy::ReadIndex).await {
+        match self.raft().get_read_log_id(ReadPolicy::ReadIndex).await {
             Ok((read, _)) => Ok(read.log_id().index),
             Err(E::APIError(e)) => Err(self.read_error(e)),
             Err(E::Fatal(fatal)) => Err(ProposeError::Stopped { shard: self.shard, message: fatal.to_string() }),
@@ -361,12 +506,12 @@ impl ShardRaft {
     /// Waits, at most `timeout`, until this node applied the log through
     /// `index`; returns whether it did.
     pub async fn wait_applied(&self, index: u64, timeout: Duration) -> bool {
-        self.raft.wait(Some(timeout)).applied_index_at_least(Some(index), "apply through an index").await.is_ok()
+        self.raft().wait(Some(timeout)).applied_index_at_least(Some(index), "apply through an index").await.is_ok()
     }
 
     /// The leader this node knows of (itself included), with its addresses.
     pub fn leader(&self) -> Option<(u64, GantryNode)> {
-        let metrics = self.raft.metrics();
+        let metrics = self.raft().metrics();
         let m = metrics.borrow_watched();
         let id = m.current_leader?;
         let node = m.membership_config.membership().get_node(&id)?.clone();
@@ -385,7 +530,7 @@ impl ShardRaft {
             )));
         }
         if !status.nodes.contains_key(&node_id) {
-            self.raft.add_learner(node_id, node, true).await.map_err(|e| self.write_error(e))?;
+            self.raft().add_learner(node_id, node, true).await.map_err(|e| self.write_error(e))?;
         }
         Ok(())
     }
@@ -396,7 +541,7 @@ impl ShardRaft {
         self.add_learner(node_id, node).await?;
         if !self.status().voters.contains(&node_id) {
             let voters = BTreeSet::from([node_id]);
-            self.raft
+            self.raft()
                 .change_membership(ChangeMembers::AddVoterIds(voters), false)
                 .await
                 .map_err(|e| self.write_error(e))?;
@@ -421,14 +566,17 @@ impl ShardRaft {
             // change; a second change (RemoveNodes) would be appended by a
             // leader that just removed itself, which openraft refuses.
             let voters = BTreeSet::from([node_id]);
-            self.raft
+            self.raft()
                 .change_membership(ChangeMembers::RemoveVoters(voters), false)
                 .await
                 .map_err(|e| self.write_error(e))?;
             return Ok(());
         }
         let nodes = BTreeSet::from([node_id]);
-        self.raft.change_membership(ChangeMembers::RemoveNodes(nodes), false).await.map_err(|e| self.write_error(e))?;
+        self.raft()
+            .change_membership(ChangeMembers::RemoveNodes(nodes), false)
+            .await
+            .map_err(|e| self.write_error(e))?;
         Ok(())
     }
 
@@ -444,7 +592,7 @@ impl ShardRaft {
             }
             .into());
         }
-        self.raft
+        self.raft()
             .trigger()
             .transfer_leader(to)
             .await
@@ -452,13 +600,18 @@ impl ShardRaft {
     }
 
     pub fn is_leader(&self) -> bool {
-        let metrics = self.raft.metrics();
+        let metrics = self.raft().metrics();
         let m = metrics.borrow_watched();
         m.state == ServerState::Leader && m.current_leader == Some(m.id)
     }
 
     pub fn status(&self) -> ShardStatus {
-        let metrics = self.raft.metrics();
+        let fenced = self.fenced();
+        ShardStatus { fenced, ..self.raft_status() }
+    }
+
+    fn raft_status(&self) -> ShardStatus {
+        let metrics = self.raft().metrics();
         let m = metrics.borrow_watched();
         let membership = m.membership_config.membership();
         let nodes: BTreeMap<u64, GantryNode> = membership.nodes().map(|(id, node)| (*id, node.clone())).collect();
@@ -482,6 +635,8 @@ impl ShardRaft {
             snapshot_index: m.snapshot.map_or(0, |l| l.index),
             purged_index: m.purged.map_or(0, |l| l.index),
             voters: membership.voter_ids().collect(),
+            fenced: None,
+            digest: self.state.digests().last().copied(),
             nodes,
             replication: m.replication.as_ref().map(|replication| {
                 let heard = m.heartbeat.as_ref();
@@ -506,6 +661,7 @@ impl ShardRaft {
     /// Called by the peer service for every append a leader sent this node
     /// and it did not refuse (heartbeats are appends too).
     pub fn heard_from_leader(&self) {
+        self.heard_from_a_leader.store(true, std::sync::atomic::Ordering::Release);
         self.contact.lock().unwrap_or_else(std::sync::PoisonError::into_inner).heard = std::time::Instant::now();
     }
 
@@ -533,10 +689,10 @@ impl ShardRaft {
     /// voted for; with pre-vote a node cut off never moves to a new term),
     /// but this node can forward nothing to it.
     pub fn leader_silent_for(&self) -> Option<(u64, Duration)> {
-        let metrics = self.raft.metrics();
+        let metrics = self.raft().metrics();
         let m = metrics.borrow_watched();
         let contact = self.observe_contact(&m);
-        let leader = m.current_leader.filter(|l| l != self.raft.node_id())?;
+        let leader = m.current_leader.filter(|l| l != self.raft().node_id())?;
         let silent = contact.heard.elapsed();
         (silent > self.silence_allowed()).then_some((leader, silent))
     }
@@ -547,7 +703,7 @@ impl ShardRaft {
     /// leader at a restart while the others are down) keeps its role but
     /// can commit nothing, so it must not look ready.
     pub fn quorum_silent_for(&self) -> Option<Duration> {
-        let metrics = self.raft.metrics();
+        let metrics = self.raft().metrics();
         let m = metrics.borrow_watched();
         let contact = self.observe_contact(&m);
         if m.state != ServerState::Leader || m.membership_config.membership().voter_ids().count() < 2 {
@@ -564,7 +720,7 @@ impl ShardRaft {
 
     /// Waits (bounded) until this node leads the shard.
     pub async fn wait_for_leadership(&self, timeout: Duration) -> Result<(), RaftError> {
-        self.raft
+        self.raft()
             .wait(Some(timeout))
             .state(ServerState::Leader, "become leader")
             .await
@@ -575,9 +731,9 @@ impl ShardRaft {
     /// Waits (bounded) until everything in the local log is applied, so that
     /// reads after a restart see every acknowledged job.
     pub async fn wait_caught_up(&self, timeout: Duration) -> Result<(), RaftError> {
-        let last = self.raft.metrics().borrow_watched().last_log_index;
+        let last = self.raft().metrics().borrow_watched().last_log_index;
         let Some(last) = last else { return Ok(()) };
-        self.raft
+        self.raft()
             .wait(Some(timeout))
             .applied_index_at_least(Some(last), "apply the local log")
             .await
@@ -620,7 +776,7 @@ impl ShardRaft {
         if !self.is_leader() || status.voters.len() < 2 {
             return;
         }
-        let me = self.raft.node_id();
+        let me = *self.raft().node_id();
         let Some(successor) = self.most_replicated_voter() else {
             tracing::info!(shard = %self.shard, "no other voter answered lately: not handing leadership over");
             return;
@@ -630,9 +786,9 @@ impl ShardRaft {
             return;
         }
         let handed_over = self
-            .raft
+            .raft()
             .wait(Some(timeout))
-            .metrics(|m| m.current_leader.is_some_and(|l| l != *me), "another node leads")
+            .metrics(|m| m.current_leader.is_some_and(|l| l != me), "another node leads")
             .await;
         match handed_over {
             Ok(_) => tracing::info!(shard = %self.shard, successor, "handed leadership over before shutting down"),
@@ -648,7 +804,7 @@ impl ShardRaft {
     /// shard on each node).
     fn most_replicated_voter(&self) -> Option<u64> {
         let status = self.status();
-        let me = *self.raft.node_id();
+        let me = *self.raft().node_id();
         let alive = |progress: &MemberProgress| progress.last_heard.is_some_and(|ago| ago < self.election_timeout);
         status
             .replication
@@ -661,12 +817,12 @@ impl ShardRaft {
 
     /// Forces a snapshot now (tests, and an operator before maintenance).
     pub async fn snapshot_now(&self) -> Result<(), RaftError> {
-        self.raft.trigger().snapshot().await.map_err(|e| RaftError::Raft(e.to_string()))
+        self.raft().trigger().snapshot().await.map_err(|e| RaftError::Raft(e.to_string()))
     }
 
     pub async fn shutdown(&self) {
         self.stopping.store(true, std::sync::atomic::Ordering::Release);
-        if let Err(e) = self.raft.shutdown().await {
+        if let Err(e) = self.raft().shutdown().await {
             tracing::warn!(shard = %self.shard, error = %e, "raft shutdown");
         }
     }

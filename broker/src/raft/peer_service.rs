@@ -68,7 +68,7 @@ impl PeerRpc for PeerService {
     async fn raft(&self, request: Request<pb::RaftRequest>) -> Result<Response<pb::RaftResponse>, Status> {
         let request = request.into_inner();
         let shard = self.shard(request.shard)?;
-        let raft = &shard.raft;
+        let raft = &shard.raft();
         let payload = &request.payload;
         let kind = pb::RaftKind::try_from(request.kind);
         if matches!(kind, Ok(pb::RaftKind::Vote | pb::RaftKind::PreVote | pb::RaftKind::TransferLeader))
@@ -114,7 +114,7 @@ impl PeerRpc for PeerService {
         }
         tracing::info!(shard = %shard.shard(), bytes = data.len(), index = ?meta.last_log_id.map(|l| l.index), "installing snapshot from the leader");
         let snapshot = SnapshotOf::<C, _> { meta, snapshot: Cursor::new(data) };
-        let (payload, error) = encode_outcome(shard.raft.install_full_snapshot(vote, snapshot).await);
+        let (payload, error) = encode_outcome(shard.raft().install_full_snapshot(vote, snapshot).await);
         Ok(Response::new(pb::InstallSnapshotResponse { payload, error }))
     }
 

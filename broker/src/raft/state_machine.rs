@@ -4,7 +4,7 @@
 
 use std::{
     fs, io,
-    io::Cursor,
+    io::{Cursor, Write},
     path::{Path, PathBuf},
     sync::{Arc, RwLock, RwLockReadGuard},
 };
@@ -26,8 +26,6 @@ use crate::queue::{
 
 type C = TypeConfig;
 
-const SNAPSHOT_FILE: &str = "snapshot-v1.bin";
-
 /// What a replica has applied: the queue state and the Raft bookkeeping
 /// that must stay consistent with it (a snapshot captures all three).
 pub struct AppliedState {
@@ -48,6 +46,53 @@ pub struct ShardState {
     /// Entries up to this index were in the local log when the process
     /// started: replaying them is not counted again (see `metrics::counters`).
     replayed_up_to: u64,
+    /// Length of the windows of leader time whose first entry every
+    /// replica digests its state at (ms).
+    digest_every_ms: u64,
+    /// The latest digests, oldest first, at most `DIGESTS_KEPT`.
+    digests: std::sync::Mutex<std::collections::VecDeque<StateDigest>>,
+    /// Set while a digest is being computed: at most one at a time (one
+    /// due meanwhile is skipped on this replica; replicas compare the
+    /// indexes they have in common).
+    digesting: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// How many recent digests a replica keeps for the leader to compare.
+const DIGESTS_KEPT: usize = 32;
+
+/// A digest of a shard's queue state right after the entry at `index` was
+/// applied: the first 16 bytes of the SHA-256 of its snapshot encoding,
+/// which is the same on every replica that applied the same log.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StateDigest {
+    pub index: u64,
+    pub digest: [u8; 16],
+}
+
+impl StateDigest {
+    pub fn to_hex(&self) -> String {
+        self.digest.iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+/// The digest of `queue`'s state (see [`StateDigest`]).
+pub fn digest_of(queue: &QueueState) -> [u8; 16] {
+    use sha2::Digest;
+    struct Hashing(sha2::Sha256);
+    impl io::Write for Hashing {
+        fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
+            self.0.update(bytes);
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut hashing = Hashing(sha2::Sha256::new());
+    postcard::to_io(queue, &mut hashing).expect("hashing never fails to write");
+    let mut digest = [0u8; 16];
+    digest.copy_from_slice(&hashing.0.finalize()[..16]);
+    digest
 }
 
 impl ShardState {
@@ -67,6 +112,36 @@ impl ShardState {
     /// A consistent view of the applied state; hold it briefly (apply waits).
     pub fn read(&self) -> RwLockReadGuard<'_, AppliedState> {
         self.applied.read().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The digests this replica computed lately, oldest first.
+    pub fn digests(&self) -> Vec<StateDigest> {
+        self.digests.lock().unwrap_or_else(std::sync::PoisonError::into_inner).iter().copied().collect()
+    }
+
+    /// Digests `queue` (the state right after entry `index`) off the apply
+    /// path, unless a digest is still being computed.
+    fn digest_later(self: &Arc<Self>, index: u64, queue: QueueState) {
+        use std::sync::atomic::Ordering;
+        if self.digesting.swap(true, Ordering::AcqRel) {
+            tracing::debug!(shard = %self.shard, index, "a digest is still being computed: this one is skipped");
+            return;
+        }
+        let shared = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let digest = StateDigest { index, digest: digest_of(&queue) };
+            drop(queue);
+            let mut digests = shared.digests.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            // A reset (rebuild) meanwhile made this digest's state obsolete.
+            if digests.back().is_none_or(|last| last.index < index) {
+                digests.push_back(digest);
+                if digests.len() > DIGESTS_KEPT {
+                    digests.pop_front();
+                }
+            }
+            drop(digests);
+            shared.digesting.store(false, Ordering::Release);
+        });
     }
 }
 
@@ -129,7 +204,13 @@ impl StateMachineStore {
     /// openraft then replays the committed log after it. `replayed_up_to` is
     /// the last index of the local log now: entries up to it are not counted
     /// in the metrics again.
-    pub fn open(shard: ShardId, snapshot_dir: PathBuf, events: EventSink, replayed_up_to: u64) -> io::Result<Self> {
+    pub fn open(
+        shard: ShardId,
+        snapshot_dir: PathBuf,
+        events: EventSink,
+        replayed_up_to: u64,
+        digest_every: std::time::Duration,
+    ) -> io::Result<Self> {
         fs::create_dir_all(&snapshot_dir)?;
         let mut applied =
             AppliedState { queue: QueueState::new(shard), last_applied: None, membership: Default::default() };
@@ -154,6 +235,9 @@ impl StateMachineStore {
                 applied_commands: Default::default(),
                 counters: Counters::default(),
                 replayed_up_to,
+                digest_every_ms: (digest_every.as_millis() as u64).max(1),
+                digests: Default::default(),
+                digesting: Default::default(),
             }),
             snapshots: Arc::new(SnapshotDir { path: snapshot_dir, on_disk: std::sync::Mutex::new(on_disk) }),
             events,
@@ -169,10 +253,48 @@ impl StateMachineStore {
     }
 }
 
+/// The snapshot file: `SNAPSHOT_MAGIC`, the payload's length (u64 LE) and
+/// CRC32 (u32 LE), then the payload (postcard of `SnapshotFileV1`). A bit
+/// flipped anywhere is found at open, never decoded into a wrong state.
+const SNAPSHOT_FILE: &str = "snapshot-v2.bin";
+const SNAPSHOT_MAGIC: &[u8; 8] = b"GSNAP2\0\0";
+const SNAPSHOT_HEADER_LEN: usize = 20;
+/// Written by versions before the checksum: the bare payload.
+const SNAPSHOT_FILE_V1: &str = "snapshot-v1.bin";
+
+fn invalid(path: &Path, why: impl std::fmt::Display) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, format!("snapshot {}: {why}", path.display()))
+}
+
 fn read_snapshot_file(dir: &Path) -> io::Result<Option<SnapshotFileV1>> {
-    match fs::read(dir.join(SNAPSHOT_FILE)) {
-        Ok(bytes) => postcard::from_bytes(&bytes).map(Some).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e)),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+    let path = dir.join(SNAPSHOT_FILE);
+    match fs::read(&path) {
+        Ok(bytes) => {
+            let Some((header, payload)) = bytes.split_first_chunk::<SNAPSHOT_HEADER_LEN>() else {
+                return Err(invalid(&path, format!("{} bytes, shorter than its header", bytes.len())));
+            };
+            if &header[..8] != SNAPSHOT_MAGIC {
+                return Err(invalid(&path, "not a Gantry snapshot (bad magic)"));
+            }
+            let len = u64::from_le_bytes(header[8..16].try_into().expect("8 bytes"));
+            let crc = u32::from_le_bytes(header[16..20].try_into().expect("4 bytes"));
+            if len != payload.len() as u64 {
+                return Err(invalid(&path, format!("holds {} payload bytes, its header says {len}", payload.len())));
+            }
+            let actual = crc32fast::hash(payload);
+            if actual != crc {
+                return Err(invalid(&path, format!("checksum {actual:08x}, its header says {crc:08x}")));
+            }
+            postcard::from_bytes(payload).map(Some).map_err(|e| invalid(&path, e))
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            let path = dir.join(SNAPSHOT_FILE_V1);
+            match fs::read(&path) {
+                Ok(bytes) => postcard::from_bytes(&bytes).map(Some).map_err(|e| invalid(&path, e)),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(e),
+            }
+        }
         Err(e) => Err(e),
     }
 }
@@ -180,12 +302,31 @@ fn read_snapshot_file(dir: &Path) -> io::Result<Option<SnapshotFileV1>> {
 /// Durable replace: a crash leaves the old snapshot or the new one, never a
 /// torn file, because the log behind a snapshot is purged.
 fn write_snapshot_file(dir: &Path, file: &SnapshotFileV1) -> io::Result<()> {
+    let payload = postcard::to_stdvec(file).map_err(io::Error::other)?;
     let tmp = dir.join(format!("{SNAPSHOT_FILE}.tmp"));
     let mut f = io::BufWriter::new(fs::File::create(&tmp)?);
-    postcard::to_io(file, &mut f).map_err(io::Error::other)?;
+    f.write_all(SNAPSHOT_MAGIC)?;
+    f.write_all(&(payload.len() as u64).to_le_bytes())?;
+    f.write_all(&crc32fast::hash(&payload).to_le_bytes())?;
+    f.write_all(&payload)?;
     f.into_inner().map_err(io::IntoInnerError::into_error)?.sync_all()?;
     fs::rename(&tmp, dir.join(SNAPSHOT_FILE))?;
+    match fs::remove_file(dir.join(SNAPSHOT_FILE_V1)) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
     fs::File::open(dir)?.sync_all()
+}
+
+/// Moves the shard's snapshot file (found corrupt) out of the way, kept for
+/// a post-mortem; returns where it went.
+pub fn set_snapshot_aside(dir: &Path) -> io::Result<PathBuf> {
+    let name = if dir.join(SNAPSHOT_FILE).exists() { SNAPSHOT_FILE } else { SNAPSHOT_FILE_V1 };
+    let aside = (0..).map(|n| dir.join(format!("{name}.corrupt-{n}"))).find(|p| !p.exists()).expect("an unused name");
+    fs::rename(dir.join(name), &aside)?;
+    fs::File::open(dir)?.sync_all()?;
+    Ok(aside)
 }
 
 impl RaftSnapshotBuilder<C> for StateMachineStore {
@@ -248,6 +389,7 @@ impl RaftStateMachine<C> for StateMachineStore {
         Strm: Stream<Item = io::Result<EntryResponder<C>>> + Unpin + OptionalSend,
     {
         while let Some((entry, responder)) = entries.try_next().await? {
+            let mut digest_due = None;
             let (response, events) = {
                 let mut applied = self.write();
                 applied.last_applied = Some(entry.log_id);
@@ -256,7 +398,14 @@ impl RaftStateMachine<C> for StateMachineStore {
                     EntryPayload::Normal(batch) => {
                         let count = batch.commands.len() as u64;
                         self.shared.applied_commands.fetch_add(count, std::sync::atomic::Ordering::Relaxed);
+                        let window = applied.queue.now_ms() / self.shared.digest_every_ms;
                         let out = applied.queue.apply(entry.log_id.index, batch);
+                        // The first entry stamped in a new window: the same
+                        // entries on every replica (the stamps are in the
+                        // log, the last one in the snapshot).
+                        if applied.queue.now_ms() / self.shared.digest_every_ms != window {
+                            digest_due = Some(applied.queue.clone());
+                        }
                         if entry.log_id.index > self.shared.replayed_up_to {
                             self.shared.counters.record(&out.tally);
                         }
@@ -268,6 +417,9 @@ impl RaftStateMachine<C> for StateMachineStore {
                     }
                 }
             };
+            if let Some(queue) = digest_due {
+                self.shared.digest_later(entry.log_id.index, queue);
+            }
             if !events.is_empty() {
                 // Nobody listening only means the node is shutting down.
                 let _ = self.events.send(events);
@@ -333,10 +485,11 @@ mod tests {
         assert_eq!(on_disk(), Some(20));
     }
 
-    /// Snapshot files written before `data` was marked as bytes must still
-    /// read, and new ones must read in older builds: same bytes on disk.
+    /// Snapshot files written before `data` was marked as bytes, and
+    /// before the checksummed container (`snapshot-v1.bin`), still read;
+    /// the container's payload is the same postcard bytes.
     #[test]
-    fn snapshot_file_encoding_is_unchanged_by_bytes_marking() {
+    fn snapshot_payload_is_unchanged_and_older_files_still_read() {
         #[derive(serde::Serialize)]
         struct AsSequence {
             meta: SnapshotMetaOf<C>,
@@ -347,7 +500,39 @@ mod tests {
         let old = postcard::to_allocvec(&AsSequence { meta: meta.clone(), data: data.clone() }).unwrap();
         let dir = tempfile::tempdir().unwrap();
         write_snapshot_file(dir.path(), &SnapshotFileV1 { meta, data: data.clone() }).unwrap();
-        assert_eq!(fs::read(dir.path().join(SNAPSHOT_FILE)).unwrap(), old);
+        assert_eq!(fs::read(dir.path().join(SNAPSHOT_FILE)).unwrap()[SNAPSHOT_HEADER_LEN..], old);
         assert_eq!(read_snapshot_file(dir.path()).unwrap().unwrap().data, data);
+
+        let older = tempfile::tempdir().unwrap();
+        fs::write(older.path().join(SNAPSHOT_FILE_V1), &old).unwrap();
+        assert_eq!(read_snapshot_file(older.path()).unwrap().unwrap().data, data);
+        // The next snapshot replaces it with the checksummed file.
+        write_snapshot_file(older.path(), &SnapshotFileV1 { meta: Default::default(), data: vec![1] }).unwrap();
+        assert!(!older.path().join(SNAPSHOT_FILE_V1).exists());
+    }
+
+    /// Any flipped bit of the file, header or payload, is found when it is
+    /// read, and named; the file set aside is kept.
+    #[test]
+    fn a_flipped_bit_anywhere_in_a_snapshot_is_found() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta =
+            SnapshotMetaOf::<C> { last_log_id: Some(openraft::testing::log_id::<C>(2, 1, 77)), ..Default::default() };
+        write_snapshot_file(dir.path(), &SnapshotFileV1 { meta, data: vec![9; 300] }).unwrap();
+        let path = dir.path().join(SNAPSHOT_FILE);
+        let good = fs::read(&path).unwrap();
+        for at in (0..good.len()).step_by(7) {
+            let mut bad = good.clone();
+            bad[at] ^= 1 << (at % 8);
+            fs::write(&path, &bad).unwrap();
+            let error = read_snapshot_file(dir.path()).map(|_| ()).expect_err("a flipped bit went unnoticed");
+            assert_eq!(error.kind(), io::ErrorKind::InvalidData, "byte {at}: {error}");
+            assert!(error.to_string().contains("snapshot-v2.bin"), "{error}");
+        }
+        fs::write(&path, &good[..good.len() - 1]).unwrap();
+        assert!(read_snapshot_file(dir.path()).is_err(), "a cut snapshot was read");
+        let aside = set_snapshot_aside(dir.path()).unwrap();
+        assert!(aside.exists() && !path.exists());
+        assert!(read_snapshot_file(dir.path()).unwrap().is_none());
     }
 }
