@@ -231,6 +231,13 @@ pub async fn start_with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<R
     if !config.join.is_empty() {
         tokio::spawn(cluster::join(node.clone(), config.join.clone(), shutdown_rx.clone()));
     }
+    for shard in &node.shards {
+        tokio::spawn(crate::dispatch::integrity::check_replicas(
+            shard.clone(),
+            config.digest_every,
+            shutdown_rx.clone(),
+        ));
+    }
     if node.shards.len() > 1 && config.balance_leaders {
         tokio::spawn(cluster::balance_leaders(node.clone(), config.election_timeout, shutdown_rx.clone()));
     }

@@ -64,6 +64,18 @@ pub enum ClusterCommand {
         #[arg(long)]
         node_id: u64,
     },
+    /// Drop one node's copy of a shard and rebuild it from the shard's
+    /// leader: for a fenced or suspect copy, and for a shard that cannot
+    /// elect a leader because most of its copies are fenced (rebuild the
+    /// most damaged one). Refused for a healthy copy when that would leave
+    /// fewer than a majority of the shard's voters healthy.
+    Rebuild {
+        /// The node whose copy is rebuilt.
+        #[arg(long = "node")]
+        node_id: u64,
+        #[arg(long)]
+        shard: u32,
+    },
 }
 
 #[derive(Debug, Serialize)]
@@ -433,6 +445,9 @@ pub async fn cluster(client_args: ClientArgs, command: ClusterCommand) -> anyhow
         }
         ClusterCommand::TransferLeader { shard, node_id } => {
             admin.transfer_leader(proto::TransferLeaderRequest { shard, node_id }).await?
+        }
+        ClusterCommand::Rebuild { node_id, shard } => {
+            admin.rebuild_replica(proto::RebuildReplicaRequest { node_id, shard }).await?
         }
     }
     .into_inner();

@@ -3,6 +3,7 @@
 //! dispatcher, and WaitJob waiters. Knows nothing of protobuf.
 
 mod dispatcher;
+pub mod integrity;
 pub mod proposer;
 pub mod registry;
 pub mod route;

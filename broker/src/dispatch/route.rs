@@ -308,4 +308,26 @@ impl ShardService for ShardCommands {
         };
         Ok(Response::new(pb::LiveSessionsResponse { outcome: encoded(&outcome)? }))
     }
+
+    async fn integrity(
+        &self,
+        request: Request<pb::IntegrityRequest>,
+    ) -> Result<Response<pb::IntegrityResponse>, Status> {
+        let mine = self.shard(request.get_ref().shard)?.local_integrity();
+        Ok(Response::new(pb::IntegrityResponse {
+            digests: mine
+                .digests
+                .into_iter()
+                .map(|d| pb::StateDigest { index: d.index, digest: d.digest.to_vec() })
+                .collect(),
+            fenced: mine.fenced.unwrap_or_default(),
+        }))
+    }
+
+    async fn rebuild(&self, request: Request<pb::RebuildRequest>) -> Result<Response<pb::RebuildResponse>, Status> {
+        let request = request.into_inner();
+        let shard = self.shard(request.shard)?;
+        let outcome = shard.raft.rebuild(&request.reason, request.forget_acknowledged).await;
+        Ok(Response::new(pb::RebuildResponse { error: outcome.err().map(|e| e.to_string()).unwrap_or_default() }))
+    }
 }

@@ -208,6 +208,65 @@ impl Admin for AdminService {
         Ok(Response::new(self.cluster_view().await))
     }
 
+    async fn rebuild_replica(
+        &self,
+        request: Request<proto::RebuildReplicaRequest>,
+    ) -> Result<Response<proto::ClusterStatusResponse>, Status> {
+        use crate::dispatch::integrity::IntegrityError;
+        let request = request.into_inner();
+        let shard = self
+            .node
+            .shards
+            .iter()
+            .find(|s| s.raft.shard().0 == request.shard)
+            .ok_or_else(|| Status::not_found(format!("shard: this cluster has no shard {}", request.shard)))?;
+        let status = shard.raft.status();
+        if !status.nodes.contains_key(&request.node_id) {
+            return Err(Status::failed_precondition(format!(
+                "node_id: node {} is not a member of shard {}",
+                request.node_id, request.shard
+            )));
+        }
+        let members = shard.members_integrity().await;
+        let healthy = |id: u64| members.iter().flatten().any(|m| m.node_id == id && m.fenced.is_none());
+        let target = members.iter().flatten().find(|m| m.node_id == request.node_id);
+        let Some(target) = target else {
+            let why = members.iter().find_map(|m| m.as_ref().err().map(ToString::to_string)).unwrap_or_default();
+            return Err(Status::unavailable(format!("node {} did not answer: {why}", request.node_id)));
+        };
+        let voters = status.voters.len();
+        let healthy_voters = status.voters.iter().filter(|id| healthy(**id)).count();
+        if target.fenced.is_none() && status.voters.contains(&request.node_id) && (healthy_voters - 1) * 2 <= voters {
+            return Err(Status::failed_precondition(format!(
+                "node_id: node {}'s copy of shard {} is healthy, and rebuilding it would leave {} of the {voters} \
+                 voters healthy, fewer than a majority: rebuild a fenced copy instead",
+                request.node_id,
+                request.shard,
+                healthy_voters - 1
+            )));
+        }
+        // Most copies fenced: no leader can be elected while they all insist
+        // on what they acknowledged. The rebuilt copy gives that up, so it
+        // votes for the most complete copy (which alone stands for election).
+        let forget_acknowledged = healthy_voters * 2 <= voters;
+        let reason = if forget_acknowledged {
+            format!(
+                "an operator asked for it while {healthy_voters} of the {voters} voters were healthy: this copy no \
+                 longer insists on what it had acknowledged"
+            )
+        } else {
+            "an operator asked for it".to_owned()
+        };
+        tracing::warn!(shard = request.shard, node_id = request.node_id, %reason, "rebuilding a replica");
+        shard.rebuild_member(request.node_id, &reason, forget_acknowledged).await.map_err(|e| match e {
+            IntegrityError::Unreachable { .. } => Status::unavailable(e.to_string()),
+            IntegrityError::NotAMember { .. } | IntegrityError::Refused(_) => {
+                Status::failed_precondition(e.to_string())
+            }
+        })?;
+        Ok(Response::new(self.cluster_view().await))
+    }
+
     async fn transfer_leader(
         &self,
         request: Request<proto::TransferLeaderRequest>,

@@ -311,6 +311,8 @@ pub struct EngineLogStore<C: RaftTypeConfig> {
     /// The committed id openraft saved last, until a flush writes it.
     committed: Arc<PendingCommitted<C>>,
     timings: Option<Arc<Timings>>,
+    /// Held by the store and its flush thread: see [`Self::alive_probe`].
+    alive: Arc<()>,
 }
 
 /// `Some` while a committed id is waiting for the flusher's next sync.
@@ -340,6 +342,7 @@ where
             durable: None,
             timings: None,
             committed: Arc::new(Mutex::new(None)),
+            alive: Arc::new(()),
         }
     }
 
@@ -356,6 +359,12 @@ where
     pub fn with_timings(mut self, timings: Arc<Timings>) -> Self {
         self.timings = Some(timings);
         self
+    }
+
+    /// Can no longer be upgraded once the store and its flush thread are
+    /// gone, so nothing of it writes to the engine any more.
+    pub fn alive_probe(&self) -> Weak<()> {
+        Arc::downgrade(&self.alive)
     }
 
     /// The index the log was purged through, if it ever was.
@@ -377,9 +386,11 @@ where
             let (tx, rx) = std::sync::mpsc::channel();
             let (engine, group) = (self.reader.engine.clone(), self.reader.group);
             let (durable, committed, timings) = (self.durable.clone(), self.committed.clone(), self.timings.clone());
-            std::thread::Builder::new()
-                .name(format!("raft-flush-{group}"))
-                .spawn(move || run_flusher(engine, group, durable, committed, timings, rx))?;
+            let alive = self.alive.clone();
+            std::thread::Builder::new().name(format!("raft-flush-{group}")).spawn(move || {
+                run_flusher(engine, group, durable, committed, timings, rx);
+                drop(alive);
+            })?;
             self.flusher = Some(tx);
         }
         Ok(self.flusher.as_ref().expect("started above"))

@@ -39,6 +39,7 @@ use serde::Serialize;
 use tempfile::TempDir;
 
 use super::*;
+use crate::raft::guard::Guard;
 
 /// Shaped like Gantry's config: u64 node ids, `BasicNode`, serde payloads.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -605,4 +606,157 @@ fn acknowledged_appends_survive_sigkill() -> anyhow::Result<()> {
         close_engine(engine, Duration::from_secs(10)).await?;
         anyhow::Ok(())
     })
+}
+
+// --- storage faults ----------------------------------------------------------------
+
+/// A store of `group` on the engine in `root/raft`, with its guard in
+/// `root/guard`, checked as `ShardRaft::open` checks it.
+async fn open_checked(engine: &Arc<Engine>, root: &Path, group: u64) -> anyhow::Result<(Store, OpenCheck)> {
+    let (guard, found) = Guard::open(&root.join("guard").join(group.to_string()), &root.join("no-legacy"))?;
+    let store = Store::new(engine.clone(), group).with_guard(Arc::new(guard));
+    let check = store.check_at_open(found, None).await?;
+    Ok((store, check))
+}
+
+fn kinds(check: &OpenCheck) -> Vec<&'static str> {
+    check.findings.iter().map(|f| f.kind).collect()
+}
+
+fn copy_dir(from: &Path, to: &Path) -> io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for file in std::fs::read_dir(from)? {
+        let file = file?;
+        if file.file_type()?.is_file() {
+            std::fs::copy(file.path(), to.join(file.file_name()))?;
+        }
+    }
+    Ok(())
+}
+
+/// A disk that lies: the last writes were reported synced and vanish at a
+/// crash (the engine's files go back to an earlier copy). The guard, synced
+/// on its own, still holds the acknowledged index and the vote: the check
+/// finds the lost entries (the copy must be fenced) and restores the vote,
+/// so the node can neither vote as if it had the entries nor vote twice.
+#[tokio::test]
+async fn a_disk_that_lost_acknowledged_writes_is_found_out() -> anyhow::Result<()> {
+    let root = tempfile::tempdir()?;
+    let raft_dir = root.path().join("raft");
+    let engine = open_engine(&raft_dir)?;
+    let (mut store, check) = open_checked(&engine, root.path(), 4).await?;
+    assert!(check.lost.is_none() && check.findings.is_empty(), "{check:?}");
+    store.save_vote(&Vote::new(3, 1)).await?;
+    append(&mut store, entries(3, 1..=20)).await?;
+    drop(store);
+    let engine = reopen(engine, &raft_dir).await?;
+    close_engine(engine, Duration::from_secs(10)).await?;
+    copy_dir(&raft_dir, &root.path().join("raft-at-20"))?;
+
+    let engine = open_engine(&raft_dir)?;
+    let (mut store, _) = open_checked(&engine, root.path(), 4).await?;
+    append(&mut store, entries(3, 21..=50)).await?;
+    store.save_vote(&Vote::new_committed(4, 2)).await?;
+    drop(store);
+    close_engine(engine, Duration::from_secs(10)).await?;
+    // The crash: everything after the copy vanished from the engine's files.
+    std::fs::remove_dir_all(&raft_dir)?;
+    std::fs::rename(root.path().join("raft-at-20"), &raft_dir)?;
+
+    let engine = open_engine(&raft_dir)?;
+    let (mut store, check) = open_checked(&engine, root.path(), 4).await?;
+    assert_eq!((check.recovered_last, check.acknowledged), (20, 50), "{check:?}");
+    assert!(check.lost.as_deref().is_some_and(|why| why.contains("acknowledged entries up to 50")), "{check:?}");
+    assert_eq!(kinds(&check), ["vote_restored", "log_lost"], "{check:?}");
+    assert_eq!(store.read_vote().await?, Some(Vote::new_committed(4, 2)));
+    drop(store);
+    close_engine(engine, Duration::from_secs(10)).await?;
+    Ok(())
+}
+
+/// A bit flipped inside an entry in the middle of the newest file:
+/// raft-engine opens the file (it checks only the last batch's entries at
+/// open) and would fail the first read of that entry later. The check reads
+/// every entry back, names the corrupt one and cuts the log before it, so
+/// the copy is fenced (it had acknowledged more) instead of failing when
+/// the entry is replicated or applied.
+#[tokio::test]
+async fn a_corrupt_entry_in_the_middle_of_the_log_is_found_and_cut() -> anyhow::Result<()> {
+    let root = tempfile::tempdir()?;
+    let raft_dir = root.path().join("raft");
+    let engine = open_engine(&raft_dir)?;
+    let (mut store, _) = open_checked(&engine, root.path(), 2).await?;
+    let big = |i: u64| {
+        EntryOf::<C>::new_normal(log_id::<C>(1, 1, i), TestCmd { key: format!("k{i}"), payload: vec![i as u8; 4096] })
+    };
+    for i in 1..=60 {
+        append(&mut store, vec![big(i)]).await?;
+    }
+    drop(store);
+    close_engine(engine, Duration::from_secs(10)).await?;
+
+    // Entry 40's payload is 4096 bytes of 40 (no compression): flip a bit
+    // in the middle of it.
+    let newest = std::fs::read_dir(&raft_dir)?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "raftlog"))
+        .max()
+        .expect("a log file");
+    let mut bytes = std::fs::read(&newest)?;
+    let run = bytes.windows(4096).position(|w| w.iter().all(|b| *b == 40)).expect("entry 40's payload");
+    bytes[run + 2048] ^= 0x10;
+    std::fs::write(&newest, &bytes)?;
+
+    let engine = open_engine(&raft_dir)?;
+    let (mut store, check) = open_checked(&engine, root.path(), 2).await?;
+    assert_eq!(kinds(&check), ["corrupt_entry", "log_lost"], "{check:?}");
+    assert!(check.findings[0].detail.starts_with("entry 40 "), "{:?}", check.findings[0]);
+    assert_eq!((check.recovered_last, check.acknowledged), (39, 60));
+    assert_eq!(all_entries(&mut store).await?, (1..=39).map(big).collect::<Vec<_>>());
+    // The log continues after the cut, as a leader will send it.
+    append(&mut store, vec![big(40)]).await?;
+    drop(store);
+    close_engine(engine, Duration::from_secs(10)).await?;
+    Ok(())
+}
+
+/// The guard file lost while the engine still holds the group: what this
+/// node acknowledged is unknown, so the copy must be fenced, not trusted.
+/// A torn slot of the guard is reported and written whole again.
+#[tokio::test]
+async fn a_lost_or_torn_guard_is_reported() -> anyhow::Result<()> {
+    let root = tempfile::tempdir()?;
+    let raft_dir = root.path().join("raft");
+    let engine = open_engine(&raft_dir)?;
+    let (mut store, _) = open_checked(&engine, root.path(), 5).await?;
+    append(&mut store, entries(1, 1..=5)).await?;
+    store.save_vote(&Vote::new(1, 1)).await?;
+    drop(store);
+    let engine = reopen(engine, &raft_dir).await?;
+
+    let guard_file = root.path().join("guard").join("5");
+    let mut bytes = std::fs::read(&guard_file)?;
+    bytes[50] ^= 0xff; // inside the second slot
+    std::fs::write(&guard_file, &bytes)?;
+    let (store, check) = open_checked(&engine, root.path(), 5).await?;
+    assert_eq!(kinds(&check), ["guard_slot_lost"], "{check:?}");
+    assert!(check.lost.is_none());
+    drop(store);
+    let engine = reopen(engine, &raft_dir).await?;
+    let (store, check) = open_checked(&engine, root.path(), 5).await?;
+    assert!(check.findings.is_empty(), "the torn slot was not written again: {check:?}");
+    drop(store);
+
+    std::fs::remove_file(&guard_file)?;
+    let engine = reopen(engine, &raft_dir).await?;
+    let (store, check) = open_checked(&engine, root.path(), 5).await?;
+    assert_eq!(kinds(&check), ["guard_lost"], "{check:?}");
+    assert!(check.lost.is_some());
+    // A group the engine never held has nothing to lose.
+    let (other, fresh) = open_checked(&engine, root.path(), 6).await?;
+    assert!(fresh.lost.is_none() && fresh.findings.is_empty(), "{fresh:?}");
+    drop((store, other));
+    close_engine(engine, Duration::from_secs(10)).await?;
+    Ok(())
 }

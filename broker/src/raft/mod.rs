@@ -7,6 +7,7 @@ pub mod log_store;
 mod log_tail;
 pub mod network;
 pub mod peer_service;
+mod rebuild;
 pub mod state_machine;
 pub mod timings;
 pub mod types;
@@ -23,6 +24,7 @@ use openraft::{ChangeMembers, ReadPolicy, ServerState, SnapshotPolicy, async_run
 use self::{log_store::EngineLogStore, network::PeerNetwork, state_machine::StateMachineStore, types::GantryRaft};
 pub use self::{
     network::PeerChannels,
+    rebuild::compare_digests,
     state_machine::{AppliedState, EventSink, ShardState, StateDigest},
     types::GantryNode,
 };
@@ -162,6 +164,12 @@ pub struct ShardRaft {
     fence: std::sync::Mutex<Option<Fence>>,
     /// Set by the first append a leader sent that this node took.
     heard_from_a_leader: std::sync::atomic::AtomicBool,
+    /// What a rebuild of this copy needs to start the group again.
+    parts: rebuild::Parts,
+    /// Held while this copy is being rebuilt (one rebuild at a time).
+    rebuilding: tokio::sync::Mutex<()>,
+    /// The current log store's `alive_probe`.
+    store_alive: std::sync::Mutex<std::sync::Weak<()>>,
     /// (recovered last index, acknowledged index) found at open.
     opened: (u64, u64),
     /// What the storage check at open found and repaired.
@@ -222,11 +230,16 @@ impl ShardRaft {
             &data_dir.join("raft-guard").join(shard.0.to_string()),
             &data_dir.join("raft-watermark").join(shard.0.to_string()),
         )?;
+        let guard = Arc::new(guard);
         let timings = Arc::new(timings::Timings::default());
-        let log = EngineLogStore::new(engine.clone(), group).with_guard(Arc::new(guard)).with_timings(timings.clone());
+        let log = EngineLogStore::new(engine.clone(), group).with_guard(guard.clone()).with_timings(timings.clone());
         let snapshot_dir = data_dir.join("snapshots").join(shard.0.to_string());
-        let local_log_end = engine.last_index(group).unwrap_or(0);
+        let marker = rebuild::marker_path(data_dir, shard);
         let mut findings = Vec::new();
+        if let Some(reason) = rebuild::read_marker(&marker)? {
+            findings.push(Self::drop_copy_at_open(shard, &snapshot_dir, &log, settings, &reason).await?);
+        }
+        let local_log_end = engine.last_index(group).unwrap_or(0);
         let sm = match StateMachineStore::open(
             shard,
             snapshot_dir.clone(),
@@ -237,10 +250,11 @@ impl ShardRaft {
             Ok(sm) => sm,
             Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
                 findings.push(Self::set_corrupt_snapshot_aside(shard, &snapshot_dir, &log, settings, &e).await?);
-                StateMachineStore::open(shard, snapshot_dir, events, 0, settings.digest_every)?
+                StateMachineStore::open(shard, snapshot_dir.clone(), events.clone(), 0, settings.digest_every)?
             }
             Err(e) => return Err(e.into()),
         };
+        rebuild::remove_marker(&marker)?;
         let state = sm.shared();
         let snapshot_last = state.read().last_applied;
         let check = log.check_at_open(found, snapshot_last).await.map_err(std::io::Error::from)?;
@@ -264,7 +278,20 @@ impl ShardRaft {
             enable_leader_restore: Some(fence.is_none()),
             ..config
         };
+        let parts = rebuild::Parts {
+            node_id,
+            config: Arc::new(openraft::Config { enable_leader_restore: Some(false), ..config.clone() }),
+            channels: channels.clone(),
+            engine,
+            guard,
+            timings: timings.clone(),
+            snapshot_dir,
+            events,
+            marker,
+            may_rebuild_from_peers: settings.may_rebuild_from_peers,
+        };
         let network = PeerNetwork { shard, channels };
+        let store_alive = log.alive_probe();
         let raft = GantryRaft::new(node_id, Arc::new(config), network, log, sm)
             .await
             .map_err(|e| RaftError::Raft(e.to_string()))?;
@@ -283,6 +310,9 @@ impl ShardRaft {
             raft: std::sync::RwLock::new(raft),
             state,
             fence: std::sync::Mutex::new(fence),
+            parts,
+            rebuilding: Default::default(),
+            store_alive: std::sync::Mutex::new(store_alive),
             heard_from_a_leader: Default::default(),
             opened: (check.recovered_last, check.acknowledged),
             faults: std::sync::Mutex::new(findings.iter().fold(BTreeMap::new(), |mut counts, f| {
@@ -310,28 +340,48 @@ impl ShardRaft {
         error: &std::io::Error,
     ) -> Result<log_store::Finding, RaftError> {
         let purged = log.recovered_purge_point().map_err(std::io::Error::from)?;
-        if purged.is_some() && !settings.may_rebuild_from_peers {
+        if purged.is_none() {
+            let aside = state_machine::set_snapshot_aside(dir)?.map_or_else(String::new, |a| a.display().to_string());
+            return Ok(log_store::Finding {
+                kind: "snapshot_corrupt",
+                detail: format!(
+                    "the snapshot does not read back ({error}); moved to {aside}; the log holds every entry: replayed"
+                ),
+            });
+        }
+        Self::drop_copy_at_open(
+            shard,
+            dir,
+            log,
+            settings,
+            &format!("the snapshot does not read back ({error}) and the log behind it is purged"),
+        )
+        .await
+    }
+
+    /// Drops this node's copy of the group (snapshot set aside, log and
+    /// metadata cleared but the vote) so that it is rebuilt from a healthy
+    /// leader; the copy stays fenced until it is.
+    async fn drop_copy_at_open(
+        shard: ShardId,
+        dir: &Path,
+        log: &EngineLogStore<types::TypeConfig>,
+        settings: &RaftSettings,
+        reason: &str,
+    ) -> Result<log_store::Finding, RaftError> {
+        if !settings.may_rebuild_from_peers {
             return Err(RaftError::Config(format!(
-                "the snapshot of shard {shard} in {} is corrupt ({error}) and the log behind it is purged; this node \
-                 runs alone, so no other replica can rebuild it: restore {} from a backup",
-                dir.display(),
+                "shard {shard}: {reason}; this node runs alone, so no other replica can rebuild it: restore {} \
+                 from a backup",
                 dir.display()
             )));
         }
         let aside = state_machine::set_snapshot_aside(dir)?;
-        let detail = format!("the snapshot does not read back ({error}); moved to {}", aside.display());
-        if purged.is_none() {
-            return Ok(log_store::Finding {
-                kind: "snapshot_corrupt",
-                detail: format!("{detail}; the log holds every entry: replayed"),
-            });
-        }
         log.drop_local_copy().await.map_err(std::io::Error::from)?;
+        let aside = aside.map_or_else(String::new, |a| format!(" (the snapshot is kept as {})", a.display()));
         Ok(log_store::Finding {
             kind: "snapshot_dropped",
-            detail: format!(
-                "{detail}; the log behind it is purged, so this copy of the shard was dropped to be rebuilt from the leader"
-            ),
+            detail: format!("{reason}: this copy of the shard was dropped to be rebuilt from the leader{aside}"),
         })
     }
 
@@ -352,7 +402,8 @@ impl ShardRaft {
         self.faults.lock().unwrap_or_else(std::sync::PoisonError::into_inner).iter().map(|(k, n)| (*k, *n)).collect()
     }
 
-    fn count_fault(&self, kind: &'static str) {
+    /// Counts a fault of `kind` found in this copy (for /metrics).
+    pub fn note_fault(&self, kind: &'static str) {
         *self.faults.lock().unwrap_or_else(std::sync::PoisonError::into_inner).entry(kind).or_default() += 1;
     }
 

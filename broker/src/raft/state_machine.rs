@@ -55,6 +55,8 @@ pub struct ShardState {
     /// due meanwhile is skipped on this replica; replicas compare the
     /// indexes they have in common).
     digesting: Arc<std::sync::atomic::AtomicBool>,
+    /// Raised by every reset: a digest of the state before it is dropped.
+    generation: std::sync::atomic::AtomicU64,
 }
 
 /// How many recent digests a replica keeps for the leader to compare.
@@ -114,6 +116,17 @@ impl ShardState {
         self.applied.read().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    /// Empties the state (a copy being rebuilt): readers see an empty
+    /// shard until the leader's snapshot is installed.
+    pub fn reset(&self) {
+        let mut applied = self.applied.write().unwrap_or_else(|poisoned| poisoned.into_inner());
+        *applied =
+            AppliedState { queue: QueueState::new(self.shard), last_applied: None, membership: Default::default() };
+        let mut digests = self.digests.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        self.generation.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        digests.clear();
+    }
+
     /// The digests this replica computed lately, oldest first.
     pub fn digests(&self) -> Vec<StateDigest> {
         self.digests.lock().unwrap_or_else(std::sync::PoisonError::into_inner).iter().copied().collect()
@@ -128,12 +141,15 @@ impl ShardState {
             return;
         }
         let shared = self.clone();
+        let generation = self.generation.load(Ordering::Acquire);
         tokio::task::spawn_blocking(move || {
             let digest = StateDigest { index, digest: digest_of(&queue) };
             drop(queue);
             let mut digests = shared.digests.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             // A reset (rebuild) meanwhile made this digest's state obsolete.
-            if digests.back().is_none_or(|last| last.index < index) {
+            if shared.generation.load(Ordering::Acquire) == generation
+                && digests.back().is_none_or(|last| last.index < index)
+            {
                 digests.push_back(digest);
                 if digests.len() > DIGESTS_KEPT {
                     digests.pop_front();
@@ -238,10 +254,21 @@ impl StateMachineStore {
                 digest_every_ms: (digest_every.as_millis() as u64).max(1),
                 digests: Default::default(),
                 digesting: Default::default(),
+                generation: Default::default(),
             }),
             snapshots: Arc::new(SnapshotDir { path: snapshot_dir, on_disk: std::sync::Mutex::new(on_disk) }),
             events,
         })
+    }
+
+    /// A state machine over `shared`, emptied by [`ShardState::reset`], for
+    /// a copy being rebuilt from the leader: no snapshot on disk.
+    pub fn with_state(shared: Arc<ShardState>, snapshot_dir: PathBuf, events: EventSink) -> Self {
+        StateMachineStore {
+            shared,
+            snapshots: Arc::new(SnapshotDir { path: snapshot_dir, on_disk: std::sync::Mutex::new(None) }),
+            events,
+        }
     }
 
     pub fn shared(&self) -> Arc<ShardState> {
@@ -321,12 +348,14 @@ fn write_snapshot_file(dir: &Path, file: &SnapshotFileV1) -> io::Result<()> {
 
 /// Moves the shard's snapshot file (found corrupt) out of the way, kept for
 /// a post-mortem; returns where it went.
-pub fn set_snapshot_aside(dir: &Path) -> io::Result<PathBuf> {
-    let name = if dir.join(SNAPSHOT_FILE).exists() { SNAPSHOT_FILE } else { SNAPSHOT_FILE_V1 };
+pub fn set_snapshot_aside(dir: &Path) -> io::Result<Option<PathBuf>> {
+    let Some(name) = [SNAPSHOT_FILE, SNAPSHOT_FILE_V1].into_iter().find(|name| dir.join(name).exists()) else {
+        return Ok(None);
+    };
     let aside = (0..).map(|n| dir.join(format!("{name}.corrupt-{n}"))).find(|p| !p.exists()).expect("an unused name");
     fs::rename(dir.join(name), &aside)?;
     fs::File::open(dir)?.sync_all()?;
-    Ok(aside)
+    Ok(Some(aside))
 }
 
 impl RaftSnapshotBuilder<C> for StateMachineStore {
@@ -531,8 +560,9 @@ mod tests {
         }
         fs::write(&path, &good[..good.len() - 1]).unwrap();
         assert!(read_snapshot_file(dir.path()).is_err(), "a cut snapshot was read");
-        let aside = set_snapshot_aside(dir.path()).unwrap();
+        let aside = set_snapshot_aside(dir.path()).unwrap().expect("a snapshot to set aside");
         assert!(aside.exists() && !path.exists());
+        assert!(set_snapshot_aside(dir.path()).unwrap().is_none());
         assert!(read_snapshot_file(dir.path()).unwrap().is_none());
     }
 }
