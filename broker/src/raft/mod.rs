@@ -282,7 +282,7 @@ impl ShardRaft {
             node_id,
             config: Arc::new(openraft::Config { enable_leader_restore: Some(false), ..config.clone() }),
             channels: channels.clone(),
-            engine,
+            engine: Arc::downgrade(&engine),
             guard,
             timings: timings.clone(),
             snapshot_dir,

@@ -32,7 +32,9 @@ pub struct Parts {
     /// comes back as a leader.
     pub config: Arc<openraft::Config>,
     pub channels: PeerChannels,
-    pub engine: Arc<raft_engine::Engine>,
+    /// Weak: the engine must close when the node shuts down, whoever still
+    /// holds this group.
+    pub engine: std::sync::Weak<raft_engine::Engine>,
     pub guard: Arc<Guard>,
     pub timings: Arc<Timings>,
     pub snapshot_dir: PathBuf,
@@ -185,9 +187,12 @@ impl ShardRaft {
         }
 
         let group = u64::from(self.shard.0);
-        let log = EngineLogStore::new(parts.engine.clone(), group)
-            .with_guard(parts.guard.clone())
-            .with_timings(parts.timings.clone());
+        let engine = parts
+            .engine
+            .upgrade()
+            .ok_or_else(|| RaftError::Raft(format!("shard {}: the node is shutting down", self.shard)))?;
+        let log =
+            EngineLogStore::new(engine, group).with_guard(parts.guard.clone()).with_timings(parts.timings.clone());
         log.drop_local_copy().await.map_err(std::io::Error::from)?;
         *self.store_alive.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = log.alive_probe();
         if let Some(aside) = state_machine::set_snapshot_aside(&parts.snapshot_dir)? {

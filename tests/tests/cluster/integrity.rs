@@ -1,0 +1,143 @@
+//! Replicas compare the digests of their state (DESIGN §1.8), and a copy
+//! that differs, or that an operator names, is rebuilt from the leader in
+//! place: three nodes in the test process.
+
+use std::time::Duration;
+
+use gantry_tests::{
+    cluster::{CLUSTER_WAIT, TestCluster, cluster_status},
+    enqueue, eventually, get_job,
+    v1::{self as proto},
+};
+
+/// Enqueues a marker job (a new entry with a new leader stamp, so replicas
+/// pass the next digest window) until every node reports a digest at the
+/// same index past `after`; returns them (node, digest) at that index.
+async fn common_digests(cluster: &TestCluster, after: u64) -> (u64, Vec<(usize, String)>) {
+    let mut marker = cluster.jobs(0);
+    eventually("every node digests its state at the same index", CLUSTER_WAIT, || {
+        let mut marker = marker.clone();
+        async move {
+            let _ = marker
+                .enqueue(proto::EnqueueRequest { queue: "marker".into(), payload: b"m".to_vec(), ..Default::default() })
+                .await;
+            let mut seen = Vec::new();
+            for i in 0..3 {
+                let shard = cluster_status(cluster.addrs[i]).await?.shards.into_iter().next()?;
+                seen.push((i, shard.digest_index, shard.state_digest));
+            }
+            let index = seen[0].1;
+            (index > after && seen.iter().all(|(_, at, _)| *at == index))
+                .then(|| (index, seen.into_iter().map(|(i, _, d)| (i, d)).collect()))
+        }
+    })
+    .await
+}
+
+fn settings(c: &mut gantry_broker::config::Config) {
+    c.digest_every = Duration::from_millis(300);
+    c.snapshot_every = 50;
+}
+
+/// A follower restarts on a snapshot whose state differs from the others'
+/// (written in the older format, without a checksum, with one job's
+/// payload changed: what a bit flip there does). Nothing at start-up can
+/// tell; the digests do: the leader finds it the odd one out and has it
+/// rebuilt, after which its digests equal the others' and it serves the
+/// job as it was enqueued.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_whose_state_differs_is_found_and_rebuilt() {
+    let mut cluster = TestCluster::start_with(3, settings).await;
+    let leader = cluster.wait_for_leader().await;
+    let victim = cluster.other(leader);
+    let mut jobs = cluster.jobs(leader);
+    let canary = enqueue(&mut jobs, "canary", b"divergence-canary-0000").await;
+    for i in 0..120u32 {
+        enqueue(&mut jobs, "fill", format!("fill {i}").as_bytes()).await;
+    }
+    let commit = cluster_status(cluster.addrs[leader]).await.expect("status").shards[0].commit_index;
+    cluster.wait_applied(victim, commit).await;
+    let (_, digests) = common_digests(&cluster, 0).await;
+    assert!(digests.iter().all(|(_, d)| *d == digests[0].1), "replicas differ before any fault: {digests:?}");
+    cluster.server(victim).node().shards[0].raft.snapshot_now().await.expect("snapshot");
+    cluster.stop(victim).await;
+
+    let dir = cluster.data_dir(victim).join("snapshots").join("0");
+    let file = std::fs::read(dir.join("snapshot-v2.bin")).expect("the victim's snapshot");
+    let mut payload = file[20..].to_vec();
+    let at = payload.windows(22).position(|w| w == b"divergence-canary-0000").expect("the canary in the snapshot");
+    payload[at + 18..at + 22].copy_from_slice(b"9999");
+    std::fs::write(dir.join("snapshot-v1.bin"), &payload).expect("write");
+    std::fs::remove_file(dir.join("snapshot-v2.bin")).expect("remove");
+
+    cluster.restart(victim).await;
+    let raft = cluster.server(victim).node().shards[0].raft.clone();
+    eventually("the diverged copy is rebuilt", CLUSTER_WAIT, || {
+        let (raft, mut jobs) = (raft.clone(), jobs.clone());
+        async move {
+            // New entries, so that replicas reach the next digest window.
+            let _ = jobs
+                .enqueue(proto::EnqueueRequest { queue: "marker".into(), payload: b"m".to_vec(), ..Default::default() })
+                .await;
+            raft.fault_counts().into_iter().any(|(kind, _)| kind == "rebuild").then_some(())
+        }
+    })
+    .await;
+    let (index, digests) = common_digests(&cluster, commit).await;
+    assert!(digests.iter().all(|(_, d)| *d == digests[0].1), "replicas still differ at {index}: {digests:?}");
+    let faults = cluster.server(leader).node().shards[0].raft.fault_counts();
+    assert!(faults.iter().any(|(kind, n)| *kind == "digest_mismatch" && *n >= 1), "leader counted {faults:?}");
+    eventually("the rebuilt copy serves reads", CLUSTER_WAIT, || async {
+        let job = cluster.jobs(victim).get_job(proto::GetJobRequest { job_id: canary.clone() }).await.ok()?;
+        Some(job.into_inner())
+    })
+    .await;
+    assert_eq!(get_job(&mut cluster.jobs(victim), &canary).await.payload, b"divergence-canary-0000");
+    cluster.shutdown().await;
+}
+
+/// `gantry cluster rebuild` on a healthy follower: its copy is dropped,
+/// fenced (no reads) until the leader has rebuilt it, then whole again
+/// with every job; bad requests name what is wrong.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_rebuilds_a_replica_in_place() {
+    let cluster = TestCluster::start_with(3, settings).await;
+    let leader = cluster.wait_for_leader().await;
+    let victim = cluster.other(leader);
+    let mut jobs = cluster.jobs(leader);
+    let mut ids = Vec::new();
+    for i in 0..150u32 {
+        ids.push(enqueue(&mut jobs, "rebuilt", format!("job {i}").as_bytes()).await);
+    }
+    let mut admin = cluster.admin(leader);
+    let refused = admin
+        .rebuild_replica(proto::RebuildReplicaRequest { node_id: 9, shard: 0 })
+        .await
+        .expect_err("a node that is not a member");
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{refused:?}");
+    assert!(refused.message().contains("node_id: node 9 is not a member of shard 0"), "{refused:?}");
+    let refused = admin
+        .rebuild_replica(proto::RebuildReplicaRequest { node_id: 1, shard: 7 })
+        .await
+        .expect_err("a shard that does not exist");
+    assert_eq!(refused.code(), tonic::Code::NotFound, "{refused:?}");
+
+    let victim_id = victim as u64 + 1;
+    admin
+        .rebuild_replica(proto::RebuildReplicaRequest { node_id: victim_id, shard: 0 })
+        .await
+        .expect("rebuild a follower's copy");
+    let raft = cluster.server(victim).node().shards[0].raft.clone();
+    assert!(raft.fault_counts().iter().any(|(kind, _)| *kind == "rebuild"));
+    eventually("the rebuilt copy is whole again", CLUSTER_WAIT, || {
+        let raft = raft.clone();
+        async move { raft.fenced().is_none().then_some(()) }
+    })
+    .await;
+    for id in [&ids[0], &ids[75], &ids[149]] {
+        assert_eq!(get_job(&mut cluster.jobs(victim), id).await.id, *id);
+    }
+    let (index, digests) = common_digests(&cluster, 0).await;
+    assert!(digests.iter().all(|(_, d)| *d == digests[0].1), "replicas differ at {index}: {digests:?}");
+    cluster.shutdown().await;
+}
