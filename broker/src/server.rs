@@ -107,8 +107,8 @@ pub async fn start_with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<R
 
     data_format::check_or_stamp(&config.data_dir)?;
     data_format::check_or_record_shards(&config.data_dir, config.shards)?;
-    let engine =
-        log_store::open_engine(&config.data_dir.join("raft")).map_err(|e| BrokerError::Storage(e.to_string()))?;
+    let raft_dir = config.data_dir.join("raft");
+    let engine = log_store::open_engine(&raft_dir).map_err(|e| BrokerError::Storage(engine_refusal(&raft_dir, &e)))?;
     let purge_task = log_store::spawn_purge_task(engine.clone(), Duration::from_secs(10));
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -293,6 +293,22 @@ pub async fn start_with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<R
         served.map_err(|e| BrokerError::Serve(e.to_string()))
     });
     Ok(RunningServer { local_addr, peer_addr, metrics_addr, node, shutdown: shutdown_tx, task })
+}
+
+/// Why the node cannot start on its raft-engine directory, and the way out.
+/// raft-engine tolerates damage only at the tail of its newest file (it
+/// drops that tail; the storage check of each shard then finds what was
+/// lost): an error here means damage elsewhere, in files that hold
+/// acknowledged entries of any shard.
+fn engine_refusal(dir: &std::path::Path, error: &log_store::StorageError) -> String {
+    let dir = dir.display();
+    format!(
+        "the raft log in {dir} cannot be opened: {error}. Damage in a log file other than the newest cannot be \
+         cut off safely: entries this node acknowledged, of any shard, are in those files. This node cannot \
+         start on it. Way out, when the other nodes hold a healthy majority of every shard: move the directory \
+         aside (mv {dir} {dir}.damaged) and start the node again: each shard's copy is then fenced and rebuilt \
+         from its leader (`gantry cluster status` shows it fenced until it is). See docs/storage.md."
+    )
 }
 
 /// How long the peer port's accept loop waits for calls still in flight

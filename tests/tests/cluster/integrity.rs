@@ -141,3 +141,43 @@ async fn an_operator_rebuilds_a_replica_in_place() {
     assert!(digests.iter().all(|(_, d)| *d == digests[0].1), "replicas differ at {index}: {digests:?}");
     cluster.shutdown().await;
 }
+
+/// What the refusal to open a damaged raft log tells the operator to do:
+/// move the raft directory aside and start the node again. Its guard still
+/// says what it acknowledged and voted: every shard's copy comes back
+/// fenced (its vote restored), is rebuilt by the leader, and serves every
+/// job again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_raft_log_was_moved_aside_is_rebuilt_fenced() {
+    let mut cluster = TestCluster::start_with(3, settings).await;
+    let leader = cluster.wait_for_leader().await;
+    let victim = cluster.other(leader);
+    let mut jobs = cluster.jobs(leader);
+    let mut ids = Vec::new();
+    for i in 0..80u32 {
+        ids.push(enqueue(&mut jobs, "aside", format!("job {i}").as_bytes()).await);
+    }
+    let commit = cluster_status(cluster.addrs[leader]).await.expect("status").shards[0].commit_index;
+    cluster.wait_applied(victim, commit).await;
+    cluster.stop(victim).await;
+    let raft_dir = cluster.data_dir(victim).join("raft");
+    std::fs::rename(&raft_dir, raft_dir.with_extension("damaged")).expect("move the raft log aside");
+
+    cluster.restart(victim).await;
+    let raft = cluster.server(victim).node().shards[0].raft.clone();
+    let kinds: Vec<&str> = raft.storage_findings().iter().map(|f| f.kind).collect();
+    assert!(kinds.contains(&"log_lost") && kinds.contains(&"vote_restored"), "{kinds:?}");
+    let (recovered, acknowledged) = raft.lost_at_open().expect("the lost log is noticed");
+    assert!(recovered < acknowledged && acknowledged >= commit, "{recovered} {acknowledged} {commit}");
+    eventually("the copy is whole again", CLUSTER_WAIT, || {
+        let raft = raft.clone();
+        async move { raft.fenced().is_none().then_some(()) }
+    })
+    .await;
+    for id in [&ids[0], &ids[40], &ids[79]] {
+        assert_eq!(get_job(&mut cluster.jobs(victim), id).await.id, *id);
+    }
+    let (index, digests) = common_digests(&cluster, commit).await;
+    assert!(digests.iter().all(|(_, d)| *d == digests[0].1), "replicas differ at {index}: {digests:?}");
+    cluster.shutdown().await;
+}
