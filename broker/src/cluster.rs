@@ -13,7 +13,7 @@ use tokio::sync::watch;
 use crate::{
     dispatch::Node,
     queue::ShardId,
-    raft::{GantryNode, PeerChannels},
+    raft::{GantryNode, PeerChannels, guard::GuardVote},
 };
 
 const RETRY: Duration = Duration::from_millis(500);
@@ -305,4 +305,132 @@ mod tests {
         // A single shard never moves.
         assert_eq!(pick_handover(1, &[Some(1)], &all, |_, _| true), None);
     }
+}
+
+/// A node started on a new data directory must not vote before it knows
+/// whether the cluster is new too: a member whose data directory was lost
+/// would otherwise grant votes with an empty log (electing a leader without
+/// entries it had acknowledged) and could vote twice in a term it forgot.
+/// Every shard starts fenced (`ShardRaft::fence_new_data_dir`); this asks
+/// the peers (`--initial-cluster`, or the members a `--join` address names)
+/// and every member they name, per shard, until all have answered:
+/// - no member has committed anything of the shard: the cluster is new, the
+///   fence lifts;
+/// - else this node lost its data (or is joining a running cluster): the
+///   copy stays fenced until a leader whose vote is at least the newest vote
+///   any member holds (so at least any vote this node may have granted) has
+///   replicated to it past the highest index any member knew committed.
+pub async fn verify_new_data_dir(
+    node: Arc<Node>,
+    initial: BTreeMap<u64, String>,
+    join: Vec<String>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut pending: BTreeSet<u32> = node.shards.iter().map(|s| s.raft.shard().0).collect();
+    let mut peers: BTreeMap<u64, String> = initial.into_iter().filter(|(id, _)| *id != node.node_id).collect();
+    let mut answers: BTreeMap<u64, pb::NodeInfoResponse> = BTreeMap::new();
+    let mut said = false;
+    loop {
+        if peers.is_empty() {
+            for address in &join {
+                match cluster_members(&node, address).await {
+                    Ok(members) => peers.extend(members.into_iter().filter(|(id, _)| *id != node.node_id)),
+                    Err(e) => tracing::debug!(%address, error = %e, "asking the cluster to join for its members"),
+                }
+            }
+        }
+        let unanswered: Vec<(u64, String)> =
+            peers.iter().filter(|(id, _)| !answers.contains_key(id)).map(|(id, a)| (*id, a.clone())).collect();
+        for (id, address) in &unanswered {
+            match node_info(&node.channels, address).await {
+                Ok(info) if info.node_id == *id => {
+                    for view in &info.shard_views {
+                        peers.extend(
+                            view.members.iter().filter(|(m, _)| **m != node.node_id).map(|(m, a)| (*m, a.clone())),
+                        );
+                    }
+                    answers.insert(*id, info);
+                }
+                Ok(info) => {
+                    tracing::warn!(expected = id, found = info.node_id, %address, "another node answers at this address")
+                }
+                Err(e) => tracing::debug!(node = id, %address, error = %e, "member not answering yet"),
+            }
+        }
+        let everyone_answered = !peers.is_empty() && peers.keys().all(|id| answers.contains_key(id));
+        let undecided: Vec<_> = node.shards.iter().filter(|s| pending.contains(&s.raft.shard().0)).collect();
+        for shard in undecided {
+            let id = shard.raft.shard().0;
+            let views: Vec<&pb::ShardRaftView> =
+                answers.values().flat_map(|a| a.shard_views.iter().filter(move |v| v.shard == id)).collect();
+            let older = answers.values().any(|a| a.shard_views.is_empty() && a.initialized_shards.contains(&id));
+            if older {
+                if !said {
+                    tracing::error!(
+                        shard = id,
+                        "a member is too old to report its vote: this node stays fenced (upgrade it)"
+                    );
+                }
+                continue;
+            }
+            if !everyone_answered {
+                continue;
+            }
+            let established = views.iter().any(|v| v.commit_index >= 1);
+            if !established {
+                tracing::info!(shard = id, "every member answered and none has committed anything: the cluster is new");
+                shard.raft.lift_new_data_dir_fence();
+            } else {
+                let vote = views
+                    .iter()
+                    .map(|v| GuardVote { term: v.vote_term, node_id: v.vote_node_id, committed: v.vote_committed })
+                    .max_by_key(GuardVote::order)
+                    .expect("an established shard has views");
+                let until = views.iter().map(|v| v.commit_index).max().unwrap_or(0);
+                let member = views.iter().any(|v| v.members.contains_key(&node.node_id));
+                let why = if member {
+                    format!(
+                        "this node's data directory is new but the other members hold shard {id} with it as a member: \
+                         its data directory was lost. It does not vote, lead or serve reads of the shard until a leader \
+                         of vote {vote} or newer has replicated the log to it past index {until}"
+                    )
+                } else {
+                    format!(
+                        "this node is new to a running cluster: it does not vote, lead or serve reads of shard {id} \
+                         until a leader has replicated the log to it past index {until}"
+                    )
+                };
+                shard.raft.fence_lost_data_dir(until, vote, why);
+            }
+            pending.remove(&id);
+        }
+        if pending.is_empty() {
+            return;
+        }
+        if !said {
+            tracing::info!(shards = ?pending, waiting_for = ?peers.keys().filter(|id| !answers.contains_key(id)).collect::<Vec<_>>(), "new data directory: not voting until every member has answered");
+            said = true;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(RETRY) => {}
+            _ = shutdown.wait_for(|stop| *stop) => return,
+        }
+    }
+}
+
+/// The members (id -> peer address) a running cluster's client port names.
+async fn cluster_members(node: &Node, address: &str) -> Result<BTreeMap<u64, String>, String> {
+    let channel = node
+        .channels
+        .client_port_endpoint(address)?
+        .connect_timeout(CALL_TIMEOUT)
+        .connect()
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut admin = proto::admin_client::AdminClient::new(channel);
+    let mut request = tonic::Request::new(proto::ClusterStatusRequest {});
+    request.set_timeout(CALL_TIMEOUT);
+    node.channels.authorize(&mut request);
+    let status = admin.cluster_status(request).await.map_err(|s| format!("{}: {}", s.code(), s.message()))?;
+    Ok(status.into_inner().nodes.into_iter().map(|n| (n.node_id, n.peer_address)).collect())
 }

@@ -105,6 +105,7 @@ pub async fn start_with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<R
     let peer_advertise = config.peer_advertise.clone().unwrap_or_else(|| peer_addr.to_string());
     security.warn_if_open(local_addr, peer_addr);
 
+    let new_data_dir = data_format::is_new(&config.data_dir);
     data_format::check_or_stamp(&config.data_dir)?;
     data_format::check_or_record_shards(&config.data_dir, config.shards)?;
     let raft_dir = config.data_dir.join("raft");
@@ -136,6 +137,9 @@ pub async fn start_with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<R
             events_tx,
         )
         .await?;
+        if new_data_dir && !single_node {
+            raft.fence_new_data_dir();
+        }
         if single_node {
             let me = GantryNode { client: advertise.clone(), peer: peer_advertise.clone() };
             raft.lift_fence_of_sole_voter();
@@ -230,6 +234,14 @@ pub async fn start_with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<R
     }
     if !config.join.is_empty() {
         tokio::spawn(cluster::join(node.clone(), config.join.clone(), shutdown_rx.clone()));
+    }
+    if new_data_dir && !single_node {
+        tokio::spawn(cluster::verify_new_data_dir(
+            node.clone(),
+            config.initial_cluster.0.clone(),
+            config.join.clone(),
+            shutdown_rx.clone(),
+        ));
     }
     for shard in &node.shards {
         tokio::spawn(crate::dispatch::integrity::check_replicas(
@@ -410,6 +422,11 @@ mod data_format {
     const FILE: &str = "FORMAT";
     /// 2: cluster members carry client and peer addresses.
     const CURRENT: &str = "gantry-data 2";
+
+    /// Nothing was ever written here (or everything was lost).
+    pub fn is_new(dir: &Path) -> bool {
+        !dir.join(FILE).exists() && !dir.join("raft").exists()
+    }
 
     pub fn check_or_stamp(dir: &Path) -> Result<(), BrokerError> {
         let storage = |e: std::io::Error| BrokerError::Storage(format!("{}: {e}", dir.display()));

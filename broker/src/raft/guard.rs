@@ -39,6 +39,14 @@ pub struct GuardVote {
     pub committed: bool,
 }
 
+impl GuardVote {
+    /// openraft's order of votes with advanced leader ids (its default):
+    /// by term, then candidate, then committed over not.
+    pub fn order(&self) -> (u64, u64, bool) {
+        (self.term, self.node_id, self.committed)
+    }
+}
+
 impl std::fmt::Display for GuardVote {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let committed = if self.committed { "committed" } else { "not committed" };

@@ -908,12 +908,6 @@ fn engine_vote<C: RaftTypeConfig<NodeId = u64, Term = u64>>(vote: GuardVote) -> 
     VoteOf::<C>::from_leader_id(LeaderIdOf::<C>::new(vote.term, vote.node_id), vote.committed)
 }
 
-/// The order of openraft's votes with advanced leader ids (its default):
-/// by term, then candidate, then committed over not.
-fn vote_key(vote: &GuardVote) -> (u64, u64, bool) {
-    (vote.term, vote.node_id, vote.committed)
-}
-
 /// What [`EngineLogStore::check_at_open`] found in one group's storage.
 #[derive(Clone, Debug, Default)]
 pub struct OpenCheck {
@@ -1029,7 +1023,7 @@ where
             batch.add_command(group, Command::Clean);
             engine.write(&mut batch, true)?;
             let vote = vote.map(|v| guard_vote::<C>(&v));
-            let vote = [vote, guard.and_then(|g| g.current().vote)].into_iter().flatten().max_by_key(vote_key);
+            let vote = [vote, guard.and_then(|g| g.current().vote)].into_iter().flatten().max_by_key(GuardVote::order);
             if let Some(vote) = vote {
                 let mut batch = LogBatch::with_capacity(1);
                 put_meta(&mut batch, group, KEY_VOTE_V1, &engine_vote::<C>(vote))?;
@@ -1134,7 +1128,7 @@ fn reconcile_vote<C: RaftTypeConfig<NodeId = u64, Term = u64>>(
     let in_engine = in_engine.map(|v| guard_vote::<C>(&v));
     let in_guard = guard.current().vote;
     match (in_engine, in_guard) {
-        (engine_vote_now, Some(kept)) if engine_vote_now.as_ref().is_none_or(|v| vote_key(v) < vote_key(&kept)) => {
+        (engine_vote_now, Some(kept)) if engine_vote_now.as_ref().is_none_or(|v| v.order() < kept.order()) => {
             let mut batch = LogBatch::with_capacity(1);
             put_meta(&mut batch, group, KEY_VOTE_V1, &engine_vote::<C>(kept))?;
             engine.write(&mut batch, true)?;
@@ -1144,7 +1138,7 @@ fn reconcile_vote<C: RaftTypeConfig<NodeId = u64, Term = u64>>(
                 detail: format!("the log engine lost the last vote (it held {had}): restored {kept} from the guard"),
             });
         }
-        (Some(newer), kept) if kept.as_ref().is_none_or(|k| vote_key(k) < vote_key(&newer)) => {
+        (Some(newer), kept) if kept.as_ref().is_none_or(|k| k.order() < newer.order()) => {
             guard.record_vote(newer).map_err(|source| StorageError::Guard { group, source })?;
         }
         _ => {}

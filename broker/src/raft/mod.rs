@@ -147,7 +147,17 @@ pub struct ShardStatus {
 struct Fence {
     /// The fence lifts once a leader has replicated the log to this index.
     until: u64,
+    /// ... and once this node's vote is at least this one (openraft's
+    /// order): a node that lost its vote must first have followed a leader
+    /// of a term at least as new as any vote it may have granted.
+    vote_at_least: Option<guard::GuardVote>,
     reason: String,
+}
+
+impl Fence {
+    fn new(until: u64, reason: String) -> Self {
+        Fence { until, vote_at_least: None, reason }
+    }
 }
 
 /// One shard's Raft group on this node.
@@ -264,12 +274,9 @@ impl ShardRaft {
         }
         let lost =
             findings.iter().find(|f| f.kind == "snapshot_dropped").map(|f| f.detail.clone()).or(check.lost.clone());
-        let fence = lost.map(|reason| Fence {
-            // Past everything it acknowledged, and past its own log: only
-            // entries a leader sent since this start count.
-            until: check.acknowledged.max(check.recovered_last + 1),
-            reason,
-        });
+        // Past everything it acknowledged, and past its own log: only
+        // entries a leader sent since this start count.
+        let fence = lost.map(|reason| Fence::new(check.acknowledged.max(check.recovered_last + 1), reason));
         let config = openraft::Config {
             // A node that lost what it acknowledged must not come back as
             // the leader it was (openraft restores a leader from its saved
@@ -422,9 +429,14 @@ impl ShardRaft {
         let Some(current) = fence.as_ref() else {
             return Ok(());
         };
-        let last = self.raft().metrics().borrow_watched().last_log_index.unwrap_or(0);
+        let (last, vote) = {
+            let metrics = self.raft().metrics();
+            let m = metrics.borrow_watched();
+            (m.last_log_index.unwrap_or(0), guard_vote_of(&m.vote))
+        };
         let heard = self.heard_from_a_leader.load(std::sync::atomic::Ordering::Acquire);
-        if heard && last >= current.until {
+        let voted_recently_enough = current.vote_at_least.is_none_or(|at_least| vote.order() >= at_least.order());
+        if heard && last >= current.until && voted_recently_enough {
             tracing::warn!(shard = %self.shard, last, "the log holds everything this node acknowledged again, from a leader: fence lifted");
             *fence = None;
             self.raft().runtime_config().elect(true);
@@ -435,6 +447,52 @@ impl ShardRaft {
              (it holds {last})",
             current.reason, current.until
         ))
+    }
+
+    /// Fences a copy that is new on a node whose data directory is new,
+    /// until `cluster::verify_new_data_dir` found out whether the cluster is
+    /// new too (then [`Self::lift_new_data_dir_fence`]) or this node lost its
+    /// data (then [`Self::fence_lost_data_dir`]). It must not vote with an
+    /// empty log meanwhile.
+    pub fn fence_new_data_dir(&self) {
+        if self.fence.lock().unwrap_or_else(std::sync::PoisonError::into_inner).is_some() {
+            return;
+        }
+        self.set_fence(Fence::new(
+            u64::MAX,
+            "this node's data directory is new: it does not vote until its peers said whether the cluster is new \
+             too (a member whose data directory was lost must not vote with an empty log)"
+                .to_owned(),
+        ));
+    }
+
+    /// The cluster is new: a node with a new data directory may vote.
+    pub fn lift_new_data_dir_fence(&self) {
+        let mut fence = self.fence.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if fence.as_ref().is_some_and(|f| f.until == u64::MAX) {
+            *fence = None;
+            self.raft().runtime_config().elect(true);
+        }
+    }
+
+    /// This node's data directory was lost while its peers hold the group:
+    /// what it acknowledged and voted is unknown. It stays fenced until a
+    /// leader whose vote is at least `vote_at_least` (the newest vote any
+    /// member holds, so at least any vote this node may have granted) has
+    /// replicated to it past `until` (the highest index any member knew
+    /// committed).
+    pub fn fence_lost_data_dir(&self, until: u64, vote_at_least: guard::GuardVote, why: String) {
+        self.note_fault("data_dir_lost");
+        tracing::error!(shard = %self.shard, until, vote = %vote_at_least, "{why}");
+        self.set_fence(Fence { until: until.max(1), vote_at_least: Some(vote_at_least), reason: why });
+    }
+
+    /// The vote this node saved last, and the highest index it knows
+    /// committed (for a peer whose data directory was lost).
+    pub fn vote_and_commit(&self) -> (guard::GuardVote, u64) {
+        let metrics = self.raft().metrics();
+        let m = metrics.borrow_watched();
+        (guard_vote_of(&m.vote), m.local_committed.map_or(0, |l| l.index))
     }
 
     /// A single voter cannot get lost entries back from anyone: it goes on
@@ -877,6 +935,12 @@ impl ShardRaft {
             tracing::warn!(shard = %self.shard, error = %e, "raft shutdown");
         }
     }
+}
+
+fn guard_vote_of(vote: &openraft::type_config::alias::VoteOf<types::TypeConfig>) -> guard::GuardVote {
+    use openraft::vote::RaftLeaderId;
+    let leader = vote.leader_id();
+    guard::GuardVote { term: leader.term(), node_id: *leader.node_id(), committed: vote.is_committed() }
 }
 
 /// Readiness's memory of one shard's leadership: the term and leader last

@@ -135,6 +135,23 @@ impl PeerRpc for PeerService {
             initialized: initialized_shards.contains(&0),
             shards: self.shards.len() as u32,
             initialized_shards,
+            shard_views: self
+                .shards
+                .iter()
+                .map(|shard| {
+                    let (vote, commit_index) = shard.vote_and_commit();
+                    let status = shard.status();
+                    pb::ShardRaftView {
+                        shard: shard.shard().0,
+                        vote_term: vote.term,
+                        vote_node_id: vote.node_id,
+                        vote_committed: vote.committed,
+                        commit_index,
+                        members: status.nodes.into_iter().map(|(id, node)| (id, node.peer)).collect(),
+                        voters: status.voters,
+                    }
+                })
+                .collect(),
         }))
     }
 }

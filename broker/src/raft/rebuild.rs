@@ -97,18 +97,24 @@ pub struct Verdict {
     pub odd: Vec<(u64, u64, String, String)>,
     /// Indexes where digests differ without a majority.
     pub undecided: Vec<u64>,
-    /// The highest index every reporter agreed on (or was judged at).
+    /// Indexes up to this one are judged (the newest every reporter passed).
     pub checked_through: u64,
 }
 
 /// Compares the digests `reports` (node, its recent digests) at every index
-/// after `after` that at least two of them hold.
+/// after `after` that at least two of them hold, up to the newest index
+/// every reporter has passed: a replica that lags is compared once it
+/// caught up, not skipped.
 pub fn compare_digests(reports: &[(u64, Vec<StateDigest>)], after: u64) -> Verdict {
-    let mut indexes: Vec<u64> =
-        reports.iter().flat_map(|(_, digests)| digests.iter().map(|d| d.index)).filter(|i| *i > after).collect();
+    let horizon = reports.iter().map(|(_, digests)| digests.last().map_or(0, |d| d.index)).min().unwrap_or(0);
+    let mut indexes: Vec<u64> = reports
+        .iter()
+        .flat_map(|(_, digests)| digests.iter().map(|d| d.index))
+        .filter(|i| *i > after && *i <= horizon)
+        .collect();
     indexes.sort_unstable();
     indexes.dedup();
-    let mut verdict = Verdict { checked_through: after, ..Verdict::default() };
+    let mut verdict = Verdict { checked_through: after.max(horizon), ..Verdict::default() };
     for index in indexes {
         let at: Vec<(u64, [u8; 16])> = reports
             .iter()
@@ -117,7 +123,6 @@ pub fn compare_digests(reports: &[(u64, Vec<StateDigest>)], after: u64) -> Verdi
         if at.len() < 2 {
             continue;
         }
-        verdict.checked_through = index;
         if at.iter().all(|(_, d)| *d == at[0].1) {
             continue;
         }
@@ -162,7 +167,7 @@ impl ShardRaft {
         } else {
             parts.guard.acknowledged()
         };
-        self.set_fence(Fence { until: acknowledged.max(1), reason: format!("rebuilding from the leader: {reason}") });
+        self.set_fence(Fence::new(acknowledged.max(1), format!("rebuilding from the leader: {reason}")));
         if self.is_leader() {
             self.hand_over_leadership(HANDOVER_TIMEOUT).await;
         }
@@ -212,7 +217,7 @@ impl ShardRaft {
         Ok(())
     }
 
-    fn set_fence(&self, fence: Fence) {
+    pub(super) fn set_fence(&self, fence: Fence) {
         *self.fence.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(fence);
         self.raft().runtime_config().elect(false);
     }
@@ -228,24 +233,32 @@ mod tests {
 
     #[test]
     fn the_odd_one_out_is_named_and_a_tie_is_not_judged() {
-        let reports = vec![
+        let mut reports = vec![
             (1, vec![at(10, 1), at(20, 2), at(30, 3)]),
-            (2, vec![at(10, 1), at(20, 9), at(30, 3)]),
+            (2, vec![at(10, 1), at(20, 9), at(30, 4)]),
             (3, vec![at(10, 1), at(20, 2)]),
         ];
         let verdict = compare_digests(&reports, 0);
         assert_eq!(verdict.odd.len(), 1, "{verdict:?}");
         assert_eq!((verdict.odd[0].0, verdict.odd[0].1), (2, 20));
         assert!(verdict.undecided.is_empty());
-        assert_eq!(verdict.checked_through, 30);
-        // Indexes already checked are not judged again.
-        assert_eq!(compare_digests(&reports, 20), Verdict { checked_through: 30, ..Verdict::default() });
+        // Node 3 has not digested index 30 yet: it waits for it.
+        assert_eq!(verdict.checked_through, 20);
+        assert_eq!(compare_digests(&reports, 20), Verdict { checked_through: 20, ..Verdict::default() });
+        // Node 3 lagged, skipped 30 (busy) and is past it: 30 is judged
+        // between the two that hold it, which do not agree.
+        reports[2].1.push(at(40, 5));
+        reports[0].1.push(at(40, 5));
+        reports[1].1.push(at(40, 5));
+        let verdict = compare_digests(&reports, 20);
+        assert_eq!((verdict.undecided, verdict.checked_through), (vec![30], 40));
         // Two replicas that differ: nobody can be named.
         let two = vec![(1, vec![at(40, 1)]), (2, vec![at(40, 2)])];
         assert_eq!(compare_digests(&two, 0).undecided, vec![40]);
         assert!(compare_digests(&two, 0).odd.is_empty());
-        // An index only one replica holds is not compared yet.
+        // An index only one replica holds is never compared; one beyond
+        // what another replica reached is not compared yet.
         let one = vec![(1, vec![at(50, 1)]), (2, vec![at(40, 2)])];
-        assert_eq!(compare_digests(&one, 0).checked_through, 0);
+        assert_eq!(compare_digests(&one, 0), Verdict { checked_through: 40, ..Verdict::default() });
     }
 }

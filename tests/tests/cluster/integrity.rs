@@ -181,3 +181,45 @@ async fn a_node_whose_raft_log_was_moved_aside_is_rebuilt_fenced() {
     assert!(digests.iter().all(|(_, d)| *d == digests[0].1), "replicas differ at {index}: {digests:?}");
     cluster.shutdown().await;
 }
+
+/// A follower's whole data directory is lost. It starts as a new node, but
+/// its peers hold the shard with it as a member: it does not vote with its
+/// empty log (which could elect a leader without what it had acknowledged)
+/// until the leader has caught it up past what any member knew committed,
+/// then it serves every job again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_data_directory_was_lost_does_not_vote_until_rebuilt() {
+    let mut cluster = TestCluster::start_with(3, settings).await;
+    let leader = cluster.wait_for_leader().await;
+    let victim = cluster.other(leader);
+    let mut jobs = cluster.jobs(leader);
+    let mut ids = Vec::new();
+    for i in 0..80u32 {
+        ids.push(enqueue(&mut jobs, "lost", format!("job {i}").as_bytes()).await);
+    }
+    let commit = cluster_status(cluster.addrs[leader]).await.expect("status").shards[0].commit_index;
+    cluster.wait_applied(victim, commit).await;
+    cluster.stop(victim).await;
+    std::fs::remove_dir_all(cluster.data_dir(victim)).expect("lose the data directory");
+
+    cluster.restart(victim).await;
+    let raft = cluster.server(victim).node().shards[0].raft.clone();
+    // Fenced from the first moment (a new data directory), then told why.
+    assert!(raft.may_vote().is_err(), "a node with a new data directory voted before its peers answered");
+    eventually("the node finds out its data directory was lost", CLUSTER_WAIT, || {
+        let raft = raft.clone();
+        async move { raft.fault_counts().iter().any(|(kind, _)| *kind == "data_dir_lost").then_some(()) }
+    })
+    .await;
+    eventually("the copy is whole again", CLUSTER_WAIT, || {
+        let raft = raft.clone();
+        async move { raft.fenced().is_none().then_some(()) }
+    })
+    .await;
+    for id in [&ids[0], &ids[40], &ids[79]] {
+        assert_eq!(get_job(&mut cluster.jobs(victim), id).await.id, *id);
+    }
+    let (index, digests) = common_digests(&cluster, commit).await;
+    assert!(digests.iter().all(|(_, d)| *d == digests[0].1), "replicas differ at {index}: {digests:?}");
+    cluster.shutdown().await;
+}
