@@ -151,12 +151,17 @@ struct Fence {
     /// order): a node that lost its vote must first have followed a leader
     /// of a term at least as new as any vote it may have granted.
     vote_at_least: Option<guard::GuardVote>,
+    /// Set on a copy an operator rebuilt while most copies were fenced: it
+    /// gave up what it acknowledged and, its log empty, grants votes to the
+    /// most complete copy (the only kind that stands), so the shard can
+    /// elect a leader again. It still neither stands, leads nor serves reads.
+    grants_votes: bool,
     reason: String,
 }
 
 impl Fence {
     fn new(until: u64, reason: String) -> Self {
-        Fence { until, vote_at_least: None, reason }
+        Fence { until, vote_at_least: None, grants_votes: false, reason }
     }
 }
 
@@ -414,17 +419,26 @@ impl ShardRaft {
         *self.faults.lock().unwrap_or_else(std::sync::PoisonError::into_inner).entry(kind).or_default() += 1;
     }
 
-    /// Why this node's copy of the group is fenced, while it is (lifting
-    /// the fence first if it may be lifted).
-    pub fn fenced(&self) -> Option<String> {
-        self.may_vote().err()
+    /// Whether this node may grant votes: not while it is fenced (but see
+    /// `Fence::grants_votes`).
+    pub fn may_vote(&self) -> Result<(), String> {
+        match self.fence_check() {
+            Err((reason, false)) => Err(reason),
+            _ => Ok(()),
+        }
     }
 
-    /// Whether this node may grant votes, stand for election and serve
-    /// reads: not while it is fenced. The fence lifts once a leader has
-    /// replicated to it past `Fence::until` (the log then matches that
-    /// leader's up to there, and holds everything this node acknowledged).
-    pub fn may_vote(&self) -> Result<(), String> {
+    /// Why this node's copy of the group is fenced (it does not stand for
+    /// election, lead or serve reads), while it is.
+    pub fn fenced(&self) -> Option<String> {
+        self.fence_check().err().map(|(reason, _)| reason)
+    }
+
+    /// Lifts the fence if it may be: once a leader has replicated to this
+    /// node past `Fence::until` (the log then matches that leader's up to
+    /// there, and holds everything this node acknowledged). Else why not,
+    /// and whether it grants votes meanwhile.
+    fn fence_check(&self) -> Result<(), (String, bool)> {
         let mut fence = self.fence.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let Some(current) = fence.as_ref() else {
             return Ok(());
@@ -442,11 +456,16 @@ impl ShardRaft {
             self.raft().runtime_config().elect(true);
             return Ok(());
         }
-        Err(format!(
-            "{}; not voting, leading or serving reads until a leader has replicated the log past index {} \
-             (it holds {last})",
-            current.reason, current.until
-        ))
+        let what = if current.grants_votes { "leading or serving reads" } else { "voting, leading or serving reads" };
+        let reason = if current.until == u64::MAX {
+            current.reason.clone()
+        } else {
+            format!(
+                "{}; not {what} until a leader has replicated the log past index {} (it holds {last})",
+                current.reason, current.until
+            )
+        };
+        Err((reason, current.grants_votes))
     }
 
     /// Fences a copy that is new on a node whose data directory is new,
@@ -484,7 +503,7 @@ impl ShardRaft {
     pub fn fence_lost_data_dir(&self, until: u64, vote_at_least: guard::GuardVote, why: String) {
         self.note_fault("data_dir_lost");
         tracing::error!(shard = %self.shard, until, vote = %vote_at_least, "{why}");
-        self.set_fence(Fence { until: until.max(1), vote_at_least: Some(vote_at_least), reason: why });
+        self.set_fence(Fence { vote_at_least: Some(vote_at_least), ..Fence::new(until.max(1), why) });
     }
 
     /// The vote this node saved last, and the highest index it knows

@@ -71,8 +71,14 @@ impl PeerRpc for PeerService {
         let raft = &shard.raft();
         let payload = &request.payload;
         let kind = pb::RaftKind::try_from(request.kind);
-        if matches!(kind, Ok(pb::RaftKind::Vote | pb::RaftKind::PreVote | pb::RaftKind::TransferLeader))
+        if matches!(kind, Ok(pb::RaftKind::Vote | pb::RaftKind::PreVote))
             && let Err(refusal) = shard.may_vote()
+        {
+            return reply::<(), _>(Err(refusal));
+        }
+        // A fenced copy must not lead, whatever it grants.
+        if matches!(kind, Ok(pb::RaftKind::TransferLeader))
+            && let Some(refusal) = shard.fenced()
         {
             return reply::<(), _>(Err(refusal));
         }

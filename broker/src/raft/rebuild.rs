@@ -167,7 +167,8 @@ impl ShardRaft {
         } else {
             parts.guard.acknowledged()
         };
-        self.set_fence(Fence::new(acknowledged.max(1), format!("rebuilding from the leader: {reason}")));
+        let fence = Fence::new(acknowledged.max(1), format!("rebuilding from the leader: {reason}"));
+        self.set_fence(Fence { grants_votes: forget_acknowledged, ..fence });
         if self.is_leader() {
             self.hand_over_leadership(HANDOVER_TIMEOUT).await;
         }

@@ -223,3 +223,90 @@ async fn a_node_whose_data_directory_was_lost_does_not_vote_until_rebuilt() {
     assert!(digests.iter().all(|(_, d)| *d == digests[0].1), "replicas differ at {index}: {digests:?}");
     cluster.shutdown().await;
 }
+
+/// Two of three copies damaged at once (the leader's and a follower's raft
+/// logs lost, as in a power cut that took their write caches): the shard
+/// stops instead of losing data — neither damaged copy votes, the healthy
+/// one cannot be elected alone, writes are refused. An operator rebuilds
+/// one damaged copy; it then votes for the healthy one, which is elected
+/// with every acknowledged job, and both damaged copies are caught up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_damaged_copies_stop_the_shard_until_one_is_rebuilt() {
+    let mut cluster = TestCluster::start_with(3, settings).await;
+    let leader = cluster.wait_for_leader().await;
+    let follower = cluster.other(leader);
+    let healthy = (0..3).find(|i| *i != leader && *i != follower).expect("a third node");
+    let mut jobs = cluster.jobs(leader);
+    let mut ids = Vec::new();
+    for i in 0..60u32 {
+        ids.push(enqueue(&mut jobs, "two", format!("job {i}").as_bytes()).await);
+    }
+    let commit = cluster_status(cluster.addrs[leader]).await.expect("status").shards[0].commit_index;
+    for i in 0..3 {
+        cluster.wait_applied(i, commit).await;
+    }
+    // The leader last, so it hands leadership to nobody.
+    for i in [healthy, follower, leader] {
+        cluster.stop(i).await;
+    }
+    for i in [leader, follower] {
+        let raft_dir = cluster.data_dir(i).join("raft");
+        std::fs::rename(&raft_dir, raft_dir.with_extension("lost")).expect("lose the raft log");
+    }
+    for i in [healthy, follower, leader] {
+        cluster.restart(i).await;
+    }
+    for i in [leader, follower] {
+        assert!(cluster.server(i).node().shards[0].raft.fenced().is_some(), "node {} is not fenced", i + 1);
+    }
+    // Several election timeouts: nobody may lead.
+    let until = tokio::time::Instant::now() + gantry_tests::cluster::CLUSTER_ELECTION_TIMEOUT * 4;
+    while tokio::time::Instant::now() < until {
+        for i in 0..3 {
+            assert!(!cluster.server(i).node().shards[0].raft.is_leader(), "node {} leads a damaged shard", i + 1);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut request = tonic::Request::new(proto::EnqueueRequest {
+        queue: "two".into(),
+        payload: b"refused".to_vec(),
+        ..Default::default()
+    });
+    request.set_timeout(Duration::from_secs(2));
+    assert!(cluster.jobs(healthy).enqueue(request).await.is_err(), "a write was accepted by a shard with no leader");
+
+    // Rebuilding the healthy copy is refused; the damaged follower's works.
+    let mut admin = cluster.admin(healthy);
+    let refused = admin
+        .rebuild_replica(proto::RebuildReplicaRequest { node_id: healthy as u64 + 1, shard: 0 })
+        .await
+        .expect_err("the only healthy copy");
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{refused:?}");
+    admin
+        .rebuild_replica(proto::RebuildReplicaRequest { node_id: follower as u64 + 1, shard: 0 })
+        .await
+        .expect("rebuild a damaged copy");
+    eventually("the healthy copy is elected", CLUSTER_WAIT, || async {
+        cluster.server(healthy).node().shards[0].raft.is_leader().then_some(())
+    })
+    .await;
+    let mut jobs = cluster.jobs(healthy);
+    for id in &ids {
+        assert_eq!(get_job(&mut jobs, id).await.id, *id);
+    }
+    eventually("both damaged copies are whole again", CLUSTER_WAIT, || {
+        let mut jobs = jobs.clone();
+        let cluster = &cluster;
+        async move {
+            // New entries carry the old leader's copy past what it acknowledged.
+            let _ = jobs
+                .enqueue(proto::EnqueueRequest { queue: "marker".into(), payload: b"m".to_vec(), ..Default::default() })
+                .await;
+            [leader, follower].iter().all(|i| cluster.server(*i).node().shards[0].raft.fenced().is_none()).then_some(())
+        }
+    })
+    .await;
+    let (index, digests) = common_digests(&cluster, commit).await;
+    assert!(digests.iter().all(|(_, d)| *d == digests[0].1), "replicas differ at {index}: {digests:?}");
+    cluster.shutdown().await;
+}
