@@ -260,53 +260,6 @@ fn pick_handover(
     Some((slot, to))
 }
 
-#[cfg(test)]
-mod tests {
-    use std::collections::BTreeSet;
-
-    use super::pick_handover;
-
-    fn ids(ids: &[u64]) -> BTreeSet<u64> {
-        ids.iter().copied().collect()
-    }
-
-    #[test]
-    fn leaders_spread_one_handover_at_a_time_and_settle() {
-        let all = ids(&[1, 2, 3]);
-        let ready = |_: usize, _: u64| true;
-        // Everything on node 1: it hands its highest shard to the lowest
-        // idle node, and the others have nothing to hand over.
-        let mut leaders = vec![Some(1); 3];
-        assert_eq!(pick_handover(1, &leaders, &all, ready), Some((2, 2)));
-        assert_eq!(pick_handover(2, &leaders, &all, ready), None);
-        leaders[2] = Some(2);
-        assert_eq!(pick_handover(1, &leaders, &all, ready), Some((1, 3)));
-        leaders[1] = Some(3);
-        for me in 1..=3 {
-            assert_eq!(pick_handover(me, &leaders, &all, ready), None, "settled: one shard each");
-        }
-        // Four shards on three nodes: 2, 1, 1 is as even as it gets.
-        let four = [Some(1), Some(1), Some(2), Some(3)];
-        assert!((1..=3).all(|me| pick_handover(me, &four, &all, ready).is_none()));
-    }
-
-    #[test]
-    fn nothing_moves_during_an_election_or_toward_a_node_that_cannot_take_it() {
-        let all = ids(&[1, 2, 3]);
-        let electing = [Some(1), Some(1), None];
-        assert_eq!(pick_handover(1, &electing, &all, |_, _| true), None);
-        // Node 3 is down (not a candidate): 2 and 1 is even among the rest.
-        let after_failover = [Some(1), Some(1), Some(2)];
-        assert_eq!(pick_handover(1, &after_failover, &ids(&[1, 2]), |_, _| true), None);
-        // Node 3 came back but has not caught up with shard 2 yet: shard 1 goes.
-        let led_by_one = [Some(1), Some(1), Some(1)];
-        assert_eq!(pick_handover(1, &led_by_one, &ids(&[1, 3]), |slot, _| slot != 2), Some((1, 3)));
-        assert_eq!(pick_handover(1, &led_by_one, &ids(&[1, 3]), |_, _| false), None);
-        // A single shard never moves.
-        assert_eq!(pick_handover(1, &[Some(1)], &all, |_, _| true), None);
-    }
-}
-
 /// A node started on a new data directory must not vote before it knows
 /// whether the cluster is new too: a member whose data directory was lost
 /// would otherwise grant votes with an empty log (electing a leader without
@@ -428,9 +381,56 @@ async fn cluster_members(node: &Node, address: &str) -> Result<BTreeMap<u64, Str
         .await
         .map_err(|e| e.to_string())?;
     let mut admin = proto::admin_client::AdminClient::new(channel);
-    let mut request = tonic::Request::new(proto::ClusterStatusRequest {});
+    let mut request = tonic::Request::new(proto::ClusterStatusRequest::default());
     request.set_timeout(CALL_TIMEOUT);
     node.channels.authorize(&mut request);
     let status = admin.cluster_status(request).await.map_err(|s| format!("{}: {}", s.code(), s.message()))?;
     Ok(status.into_inner().nodes.into_iter().map(|n| (n.node_id, n.peer_address)).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::pick_handover;
+
+    fn ids(ids: &[u64]) -> BTreeSet<u64> {
+        ids.iter().copied().collect()
+    }
+
+    #[test]
+    fn leaders_spread_one_handover_at_a_time_and_settle() {
+        let all = ids(&[1, 2, 3]);
+        let ready = |_: usize, _: u64| true;
+        // Everything on node 1: it hands its highest shard to the lowest
+        // idle node, and the others have nothing to hand over.
+        let mut leaders = vec![Some(1); 3];
+        assert_eq!(pick_handover(1, &leaders, &all, ready), Some((2, 2)));
+        assert_eq!(pick_handover(2, &leaders, &all, ready), None);
+        leaders[2] = Some(2);
+        assert_eq!(pick_handover(1, &leaders, &all, ready), Some((1, 3)));
+        leaders[1] = Some(3);
+        for me in 1..=3 {
+            assert_eq!(pick_handover(me, &leaders, &all, ready), None, "settled: one shard each");
+        }
+        // Four shards on three nodes: 2, 1, 1 is as even as it gets.
+        let four = [Some(1), Some(1), Some(2), Some(3)];
+        assert!((1..=3).all(|me| pick_handover(me, &four, &all, ready).is_none()));
+    }
+
+    #[test]
+    fn nothing_moves_during_an_election_or_toward_a_node_that_cannot_take_it() {
+        let all = ids(&[1, 2, 3]);
+        let electing = [Some(1), Some(1), None];
+        assert_eq!(pick_handover(1, &electing, &all, |_, _| true), None);
+        // Node 3 is down (not a candidate): 2 and 1 is even among the rest.
+        let after_failover = [Some(1), Some(1), Some(2)];
+        assert_eq!(pick_handover(1, &after_failover, &ids(&[1, 2]), |_, _| true), None);
+        // Node 3 came back but has not caught up with shard 2 yet: shard 1 goes.
+        let led_by_one = [Some(1), Some(1), Some(1)];
+        assert_eq!(pick_handover(1, &led_by_one, &ids(&[1, 3]), |slot, _| slot != 2), Some((1, 3)));
+        assert_eq!(pick_handover(1, &led_by_one, &ids(&[1, 3]), |_, _| false), None);
+        // A single shard never moves.
+        assert_eq!(pick_handover(1, &[Some(1)], &all, |_, _| true), None);
+    }
 }

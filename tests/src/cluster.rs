@@ -21,7 +21,7 @@ fn initial_cluster(peers: &[SocketAddr]) -> String {
 /// Asks `addr` for its cluster status; `None` when it does not answer.
 pub async fn cluster_status(addr: SocketAddr) -> Option<proto::ClusterStatusResponse> {
     let mut admin = AdminClient::new(channel(addr));
-    let mut request = tonic::Request::new(proto::ClusterStatusRequest {});
+    let mut request = tonic::Request::new(proto::ClusterStatusRequest::default());
     request.set_timeout(Duration::from_secs(2));
     admin.cluster_status(request).await.ok().map(|r| r.into_inner())
 }
@@ -418,7 +418,7 @@ impl LeadershipWatch {
             while !*stopped.borrow() && tokio::time::Instant::now() < deadline {
                 let polls = addrs.iter().map(|addr| async move {
                     let mut admin = AdminClient::new(channel(*addr));
-                    let mut request = tonic::Request::new(proto::ClusterStatusRequest {});
+                    let mut request = tonic::Request::new(proto::ClusterStatusRequest::default());
                     request.set_timeout(Duration::from_millis(500));
                     tokio::time::timeout(Duration::from_millis(600), admin.cluster_status(request)).await
                 });

@@ -19,6 +19,7 @@ use tonic::transport::Channel;
 pub use gantry_proto::v1;
 
 pub mod cluster;
+pub mod faults;
 pub mod history;
 pub mod security;
 

@@ -39,7 +39,12 @@ pub struct WorkersArgs {
 #[derive(Subcommand, Debug, Clone)]
 pub enum ClusterCommand {
     /// Nodes, and per shard: leader, term, commit/applied/last-log/snapshot index.
-    Status,
+    Status {
+        /// This node's own view of every shard (its role, indexes, fence and
+        /// state digest), not the shard-0 leader's.
+        #[arg(long)]
+        local: bool,
+    },
     /// Add a node (it joins as a learner, catches up, becomes a voter).
     AddNode {
         #[arg(long)]
@@ -407,7 +412,7 @@ async fn remove_nodes_above(
     keep: u64,
 ) -> anyhow::Result<proto::ClusterStatusResponse> {
     const ELECTION_PATIENCE: Duration = Duration::from_secs(30);
-    let mut status = admin.cluster_status(proto::ClusterStatusRequest {}).await?.into_inner();
+    let mut status = admin.cluster_status(proto::ClusterStatusRequest::default()).await?.into_inner();
     let mut doomed: Vec<u64> = status.nodes.iter().map(|n| n.node_id).filter(|id| *id > keep).collect();
     doomed.sort_unstable_by(|a, b| b.cmp(a));
     if doomed.is_empty() {
@@ -433,7 +438,7 @@ pub async fn cluster(client_args: ClientArgs, command: ClusterCommand) -> anyhow
     let client = client_args.connect().await?;
     let mut admin = client.admin();
     let status = match command {
-        ClusterCommand::Status => admin.cluster_status(proto::ClusterStatusRequest {}).await?,
+        ClusterCommand::Status { local } => admin.cluster_status(proto::ClusterStatusRequest { local }).await?,
         ClusterCommand::AddNode { node_id, peer_address } => {
             admin.add_node(proto::AddNodeRequest { node_id, address: peer_address }).await?
         }

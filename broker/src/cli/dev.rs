@@ -151,7 +151,7 @@ async fn wait_for_leader(endpoints: &[String], children: &mut [(u16, Child)]) ->
         }
         for endpoint in endpoints {
             if let Ok(client) = gantry_worker::Client::connect([endpoint.clone()]).await
-                && let Ok(status) = client.admin().cluster_status(proto::ClusterStatusRequest {}).await
+                && let Ok(status) = client.admin().cluster_status(proto::ClusterStatusRequest::default()).await
                 && let Some(leader) = status.into_inner().shards.first().map(|s| s.leader_id).filter(|l| *l != 0)
             {
                 return Ok(leader);

@@ -378,11 +378,22 @@ mod tests {
         assert!(matches!(q.command, Some(QueuesCommand::Get { .. })));
         let Command::Workers(w) = parse(&["workers"]) else { panic!("not workers") };
         assert_eq!(w.client.addr, "127.0.0.1:50051");
-        let Command::Cluster { command: ClusterCommand::Status, client } = parse(&["cluster", "status", "--json"])
+        let Command::Cluster { command: ClusterCommand::Status { local: false }, client } =
+            parse(&["cluster", "status", "--json"])
         else {
             panic!("not cluster status")
         };
         assert!(client.json);
+        let Command::Cluster { command: ClusterCommand::Status { local: true }, .. } =
+            parse(&["cluster", "status", "--local"])
+        else {
+            panic!("not cluster status --local")
+        };
+        let Command::Cluster { command: ClusterCommand::Rebuild { node_id: 3, shard: 1 }, .. } =
+            parse(&["cluster", "rebuild", "--node", "3", "--shard", "1"])
+        else {
+            panic!("not cluster rebuild")
+        };
     }
 
     #[test]

@@ -60,6 +60,11 @@ pub async fn check_replicas(shard: Arc<ShardNode>, every: Duration, mut shutdown
             })
             .collect();
         let verdict = compare_digests(&reports, checked_through);
+        tracing::debug!(
+            shard = %shard.raft.shard(), checked_through, reporters = reports.len(),
+            newest = ?reports.iter().map(|(node, d)| (*node, d.last().map(|d| d.index))).collect::<Vec<_>>(),
+            ?verdict, "compared replicas' digests"
+        );
         checked_through = verdict.checked_through;
         let raft_shard = shard.raft.shard();
         for index in verdict.undecided {

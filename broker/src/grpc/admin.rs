@@ -46,7 +46,7 @@ impl AdminService {
 
     async fn leader_cluster_status(&self, leader_peer: &str) -> Result<proto::ClusterStatusResponse, String> {
         let channel = self.node.channels.channel(leader_peer)?;
-        let mut request = Request::new(proto::ClusterStatusRequest {});
+        let mut request = Request::new(proto::ClusterStatusRequest::default());
         request.set_timeout(std::time::Duration::from_secs(2));
         proto::admin_client::AdminClient::new(channel)
             .cluster_status(request)
@@ -136,8 +136,11 @@ impl AdminService {
 impl Admin for AdminService {
     async fn cluster_status(
         &self,
-        _request: Request<proto::ClusterStatusRequest>,
+        request: Request<proto::ClusterStatusRequest>,
     ) -> Result<Response<proto::ClusterStatusResponse>, Status> {
+        if request.get_ref().local {
+            return Ok(Response::new(self.local_cluster_status()));
+        }
         Ok(Response::new(self.cluster_view().await))
     }
 
@@ -237,12 +240,24 @@ impl Admin for AdminService {
         let voters = status.voters.len();
         let healthy_voters = status.voters.iter().filter(|id| healthy(**id)).count();
         if target.fenced.is_none() && status.voters.contains(&request.node_id) && (healthy_voters - 1) * 2 <= voters {
+            let others: Vec<String> = members
+                .iter()
+                .filter_map(|m| match m {
+                    Ok(m) if m.node_id != request.node_id => {
+                        Some(format!("node {}: {}", m.node_id, m.fenced.as_deref().unwrap_or("healthy")))
+                    }
+                    Ok(_) => None,
+                    Err(e) => Some(e.to_string()),
+                })
+                .collect();
             return Err(Status::failed_precondition(format!(
                 "node_id: node {}'s copy of shard {} is healthy, and rebuilding it would leave {} of the {voters} \
-                 voters healthy, fewer than a majority: rebuild a fenced copy instead",
+                 voters healthy (answering and not fenced), fewer than a majority: rebuild a fenced copy instead \
+                 ({})",
                 request.node_id,
                 request.shard,
-                healthy_voters - 1
+                healthy_voters - 1,
+                others.join("; ")
             )));
         }
         // Most copies fenced: no leader can be elected while they all insist

@@ -245,7 +245,7 @@ mod tests {
     }
 
     fn vote(term: u64) -> GuardVote {
-        GuardVote { term, node_id: 2, committed: term % 2 == 0 }
+        GuardVote { term, node_id: 2, committed: term.is_multiple_of(2) }
     }
 
     #[test]

@@ -450,7 +450,10 @@ impl ShardRaft {
         };
         let heard = self.heard_from_a_leader.load(std::sync::atomic::Ordering::Acquire);
         let voted_recently_enough = current.vote_at_least.is_none_or(|at_least| vote.order() >= at_least.order());
-        if heard && last >= current.until && voted_recently_enough {
+        // While a rebuild runs, the log seen here may still be the copy
+        // about to be dropped: it proves nothing about the rebuilt one.
+        let rebuilding = self.rebuilding.try_lock().is_err();
+        if heard && last >= current.until && voted_recently_enough && !rebuilding {
             tracing::warn!(shard = %self.shard, last, "the log holds everything this node acknowledged again, from a leader: fence lifted");
             *fence = None;
             self.raft().runtime_config().elect(true);
@@ -889,8 +892,12 @@ impl ShardRaft {
                 if pacer.due(shard.state.applied_commands(), jobs)
                     && let Err(e) = shard.snapshot_now().await
                 {
+                    if shard.stopping.load(std::sync::atomic::Ordering::Acquire) {
+                        return;
+                    }
+                    // A group being rebuilt is down for a moment: try again
+                    // next period.
                     tracing::warn!(shard = %shard.shard, error = %e, "snapshot trigger failed");
-                    return;
                 }
             }
         })

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use gantry_tests::{
     cluster::{CLUSTER_WAIT, TestCluster, cluster_status},
-    enqueue, eventually, get_job,
+    enqueue, eventually,
     v1::{self as proto},
 };
 
@@ -14,7 +14,7 @@ use gantry_tests::{
 /// pass the next digest window) until every node reports a digest at the
 /// same index past `after`; returns them (node, digest) at that index.
 async fn common_digests(cluster: &TestCluster, after: u64) -> (u64, Vec<(usize, String)>) {
-    let mut marker = cluster.jobs(0);
+    let marker = cluster.jobs(0);
     eventually("every node digests its state at the same index", CLUSTER_WAIT, || {
         let mut marker = marker.clone();
         async move {
@@ -23,13 +23,27 @@ async fn common_digests(cluster: &TestCluster, after: u64) -> (u64, Vec<(usize, 
                 .await;
             let mut seen = Vec::new();
             for i in 0..3 {
-                let shard = cluster_status(cluster.addrs[i]).await?.shards.into_iter().next()?;
+                // Each node's own view (a follower otherwise answers with the leader's).
+                let request = proto::ClusterStatusRequest { local: true };
+                let status = cluster.admin(i).cluster_status(request).await.ok()?.into_inner();
+                assert_eq!(status.node_id, i as u64 + 1, "a local status answered by another node");
+                let shard = status.shards.into_iter().next()?;
                 seen.push((i, shard.digest_index, shard.state_digest));
             }
             let index = seen[0].1;
             (index > after && seen.iter().all(|(_, at, _)| *at == index))
                 .then(|| (index, seen.into_iter().map(|(i, _, d)| (i, d)).collect()))
         }
+    })
+    .await
+}
+
+/// A job as node `i` serves it, read again while the shard is between
+/// leaders (two cores, several clusters: elections happen).
+async fn read_job(cluster: &TestCluster, i: usize, id: &str) -> proto::Job {
+    eventually(&format!("node {} serves job {id}", i + 1), CLUSTER_WAIT, || async move {
+        let request = proto::GetJobRequest { job_id: id.to_owned() };
+        cluster.jobs(i).get_job(request).await.ok().map(|r| r.into_inner())
     })
     .await
 }
@@ -83,16 +97,20 @@ async fn a_replica_whose_state_differs_is_found_and_rebuilt() {
         }
     })
     .await;
-    let (index, digests) = common_digests(&cluster, commit).await;
+    // The rebuild is counted when it starts: digests taken past the commit
+    // index at which the copy is whole again are of the rebuilt state.
+    let rebuilt_at = eventually("the rebuilt copy is whole again", CLUSTER_WAIT, || async {
+        let status = cluster.admin(victim).cluster_status(proto::ClusterStatusRequest { local: true }).await.ok()?;
+        let whole = status.into_inner().shards.first().is_some_and(|shard| shard.fenced.is_empty());
+        let commit = cluster_status(cluster.addrs[leader]).await?.shards.first()?.commit_index;
+        whole.then_some(commit)
+    })
+    .await;
+    let (index, digests) = common_digests(&cluster, rebuilt_at).await;
     assert!(digests.iter().all(|(_, d)| *d == digests[0].1), "replicas still differ at {index}: {digests:?}");
     let faults = cluster.server(leader).node().shards[0].raft.fault_counts();
     assert!(faults.iter().any(|(kind, n)| *kind == "digest_mismatch" && *n >= 1), "leader counted {faults:?}");
-    eventually("the rebuilt copy serves reads", CLUSTER_WAIT, || async {
-        let job = cluster.jobs(victim).get_job(proto::GetJobRequest { job_id: canary.clone() }).await.ok()?;
-        Some(job.into_inner())
-    })
-    .await;
-    assert_eq!(get_job(&mut cluster.jobs(victim), &canary).await.payload, b"divergence-canary-0000");
+    assert_eq!(read_job(&cluster, victim, &canary).await.payload, b"divergence-canary-0000");
     cluster.shutdown().await;
 }
 
@@ -135,7 +153,7 @@ async fn an_operator_rebuilds_a_replica_in_place() {
     })
     .await;
     for id in [&ids[0], &ids[75], &ids[149]] {
-        assert_eq!(get_job(&mut cluster.jobs(victim), id).await.id, *id);
+        assert_eq!(read_job(&cluster, victim, id).await.id, *id);
     }
     let (index, digests) = common_digests(&cluster, 0).await;
     assert!(digests.iter().all(|(_, d)| *d == digests[0].1), "replicas differ at {index}: {digests:?}");
@@ -175,7 +193,7 @@ async fn a_node_whose_raft_log_was_moved_aside_is_rebuilt_fenced() {
     })
     .await;
     for id in [&ids[0], &ids[40], &ids[79]] {
-        assert_eq!(get_job(&mut cluster.jobs(victim), id).await.id, *id);
+        assert_eq!(read_job(&cluster, victim, id).await.id, *id);
     }
     let (index, digests) = common_digests(&cluster, commit).await;
     assert!(digests.iter().all(|(_, d)| *d == digests[0].1), "replicas differ at {index}: {digests:?}");
@@ -217,7 +235,7 @@ async fn a_node_whose_data_directory_was_lost_does_not_vote_until_rebuilt() {
     })
     .await;
     for id in [&ids[0], &ids[40], &ids[79]] {
-        assert_eq!(get_job(&mut cluster.jobs(victim), id).await.id, *id);
+        assert_eq!(read_job(&cluster, victim, id).await.id, *id);
     }
     let (index, digests) = common_digests(&cluster, commit).await;
     assert!(digests.iter().all(|(_, d)| *d == digests[0].1), "replicas differ at {index}: {digests:?}");
@@ -290,9 +308,9 @@ async fn two_damaged_copies_stop_the_shard_until_one_is_rebuilt() {
         cluster.server(healthy).node().shards[0].raft.is_leader().then_some(())
     })
     .await;
-    let mut jobs = cluster.jobs(healthy);
+    let jobs = cluster.jobs(healthy);
     for id in &ids {
-        assert_eq!(get_job(&mut jobs, id).await.id, *id);
+        assert_eq!(read_job(&cluster, healthy, id).await.id, *id);
     }
     eventually("both damaged copies are whole again", CLUSTER_WAIT, || {
         let mut jobs = jobs.clone();

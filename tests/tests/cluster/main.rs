@@ -9,4 +9,5 @@ mod membership;
 mod processes;
 mod replication;
 mod shards;
+mod storage_faults;
 mod tls;

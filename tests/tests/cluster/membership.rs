@@ -100,7 +100,7 @@ async fn removing_the_leader_hands_the_cluster_to_the_rest() {
     assert_eq!(get_job(&mut jobs, &id).await.state(), JobState::Ready);
     let status = cluster
         .admin(new_leader)
-        .cluster_status(proto::ClusterStatusRequest {})
+        .cluster_status(proto::ClusterStatusRequest::default())
         .await
         .expect("cluster status")
         .into_inner();

@@ -96,7 +96,7 @@ async fn acknowledged_jobs_survive_sigkill_and_restart() {
     gantry_tests::eventually("a snapshot", std::time::Duration::from_secs(20), || {
         let mut admin = admin.clone();
         async move {
-            let status = admin.cluster_status(proto::ClusterStatusRequest {}).await.ok()?.into_inner();
+            let status = admin.cluster_status(proto::ClusterStatusRequest::default()).await.ok()?.into_inner();
             (status.shards[0].snapshot_index > 0).then_some(())
         }
     })
@@ -141,6 +141,6 @@ async fn acknowledged_jobs_survive_sigkill_and_restart() {
         .into_inner()
         .job_id;
     assert!(!acknowledged.contains(&id));
-    let status = broker.admin().cluster_status(proto::ClusterStatusRequest {}).await.unwrap().into_inner();
+    let status = broker.admin().cluster_status(proto::ClusterStatusRequest::default()).await.unwrap().into_inner();
     assert!(status.shards[0].snapshot_index > 0, "recovered from a snapshot: {status:?}");
 }

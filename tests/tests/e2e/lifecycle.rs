@@ -361,7 +361,7 @@ async fn a_worker_is_listed(
 }
 
 async fn commit_index(admin: &mut proto::admin_client::AdminClient<tonic::transport::Channel>) -> u64 {
-    let status = admin.cluster_status(proto::ClusterStatusRequest {}).await.unwrap().into_inner();
+    let status = admin.cluster_status(proto::ClusterStatusRequest::default()).await.unwrap().into_inner();
     status.shards[0].commit_index
 }
 
