@@ -102,6 +102,23 @@ pub async fn bootstrap(node: Arc<Node>, initial: BTreeMap<u64, String>, mut shut
             Err(e) => tracing::error!(shard = %shard.raft.shard(), error = %e, "cluster initialization failed"),
         }
     }
+    // Every member's copy starts fenced on a new data directory (no vote
+    // until it knows the cluster is new), so the first election may find
+    // no voter: stand again at each retry instead of waiting a whole
+    // election timeout per refusal.
+    loop {
+        let leaderless: Vec<_> = pending.iter().filter(|s| s.raft.leader().is_none()).collect();
+        if leaderless.is_empty() {
+            return;
+        }
+        for shard in leaderless {
+            shard.raft.campaign().await;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(RETRY) => {}
+            _ = shutdown.wait_for(|stop| *stop) => return,
+        }
+    }
 }
 
 /// Asks a running cluster (any of `addresses`, client ports) to add this

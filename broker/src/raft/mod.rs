@@ -545,6 +545,22 @@ impl ShardRaft {
         self.raft().initialize(members).await.map_err(|e| RaftError::Raft(e.to_string()))
     }
 
+    /// Stands for election now, unless fenced: for the initializer of a
+    /// new cluster, whose first election may have met peers that refused
+    /// their vote while they were finding out whether the cluster is new.
+    pub async fn campaign(&self) {
+        if self.fenced().is_some() || self.leader().is_some() {
+            return;
+        }
+        // An election under way is left to finish (a new one would end it).
+        if self.raft().metrics().borrow_watched().state == ServerState::Candidate {
+            return;
+        }
+        if let Err(e) = self.raft().trigger().elect(true).await {
+            tracing::debug!(shard = %self.shard, error = %e, "standing for election");
+        }
+    }
+
     pub fn shard(&self) -> ShardId {
         self.shard
     }
