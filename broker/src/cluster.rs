@@ -95,6 +95,12 @@ pub async fn bootstrap(node: Arc<Node>, initial: BTreeMap<u64, String>, mut shut
         }
     }
     for shard in &pending {
+        // Every member answered and none holds the shard: the cluster is
+        // new, which is the verdict `verify_new_data_dir` waits for. Lifted
+        // before the first entry exists, so that verdict, seeing members
+        // with entries afterwards, cannot take this node's own new group
+        // for a lost data directory (openraft also elects at initialize).
+        shard.raft.lift_new_data_dir_fence();
         match shard.raft.initialize(members.clone()).await {
             Ok(()) => {
                 tracing::info!(shard = %shard.raft.shard(), members = ?members.keys().collect::<Vec<_>>(), "initialized a new cluster")
@@ -331,6 +337,11 @@ pub async fn verify_new_data_dir(
         let undecided: Vec<_> = node.shards.iter().filter(|s| pending.contains(&s.raft.shard().0)).collect();
         for shard in undecided {
             let id = shard.raft.shard().0;
+            if !shard.raft.awaits_new_data_dir_verdict() {
+                // `bootstrap` found the cluster new and initialized it here.
+                pending.remove(&id);
+                continue;
+            }
             let views: Vec<&pb::ShardRaftView> =
                 answers.values().flat_map(|a| a.shard_views.iter().filter(move |v| v.shard == id)).collect();
             let older = answers.values().any(|a| a.shard_views.is_empty() && a.initialized_shards.contains(&id));

@@ -488,6 +488,15 @@ impl ShardRaft {
         ));
     }
 
+    /// Whether this copy still waits to learn if the cluster is new.
+    pub fn awaits_new_data_dir_verdict(&self) -> bool {
+        self.fence
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .as_ref()
+            .is_some_and(|f| f.until == u64::MAX)
+    }
+
     /// The cluster is new: a node with a new data directory may vote.
     pub fn lift_new_data_dir_fence(&self) {
         let mut fence = self.fence.lock().unwrap_or_else(std::sync::PoisonError::into_inner);

@@ -73,7 +73,15 @@ async fn a_replica_whose_state_differs_is_found_and_rebuilt() {
     cluster.wait_applied(victim, commit).await;
     let (_, digests) = common_digests(&cluster, 0).await;
     assert!(digests.iter().all(|(_, d)| *d == digests[0].1), "replicas differ before any fault: {digests:?}");
-    cluster.server(victim).node().shards[0].raft.snapshot_now().await.expect("snapshot");
+    let victim_raft = cluster.server(victim).node().shards[0].raft.clone();
+    let applied = victim_raft.status().applied_index;
+    victim_raft.snapshot_now().await.expect("snapshot");
+    // The trigger returns before the snapshot is on disk: one written after
+    // the edit below would replace the edited one.
+    eventually("the victim's snapshot of all it applied is written", CLUSTER_WAIT, || async {
+        (victim_raft.status().snapshot_index >= applied).then_some(())
+    })
+    .await;
     cluster.stop(victim).await;
 
     let dir = cluster.data_dir(victim).join("snapshots").join("0");
