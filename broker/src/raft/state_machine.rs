@@ -235,12 +235,16 @@ impl StateMachineStore {
         if let Some(file) = snapshot {
             applied.queue =
                 decode_snapshot_v1(&file.data).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-            assert_eq!(
-                applied.queue.shard(),
-                shard,
-                "snapshot of shard {} found in shard {shard}'s directory",
-                applied.queue.shard()
-            );
+            if applied.queue.shard() != shard {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!(
+                        "{}: a snapshot of shard {} in shard {shard}'s directory (directories mixed up? move it aside)",
+                        snapshot_dir.display(),
+                        applied.queue.shard()
+                    ),
+                ));
+            }
             applied.last_applied = file.meta.last_log_id;
             applied.membership = file.meta.last_membership.clone();
         }
@@ -538,6 +542,26 @@ mod tests {
         // The next snapshot replaces it with the checksummed file.
         write_snapshot_file(older.path(), &SnapshotFileV1 { meta: Default::default(), data: vec![1] }).unwrap();
         assert!(!older.path().join(SNAPSHOT_FILE_V1).exists());
+    }
+
+    /// A snapshot of another shard in a shard's directory is refused as
+    /// invalid data (set aside at open like a damaged one), not a panic.
+    #[test]
+    fn a_snapshot_of_another_shard_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = encode_snapshot_v1(&QueueState::new(ShardId(1)));
+        write_snapshot_file(dir.path(), &SnapshotFileV1 { meta: Default::default(), data }).unwrap();
+        let (events, _rx) = mpsc::unbounded_channel();
+        let opened = StateMachineStore::open(
+            ShardId(0),
+            dir.path().to_path_buf(),
+            events,
+            0,
+            std::time::Duration::from_secs(60),
+        );
+        let error = opened.map(|_| ()).expect_err("a snapshot of shard 1 opened as shard 0");
+        assert_eq!(error.kind(), io::ErrorKind::InvalidData);
+        assert!(error.to_string().contains("a snapshot of shard 1 in shard 0's directory"), "{error}");
     }
 
     /// Any flipped bit of the file, header or payload, is found when it is
