@@ -27,6 +27,7 @@
 //! per-result acks are not visible: its accepted counts are checked
 //! instead, see [`History::sdk_stats`]).
 
+pub mod load;
 pub mod worker;
 
 use std::{

@@ -21,12 +21,13 @@ use gantry_tests::{
     cluster::{BinaryCluster, CLUSTER_WAIT},
     eventually,
     history::{
-        Expect, History, final_jobs, sdk_worker,
+        Expect, History, final_jobs,
+        load::{Producers, client, echo},
+        sdk_worker,
         worker::{Outcome, RecordingWorker},
     },
     v1::{self as proto, JobState},
 };
-use tokio::sync::watch;
 
 /// Short liveness, and snapshots often, so a restarted node recovers
 /// through a snapshot and the log behind it.
@@ -60,67 +61,6 @@ async fn start_cluster() -> (Timer, tempfile::TempDir, BinaryCluster) {
     let dir = tempfile::tempdir().expect("temp dir");
     let cluster = BinaryCluster::start(dir.path(), 3, ARGS).await;
     (timer, dir, cluster)
-}
-
-async fn client(endpoints: &[String]) -> gantry_worker::Client {
-    gantry_worker::Client::connect(endpoints.to_vec()).await.expect("client connects")
-}
-
-/// Producer tasks enqueueing through the SDK client (all endpoints) until
-/// stopped, each at most `max_each` jobs; every answer goes to the history.
-struct Producers {
-    stop: watch::Sender<bool>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
-}
-
-impl Producers {
-    fn spawn(history: &History, endpoints: &[String], queue: &str, count: usize, max_each: usize) -> Self {
-        let (stop, stopped) = watch::channel(false);
-        let tasks = (0..count)
-            .map(|p| {
-                let (history, endpoints, queue, stopped) =
-                    (history.clone(), endpoints.to_vec(), queue.to_owned(), stopped.clone());
-                tokio::spawn(async move {
-                    let client = client(&endpoints).await;
-                    let deadline = Instant::now() + Duration::from_secs(90);
-                    for i in 0..max_each {
-                        if *stopped.borrow() || Instant::now() > deadline {
-                            break;
-                        }
-                        let payload = format!("producer {p} job {i}");
-                        match tokio::time::timeout(Duration::from_secs(10), client.enqueue(&queue, payload).send())
-                            .await
-                        {
-                            Ok(Ok(enqueued)) => history.enqueued(&enqueued.job_id),
-                            Ok(Err(e)) => {
-                                history.enqueue_unacknowledged(&queue, e);
-                                tokio::time::sleep(Duration::from_millis(50)).await;
-                            }
-                            Err(_) => history.enqueue_unacknowledged(&queue, "no answer within 10s"),
-                        }
-                        // Pacing, so producers do not starve the nodes on 2 cores.
-                        tokio::time::sleep(Duration::from_millis(2)).await;
-                    }
-                })
-            })
-            .collect();
-        Producers { stop, tasks }
-    }
-
-    async fn stop(self) {
-        let _ = self.stop.send(true);
-        for task in self.tasks {
-            tokio::time::timeout(Duration::from_secs(30), task).await.expect("producer stops").expect("producer");
-        }
-    }
-}
-
-/// A handler for recording workers: a few milliseconds of work, then the
-/// payload back.
-async fn echo(assign: proto::Assign) -> Outcome {
-    let job = assign.job.unwrap_or_default();
-    tokio::time::sleep(Duration::from_millis(2 + job.payload.len() as u64 % 10)).await;
-    Outcome::Complete(job.payload)
 }
 
 /// Waits until `queue` has nothing left to do: no job scheduled, ready or active.
