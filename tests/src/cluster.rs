@@ -324,6 +324,45 @@ impl BinaryCluster {
         .await
     }
 
+    /// Waits, at most `CLUSTER_WAIT`, until `queue` has nothing left to
+    /// do (no job scheduled, ready or active) as a live node reports it.
+    /// `Err`: the last report seen, and the jobs still left to do.
+    pub async fn wait_queue_drained(
+        &self,
+        queue: &str,
+    ) -> Result<proto::QueueInfo, (Option<proto::QueueInfo>, Vec<proto::Job>)> {
+        let live = || (0..self.nodes.len()).filter(|i| self.is_live(*i));
+        let deadline = std::time::Instant::now() + CLUSTER_WAIT;
+        let mut last = None;
+        while std::time::Instant::now() < deadline {
+            for i in live() {
+                let mut request = tonic::Request::new(proto::GetQueueRequest { queue: queue.to_owned() });
+                request.set_timeout(Duration::from_secs(2));
+                if let Ok(info) = self.nodes[i].admin().get_queue(request).await {
+                    let info = info.into_inner();
+                    if info.scheduled + info.ready + info.active == 0 {
+                        return Ok(info);
+                    }
+                    last = Some(info);
+                    break;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let mut left = Vec::new();
+        for i in live() {
+            let request = proto::ListJobsRequest { queue: queue.to_owned(), limit: 1000, ..Default::default() };
+            if let Ok(page) = self.nodes[i].admin().list_jobs(request).await {
+                let unfinished = |j: &proto::Job| {
+                    matches!(j.state(), proto::JobState::Ready | proto::JobState::Scheduled | proto::JobState::Active)
+                };
+                left = page.into_inner().jobs.into_iter().filter(unfinished).collect();
+                break;
+            }
+        }
+        Err((last, left))
+    }
+
     /// ClusterStatus as node `i` answers it: its own view when it leads (or
     /// knows no leader), else the leader's (a follower forwards the call).
     pub async fn status(&self, i: usize) -> Option<proto::ClusterStatusResponse> {

@@ -65,50 +65,25 @@ async fn start_cluster() -> (Timer, tempfile::TempDir, BinaryCluster) {
 
 /// Waits until `queue` has nothing left to do: no job scheduled, ready or active.
 async fn wait_drained(cluster: &BinaryCluster, history: &History, queue: &str) -> proto::QueueInfo {
-    let deadline = Instant::now() + CLUSTER_WAIT;
-    let mut last = None;
-    while Instant::now() < deadline {
-        for i in (0..cluster.nodes.len()).filter(|i| cluster.is_live(*i)) {
-            let mut admin = cluster.nodes[i].admin();
-            let mut request = tonic::Request::new(proto::GetQueueRequest { queue: queue.to_owned() });
-            request.set_timeout(Duration::from_secs(2));
-            if let Ok(info) = admin.get_queue(request).await {
-                let info = info.into_inner();
-                if info.scheduled + info.ready + info.active == 0 {
-                    return info;
-                }
-                last = Some(info);
-                break;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let (last, left) = match cluster.wait_queue_drained(queue).await {
+        Ok(info) => return info,
+        Err(left) => left,
+    };
     // What is left, and what the workers saw.
-    let mut left = Vec::new();
-    for i in (0..cluster.nodes.len()).filter(|i| cluster.is_live(*i)) {
-        let mut admin = cluster.nodes[i].admin();
-        let request = proto::ListJobsRequest { queue: queue.to_owned(), limit: 1000, ..Default::default() };
-        if let Ok(page) = admin.list_jobs(request).await {
-            left = page
-                .into_inner()
-                .jobs
-                .into_iter()
-                .filter(|j| matches!(j.state(), JobState::Ready | JobState::Scheduled | JobState::Active))
-                .map(|j| {
-                    format!(
-                        "{} {:?} attempt {} token {} session {:?} worker {:?}",
-                        j.id,
-                        j.state(),
-                        j.attempt,
-                        j.fencing_token,
-                        j.session_id,
-                        j.worker_id
-                    )
-                })
-                .collect();
-            break;
-        }
-    }
+    let left: Vec<String> = left
+        .iter()
+        .map(|j| {
+            format!(
+                "{} {:?} attempt {} token {} session {:?} worker {:?}",
+                j.id,
+                j.state(),
+                j.attempt,
+                j.fencing_token,
+                j.session_id,
+                j.worker_id
+            )
+        })
+        .collect();
     panic!(
         "queue {queue} not drained within {CLUSTER_WAIT:?}: {last:?}\njobs left: {left:#?}\ntimeline:\n{}",
         history.timeline()

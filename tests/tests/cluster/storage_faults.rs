@@ -29,7 +29,7 @@ use gantry_tests::{
         sdk_worker,
         worker::RecordingWorker,
     },
-    v1::{self as proto, JobState},
+    v1 as proto,
 };
 
 /// Like `processes.rs`, but elections slow enough (2 s) that a node
@@ -89,6 +89,15 @@ impl Drop for ReplayOnPanic {
     }
 }
 
+/// Prints test `name`'s seed and the command that replays it; the guard
+/// prints the command again if the test panics.
+fn announce(name: &str, seed: u64) -> (String, ReplayOnPanic) {
+    let test = test_path(name);
+    let replay = faults::replay_command(&test, seed);
+    eprintln!("{test}: seed {seed}\nreplay with: {replay}");
+    (replay.clone(), ReplayOnPanic(replay))
+}
+
 /// Prints how long a scenario took, build time of the binaries excluded.
 struct Timer(Instant);
 
@@ -101,39 +110,13 @@ impl Drop for Timer {
 /// Waits until `queue` has nothing left to do: no job scheduled, ready or
 /// active; `Err` says what is left (the history check then says more).
 async fn wait_drained(cluster: &BinaryCluster, queue: &str) -> Result<(), String> {
-    let deadline = Instant::now() + CLUSTER_WAIT;
-    let mut last = None;
-    while Instant::now() < deadline {
-        for i in (0..cluster.nodes.len()).filter(|i| cluster.is_live(*i)) {
-            let mut admin = cluster.nodes[i].admin();
-            let mut request = tonic::Request::new(proto::GetQueueRequest { queue: queue.to_owned() });
-            request.set_timeout(Duration::from_secs(2));
-            if let Ok(info) = admin.get_queue(request).await {
-                let info = info.into_inner();
-                if info.scheduled + info.ready + info.active == 0 {
-                    return Ok(());
-                }
-                last = Some(info);
-                break;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let mut left = Vec::new();
-    for i in (0..cluster.nodes.len()).filter(|i| cluster.is_live(*i)) {
-        let mut admin = cluster.nodes[i].admin();
-        let request = proto::ListJobsRequest { queue: queue.to_owned(), limit: 1000, ..Default::default() };
-        if let Ok(page) = admin.list_jobs(request).await {
-            left = page
-                .into_inner()
-                .jobs
-                .into_iter()
-                .filter(|j| matches!(j.state(), JobState::Ready | JobState::Scheduled | JobState::Active))
-                .map(|j| format!("{} {:?} attempt {} token {}", j.id, j.state(), j.attempt, j.fencing_token))
-                .collect();
-            break;
-        }
-    }
+    let Err((last, left)) = cluster.wait_queue_drained(queue).await else {
+        return Ok(());
+    };
+    let left: Vec<String> = left
+        .iter()
+        .map(|j| format!("{} {:?} attempt {} token {}", j.id, j.state(), j.attempt, j.fencing_token))
+        .collect();
     Err(format!("queue {queue} not drained within {CLUSTER_WAIT:?}: {last:?}\njobs left: {left:#?}\n"))
 }
 
@@ -370,10 +353,7 @@ fn digest_table(seen: &[Seen], index: Option<u64>) -> String {
 /// replicas' digests.
 async fn run_scenario(name: &str, shards: usize, target: Target, faults: &[FaultKind], seed: u64) {
     assert!(shards == 1 || target != Target::FollowerOfEveryShard, "with several shards every node leads one");
-    let test = test_path(name);
-    let replay = faults::replay_command(&test, seed);
-    eprintln!("{test}: seed {seed}\nreplay with: {replay}");
-    let _replay_on_panic = ReplayOnPanic(replay.clone());
+    let (replay, _replay_on_panic) = announce(name, seed);
     // Every choice from the seed, in a fixed order.
     let mut rng = Rng::new(seed);
     let kill_after = rng.range(100..=300) as usize;
@@ -657,10 +637,7 @@ async fn wait_applied_everywhere(cluster: &BinaryCluster, shard: usize) -> u64 {
 /// holds every acknowledged entry (what the damaged copies alone had would
 /// be lost by the operator's rebuild: their operator's call, not tested).
 async fn run_two_damaged(name: &str, seed: u64) {
-    let test = test_path(name);
-    let replay = faults::replay_command(&test, seed);
-    eprintln!("{test}: seed {seed}\nreplay with: {replay}");
-    let _replay_on_panic = ReplayOnPanic(replay.clone());
+    let (replay, _replay_on_panic) = announce(name, seed);
     let mut rng = Rng::new(seed);
     let kill_after = rng.range(100..=300) as usize;
     let follower_pick = rng.below(2) as usize;
