@@ -7,7 +7,7 @@ use protox::prost::Message as _;
 const PROTOS: &[&str] =
     &["gantry/v1/job.proto", "gantry/v1/jobs.proto", "gantry/v1/worker.proto", "gantry/v1/admin.proto"];
 /// Broker-to-broker only: compiled, but not advertised by client-port reflection.
-const INTERNAL_PROTOS: &[&str] = &["gantry/peer/v1/peer.proto"];
+const INTERNAL_PROTOS: &[&str] = &["gantry/peer/v1/peer.proto", "gantry/storage/v1/storage.proto"];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let public = protox::compile(PROTOS, ["."])?;
@@ -21,6 +21,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_transport(false)
         .build_client(true)
         .build_server(true)
+        // Stored bytes must not depend on a hash map's order: replicas digest
+        // their state's encoding and compare.
+        .btree_map(".gantry.storage")
         .compile_fds(descriptors)?;
     println!("cargo:rerun-if-changed=gantry");
     Ok(())

@@ -23,6 +23,7 @@ pub mod cluster;
 pub mod config;
 pub mod dispatch;
 pub mod error;
+pub mod format;
 pub mod grpc;
 pub mod metrics;
 pub mod queue;

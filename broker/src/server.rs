@@ -17,6 +17,7 @@ use crate::{
     config::Config,
     dispatch::{DispatchSettings, Node, ShardNode, route::ShardCommands},
     error::BrokerError,
+    format::header::DataDirFormat,
     grpc::{
         MAX_MESSAGE_BYTES, admin::AdminService, auth::AuthLayer, forward::ForwardLayer, jobs::JobsService,
         validate::Limits, worker::WorkerService,
@@ -105,9 +106,12 @@ pub async fn start_with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<R
     let peer_advertise = config.peer_advertise.clone().unwrap_or_else(|| peer_addr.to_string());
     security.warn_if_open(local_addr, peer_addr);
 
-    let new_data_dir = data_format::is_new(&config.data_dir);
-    data_format::check_or_stamp(&config.data_dir)?;
-    data_format::check_or_record_shards(&config.data_dir, config.shards)?;
+    let new_data_dir = !config.data_dir.join("FORMAT").exists() && !config.data_dir.join("raft").exists();
+    // Before anything reads the directory: a format this binary does not
+    // read is refused here, with nothing changed.
+    let data_format = Arc::new(
+        DataDirFormat::open(&config.data_dir, config.shards).map_err(|e| BrokerError::Storage(e.to_string()))?,
+    );
     let raft_dir = config.data_dir.join("raft");
     let engine = log_store::open_engine(&raft_dir).map_err(|e| BrokerError::Storage(engine_refusal(&raft_dir, &e)))?;
     let purge_task = log_store::spawn_purge_task(engine.clone(), Duration::from_secs(10));
@@ -121,6 +125,7 @@ pub async fn start_with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<R
         snapshot_every_commands: config.snapshot_every,
         may_rebuild_from_peers: !single_node,
         digest_every: config.digest_every,
+        data_format: Some(data_format.clone()),
         ..RaftSettings::default()
     };
     let channels = PeerChannels::new(security.dial.clone());
@@ -411,109 +416,3 @@ async fn report_health(node: Arc<Node>, reporter: tonic_health::server::HealthRe
 const JOBS_SERVICE: &str = "gantry.v1.Jobs";
 const WORKER_SERVICE: &str = "gantry.v1.Worker";
 const ADMIN_SERVICE: &str = "gantry.v1.Admin";
-
-/// The data directory's format: a directory written by an incompatible
-/// version is refused with a clear message instead of being misread.
-mod data_format {
-    use std::path::Path;
-
-    use crate::error::BrokerError;
-
-    const FILE: &str = "FORMAT";
-    /// 2: cluster members carry client and peer addresses.
-    const CURRENT: &str = "gantry-data 2";
-
-    /// Nothing was ever written here (or everything was lost).
-    pub fn is_new(dir: &Path) -> bool {
-        !dir.join(FILE).exists() && !dir.join("raft").exists()
-    }
-
-    pub fn check_or_stamp(dir: &Path) -> Result<(), BrokerError> {
-        let storage = |e: std::io::Error| BrokerError::Storage(format!("{}: {e}", dir.display()));
-        std::fs::create_dir_all(dir).map_err(storage)?;
-        let file = dir.join(FILE);
-        match std::fs::read_to_string(&file) {
-            Ok(found) if found.trim() == CURRENT => Ok(()),
-            Ok(found) => Err(BrokerError::Storage(format!(
-                "{} holds data of format {:?}; this gantry reads {CURRENT:?}. Start with an empty --data-dir",
-                dir.display(),
-                found.trim()
-            ))),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                if dir.join("raft").exists() {
-                    return Err(BrokerError::Storage(format!(
-                        "{} holds data of an older gantry (no {FILE} file); this gantry reads {CURRENT:?}. Start with an empty --data-dir",
-                        dir.display()
-                    )));
-                }
-                std::fs::write(&file, format!("{CURRENT}\n")).map_err(storage)
-            }
-            Err(e) => Err(storage(e)),
-        }
-    }
-
-    /// The shard count a data directory was created with. Queues map to
-    /// shards by `hash % shards`, so another count would put every queue in
-    /// the wrong group: a start with a different `--shards` is refused.
-    pub fn check_or_record_shards(dir: &Path, shards: u32) -> Result<(), BrokerError> {
-        let storage = |e: std::io::Error| BrokerError::Storage(format!("{}: {e}", dir.display()));
-        let file = dir.join(SHARDS_FILE);
-        let recorded = match std::fs::read_to_string(&file) {
-            Ok(found) => Some(parse_shards(&found).ok_or_else(|| {
-                BrokerError::Storage(format!("{}: unreadable shard count {:?}", file.display(), found.trim()))
-            })?),
-            // Written before shard counts were recorded: they ran exactly one.
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && dir.join("raft").exists() => Some(1),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-            Err(e) => return Err(storage(e)),
-        };
-        match recorded {
-            Some(recorded) if recorded == shards => Ok(()),
-            Some(recorded) => Err(BrokerError::Storage(format!(
-                "{} belongs to a cluster of {recorded} shard(s), but --shards is {shards}; the shard count is fixed when a cluster is created (start with --shards {recorded}, or with an empty --data-dir for a new cluster)",
-                dir.display()
-            ))),
-            None => {
-                let temp = dir.join(format!("{SHARDS_FILE}.tmp"));
-                let mut out = std::fs::File::create(&temp).map_err(storage)?;
-                std::io::Write::write_all(&mut out, format!("{SHARDS_PREFIX}{shards}\n").as_bytes())
-                    .map_err(storage)?;
-                out.sync_all().map_err(storage)?;
-                std::fs::rename(&temp, &file).map_err(storage)?;
-                // The rename itself survives a crash only once the directory is synced.
-                std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(storage)
-            }
-        }
-    }
-
-    const SHARDS_FILE: &str = "SHARDS";
-    const SHARDS_PREFIX: &str = "gantry-shards ";
-
-    fn parse_shards(text: &str) -> Option<u32> {
-        text.trim().strip_prefix(SHARDS_PREFIX)?.parse().ok()
-    }
-
-    #[cfg(test)]
-    mod tests {
-        use super::*;
-
-        #[test]
-        fn the_shard_count_is_fixed_by_the_first_start() {
-            let dir = tempfile::tempdir().expect("temp dir");
-            check_or_stamp(dir.path()).expect("new dir");
-            check_or_record_shards(dir.path(), 4).expect("recorded");
-            check_or_record_shards(dir.path(), 4).expect("same count again");
-            let refused = check_or_record_shards(dir.path(), 2).expect_err("another count").to_string();
-            assert!(refused.contains("4 shard(s)") && refused.contains("--shards is 2"), "{refused}");
-        }
-
-        #[test]
-        fn an_older_data_dir_ran_one_shard() {
-            let dir = tempfile::tempdir().expect("temp dir");
-            std::fs::create_dir_all(dir.path().join("raft")).expect("raft dir");
-            check_or_record_shards(dir.path(), 1).expect("one shard");
-            let refused = check_or_record_shards(dir.path(), 3).expect_err("more").to_string();
-            assert!(refused.contains("1 shard(s)"), "{refused}");
-        }
-    }
-}

@@ -15,6 +15,12 @@ pub mod peer {
     tonic::include_proto!("gantry.peer.v1");
 }
 
+/// Package `gantry.storage.v1`: what a broker writes to its data directory
+/// (log entries, snapshots, the data-directory header). Internal.
+pub mod storage {
+    tonic::include_proto!("gantry.storage.v1");
+}
+
 /// Encoded `FileDescriptorSet` of every Gantry proto, for server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("gantry_descriptor");
 

@@ -81,11 +81,15 @@ pub fn propose_error(error: ProposeError) -> Status {
 pub fn rejection(rejection: Rejection) -> Status {
     let message = rejection.to_string();
     match rejection {
-        Rejection::JobNotFound(_) | Rejection::SessionNotFound(_) => Status::not_found(message),
-        Rejection::QueueFull { .. } => Status::resource_exhausted(message),
-        Rejection::StaleLease { .. } | Rejection::NotFailed { .. } | Rejection::AlreadyTerminal { .. } => {
-            Status::failed_precondition(message)
+        Rejection::JobNotFound(_) | Rejection::SessionNotFound(_) | Rejection::QueueNotFound(_) => {
+            Status::not_found(message)
         }
+        Rejection::QueueFull { .. } => Status::resource_exhausted(message),
+        Rejection::StaleLease { .. }
+        | Rejection::NotFailed { .. }
+        | Rejection::AlreadyTerminal { .. }
+        | Rejection::FormatTooLow { .. }
+        | Rejection::QueueNotEmpty { .. } => Status::failed_precondition(message),
         Rejection::CannotPurge(_) => Status::invalid_argument(format!("state: {message}")),
     }
 }

@@ -6,6 +6,8 @@ use std::{collections::BTreeMap, sync::Arc};
 
 use serde::{Deserialize, Serialize};
 
+use crate::format::table::{self as format, Feature};
+
 use super::{
     config::QueueConfigUpdate,
     ids::{FencingToken, JobId, SessionId},
@@ -121,9 +123,35 @@ pub enum Command {
         through: Option<PurgeCursor>,
         limit: u32,
     },
+    /// Raises the shard's format (its gate) to `format`; a lower or equal
+    /// one changes nothing. Proposed by the shard's leader once every
+    /// member runs a binary that supports it (format 0: the raise itself
+    /// must be possible before any raise).
+    SetFormat {
+        format: u32,
+    },
+    /// Forgets a queue that holds no job at all (its settings, counters and
+    /// pause); format 1.
+    DeleteQueue {
+        queue: String,
+    },
 }
 
 impl Command {
+    /// The shard format that introduced this command (or a field it uses):
+    /// it is refused, at the API edge and again at apply, on a shard whose
+    /// format is lower.
+    pub fn feature(&self) -> Option<Feature> {
+        match self {
+            Command::DeleteQueue { .. } => Some(format::DELETE_QUEUE),
+            _ => None,
+        }
+    }
+
+    pub fn min_format(&self) -> u32 {
+        self.feature().map_or(0, |f| f.format)
+    }
+
     /// Roughly how many bytes the command takes in a log entry: the large
     /// fields only, enough to keep entries (and peer messages) bounded.
     pub fn approx_bytes(&self) -> usize {
@@ -250,6 +278,11 @@ pub enum Applied {
     QueueUpdated,
     Ticked,
     Rejected(Rejection),
+    /// SetFormat: the shard's format after it.
+    FormatSet {
+        format: u32,
+    },
+    QueueDeleted,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -277,6 +310,18 @@ pub enum Rejection {
     SessionNotFound(SessionId),
     #[error("jobs in state {0:?} cannot be purged")]
     CannotPurge(JobState),
+    /// A command of a feature the shard's format does not allow yet: the
+    /// same no-op on every replica (a proposer that skipped the check at
+    /// the edge cannot poison the log).
+    #[error(
+        "{feature} needs shard format {needs}; this shard is at format {shard_format} (raised once every member runs \
+         a gantry that supports it: `gantry cluster upgrade status`)"
+    )]
+    FormatTooLow { feature: String, needs: u32, shard_format: u32 },
+    #[error("queue {0:?} not found")]
+    QueueNotFound(String),
+    #[error("queue {queue:?} still holds {jobs} job(s) (pending, active or retained): purge them first")]
+    QueueNotEmpty { queue: String, jobs: u64 },
 }
 
 /// Side effects of an entry that the leader's dispatcher and waiters act on.

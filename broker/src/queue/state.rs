@@ -187,6 +187,52 @@ impl Queue {
     pub fn has_due(&self, now_ms: u64) -> bool {
         self.can_dispatch(now_ms) && self.first_due(now_ms).is_some()
     }
+
+    /// The idempotency keys of the queue's retained and pending jobs, by key.
+    pub fn idempotency_keys(&self) -> impl Iterator<Item = (&String, &JobId)> {
+        self.idempotency.iter()
+    }
+
+    /// (second, dispatches in it) for `rate_limit`.
+    pub fn rate_window(&self) -> (u64, u32) {
+        self.rate_window
+    }
+}
+
+/// A queue as a snapshot stores it: what does not follow from its jobs.
+#[derive(Clone, Debug, PartialEq)]
+pub struct QueueParts {
+    pub name: String,
+    pub config: QueueConfig,
+    pub paused: bool,
+    pub idempotency: Vec<(String, JobId)>,
+    pub rate_window: (u64, u32),
+}
+
+/// A session as a snapshot stores it (the jobs it holds follow from the jobs'
+/// leases).
+#[derive(Clone, Debug, PartialEq)]
+pub struct SessionParts {
+    pub session_id: SessionId,
+    pub worker_id: String,
+    pub queues: Vec<String>,
+    pub max_in_flight: u32,
+    pub opened_ms: u64,
+}
+
+/// A state as a snapshot stores it: its content without the indexes that
+/// follow from it, which [`QueueState::restore`] rebuilds.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct StateParts {
+    pub shard: ShardId,
+    pub now_ms: u64,
+    pub next_seq: u64,
+    pub last_token: FencingToken,
+    pub jobs: Vec<Job>,
+    pub queues: Vec<QueueParts>,
+    pub sessions: Vec<SessionParts>,
+    pub expired_sessions: Vec<(SessionId, ExpiredSession)>,
+    pub format: u32,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -230,6 +276,11 @@ pub struct QueueState {
     expired_order: BTreeSet<(u64, SessionId)>,
     lease_deadlines: Index<(u64, JobId)>,
     retention: Index<(u64, JobId)>,
+    /// The shard's format (its gate): the commands it accepts and how its
+    /// state is encoded. Only `SetFormat` changes it. Not in the format-0
+    /// (postcard) encoding, which is only written while it is 0.
+    #[serde(skip)]
+    format: u32,
 }
 
 /// What one entry did: a result per command, events for the leader, and
@@ -359,7 +410,135 @@ impl QueueState {
             expired_order: BTreeSet::new(),
             lease_deadlines: Index::new(),
             retention: Index::new(),
+            format: 0,
         }
+    }
+
+    /// The shard's active format (see [`Command::SetFormat`]).
+    pub fn format(&self) -> u32 {
+        self.format
+    }
+
+    /// The sequence the next enqueued job gets.
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
+    pub fn expired_sessions(&self) -> &BTreeMap<SessionId, ExpiredSession> {
+        &self.expired_sessions
+    }
+
+    /// Everything but the jobs, as a snapshot stores it (the jobs are read
+    /// one by one from [`QueueState::jobs`]).
+    pub fn parts_without_jobs(&self) -> StateParts {
+        StateParts {
+            shard: self.shard,
+            now_ms: self.now_ms,
+            next_seq: self.next_seq,
+            last_token: self.last_token,
+            jobs: Vec::new(),
+            queues: self
+                .queues
+                .iter()
+                .map(|(name, q)| QueueParts {
+                    name: name.clone(),
+                    config: q.config.clone(),
+                    paused: q.paused,
+                    idempotency: q.idempotency.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+                    rate_window: q.rate_window,
+                })
+                .collect(),
+            sessions: self
+                .sessions
+                .iter()
+                .map(|(id, s)| SessionParts {
+                    session_id: id.clone(),
+                    worker_id: s.worker_id.clone(),
+                    queues: s.queues.clone(),
+                    max_in_flight: s.max_in_flight,
+                    opened_ms: s.opened_ms,
+                })
+                .collect(),
+            expired_sessions: self.expired_sessions.iter().map(|(id, e)| (id.clone(), e.clone())).collect(),
+            format: self.format,
+        }
+    }
+
+    /// The state `parts` describe, its indexes rebuilt from its jobs; a
+    /// description no state can have (a job of an unknown queue or session,
+    /// one id twice) is refused, naming what is wrong.
+    pub fn restore(parts: StateParts) -> Result<QueueState, String> {
+        let mut state = QueueState::new(parts.shard);
+        state.now_ms = parts.now_ms;
+        state.next_seq = parts.next_seq;
+        state.last_token = parts.last_token;
+        state.format = parts.format;
+        for q in parts.queues {
+            let queue = Queue {
+                config: q.config,
+                paused: q.paused,
+                idempotency: q.idempotency.into_iter().collect(),
+                rate_window: q.rate_window,
+                ..Queue::default()
+            };
+            if state.queues.insert(q.name.clone(), queue).is_some() {
+                return Err(format!("queue {:?} twice", q.name));
+            }
+        }
+        for s in parts.sessions {
+            let session = Session {
+                worker_id: s.worker_id,
+                queues: s.queues,
+                max_in_flight: s.max_in_flight,
+                held: BTreeSet::new(),
+                opened_ms: s.opened_ms,
+            };
+            if state.sessions.insert(s.session_id.clone(), session).is_some() {
+                return Err(format!("session {} twice", s.session_id));
+            }
+        }
+        for (id, expired) in parts.expired_sessions {
+            state.expired_order.insert((expired.expired_ms, id.clone()));
+            if state.expired_sessions.insert(id.clone(), expired).is_some() {
+                return Err(format!("expired session {id} twice"));
+            }
+        }
+        for job in parts.jobs {
+            let id = job.id;
+            if id.shard != state.shard {
+                return Err(format!("job {id} in shard {}", state.shard));
+            }
+            let queue =
+                state.queues.get_mut(&job.queue).ok_or_else(|| format!("job {id} of unknown queue {:?}", job.queue))?;
+            match &job.status {
+                Status::Pending => {
+                    queue.pending.insert(PendingKey::of(&job));
+                }
+                Status::Active(lease) => {
+                    let session = state
+                        .sessions
+                        .get_mut(&lease.session_id)
+                        .ok_or_else(|| format!("job {id} leased to unknown session {}", lease.session_id))?;
+                    session.held.insert(id);
+                    state.lease_deadlines.insert((lease.deadline_ms, id));
+                    queue.active += 1;
+                }
+                Status::Succeeded | Status::Failed | Status::Cancelled => {
+                    match job.status {
+                        Status::Succeeded => queue.succeeded += 1,
+                        Status::Failed => queue.failed += 1,
+                        _ => queue.cancelled += 1,
+                    }
+                    let until =
+                        job.retain_until_ms.ok_or_else(|| format!("finished job {id} without a retention time"))?;
+                    state.retention.insert((until, id));
+                }
+            }
+            if state.jobs.insert(id, Arc::new(job)).is_some() {
+                return Err(format!("job {id} twice"));
+            }
+        }
+        Ok(state)
     }
 
     pub fn shard(&self) -> ShardId {
@@ -491,6 +670,15 @@ impl QueueState {
         events: &mut Vec<Event>,
         tally: &mut Tally,
     ) -> Applied {
+        if let Some(feature) = command.feature()
+            && feature.format > self.format
+        {
+            return Applied::Rejected(Rejection::FormatTooLow {
+                feature: feature.name.to_owned(),
+                needs: feature.format,
+                shard_format: self.format,
+            });
+        }
         match command {
             Command::Enqueue(new) => self.enqueue(new, events, tally),
             Command::OpenSession { session_id, worker_id, queues, max_in_flight } => {
@@ -553,12 +741,44 @@ impl QueueState {
                 Applied::QueueUpdated
             }
             Command::Tick => Applied::Ticked,
+            Command::SetFormat { format } => {
+                if self.format < 1 && *format >= 1 {
+                    // Format 0 left an expiry's entry in `expired_order` when
+                    // the session opened again (it then dropped a later
+                    // expiry's record early). From format 1 the index holds
+                    // exactly the remembered expiries, so a snapshot need not
+                    // store it; the leftovers go here, at the same index on
+                    // every replica.
+                    let remembered = &self.expired_sessions;
+                    self.expired_order.retain(|(at, id)| remembered.get(id).is_some_and(|e| e.expired_ms == *at));
+                }
+                self.format = self.format.max(*format);
+                Applied::FormatSet { format: self.format }
+            }
+            Command::DeleteQueue { queue } => self.delete_queue(queue),
         }
+    }
+
+    fn delete_queue(&mut self, name: &str) -> Applied {
+        let Some(queue) = self.queues.get(name) else {
+            return Applied::Rejected(Rejection::QueueNotFound(name.to_owned()));
+        };
+        let jobs = queue.depth() + queue.succeeded + queue.failed + queue.cancelled;
+        if jobs > 0 {
+            return Applied::Rejected(Rejection::QueueNotEmpty { queue: name.to_owned(), jobs });
+        }
+        self.queues.remove(name);
+        Applied::QueueDeleted
     }
 
     /// Opens the session, or updates it if it is open; true in that case.
     fn open_session(&mut self, session_id: &SessionId, worker_id: &str, queues: &[String], max_in_flight: u32) -> bool {
-        self.expired_sessions.remove(session_id);
+        let forgotten = self.expired_sessions.remove(session_id);
+        if let Some(expired) = forgotten
+            && self.format >= 1
+        {
+            self.expired_order.remove(&(expired.expired_ms, session_id.clone()));
+        }
         let existed = self.sessions.contains_key(session_id);
         let session = self.sessions.entry(session_id.clone()).or_insert_with(|| Session {
             worker_id: String::new(),

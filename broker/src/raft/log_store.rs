@@ -57,6 +57,7 @@ use tokio::runtime::Handle;
 use super::guard::{Guard, GuardFound, GuardVote};
 use super::log_tail::LogTail;
 use super::timings::Timings;
+use crate::format::header::DataDirFormat;
 use tokio::task::JoinHandle;
 
 #[cfg(test)]
@@ -67,8 +68,24 @@ const KEY_VOTE_V1: &[u8] = b"v1/vote";
 const KEY_COMMITTED_V1: &[u8] = b"v1/committed";
 const KEY_PURGED_V1: &[u8] = b"v1/purged";
 
-/// Tag after the index prefix of a stored entry: postcard of `C::Entry`.
+/// Tag after the index prefix of a stored entry: postcard of `C::Entry`
+/// (storage format 0).
 const ENTRY_FORMAT_V1: u8 = 1;
+/// Tag of an entry in its type config's own encoding (storage format 1 on:
+/// `gantry.storage.v1.LogEntry`).
+const ENTRY_FORMAT_V2: u8 = 2;
+
+/// How a type config's entries are stored from storage format 1 on (format
+/// 0 is their postcard encoding), and which entries need the data directory
+/// raised before they are written.
+pub trait StoredEntries: RaftTypeConfig {
+    fn encode_stored(entry: &EntryOf<Self>, out: &mut Vec<u8>);
+    fn decode_stored(bytes: &[u8]) -> std::result::Result<EntryOf<Self>, String>;
+    /// The storage format the data directory must allow before `entry` is
+    /// written: a builds that cannot read what follows it must not start on
+    /// a log that holds it.
+    fn format_needed(entry: &EntryOf<Self>) -> u32;
+}
 const ENTRY_HEADER_LEN: usize = 9;
 
 /// Upper bound on the bytes one replication read returns; openraft already
@@ -106,6 +123,9 @@ pub enum StorageError {
         #[source]
         source: postcard::Error,
     },
+
+    #[error("the data directory's format: {0}")]
+    DataDir(String),
 
     #[error("group {group}: stored {what} is corrupt: {reason}")]
     Corrupt { group: u64, what: String, reason: String },
@@ -280,7 +300,7 @@ fn prune(pools: &mut Vec<(Weak<Engine>, tokio::runtime::Runtime)>) {
 }
 
 /// Reads one group's log; cheap to clone, one per replication stream.
-pub struct EngineLogReader<C: RaftTypeConfig> {
+pub struct EngineLogReader<C: StoredEntries> {
     engine: Arc<Engine>,
     group: u64,
     io: Handle,
@@ -289,7 +309,7 @@ pub struct EngineLogReader<C: RaftTypeConfig> {
     _config: PhantomData<fn() -> C>,
 }
 
-impl<C: RaftTypeConfig> Clone for EngineLogReader<C> {
+impl<C: StoredEntries> Clone for EngineLogReader<C> {
     fn clone(&self) -> Self {
         Self {
             engine: self.engine.clone(),
@@ -303,7 +323,7 @@ impl<C: RaftTypeConfig> Clone for EngineLogReader<C> {
 
 /// openraft log storage of one Raft group (`group` = shard id) in the shared
 /// engine. Its methods must run inside a tokio runtime.
-pub struct EngineLogStore<C: RaftTypeConfig> {
+pub struct EngineLogStore<C: StoredEntries> {
     reader: EngineLogReader<C>,
     /// Started on the first append; see [`run_flusher`].
     flusher: Option<std::sync::mpsc::Sender<IOFlushed<C>>>,
@@ -313,6 +333,9 @@ pub struct EngineLogStore<C: RaftTypeConfig> {
     timings: Option<Arc<Timings>>,
     /// Held by the store and its flush thread: see [`Self::alive_probe`].
     alive: Arc<()>,
+    /// The data directory's storage format: entries are written in the
+    /// newest encoding it allows (none: format 0).
+    data_format: Option<Arc<DataDirFormat>>,
 }
 
 /// `Some` while a committed id is waiting for the flusher's next sync.
@@ -325,7 +348,7 @@ struct DurableMark {
     appended: AtomicU64,
 }
 
-impl<C: RaftTypeConfig> EngineLogStore<C>
+impl<C: StoredEntries> EngineLogStore<C>
 where
     EntryOf<C>: Clone,
 {
@@ -343,7 +366,15 @@ where
             timings: None,
             committed: Arc::new(Mutex::new(None)),
             alive: Arc::new(()),
+            data_format: None,
         }
+    }
+
+    /// Writes entries in the newest encoding `data_format` allows, raising
+    /// it first when an entry needs it (see [`StoredEntries::format_needed`]).
+    pub fn with_data_format(mut self, data_format: Arc<DataDirFormat>) -> Self {
+        self.data_format = Some(data_format);
+        self
     }
 
     /// Keeps `guard` at the highest index this store acknowledged as
@@ -423,7 +454,7 @@ where
 /// at the same time as the log sync (one more fdatasync, in parallel): if
 /// the log sync then fails, the guard is ahead of the log, which only makes
 /// a restart cautious.
-fn run_flusher<C: RaftTypeConfig>(
+fn run_flusher<C: StoredEntries>(
     engine: Arc<Engine>,
     group: u64,
     durable: Option<Arc<DurableMark>>,
@@ -513,7 +544,7 @@ impl WatermarkWriter {
 /// nothing: raft-engine skips empty batches and `Engine::sync()` does nothing
 /// in 0.4.2, but compacting a region to index 0 removes no entry and is
 /// still a write the engine must fsync.
-fn sync_group<C: RaftTypeConfig>(engine: &Engine, group: u64, committed: Option<Option<LogIdOf<C>>>) -> Result<()> {
+fn sync_group<C: StoredEntries>(engine: &Engine, group: u64, committed: Option<Option<LogIdOf<C>>>) -> Result<()> {
     let mut batch = LogBatch::with_capacity(1);
     match committed {
         Some(committed) => put_meta(&mut batch, group, KEY_COMMITTED_V1, &committed)?,
@@ -523,7 +554,7 @@ fn sync_group<C: RaftTypeConfig>(engine: &Engine, group: u64, committed: Option<
     Ok(())
 }
 
-impl<C: RaftTypeConfig> EngineLogReader<C>
+impl<C: StoredEntries> EngineLogReader<C>
 where
     EntryOf<C>: Clone,
 {
@@ -551,7 +582,7 @@ where
     }
 }
 
-fn read_entries<C: RaftTypeConfig>(
+fn read_entries<C: StoredEntries>(
     engine: &Engine,
     group: u64,
     start: u64,
@@ -584,7 +615,7 @@ fn read_entries<C: RaftTypeConfig>(
     }
 }
 
-fn last_log_id<C: RaftTypeConfig>(engine: &Engine, group: u64) -> Result<Option<LogIdOf<C>>> {
+fn last_log_id<C: StoredEntries>(engine: &Engine, group: u64) -> Result<Option<LogIdOf<C>>> {
     let Some(last) = engine.last_index(group) else {
         return Ok(None);
     };
@@ -639,33 +670,39 @@ impl MessageExt for EntryCodec {
     }
 }
 
-fn encode_entry<E: RaftEntry>(entry: &E) -> Result<BytesValue> {
+fn encode_entry<C: StoredEntries>(entry: &EntryOf<C>, format: u32) -> Result<BytesValue> {
     let mut value = Vec::with_capacity(64);
     value.extend_from_slice(&entry.index().to_be_bytes());
-    value.push(ENTRY_FORMAT_V1);
-    let value =
-        postcard::to_extend(entry, value).map_err(|source| StorageError::Encode { what: "log entry", source })?;
+    let value = if format >= 1 {
+        value.push(ENTRY_FORMAT_V2);
+        C::encode_stored(entry, &mut value);
+        value
+    } else {
+        value.push(ENTRY_FORMAT_V1);
+        postcard::to_extend(entry, value).map_err(|source| StorageError::Encode { what: "log entry", source })?
+    };
     let mut message = BytesValue::new();
     message.value = value;
     Ok(message)
 }
 
-fn decode_entry<C: RaftTypeConfig>(group: u64, index: u64, message: &BytesValue) -> Result<EntryOf<C>> {
+fn decode_entry<C: StoredEntries>(group: u64, index: u64, message: &BytesValue) -> Result<EntryOf<C>> {
     let what = || format!("entry {index}");
     let Some((header, body)) = message.value.split_first_chunk::<ENTRY_HEADER_LEN>() else {
         return Err(corrupt(group, what(), "shorter than its header"));
     };
-    if header[8] != ENTRY_FORMAT_V1 {
-        return Err(corrupt(group, what(), format!("unknown entry format {}", header[8])));
-    }
-    let entry: EntryOf<C> = postcard::from_bytes(body).map_err(|e| corrupt(group, what(), e))?;
+    let entry: EntryOf<C> = match header[8] {
+        ENTRY_FORMAT_V1 => postcard::from_bytes(body).map_err(|e| corrupt(group, what(), e))?,
+        ENTRY_FORMAT_V2 => C::decode_stored(body).map_err(|e| corrupt(group, what(), e))?,
+        other => return Err(corrupt(group, what(), format!("unknown entry format {other}"))),
+    };
     if entry.index() != index {
         return Err(corrupt(group, what(), format!("holds the entry of index {}", entry.index())));
     }
     Ok(entry)
 }
 
-impl<C: RaftTypeConfig> RaftLogReader<C> for EngineLogReader<C>
+impl<C: StoredEntries> RaftLogReader<C> for EngineLogReader<C>
 where
     EntryOf<C>: Clone,
 {
@@ -716,7 +753,7 @@ where
     }
 }
 
-impl<C: RaftTypeConfig> RaftLogReader<C> for EngineLogStore<C>
+impl<C: StoredEntries> RaftLogReader<C> for EngineLogStore<C>
 where
     EntryOf<C>: Clone,
 {
@@ -732,7 +769,7 @@ where
     }
 }
 
-impl<C: RaftTypeConfig<NodeId = u64, Term = u64>> RaftLogStorage<C> for EngineLogStore<C>
+impl<C: StoredEntries<NodeId = u64, Term = u64>> RaftLogStorage<C> for EngineLogStore<C>
 where
     EntryOf<C>: Clone,
 {
@@ -801,10 +838,19 @@ where
         let entries: Vec<EntryOf<C>> = entries.into_iter().collect();
         let last_index = entries.last().map(|e| e.index());
         if let Some(first) = entries.first().map(|e| e.index()) {
+            let data_format = self.data_format.clone();
             let (entries, sizes) = self
                 .blocking(move |engine, group| {
                     check_contiguous::<C>(engine, group, &entries)?;
-                    let messages = entries.iter().map(encode_entry).collect::<Result<Vec<_>>>()?;
+                    let format = match &data_format {
+                        Some(data_format) => {
+                            let needed = entries.iter().map(C::format_needed).max().unwrap_or(0);
+                            data_format.ensure(needed).map_err(|e| StorageError::DataDir(e.to_string()))?;
+                            data_format.current()
+                        }
+                        None => 0,
+                    };
+                    let messages = entries.iter().map(|e| encode_entry::<C>(e, format)).collect::<Result<Vec<_>>>()?;
                     let mut batch = LogBatch::with_capacity(1);
                     batch.add_entries::<EntryCodec>(group, &messages)?;
                     engine.write(&mut batch, false)?;
@@ -899,12 +945,12 @@ where
     }
 }
 
-fn guard_vote<C: RaftTypeConfig<NodeId = u64, Term = u64>>(vote: &VoteOf<C>) -> GuardVote {
+fn guard_vote<C: StoredEntries<NodeId = u64, Term = u64>>(vote: &VoteOf<C>) -> GuardVote {
     let leader = vote.leader_id();
     GuardVote { term: leader.term(), node_id: *leader.node_id(), committed: vote.is_committed() }
 }
 
-fn engine_vote<C: RaftTypeConfig<NodeId = u64, Term = u64>>(vote: GuardVote) -> VoteOf<C> {
+fn engine_vote<C: StoredEntries<NodeId = u64, Term = u64>>(vote: GuardVote) -> VoteOf<C> {
     VoteOf::<C>::from_leader_id(LeaderIdOf::<C>::new(vote.term, vote.node_id), vote.committed)
 }
 
@@ -931,7 +977,7 @@ pub struct Finding {
     pub detail: String,
 }
 
-impl<C: RaftTypeConfig<NodeId = u64, Term = u64>> EngineLogStore<C>
+impl<C: StoredEntries<NodeId = u64, Term = u64>> EngineLogStore<C>
 where
     EntryOf<C>: Clone,
 {
@@ -1038,7 +1084,7 @@ where
 /// Reads every entry of the group back; at the first one that does not
 /// read or decode, cuts the log before it (or purges through `snapshot`
 /// when the snapshot covers it) and goes on checking what is left.
-fn verify_entries<C: RaftTypeConfig>(
+fn verify_entries<C: StoredEntries>(
     engine: &Engine,
     group: u64,
     snapshot: Option<LogIdOf<C>>,
@@ -1083,7 +1129,7 @@ const VERIFY_CHUNK_ENTRIES: u64 = 1024;
 
 /// The first entry in `first..=last` that raft-engine cannot read (checksum)
 /// or that does not decode, with why.
-fn first_unreadable_entry<C: RaftTypeConfig>(
+fn first_unreadable_entry<C: StoredEntries>(
     engine: &Engine,
     group: u64,
     first: u64,
@@ -1118,7 +1164,7 @@ fn first_unreadable_entry<C: RaftTypeConfig>(
 /// one this node last acknowledged. An engine that lost it (its tail was
 /// dropped) gets it back; a guard behind the engine (its write torn) is
 /// raised.
-fn reconcile_vote<C: RaftTypeConfig<NodeId = u64, Term = u64>>(
+fn reconcile_vote<C: StoredEntries<NodeId = u64, Term = u64>>(
     engine: &Engine,
     group: u64,
     guard: &Guard,
@@ -1149,7 +1195,7 @@ fn reconcile_vote<C: RaftTypeConfig<NodeId = u64, Term = u64>>(
 /// Refuses an append that would leave a hole or overwrite purged entries:
 /// raft-engine panics on both. Overlapping the tail is fine: raft-engine
 /// drops the overlapped entries.
-fn check_contiguous<C: RaftTypeConfig>(engine: &Engine, group: u64, entries: &[EntryOf<C>]) -> Result<()> {
+fn check_contiguous<C: StoredEntries>(engine: &Engine, group: u64, entries: &[EntryOf<C>]) -> Result<()> {
     let Some(at) = entries.first().map(|e| e.index()) else {
         return Ok(());
     };

@@ -66,6 +66,25 @@ openraft::declare_raft_types!(
 type C = TestConfig;
 type Store = EngineLogStore<C>;
 
+/// The test config's "format 1" encoding: postcard behind the other tag, and
+/// an entry whose key is `raise` needs the data directory at format 1.
+impl StoredEntries for TestConfig {
+    fn encode_stored(entry: &EntryOf<C>, out: &mut Vec<u8>) {
+        out.extend_from_slice(&postcard::to_allocvec(entry).expect("encodes"));
+    }
+
+    fn decode_stored(bytes: &[u8]) -> std::result::Result<EntryOf<C>, String> {
+        postcard::from_bytes(bytes).map_err(|e| e.to_string())
+    }
+
+    fn format_needed(entry: &EntryOf<C>) -> u32 {
+        match &entry.payload {
+            openraft::EntryPayload::Normal(cmd) if cmd.key == "raise" => 1,
+            _ => 0,
+        }
+    }
+}
+
 // --- openraft's conformance suite -------------------------------------------
 
 /// The smallest state machine the suite accepts: applied id, membership, and
@@ -211,6 +230,43 @@ async fn reopen(engine: Arc<Engine>, dir: &Path) -> anyhow::Result<Arc<Engine>> 
 }
 
 // --- persistence ---------------------------------------------------------------
+
+/// Entries are written in format 0 until an entry that needs format 1
+/// raises the data directory (before it is written); both kinds read back,
+/// across a reopen, and the directory then turns older builds away.
+#[tokio::test]
+async fn the_entry_encoding_follows_the_data_directorys_format() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let data_format = Arc::new(crate::format::header::DataDirFormat::open(dir.path(), 1)?);
+    let engine = open_engine(&dir.path().join("raft"))?;
+    let mut store = Store::new(engine.clone(), 1).with_data_format(data_format.clone());
+    append(&mut store, entries(1, 1..=3)).await?;
+    assert_eq!(data_format.current(), 0, "nothing asked for format 1 yet");
+    let raise = EntryOf::<C>::new_normal(log_id::<C>(1, 1, 4), TestCmd { key: "raise".into(), payload: vec![] });
+    append(&mut store, vec![raise.clone()]).await?;
+    assert_eq!(data_format.current(), 1, "the data directory was not raised before the entry was written");
+    append(&mut store, entries(1, 5..=6)).await?;
+    let tags: Vec<u8> = (1..=6u64)
+        .map(|i| engine.get_entry::<EntryCodec>(1, i).unwrap().unwrap().value[ENTRY_HEADER_LEN - 1])
+        .collect();
+    assert_eq!(
+        tags,
+        [ENTRY_FORMAT_V1, ENTRY_FORMAT_V1, ENTRY_FORMAT_V1, ENTRY_FORMAT_V2, ENTRY_FORMAT_V2, ENTRY_FORMAT_V2]
+    );
+    let mut expected = entries(1, 1..=3);
+    expected.push(raise);
+    expected.extend(entries(1, 5..=6));
+    assert_eq!(all_entries(&mut store).await?, expected);
+    drop(store);
+    let engine = reopen(engine, &dir.path().join("raft")).await?;
+    let mut store = Store::new(engine.clone(), 1);
+    assert_eq!(all_entries(&mut store).await?, expected);
+    let legacy = std::fs::read_to_string(dir.path().join("FORMAT"))?;
+    assert!(legacy.starts_with("gantry-data 3"), "{legacy}");
+    drop(store);
+    close_engine(engine, Duration::from_secs(10)).await?;
+    Ok(())
+}
 
 /// Older versions let raft-engine LZ4-compress batches over 8 KiB; the
 /// engine `open_engine` opens (no compression) still reads such a log.
@@ -482,7 +538,7 @@ async fn corrupt_entries_are_reported_not_decoded() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let engine = open_engine(dir.path())?;
     // Write an entry of an unknown format straight into the engine.
-    let mut bad = encode_entry(&entry(1, 0))?;
+    let mut bad = encode_entry::<C>(&entry(1, 0), 0)?;
     bad.value[8] = 99;
     let mut batch = LogBatch::default();
     batch.add_entries::<EntryCodec>(5, &[bad])?;

@@ -46,6 +46,9 @@ pub struct RaftSettings {
     /// Replicas digest their state at the first entry of each window of
     /// leader time this long (see `state_machine::StateDigest`).
     pub digest_every: Duration,
+    /// The data directory's storage format, shared by every group's log and
+    /// snapshots (none: format 0, for tests of one group).
+    pub data_format: Option<Arc<crate::format::header::DataDirFormat>>,
 }
 
 impl Default for RaftSettings {
@@ -57,6 +60,7 @@ impl Default for RaftSettings {
             keep_after_snapshot: 1_000,
             may_rebuild_from_peers: true,
             digest_every: Duration::from_secs(60),
+            data_format: None,
         }
     }
 }
@@ -247,7 +251,11 @@ impl ShardRaft {
         )?;
         let guard = Arc::new(guard);
         let timings = Arc::new(timings::Timings::default());
-        let log = EngineLogStore::new(engine.clone(), group).with_guard(guard.clone()).with_timings(timings.clone());
+        let mut log =
+            EngineLogStore::new(engine.clone(), group).with_guard(guard.clone()).with_timings(timings.clone());
+        if let Some(data_format) = &settings.data_format {
+            log = log.with_data_format(data_format.clone());
+        }
         let snapshot_dir = data_dir.join("snapshots").join(shard.0.to_string());
         let marker = rebuild::marker_path(data_dir, shard);
         let mut findings = Vec::new();
@@ -261,11 +269,19 @@ impl ShardRaft {
             events.clone(),
             local_log_end,
             settings.digest_every,
+            settings.data_format.clone(),
         ) {
             Ok(sm) => sm,
             Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
                 findings.push(Self::set_corrupt_snapshot_aside(shard, &snapshot_dir, &log, settings, &e).await?);
-                StateMachineStore::open(shard, snapshot_dir.clone(), events.clone(), 0, settings.digest_every)?
+                StateMachineStore::open(
+                    shard,
+                    snapshot_dir.clone(),
+                    events.clone(),
+                    0,
+                    settings.digest_every,
+                    settings.data_format.clone(),
+                )?
             }
             Err(e) => return Err(e.into()),
         };
@@ -301,6 +317,7 @@ impl ShardRaft {
             events,
             marker,
             may_rebuild_from_peers: settings.may_rebuild_from_peers,
+            data_format: settings.data_format.clone(),
         };
         let network = PeerNetwork { shard, channels };
         let store_alive = log.alive_probe();

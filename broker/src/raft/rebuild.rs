@@ -41,6 +41,7 @@ pub struct Parts {
     pub events: EventSink,
     pub marker: PathBuf,
     pub may_rebuild_from_peers: bool,
+    pub data_format: Option<Arc<crate::format::header::DataDirFormat>>,
 }
 
 /// How long a rebuild waits for the stopped group's log store to close.
@@ -197,15 +198,23 @@ impl ShardRaft {
             .engine
             .upgrade()
             .ok_or_else(|| RaftError::Raft(format!("shard {}: the node is shutting down", self.shard)))?;
-        let log =
+        let mut log =
             EngineLogStore::new(engine, group).with_guard(parts.guard.clone()).with_timings(parts.timings.clone());
+        if let Some(data_format) = &parts.data_format {
+            log = log.with_data_format(data_format.clone());
+        }
         log.drop_local_copy().await.map_err(std::io::Error::from)?;
         *self.store_alive.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = log.alive_probe();
         if let Some(aside) = state_machine::set_snapshot_aside(&parts.snapshot_dir)? {
             tracing::warn!(shard = %self.shard, kept = %aside.display(), "the dropped copy's snapshot is kept");
         }
         self.state.reset();
-        let sm = StateMachineStore::with_state(self.state.clone(), parts.snapshot_dir.clone(), parts.events.clone());
+        let sm = StateMachineStore::with_state(
+            self.state.clone(),
+            parts.snapshot_dir.clone(),
+            parts.events.clone(),
+            parts.data_format.clone(),
+        );
         let network = PeerNetwork { shard: self.shard, channels: parts.channels.clone() };
         let raft = GantryRaft::new(parts.node_id, parts.config.clone(), network, log, sm)
             .await

@@ -1,0 +1,787 @@
+//! The format-1 encodings (`gantry.storage.v1`) of what a broker stores and
+//! sends: log entries, the log store's metadata, shard states and snapshot
+//! files. Format 0 is the postcard encoding of the same Rust types (their
+//! serde derives, frozen: a field added later is `#[serde(skip)]`, since it
+//! cannot be in use while a shard is at format 0).
+//!
+//! Decoding refuses what it cannot represent (a missing required field, a
+//! command kind or enum value this binary does not know) instead of
+//! guessing: a newer binary's data is never half-read.
+
+use std::collections::BTreeMap;
+
+use gantry_proto::storage as pb;
+use openraft::{EntryPayload, Membership, StoredMembership, entry::RaftEntry, vote::RaftLeaderId};
+use prost::Message;
+
+use crate::queue::{
+    AttemptRecord, Batch, Command, ExpiredSession, ExpiryReason, FencingToken, Job, JobId, JobState, NewJob, Outcome,
+    PurgeCursor, QueueConfig, QueueConfigUpdate, QueueParts, QueueState, RetryRequest, SessionId, SessionParts,
+    ShardId, StateParts, Status, job::Lease,
+};
+use crate::raft::{GantryNode, types::TypeConfig};
+
+type C = TypeConfig;
+pub type LogId = openraft::type_config::alias::LogIdOf<C>;
+pub type Vote = openraft::type_config::alias::VoteOf<C>;
+pub type Entry = openraft::type_config::alias::EntryOf<C>;
+pub type SnapshotMeta = openraft::type_config::alias::SnapshotMetaOf<C>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error("{0}")]
+    Protobuf(#[from] prost::DecodeError),
+    #[error("{0} is missing")]
+    Missing(&'static str),
+    #[error("{what}: {value} is not a value this gantry knows (written by a newer one?)")]
+    Unknown { what: &'static str, value: i32 },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+type Result<T> = std::result::Result<T, DecodeError>;
+
+fn required<T>(value: Option<T>, what: &'static str) -> Result<T> {
+    value.ok_or(DecodeError::Missing(what))
+}
+
+// --- Raft types ----------------------------------------------------------
+
+pub fn log_id_to_pb(id: &LogId) -> pb::LogId {
+    pb::LogId { term: id.leader_id.term, node_id: id.leader_id.node_id, index: id.index }
+}
+
+pub fn log_id_from_pb(id: pb::LogId) -> LogId {
+    LogId::new(openraft::vote::leader_id_adv::LeaderId { term: id.term, node_id: id.node_id }, id.index)
+}
+
+pub fn vote_to_pb(vote: &Vote) -> pb::Vote {
+    pb::Vote { term: vote.leader_id.term, node_id: vote.leader_id.node_id, committed: vote.committed }
+}
+
+pub fn vote_from_pb(vote: pb::Vote) -> Vote {
+    let leader = <C as openraft::RaftTypeConfig>::LeaderId::new(vote.term, vote.node_id);
+    Vote { leader_id: leader, committed: vote.committed }
+}
+
+pub fn membership_to_pb(membership: &Membership<u64, GantryNode>) -> pb::Membership {
+    pb::Membership {
+        configs: membership
+            .get_joint_config()
+            .iter()
+            .map(|voters| pb::VoterSet { voters: voters.iter().copied().collect() })
+            .collect(),
+        nodes: membership
+            .nodes()
+            .map(|(id, node)| (*id, pb::Member { client: node.client.clone(), peer: node.peer.clone() }))
+            .collect(),
+    }
+}
+
+pub fn membership_from_pb(membership: pb::Membership) -> Result<Membership<u64, GantryNode>> {
+    let configs = membership.configs.into_iter().map(|set| set.voters.into_iter().collect()).collect();
+    let nodes: BTreeMap<u64, GantryNode> =
+        membership.nodes.into_iter().map(|(id, m)| (id, GantryNode { client: m.client, peer: m.peer })).collect();
+    Membership::new(configs, nodes).map_err(|e| DecodeError::Invalid(format!("membership: {e}")))
+}
+
+pub fn stored_membership_to_pb(
+    stored: &StoredMembership<openraft::vote::leader_id_adv::LeaderId<u64, u64>, u64, GantryNode>,
+) -> pb::StoredMembership {
+    pb::StoredMembership {
+        log_id: stored.log_id().as_ref().map(log_id_to_pb),
+        membership: Some(membership_to_pb(stored.membership())),
+    }
+}
+
+pub fn stored_membership_from_pb(
+    stored: pb::StoredMembership,
+) -> Result<StoredMembership<openraft::vote::leader_id_adv::LeaderId<u64, u64>, u64, GantryNode>> {
+    let membership = match stored.membership {
+        Some(m) => membership_from_pb(m)?,
+        None => Membership::default(),
+    };
+    Ok(StoredMembership::new(stored.log_id.map(log_id_from_pb), membership))
+}
+
+pub fn entry_to_pb(entry: &Entry) -> pb::LogEntry {
+    use pb::log_entry::Payload;
+    let payload = match &entry.payload {
+        EntryPayload::Blank => Payload::Blank(pb::Blank {}),
+        EntryPayload::Normal(batch) => Payload::Batch(batch_to_pb(batch)),
+        EntryPayload::Membership(m) => Payload::Membership(membership_to_pb(m)),
+    };
+    pb::LogEntry { log_id: Some(log_id_to_pb(&entry.log_id)), payload: Some(payload) }
+}
+
+pub fn entry_from_pb(entry: pb::LogEntry) -> Result<Entry> {
+    use pb::log_entry::Payload;
+    let log_id = log_id_from_pb(required(entry.log_id, "log_id")?);
+    let payload = match required(entry.payload, "entry payload (a kind this gantry does not know?)")? {
+        Payload::Blank(_) => EntryPayload::Blank,
+        Payload::Batch(batch) => EntryPayload::Normal(batch_from_pb(batch)?),
+        Payload::Membership(m) => EntryPayload::Membership(membership_from_pb(m)?),
+    };
+    Ok(Entry::new(log_id, payload))
+}
+
+/// The stored bytes of a log entry from format 1 on.
+pub fn encode_entry(entry: &Entry, out: &mut Vec<u8>) {
+    entry_to_pb(entry).encode(out).expect("a Vec grows as needed");
+}
+
+pub fn decode_entry(bytes: &[u8]) -> Result<Entry> {
+    entry_from_pb(pb::LogEntry::decode(bytes)?)
+}
+
+// --- Commands ------------------------------------------------------------
+
+pub fn batch_to_pb(batch: &Batch) -> pb::Batch {
+    pb::Batch { proposed_at_ms: batch.proposed_at_ms, commands: batch.commands.iter().map(command_to_pb).collect() }
+}
+
+pub fn batch_from_pb(batch: pb::Batch) -> Result<Batch> {
+    let commands = batch.commands.into_iter().map(command_from_pb).collect::<Result<Vec<_>>>()?;
+    Ok(Batch { proposed_at_ms: batch.proposed_at_ms, commands: commands.into() })
+}
+
+fn job_id_to_pb(id: JobId) -> Option<pb::JobId> {
+    Some(pb::JobId { shard: id.shard.0, seq: id.seq })
+}
+
+fn job_id_from_pb(id: Option<pb::JobId>, what: &'static str) -> Result<JobId> {
+    let id = required(id, what)?;
+    Ok(JobId { shard: ShardId(id.shard), seq: id.seq })
+}
+
+fn session(id: &str) -> SessionId {
+    SessionId(id.into())
+}
+
+fn job_state_to_pb(state: JobState) -> i32 {
+    (match state {
+        JobState::Scheduled => pb::JobState::Scheduled,
+        JobState::Ready => pb::JobState::Ready,
+        JobState::Active => pb::JobState::Active,
+        JobState::Succeeded => pb::JobState::Succeeded,
+        JobState::Failed => pb::JobState::Failed,
+        JobState::Cancelled => pb::JobState::Cancelled,
+    }) as i32
+}
+
+fn job_state_from_pb(value: i32) -> Result<JobState> {
+    Ok(match pb::JobState::try_from(value) {
+        Ok(pb::JobState::Scheduled) => JobState::Scheduled,
+        Ok(pb::JobState::Ready) => JobState::Ready,
+        Ok(pb::JobState::Active) => JobState::Active,
+        Ok(pb::JobState::Succeeded) => JobState::Succeeded,
+        Ok(pb::JobState::Failed) => JobState::Failed,
+        Ok(pb::JobState::Cancelled) => JobState::Cancelled,
+        _ => return Err(DecodeError::Unknown { what: "job state", value }),
+    })
+}
+
+fn reason_to_pb(reason: ExpiryReason) -> i32 {
+    (match reason {
+        ExpiryReason::Silent => pb::ExpiryReason::Silent,
+        ExpiryReason::Admin => pb::ExpiryReason::Admin,
+        ExpiryReason::Goodbye => pb::ExpiryReason::Goodbye,
+        ExpiryReason::Superseded => pb::ExpiryReason::Superseded,
+    }) as i32
+}
+
+fn reason_from_pb(value: i32) -> Result<ExpiryReason> {
+    Ok(match pb::ExpiryReason::try_from(value) {
+        Ok(pb::ExpiryReason::Silent) => ExpiryReason::Silent,
+        Ok(pb::ExpiryReason::Admin) => ExpiryReason::Admin,
+        Ok(pb::ExpiryReason::Goodbye) => ExpiryReason::Goodbye,
+        Ok(pb::ExpiryReason::Superseded) => ExpiryReason::Superseded,
+        _ => return Err(DecodeError::Unknown { what: "expiry reason", value }),
+    })
+}
+
+fn cursor_to_pb(cursor: &Option<PurgeCursor>) -> Option<pb::PurgeCursor> {
+    use pb::purge_cursor::At;
+    cursor.map(|cursor| pb::PurgeCursor {
+        at: Some(match cursor {
+            PurgeCursor::Pending { neg_priority, run_at_ms, seq } => {
+                At::Pending(pb::PendingKey { neg_priority, run_at_ms, seq })
+            }
+            PurgeCursor::Retained { until_ms, job_id } => {
+                At::Retained(pb::RetainedKey { until_ms, job_id: job_id_to_pb(job_id) })
+            }
+        }),
+    })
+}
+
+fn cursor_from_pb(cursor: Option<pb::PurgeCursor>) -> Result<Option<PurgeCursor>> {
+    use pb::purge_cursor::At;
+    let Some(cursor) = cursor else { return Ok(None) };
+    Ok(Some(match required(cursor.at, "purge cursor")? {
+        At::Pending(k) => PurgeCursor::Pending { neg_priority: k.neg_priority, run_at_ms: k.run_at_ms, seq: k.seq },
+        At::Retained(k) => {
+            PurgeCursor::Retained { until_ms: k.until_ms, job_id: job_id_from_pb(k.job_id, "cursor job_id")? }
+        }
+    }))
+}
+
+fn update_to_pb(u: &QueueConfigUpdate) -> pb::QueueConfigUpdate {
+    pb::QueueConfigUpdate {
+        max_attempts: u.max_attempts,
+        lease_timeout_ms: u.lease_timeout_ms,
+        backoff_base_ms: u.backoff_base_ms,
+        backoff_max_ms: u.backoff_max_ms,
+        retention_ms: u.retention_ms,
+        concurrency_limit: u.concurrency_limit,
+        rate_limit: u.rate_limit,
+        max_depth: u.max_depth,
+    }
+}
+
+fn update_from_pb(u: pb::QueueConfigUpdate) -> QueueConfigUpdate {
+    QueueConfigUpdate {
+        max_attempts: u.max_attempts,
+        lease_timeout_ms: u.lease_timeout_ms,
+        backoff_base_ms: u.backoff_base_ms,
+        backoff_max_ms: u.backoff_max_ms,
+        retention_ms: u.retention_ms,
+        concurrency_limit: u.concurrency_limit,
+        rate_limit: u.rate_limit,
+        max_depth: u.max_depth,
+    }
+}
+
+pub fn command_to_pb(command: &Command) -> pb::Command {
+    use pb::command::Kind;
+    let kind = match command {
+        Command::Enqueue(job) => Kind::Enqueue(pb::NewJob {
+            queue: job.queue.clone(),
+            payload: job.payload.clone(),
+            headers: job.headers.clone(),
+            priority: job.priority,
+            delay_ms: job.delay_ms,
+            run_at_ms: job.run_at_ms,
+            max_attempts: job.max_attempts,
+            lease_timeout_ms: job.lease_timeout_ms,
+            idempotency_key: job.idempotency_key.clone(),
+        }),
+        Command::OpenSession { session_id, worker_id, queues, max_in_flight } => Kind::OpenSession(pb::OpenSession {
+            session_id: session_id.to_string(),
+            worker_id: worker_id.clone(),
+            queues: queues.clone(),
+            max_in_flight: *max_in_flight,
+        }),
+        Command::ResumeSession { session_id, fallback, worker_id, queues, max_in_flight } => {
+            Kind::ResumeSession(pb::ResumeSession {
+                session_id: session_id.to_string(),
+                fallback: fallback.to_string(),
+                worker_id: worker_id.clone(),
+                queues: queues.clone(),
+                max_in_flight: *max_in_flight,
+            })
+        }
+        Command::Dispatch { sessions } => {
+            Kind::Dispatch(pb::Dispatch { sessions: sessions.iter().map(ToString::to_string).collect() })
+        }
+        Command::Complete { job_id, token, result } => {
+            Kind::Complete(pb::Complete { job_id: job_id_to_pb(*job_id), token: token.0, result: result.clone() })
+        }
+        Command::Fail { job_id, token, error, retry } => {
+            use pb::retry_request::Kind as Retry;
+            let retry = match retry {
+                RetryRequest::Backoff { jitter_permille } => Retry::BackoffJitterPermille(u32::from(*jitter_permille)),
+                RetryRequest::After { delay_ms } => Retry::AfterDelayMs(*delay_ms),
+                RetryRequest::Never => Retry::Never(pb::Blank {}),
+            };
+            Kind::Fail(pb::Fail {
+                job_id: job_id_to_pb(*job_id),
+                token: token.0,
+                error: error.clone(),
+                retry: Some(pb::RetryRequest { kind: Some(retry) }),
+            })
+        }
+        Command::Release { job_id, token } => {
+            Kind::Release(pb::Release { job_id: job_id_to_pb(*job_id), token: token.0 })
+        }
+        Command::Progress { job_id, token, message, extend_ms } => Kind::Progress(pb::Progress {
+            job_id: job_id_to_pb(*job_id),
+            token: token.0,
+            message: message.clone(),
+            extend_ms: *extend_ms,
+        }),
+        Command::ExpireSession { session_id, reason } => {
+            Kind::ExpireSession(pb::ExpireSession { session_id: session_id.to_string(), reason: reason_to_pb(*reason) })
+        }
+        Command::Cancel { job_id, reason } => {
+            Kind::Cancel(pb::Cancel { job_id: job_id_to_pb(*job_id), reason: reason.clone() })
+        }
+        Command::RetryJob { job_id } => Kind::RetryJob(pb::RetryJob { job_id: job_id_to_pb(*job_id) }),
+        Command::PurgeQueue { queue, state } => {
+            Kind::PurgeQueue(pb::PurgeQueue { queue: queue.clone(), state: job_state_to_pb(*state) })
+        }
+        Command::PurgeQueuePart { queue, state, below_seq, after, through, limit } => {
+            Kind::PurgeQueuePart(pb::PurgeQueuePart {
+                queue: queue.clone(),
+                state: job_state_to_pb(*state),
+                below_seq: *below_seq,
+                after: cursor_to_pb(after),
+                through: cursor_to_pb(through),
+                limit: *limit,
+            })
+        }
+        Command::SetQueueConfig { queue, update } => {
+            Kind::SetQueueConfig(pb::SetQueueConfig { queue: queue.clone(), update: Some(update_to_pb(update)) })
+        }
+        Command::PauseQueue { queue } => Kind::PauseQueue(pb::QueueName { queue: queue.clone() }),
+        Command::ResumeQueue { queue } => Kind::ResumeQueue(pb::QueueName { queue: queue.clone() }),
+        Command::Tick => Kind::Tick(pb::Blank {}),
+        Command::DrainSession { session_id } => {
+            Kind::DrainSession(pb::SessionRef { session_id: session_id.to_string() })
+        }
+        Command::SetFormat { format } => Kind::SetFormat(pb::SetFormat { format: *format }),
+        Command::DeleteQueue { queue } => Kind::DeleteQueue(pb::QueueName { queue: queue.clone() }),
+    };
+    pb::Command { kind: Some(kind) }
+}
+
+pub fn command_from_pb(command: pb::Command) -> Result<Command> {
+    use pb::command::Kind;
+    Ok(match required(command.kind, "command (a kind this gantry does not know?)")? {
+        Kind::Enqueue(job) => Command::Enqueue(NewJob {
+            queue: job.queue,
+            payload: job.payload,
+            headers: job.headers,
+            priority: job.priority,
+            delay_ms: job.delay_ms,
+            run_at_ms: job.run_at_ms,
+            max_attempts: job.max_attempts,
+            lease_timeout_ms: job.lease_timeout_ms,
+            idempotency_key: job.idempotency_key,
+        }),
+        Kind::OpenSession(c) => Command::OpenSession {
+            session_id: session(&c.session_id),
+            worker_id: c.worker_id,
+            queues: c.queues,
+            max_in_flight: c.max_in_flight,
+        },
+        Kind::ResumeSession(c) => Command::ResumeSession {
+            session_id: session(&c.session_id),
+            fallback: session(&c.fallback),
+            worker_id: c.worker_id,
+            queues: c.queues,
+            max_in_flight: c.max_in_flight,
+        },
+        Kind::Dispatch(c) => Command::Dispatch { sessions: c.sessions.iter().map(|s| session(s)).collect() },
+        Kind::Complete(c) => Command::Complete {
+            job_id: job_id_from_pb(c.job_id, "job_id")?,
+            token: FencingToken(c.token),
+            result: c.result,
+        },
+        Kind::Fail(c) => {
+            use pb::retry_request::Kind as Retry;
+            let retry = match required(required(c.retry, "retry")?.kind, "retry kind")? {
+                Retry::BackoffJitterPermille(j) => RetryRequest::Backoff {
+                    jitter_permille: u16::try_from(j)
+                        .map_err(|_| DecodeError::Invalid(format!("jitter {j} permille out of range")))?,
+                },
+                Retry::AfterDelayMs(delay_ms) => RetryRequest::After { delay_ms },
+                Retry::Never(_) => RetryRequest::Never,
+            };
+            Command::Fail {
+                job_id: job_id_from_pb(c.job_id, "job_id")?,
+                token: FencingToken(c.token),
+                error: c.error,
+                retry,
+            }
+        }
+        Kind::Release(c) => {
+            Command::Release { job_id: job_id_from_pb(c.job_id, "job_id")?, token: FencingToken(c.token) }
+        }
+        Kind::Progress(c) => Command::Progress {
+            job_id: job_id_from_pb(c.job_id, "job_id")?,
+            token: FencingToken(c.token),
+            message: c.message,
+            extend_ms: c.extend_ms,
+        },
+        Kind::ExpireSession(c) => {
+            Command::ExpireSession { session_id: session(&c.session_id), reason: reason_from_pb(c.reason)? }
+        }
+        Kind::Cancel(c) => Command::Cancel { job_id: job_id_from_pb(c.job_id, "job_id")?, reason: c.reason },
+        Kind::RetryJob(c) => Command::RetryJob { job_id: job_id_from_pb(c.job_id, "job_id")? },
+        Kind::PurgeQueue(c) => Command::PurgeQueue { queue: c.queue, state: job_state_from_pb(c.state)? },
+        Kind::PurgeQueuePart(c) => Command::PurgeQueuePart {
+            queue: c.queue,
+            state: job_state_from_pb(c.state)?,
+            below_seq: c.below_seq,
+            after: cursor_from_pb(c.after)?,
+            through: cursor_from_pb(c.through)?,
+            limit: c.limit,
+        },
+        Kind::SetQueueConfig(c) => {
+            Command::SetQueueConfig { queue: c.queue, update: update_from_pb(c.update.unwrap_or_default()) }
+        }
+        Kind::PauseQueue(c) => Command::PauseQueue { queue: c.queue },
+        Kind::ResumeQueue(c) => Command::ResumeQueue { queue: c.queue },
+        Kind::Tick(_) => Command::Tick,
+        Kind::DrainSession(c) => Command::DrainSession { session_id: session(&c.session_id) },
+        Kind::SetFormat(c) => Command::SetFormat { format: c.format },
+        Kind::DeleteQueue(c) => Command::DeleteQueue { queue: c.queue },
+    })
+}
+
+// --- Shard state ---------------------------------------------------------
+
+fn outcome_to_pb(outcome: Outcome) -> i32 {
+    (match outcome {
+        Outcome::Running => pb::Outcome::Running,
+        Outcome::Succeeded => pb::Outcome::Succeeded,
+        Outcome::Failed => pb::Outcome::Failed,
+        Outcome::Released => pb::Outcome::Released,
+        Outcome::SessionExpired => pb::Outcome::SessionExpired,
+        Outcome::LeaseTimedOut => pb::Outcome::LeaseTimedOut,
+        Outcome::Cancelled => pb::Outcome::Cancelled,
+    }) as i32
+}
+
+fn outcome_from_pb(value: i32) -> Result<Outcome> {
+    Ok(match pb::Outcome::try_from(value) {
+        Ok(pb::Outcome::Running) => Outcome::Running,
+        Ok(pb::Outcome::Succeeded) => Outcome::Succeeded,
+        Ok(pb::Outcome::Failed) => Outcome::Failed,
+        Ok(pb::Outcome::Released) => Outcome::Released,
+        Ok(pb::Outcome::SessionExpired) => Outcome::SessionExpired,
+        Ok(pb::Outcome::LeaseTimedOut) => Outcome::LeaseTimedOut,
+        Ok(pb::Outcome::Cancelled) => Outcome::Cancelled,
+        _ => return Err(DecodeError::Unknown { what: "attempt outcome", value }),
+    })
+}
+
+fn job_to_pb(job: &Job) -> pb::Job {
+    use pb::job::Status as S;
+    let status = match &job.status {
+        Status::Pending => S::Pending(pb::Blank {}),
+        Status::Active(lease) => S::Active(pb::Lease {
+            session_id: lease.session_id.to_string(),
+            token: lease.token.0,
+            started_ms: lease.started_ms,
+            deadline_ms: lease.deadline_ms,
+        }),
+        Status::Succeeded => S::Succeeded(pb::Blank {}),
+        Status::Failed => S::Failed(pb::Blank {}),
+        Status::Cancelled => S::Cancelled(pb::Blank {}),
+    };
+    pb::Job {
+        id: job_id_to_pb(job.id),
+        queue: job.queue.clone(),
+        payload: job.payload.clone(),
+        headers: job.headers.clone(),
+        priority: job.priority,
+        status: Some(status),
+        attempt: job.attempt,
+        max_attempts: job.max_attempts,
+        lease_timeout_ms: job.lease_timeout_ms,
+        created_ms: job.created_ms,
+        run_at_ms: job.run_at_ms,
+        finished_ms: job.finished_ms,
+        retain_until_ms: job.retain_until_ms,
+        result: job.result.clone(),
+        error: job.error.clone(),
+        idempotency_key: job.idempotency_key.clone(),
+        last_token: job.last_token.0,
+        last_worker_id: job.last_worker_id.clone(),
+        progress: job.progress.clone(),
+        history: job
+            .history
+            .iter()
+            .map(|a| pb::AttemptRecord {
+                attempt: a.attempt,
+                worker_id: a.worker_id.clone(),
+                session_id: a.session_id.to_string(),
+                token: a.token.0,
+                started_ms: a.started_ms,
+                finished_ms: a.finished_ms,
+                outcome: outcome_to_pb(a.outcome),
+                error: a.error.clone(),
+            })
+            .collect(),
+    }
+}
+
+fn job_from_pb(job: pb::Job) -> Result<Job> {
+    use pb::job::Status as S;
+    let status = match required(job.status, "job status")? {
+        S::Pending(_) => Status::Pending,
+        S::Active(lease) => Status::Active(Lease {
+            session_id: session(&lease.session_id),
+            token: FencingToken(lease.token),
+            started_ms: lease.started_ms,
+            deadline_ms: lease.deadline_ms,
+        }),
+        S::Succeeded(_) => Status::Succeeded,
+        S::Failed(_) => Status::Failed,
+        S::Cancelled(_) => Status::Cancelled,
+    };
+    let history = job
+        .history
+        .into_iter()
+        .map(|a| {
+            Ok(AttemptRecord {
+                attempt: a.attempt,
+                worker_id: a.worker_id,
+                session_id: session(&a.session_id),
+                token: FencingToken(a.token),
+                started_ms: a.started_ms,
+                finished_ms: a.finished_ms,
+                outcome: outcome_from_pb(a.outcome)?,
+                error: a.error,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Job {
+        id: job_id_from_pb(job.id, "job id")?,
+        queue: job.queue,
+        payload: job.payload,
+        headers: job.headers,
+        priority: job.priority,
+        status,
+        attempt: job.attempt,
+        max_attempts: job.max_attempts,
+        lease_timeout_ms: job.lease_timeout_ms,
+        created_ms: job.created_ms,
+        run_at_ms: job.run_at_ms,
+        finished_ms: job.finished_ms,
+        retain_until_ms: job.retain_until_ms,
+        result: job.result,
+        error: job.error,
+        idempotency_key: job.idempotency_key,
+        last_token: FencingToken(job.last_token),
+        last_worker_id: job.last_worker_id,
+        progress: job.progress,
+        history,
+    })
+}
+
+fn config_to_pb(c: &QueueConfig) -> pb::QueueConfig {
+    pb::QueueConfig {
+        max_attempts: c.max_attempts,
+        lease_timeout_ms: c.lease_timeout_ms,
+        backoff_base_ms: c.backoff_base_ms,
+        backoff_max_ms: c.backoff_max_ms,
+        retention_ms: c.retention_ms,
+        concurrency_limit: c.concurrency_limit,
+        rate_limit: c.rate_limit,
+        max_depth: c.max_depth,
+    }
+}
+
+fn config_from_pb(c: pb::QueueConfig) -> QueueConfig {
+    QueueConfig {
+        max_attempts: c.max_attempts,
+        lease_timeout_ms: c.lease_timeout_ms,
+        backoff_base_ms: c.backoff_base_ms,
+        backoff_max_ms: c.backoff_max_ms,
+        retention_ms: c.retention_ms,
+        concurrency_limit: c.concurrency_limit,
+        rate_limit: c.rate_limit,
+        max_depth: c.max_depth,
+    }
+}
+
+/// Everything of the state but its jobs, which are written after it one by
+/// one (protobuf concatenates repeated fields), so a large state is never
+/// copied whole.
+fn state_head_to_pb(parts: StateParts) -> pb::ShardState {
+    pb::ShardState {
+        shard: parts.shard.0,
+        now_ms: parts.now_ms,
+        next_seq: parts.next_seq,
+        last_token: parts.last_token.0,
+        jobs: Vec::new(),
+        queues: parts
+            .queues
+            .into_iter()
+            .map(|q| pb::Queue {
+                name: q.name,
+                config: Some(config_to_pb(&q.config)),
+                paused: q.paused,
+                idempotency: q
+                    .idempotency
+                    .into_iter()
+                    .map(|(key, id)| pb::IdempotencyKey { key, job_id: job_id_to_pb(id) })
+                    .collect(),
+                rate_window_second: q.rate_window.0,
+                rate_window_used: q.rate_window.1,
+            })
+            .collect(),
+        sessions: parts
+            .sessions
+            .into_iter()
+            .map(|s| pb::Session {
+                session_id: s.session_id.to_string(),
+                worker_id: s.worker_id,
+                queues: s.queues,
+                max_in_flight: s.max_in_flight,
+                opened_ms: s.opened_ms,
+            })
+            .collect(),
+        expired_sessions: parts
+            .expired_sessions
+            .into_iter()
+            .map(|(id, e)| pb::ExpiredSession {
+                session_id: id.to_string(),
+                expired_ms: e.expired_ms,
+                reason: reason_to_pb(e.reason),
+                lost: e
+                    .lost
+                    .iter()
+                    .map(|(id, token)| pb::LostLease { job_id: job_id_to_pb(*id), token: token.0 })
+                    .collect(),
+            })
+            .collect(),
+        format: parts.format,
+    }
+}
+
+/// The field number of `ShardState.jobs`.
+const STATE_JOBS_FIELD: u32 = 5;
+
+/// Encodes `state` as a `ShardState` message, handing the bytes to `sink`
+/// piece by piece (a snapshot file, a digest). Deterministic: replicas with
+/// equal states produce equal bytes.
+pub fn encode_state(state: &QueueState, sink: &mut dyn FnMut(&[u8])) {
+    let mut buf = state_head_to_pb(state.parts_without_jobs()).encode_to_vec();
+    sink(&buf);
+    for job in state.jobs().values() {
+        buf.clear();
+        prost::encoding::message::encode(STATE_JOBS_FIELD, &job_to_pb(job), &mut buf);
+        sink(&buf);
+    }
+}
+
+pub fn encode_state_to_vec(state: &QueueState) -> Vec<u8> {
+    let mut out = Vec::new();
+    encode_state(state, &mut |bytes| out.extend_from_slice(bytes));
+    out
+}
+
+/// Decodes a `ShardState`, converting each job as it is read (the decoded
+/// jobs are never all held twice).
+pub fn decode_state(mut bytes: &[u8]) -> Result<QueueState> {
+    use prost::encoding::{DecodeContext, WireType, decode_key, decode_varint};
+    let mut head = pb::ShardState::default();
+    let mut jobs = Vec::new();
+    while !bytes.is_empty() {
+        let (tag, wire_type) = decode_key(&mut bytes)?;
+        if tag == STATE_JOBS_FIELD && wire_type == WireType::LengthDelimited {
+            let len = decode_varint(&mut bytes)? as usize;
+            if len > bytes.len() {
+                return Err(DecodeError::Invalid("a job runs past the end of the state".into()));
+            }
+            let (job, rest) = bytes.split_at(len);
+            jobs.push(job_from_pb(pb::Job::decode(job)?)?);
+            bytes = rest;
+        } else {
+            head.merge_field(tag, wire_type, &mut bytes, DecodeContext::default())?;
+        }
+    }
+    let queues = head
+        .queues
+        .into_iter()
+        .map(|q| {
+            Ok(QueueParts {
+                name: q.name,
+                config: config_from_pb(required(q.config, "queue config")?),
+                paused: q.paused,
+                idempotency: q
+                    .idempotency
+                    .into_iter()
+                    .map(|k| Ok((k.key, job_id_from_pb(k.job_id, "idempotency job_id")?)))
+                    .collect::<Result<Vec<_>>>()?,
+                rate_window: (q.rate_window_second, q.rate_window_used),
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let expired_sessions = head
+        .expired_sessions
+        .into_iter()
+        .map(|e| {
+            let lost = e
+                .lost
+                .into_iter()
+                .map(|l| Ok((job_id_from_pb(l.job_id, "lost job_id")?, FencingToken(l.token))))
+                .collect::<Result<Vec<_>>>()?;
+            Ok((
+                session(&e.session_id),
+                ExpiredSession { expired_ms: e.expired_ms, reason: reason_from_pb(e.reason)?, lost },
+            ))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let parts = StateParts {
+        shard: ShardId(head.shard),
+        now_ms: head.now_ms,
+        next_seq: head.next_seq,
+        last_token: FencingToken(head.last_token),
+        jobs,
+        queues,
+        sessions: head
+            .sessions
+            .into_iter()
+            .map(|s| SessionParts {
+                session_id: session(&s.session_id),
+                worker_id: s.worker_id,
+                queues: s.queues,
+                max_in_flight: s.max_in_flight,
+                opened_ms: s.opened_ms,
+            })
+            .collect(),
+        expired_sessions,
+        format: head.format,
+    };
+    QueueState::restore(parts).map_err(DecodeError::Invalid)
+}
+
+// --- Snapshot files ------------------------------------------------------
+
+pub fn snapshot_file_to_pb(meta: &SnapshotMeta, data: Vec<u8>) -> pb::SnapshotFile {
+    pb::SnapshotFile {
+        last_log_id: meta.last_log_id.as_ref().map(log_id_to_pb),
+        last_membership: Some(stored_membership_to_pb(&meta.last_membership)),
+        data,
+    }
+}
+
+pub fn snapshot_file_from_pb(file: pb::SnapshotFile) -> Result<(SnapshotMeta, Vec<u8>)> {
+    let meta = SnapshotMeta {
+        last_log_id: file.last_log_id.map(log_id_from_pb),
+        last_membership: match file.last_membership {
+            Some(m) => stored_membership_from_pb(m)?,
+            None => Default::default(),
+        },
+    };
+    Ok((meta, file.data))
+}
+
+impl crate::raft::log_store::StoredEntries for TypeConfig {
+    fn encode_stored(entry: &Entry, out: &mut Vec<u8>) {
+        encode_entry(entry, out);
+    }
+
+    fn decode_stored(bytes: &[u8]) -> std::result::Result<Entry, String> {
+        decode_entry(bytes).map_err(|e| e.to_string())
+    }
+
+    fn format_needed(entry: &Entry) -> u32 {
+        match &entry.payload {
+            EntryPayload::Normal(batch) => batch
+                .commands
+                .iter()
+                .map(|c| match c {
+                    Command::SetFormat { format } => *format,
+                    other => other.min_format(),
+                })
+                .max()
+                .unwrap_or(0),
+            _ => 0,
+        }
+    }
+}
