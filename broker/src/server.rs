@@ -17,7 +17,7 @@ use crate::{
     config::Config,
     dispatch::{DispatchSettings, Node, ShardNode, route::ShardCommands},
     error::BrokerError,
-    format::header::DataDirFormat,
+    format::{header::DataDirFormat, hold::UpgradeHold},
     grpc::{
         MAX_MESSAGE_BYTES, admin::AdminService, auth::AuthLayer, forward::ForwardLayer, jobs::JobsService,
         validate::Limits, worker::WorkerService,
@@ -30,6 +30,9 @@ use crate::{
     security::Security,
 };
 
+/// How often a shard's leader checks whether every member supports a newer
+/// format than the shard's.
+const FORMAT_RAISE_CHECK: Duration = Duration::from_secs(2);
 /// How long a single-node group may take to elect itself.
 const LEADERSHIP_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long replaying the log after the last snapshot may take.
@@ -112,6 +115,7 @@ pub async fn start_with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<R
     let data_format = Arc::new(
         DataDirFormat::open(&config.data_dir, config.shards).map_err(|e| BrokerError::Storage(e.to_string()))?,
     );
+    let upgrade_hold = Arc::new(UpgradeHold::open(&config.data_dir));
     let raft_dir = config.data_dir.join("raft");
     let engine = log_store::open_engine(&raft_dir).map_err(|e| BrokerError::Storage(engine_refusal(&raft_dir, &e)))?;
     let purge_task = log_store::spawn_purge_task(engine.clone(), Duration::from_secs(10));
@@ -175,6 +179,7 @@ pub async fn start_with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<R
         clock,
         settings,
         shutdown: shutdown_rx.clone(),
+        upgrade_hold: upgrade_hold.clone(),
     });
 
     let limits = Limits { max_payload_bytes: config.max_payload_bytes, ..Limits::default() };
@@ -199,6 +204,7 @@ pub async fn start_with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<R
         node.advertise.clone(),
         peer_advertise,
         node.shards.iter().map(|s| s.raft.clone()).collect(),
+        upgrade_hold.clone(),
     );
     let peer_router = server_builder(security.peer_tls.as_ref())?
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
@@ -252,6 +258,14 @@ pub async fn start_with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<R
         tokio::spawn(crate::dispatch::integrity::check_replicas(
             shard.clone(),
             config.digest_every,
+            shutdown_rx.clone(),
+        ));
+    }
+    for shard in &node.shards {
+        tokio::spawn(crate::dispatch::upgrade::raise_formats(
+            node.clone(),
+            shard.clone(),
+            FORMAT_RAISE_CHECK,
             shutdown_rx.clone(),
         ));
     }

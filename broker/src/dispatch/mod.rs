@@ -7,6 +7,7 @@ pub mod integrity;
 pub mod proposer;
 pub mod registry;
 pub mod route;
+pub mod upgrade;
 pub mod waiters;
 
 use std::{
@@ -127,6 +128,8 @@ pub struct Node {
     pub settings: DispatchSettings,
     /// Flips to true when the node shuts down: long-lived streams end then.
     pub shutdown: watch::Receiver<bool>,
+    /// Whether an operator holds the shards' formats (`gantry cluster upgrade hold`).
+    pub upgrade_hold: Arc<crate::format::hold::UpgradeHold>,
 }
 
 impl Node {

@@ -3,5 +3,6 @@
 //! stored and sent from format 1 on (`storage`).
 
 pub mod header;
+pub mod hold;
 pub mod storage;
 pub mod table;

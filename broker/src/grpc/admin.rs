@@ -132,6 +132,47 @@ impl AdminService {
     }
 }
 
+/// Refuses a command of `feature` before it is proposed while the shard's
+/// format is older, naming the members that lack it (apply would refuse it
+/// too, without knowing who).
+async fn require_feature(
+    node: &crate::dispatch::Node,
+    shard: &crate::dispatch::ShardNode,
+    feature: crate::format::table::Feature,
+) -> Result<(), Status> {
+    let current = shard.format();
+    if current >= feature.format {
+        return Ok(());
+    }
+    let members = shard.members_formats(node).await;
+    let lacking: Vec<String> = members
+        .iter()
+        .filter_map(|m| match &m.answer {
+            Ok(f) if f.format_max >= feature.format => None,
+            Ok(f) => Some(format!(
+                "node {} runs gantry {} (formats up to {})",
+                m.node_id,
+                if f.version.is_empty() { "from before format gates" } else { &f.version },
+                f.format_max
+            )),
+            Err(why) => Some(format!("node {} did not answer ({why})", m.node_id)),
+        })
+        .collect();
+    let why = if lacking.is_empty() {
+        "every member supports it; the shard's leader raises it within seconds unless the upgrade is held \
+         (`gantry cluster upgrade status`)"
+            .to_owned()
+    } else {
+        format!("{}: upgrade it", lacking.join("; "))
+    };
+    Err(Status::failed_precondition(format!(
+        "{} needs storage format {}; shard {} is at format {current}: {why}",
+        feature.name,
+        feature.format,
+        shard.raft.shard()
+    )))
+}
+
 #[tonic::async_trait]
 impl Admin for AdminService {
     async fn cluster_status(
@@ -420,6 +461,21 @@ impl Admin for AdminService {
         propose_for_job(shard, Command::RetryJob { job_id }, "retry")
             .await
             .map(|job| status::hint_leader(shard, Response::new(job)))
+    }
+
+    async fn delete_queue(
+        &self,
+        request: Request<proto::DeleteQueueRequest>,
+    ) -> Result<Response<proto::DeleteQueueResponse>, Status> {
+        let queue = request.into_inner().queue;
+        validate::queue_name("queue", &queue)?;
+        let shard = self.node.shard_for_queue(&queue);
+        require_feature(&self.node, shard, crate::format::table::DELETE_QUEUE).await?;
+        match shard.propose(Command::DeleteQueue { queue }).await.map_err(status::propose_error)? {
+            Applied::QueueDeleted => Ok(status::hint_leader(shard, Response::new(proto::DeleteQueueResponse {}))),
+            Applied::Rejected(rejection) => Err(status::rejection(rejection)),
+            other => Err(status::unexpected("DeleteQueue", &other)),
+        }
     }
 
     async fn purge_queue(

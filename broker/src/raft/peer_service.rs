@@ -27,11 +27,18 @@ pub struct PeerService {
     client_address: String,
     peer_address: String,
     shards: Vec<Arc<ShardRaft>>,
+    upgrade_hold: Arc<UpgradeHold>,
 }
 
 impl PeerService {
-    pub fn new(node_id: u64, client_address: String, peer_address: String, shards: Vec<Arc<ShardRaft>>) -> Self {
-        PeerService { node_id, client_address, peer_address, shards }
+    pub fn new(
+        node_id: u64,
+        client_address: String,
+        peer_address: String,
+        shards: Vec<Arc<ShardRaft>>,
+        upgrade_hold: Arc<UpgradeHold>,
+    ) -> Self {
+        PeerService { node_id, client_address, peer_address, shards, upgrade_hold }
     }
 
     fn shard(&self, shard: u32) -> Result<&Arc<ShardRaft>, Status> {
@@ -41,6 +48,11 @@ impl PeerService {
             .ok_or_else(|| Status::not_found(format!("shard {shard} is not on node {}", self.node_id)))
     }
 }
+
+use crate::format::{
+    hold::UpgradeHold,
+    table::{BINARY_VERSION, FORMAT_MAX, FORMAT_MIN_SUPPORTED},
+};
 
 fn bad_payload(e: postcard::Error) -> Status {
     Status::invalid_argument(format!("payload: {e}"))
@@ -155,9 +167,14 @@ impl PeerRpc for PeerService {
                         commit_index,
                         members: status.nodes.into_iter().map(|(id, node)| (id, node.peer)).collect(),
                         voters: status.voters,
+                        format: shard.state().read().queue.format(),
                     }
                 })
                 .collect(),
+            format_min: FORMAT_MIN_SUPPORTED,
+            format_max: FORMAT_MAX,
+            version: BINARY_VERSION.to_owned(),
+            upgrade_held: self.upgrade_hold.is_held(),
         }))
     }
 }

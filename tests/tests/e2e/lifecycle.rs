@@ -244,6 +244,39 @@ async fn pause_resume_and_purge() {
     broker.stop().await;
 }
 
+/// DeleteQueue is a format-1 command: a new single node raises its shard to
+/// format 1 by itself within seconds; a queue with jobs is refused, an
+/// emptied one forgotten, a second delete NOT_FOUND.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_queue_is_deleted_once_the_shard_allows_it() {
+    let broker = TestBroker::start().await;
+    let mut admin = broker.admin();
+    let client = broker.client().await;
+    client.enqueue("gone", "x").delay(Duration::from_secs(3600)).send().await.unwrap();
+    let delete = proto::DeleteQueueRequest { queue: "gone".into() };
+    let refused = eventually("the shard raised to format 1", Duration::from_secs(30), || {
+        let mut admin = admin.clone();
+        let delete = delete.clone();
+        async move {
+            let status = admin.delete_queue(delete).await.expect_err("a queue holding a job was deleted");
+            (!status.message().contains("needs storage format")).then_some(status)
+        }
+    })
+    .await;
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{refused:?}");
+    assert!(refused.message().contains("still holds 1 job"), "{refused:?}");
+    admin
+        .purge_queue(proto::PurgeQueueRequest { queue: "gone".into(), state: JobState::Scheduled as i32 })
+        .await
+        .unwrap();
+    admin.delete_queue(delete.clone()).await.expect("an empty queue is deleted");
+    let listed = admin.list_queues(proto::ListQueuesRequest::default()).await.unwrap().into_inner();
+    assert!(listed.queues.iter().all(|q| q.queue != "gone"), "{listed:?}");
+    let again = admin.delete_queue(delete).await.expect_err("deleted twice");
+    assert_eq!(again.code(), tonic::Code::NotFound, "{again:?}");
+    broker.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lease_timeout_reassigns_and_progress_extends() {
     let broker = TestBroker::start().await;
