@@ -234,6 +234,12 @@ pub struct BinaryCluster {
 impl BinaryCluster {
     /// Starts `size` nodes; `extra_args` go to every node.
     pub async fn start(root: &Path, size: usize, extra_args: &[&str]) -> Self {
+        Self::start_binary(root, size, extra_args, &crate::gantry_binary()).await
+    }
+
+    /// Like [`start`](Self::start), every node running `binary` (an older
+    /// release, for upgrade tests).
+    pub async fn start_binary(root: &Path, size: usize, extra_args: &[&str], binary: &Path) -> Self {
         let addrs: Vec<SocketAddr> =
             (0..size).map(|_| format!("127.0.0.1:{}", free_port()).parse().expect("addr")).collect();
         let peers: Vec<SocketAddr> =
@@ -245,7 +251,15 @@ impl BinaryCluster {
             let mut args: Vec<&str> = vec!["--node-id", &node_id, "--initial-cluster", &initial];
             args.extend_from_slice(extra_args);
             nodes.push(
-                BinaryBroker::start_at(&root.join(format!("node-{}", i + 1)), addrs[i], peers[i], &args, false).await,
+                BinaryBroker::start_binary_at(
+                    binary,
+                    &root.join(format!("node-{}", i + 1)),
+                    addrs[i],
+                    peers[i],
+                    &args,
+                    false,
+                )
+                .await,
             );
         }
         let cluster = BinaryCluster { nodes, paused: vec![false; size] };

@@ -215,6 +215,25 @@ pub fn gantry_binary() -> PathBuf {
     workspace_binary(&BUILT, &["-p", "gantry-broker", "--bin", "gantry"], "gantry")
 }
 
+/// The previous release's `gantry` (tests/compat/previous-release), for
+/// upgrade tests: `GANTRY_PREVIOUS_BINARY`, else built (once per machine,
+/// cached: minutes the first time) by `scripts/build-previous.sh`.
+pub fn previous_gantry_binary() -> PathBuf {
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            if let Some(path) = std::env::var_os("GANTRY_PREVIOUS_BINARY") {
+                return PathBuf::from(path);
+            }
+            let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/build-previous.sh");
+            let out =
+                Command::new("bash").arg(&script).stderr(Stdio::inherit()).output().expect("run build-previous.sh");
+            assert!(out.status.success(), "{} failed", script.display());
+            PathBuf::from(String::from_utf8(out.stdout).expect("a path").trim())
+        })
+        .clone()
+}
+
 /// The SDK's `echo_worker` example: a worker that runs as its own OS
 /// process, to be killed.
 pub fn echo_worker_binary() -> PathBuf {
@@ -256,6 +275,9 @@ pub struct BinaryBroker {
     pub data_dir: PathBuf,
     args: Vec<String>,
     log: PathBuf,
+    /// The binary `restart` runs (the current build unless switched: a
+    /// rolling upgrade or downgrade).
+    binary: PathBuf,
 }
 
 impl BinaryBroker {
@@ -269,6 +291,18 @@ impl BinaryBroker {
     /// process answers health checks at all (a cluster member needs its
     /// peers before its services are ready).
     pub async fn start_at(
+        data_dir: &Path,
+        addr: SocketAddr,
+        peer_addr: SocketAddr,
+        extra_args: &[&str],
+        wait_ready: bool,
+    ) -> Self {
+        Self::start_binary_at(&gantry_binary(), data_dir, addr, peer_addr, extra_args, wait_ready).await
+    }
+
+    /// Like [`start_at`](Self::start_at), running `binary`.
+    pub async fn start_binary_at(
+        binary: &Path,
         data_dir: &Path,
         addr: SocketAddr,
         peer_addr: SocketAddr,
@@ -293,6 +327,7 @@ impl BinaryBroker {
             data_dir: data_dir.to_path_buf(),
             args,
             log: data_dir.with_extension("log"),
+            binary: binary.to_path_buf(),
         };
         broker.spawn().await;
         if wait_ready {
@@ -319,9 +354,62 @@ impl BinaryBroker {
         .await
     }
 
+    /// Starts `binary` instead of the current build from now on (on the
+    /// next start, and by `start_at` when called before it).
+    pub fn use_binary(&mut self, binary: &Path) {
+        self.binary = binary.to_path_buf();
+    }
+
+    pub fn binary(&self) -> &Path {
+        &self.binary
+    }
+
+    /// SIGTERM and a bounded wait for the process to exit (a Kubernetes
+    /// pod being replaced): leaders hand over first.
+    pub async fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else { return };
+        let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while child.try_wait().expect("wait").is_none() {
+            if Instant::now() > deadline {
+                child.kill().expect("SIGKILL after 30 s");
+                child.wait().expect("reap");
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Runs the broker's binary on its data dir and ports expecting it to
+    /// refuse to start: its exit status and what it logged, within a bound.
+    pub async fn start_expecting_refusal(&mut self) -> (std::process::ExitStatus, String) {
+        assert!(self.child.is_none(), "start of a running broker");
+        let from = self.log().len();
+        self.spawn_child();
+        let mut child = self.child.take().expect("spawned");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                break status;
+            }
+            if Instant::now() > deadline {
+                child.kill().expect("kill");
+                child.wait().expect("reap");
+                panic!("{} started on {} instead of refusing", self.binary.display(), self.data_dir.display());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        (status, self.log()[from..].to_owned())
+    }
+
     async fn spawn(&mut self) {
+        self.spawn_child();
+        self.wait_serving().await;
+    }
+
+    fn spawn_child(&mut self) {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("log file");
-        let child = Command::new(gantry_binary())
+        let child = Command::new(&self.binary)
             .arg("serve")
             .arg("--listen")
             .arg(self.addr.to_string())
@@ -336,7 +424,6 @@ impl BinaryBroker {
             .spawn()
             .expect("spawn gantry serve");
         self.child = Some(child);
-        self.wait_serving().await;
     }
 
     /// Bounded wait until the health service answers SERVING.

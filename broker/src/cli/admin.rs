@@ -81,6 +81,109 @@ pub enum ClusterCommand {
         #[arg(long)]
         shard: u32,
     },
+    /// Storage formats across an upgrade (docs/compatibility.md).
+    Upgrade {
+        #[command(subcommand)]
+        action: UpgradeAction,
+    },
+}
+
+#[derive(Subcommand, Debug, Clone)]
+pub enum UpgradeAction {
+    /// The formats each node supports, whether it holds, each shard's
+    /// format and what keeps it from being raised.
+    Status,
+    /// Keep every shard at its format (a rollback to the previous release
+    /// stays possible) until `finalize`.
+    Hold,
+    /// Lift the hold everywhere and wait until the shards are raised.
+    Finalize,
+}
+
+#[derive(Debug, Serialize)]
+struct UpgradeJson {
+    newest_format: u32,
+    nodes: Vec<UpgradeNodeJson>,
+    shards: Vec<UpgradeShardJson>,
+}
+
+#[derive(Debug, Serialize)]
+struct UpgradeNodeJson {
+    node_id: u64,
+    version: String,
+    format_min: u32,
+    format_max: u32,
+    held: bool,
+    error: String,
+}
+
+#[derive(Debug, Serialize)]
+struct UpgradeShardJson {
+    shard: u32,
+    format: u32,
+    leader_id: u64,
+    blocked: String,
+}
+
+pub fn render_upgrade(status: &proto::UpgradeStatusResponse) -> String {
+    let mut out = String::from("nodes:\n");
+    let mut nodes = Table::new(&[">NODE", "VERSION", "FORMATS", "HELD", "ERROR"]);
+    for n in &status.nodes {
+        let (version, formats) = match (n.error.is_empty(), n.version.is_empty()) {
+            (false, _) => ("?".to_owned(), "?".to_owned()),
+            (true, true) => ("before format gates".to_owned(), "0".to_owned()),
+            (true, false) => (n.version.clone(), format!("{}..{}", n.format_min, n.format_max)),
+        };
+        let held = if n.held { "yes" } else { "no" };
+        nodes.row(vec![n.node_id.to_string(), version, formats, held.to_owned(), n.error.clone()]);
+    }
+    out.push_str(&nodes.render());
+    out.push_str("\nshards:\n");
+    let mut shards = Table::new(&[">SHARD", ">FORMAT", ">LEADER", "NOT RAISED BECAUSE"]);
+    for s in &status.shards {
+        let blocked = if s.blocked.is_empty() { "-".to_owned() } else { s.blocked.clone() };
+        shards.row(vec![s.shard.to_string(), s.format.to_string(), s.leader_id.to_string(), blocked]);
+    }
+    out.push_str(&shards.render());
+    out
+}
+
+async fn upgrade(admin: &mut AdminClient<BrokerChannel>, action: UpgradeAction, json: bool) -> anyhow::Result<()> {
+    let status = match action {
+        UpgradeAction::Status => admin.upgrade_status(proto::UpgradeStatusRequest {}).await?,
+        UpgradeAction::Hold => admin.hold_upgrade(proto::HoldUpgradeRequest {}).await?,
+        UpgradeAction::Finalize => admin.finalize_upgrade(proto::FinalizeUpgradeRequest {}).await?,
+    }
+    .into_inner();
+    if json {
+        return print_json(&UpgradeJson {
+            newest_format: status.newest_format,
+            nodes: status
+                .nodes
+                .iter()
+                .map(|n| UpgradeNodeJson {
+                    node_id: n.node_id,
+                    version: n.version.clone(),
+                    format_min: n.format_min,
+                    format_max: n.format_max,
+                    held: n.held,
+                    error: n.error.clone(),
+                })
+                .collect(),
+            shards: status
+                .shards
+                .iter()
+                .map(|s| UpgradeShardJson {
+                    shard: s.shard,
+                    format: s.format,
+                    leader_id: s.leader_id,
+                    blocked: s.blocked.clone(),
+                })
+                .collect(),
+        });
+    }
+    print!("{}", render_upgrade(&status));
+    Ok(())
 }
 
 #[derive(Debug, Serialize)]
@@ -437,7 +540,11 @@ async fn remove_nodes_above(
 pub async fn cluster(client_args: ClientArgs, command: ClusterCommand) -> anyhow::Result<()> {
     let client = client_args.connect().await?;
     let mut admin = client.admin();
+    if let ClusterCommand::Upgrade { action } = command {
+        return upgrade(&mut admin, action, client_args.json).await;
+    }
     let status = match command {
+        ClusterCommand::Upgrade { .. } => unreachable!("answered above"),
         ClusterCommand::Status { local } => admin.cluster_status(proto::ClusterStatusRequest { local }).await?,
         ClusterCommand::AddNode { node_id, peer_address } => {
             admin.add_node(proto::AddNodeRequest { node_id, address: peer_address }).await?

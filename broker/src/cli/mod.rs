@@ -394,6 +394,14 @@ mod tests {
         else {
             panic!("not cluster rebuild")
         };
+        for (word, expected) in [("status", "Status"), ("hold", "Hold"), ("finalize", "Finalize")] {
+            let Command::Cluster { command: ClusterCommand::Upgrade { action }, .. } =
+                parse(&["cluster", "upgrade", word])
+            else {
+                panic!("not cluster upgrade {word}")
+            };
+            assert_eq!(format!("{action:?}"), expected);
+        }
     }
 
     #[test]

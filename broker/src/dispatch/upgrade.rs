@@ -135,6 +135,63 @@ impl ShardNode {
     }
 }
 
+impl Node {
+    /// Every member of any shard: id and peer address.
+    fn all_members(&self) -> std::collections::BTreeMap<u64, String> {
+        let mut members = std::collections::BTreeMap::new();
+        for shard in &self.shards {
+            for (id, member) in shard.raft.status().nodes {
+                members.entry(id).or_insert(member.peer);
+            }
+        }
+        members.entry(self.node_id).or_insert_with(|| self.peer_advertise.clone());
+        members
+    }
+
+    /// What every member of the cluster supports (`gantry cluster upgrade status`).
+    pub async fn cluster_formats(&self) -> Vec<MemberFormats> {
+        let asks = self.all_members().into_iter().map(|(id, peer)| async move {
+            if id == self.node_id {
+                let own = NodeFormats {
+                    version: BINARY_VERSION.to_owned(),
+                    format_min: FORMAT_MIN_SUPPORTED,
+                    format_max: FORMAT_MAX,
+                    held: self.upgrade_hold.is_held(),
+                };
+                return MemberFormats { node_id: id, answer: Ok(own) };
+            }
+            let answer = crate::cluster::node_info(&self.channels, &peer).await.map(|info| NodeFormats {
+                version: info.version,
+                format_min: info.format_min,
+                format_max: info.format_max,
+                held: info.upgrade_held,
+            });
+            MemberFormats { node_id: id, answer }
+        });
+        futures::future::join_all(asks).await
+    }
+
+    /// Holds or lifts the upgrade hold on every member; what each said.
+    pub async fn set_upgrade_hold_everywhere(&self, hold: bool) -> Vec<(u64, Result<(), String>)> {
+        let asks = self.all_members().into_iter().map(|(id, peer)| async move {
+            if id == self.node_id {
+                return (id, self.upgrade_hold.set(hold).map_err(|e| e.to_string()));
+            }
+            let answer = async {
+                let mut client = self.channels.client(&peer)?;
+                let mut request = tonic::Request::new(gantry_proto::peer::SetUpgradeHoldRequest { hold });
+                request.set_timeout(Duration::from_secs(5));
+                client.set_upgrade_hold(request).await.map(|_| ()).map_err(|s| match s.code() {
+                    tonic::Code::Unimplemented => "it runs a release before format gates".to_owned(),
+                    _ => s.message().to_owned(),
+                })
+            };
+            (id, answer.await)
+        });
+        futures::future::join_all(asks).await
+    }
+}
+
 /// Raises `shard`'s format whenever this node leads it and it can be.
 pub async fn raise_formats(
     node: Arc<Node>,

@@ -132,6 +132,50 @@ impl AdminService {
     }
 }
 
+/// How long FinalizeUpgrade waits for the shards to be raised.
+const FINALIZE_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+impl AdminService {
+    async fn upgrade_status_now(&self) -> proto::UpgradeStatusResponse {
+        use crate::dispatch::upgrade::{RaiseVerdict, decide};
+        let members = self.node.cluster_formats().await;
+        let nodes = members
+            .iter()
+            .map(|m| match &m.answer {
+                Ok(f) => proto::NodeFormats {
+                    node_id: m.node_id,
+                    version: f.version.clone(),
+                    format_min: f.format_min,
+                    format_max: f.format_max,
+                    held: f.held,
+                    error: String::new(),
+                },
+                Err(why) => proto::NodeFormats { node_id: m.node_id, error: why.clone(), ..Default::default() },
+            })
+            .collect();
+        let mut shards = Vec::new();
+        for shard in &self.node.shards {
+            let status = shard.raft.status();
+            let of_shard: Vec<_> = members.iter().filter(|m| status.nodes.contains_key(&m.node_id)).cloned().collect();
+            let format = shard.format();
+            let blocked = match decide(format, &of_shard) {
+                RaiseVerdict::Blocked { reason } => reason,
+                RaiseVerdict::Raise { to } => {
+                    format!("every member supports format {to}: its leader raises it shortly")
+                }
+                RaiseVerdict::UpToDate => String::new(),
+            };
+            shards.push(proto::ShardFormat {
+                shard: status.shard.0,
+                format,
+                leader_id: status.leader_id.unwrap_or(0),
+                blocked,
+            });
+        }
+        proto::UpgradeStatusResponse { nodes, shards, newest_format: crate::format::table::FORMAT_MAX }
+    }
+}
+
 /// Refuses a command of `feature` before it is proposed while the shard's
 /// format is older, naming the members that lack it (apply would refuse it
 /// too, without knowing who).
@@ -461,6 +505,61 @@ impl Admin for AdminService {
         propose_for_job(shard, Command::RetryJob { job_id }, "retry")
             .await
             .map(|job| status::hint_leader(shard, Response::new(job)))
+    }
+
+    async fn upgrade_status(
+        &self,
+        _request: Request<proto::UpgradeStatusRequest>,
+    ) -> Result<Response<proto::UpgradeStatusResponse>, Status> {
+        Ok(Response::new(self.upgrade_status_now().await))
+    }
+
+    async fn hold_upgrade(
+        &self,
+        _request: Request<proto::HoldUpgradeRequest>,
+    ) -> Result<Response<proto::UpgradeStatusResponse>, Status> {
+        let answers = self.node.set_upgrade_hold_everywhere(true).await;
+        if answers.iter().all(|(_, a)| a.is_err()) {
+            let why: Vec<String> =
+                answers.iter().map(|(id, a)| format!("node {id}: {}", a.clone().unwrap_err())).collect();
+            return Err(Status::unavailable(format!("no node recorded the hold: {}", why.join("; "))));
+        }
+        for (id, answer) in &answers {
+            if let Err(why) = answer {
+                tracing::warn!(node_id = id, "upgrade hold not recorded there: {why} (the others hold)");
+            }
+        }
+        Ok(Response::new(self.upgrade_status_now().await))
+    }
+
+    async fn finalize_upgrade(
+        &self,
+        _request: Request<proto::FinalizeUpgradeRequest>,
+    ) -> Result<Response<proto::UpgradeStatusResponse>, Status> {
+        let failed: Vec<String> = self
+            .node
+            .set_upgrade_hold_everywhere(false)
+            .await
+            .into_iter()
+            .filter_map(|(id, answer)| answer.err().map(|why| format!("node {id}: {why}")))
+            .collect();
+        if !failed.is_empty() {
+            return Err(Status::failed_precondition(format!(
+                "the hold could not be lifted everywhere, so no shard is raised yet ({}); run it again once those \
+                 nodes answer",
+                failed.join("; ")
+            )));
+        }
+        let deadline = tokio::time::Instant::now() + FINALIZE_WAIT;
+        loop {
+            let status = self.upgrade_status_now().await;
+            let settled =
+                status.shards.iter().all(|s| s.blocked.is_empty() || !s.blocked.contains("raises it shortly"));
+            if settled || tokio::time::Instant::now() >= deadline {
+                return Ok(Response::new(status));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+        }
     }
 
     async fn delete_queue(

@@ -136,6 +136,18 @@ impl PeerRpc for PeerService {
         Ok(Response::new(pb::InstallSnapshotResponse { payload, error }))
     }
 
+    async fn set_upgrade_hold(
+        &self,
+        request: Request<pb::SetUpgradeHoldRequest>,
+    ) -> Result<Response<pb::SetUpgradeHoldResponse>, Status> {
+        let hold = request.into_inner().hold;
+        self.upgrade_hold
+            .set(hold)
+            .map_err(|e| Status::internal(format!("node {}: recording the upgrade hold: {e}", self.node_id)))?;
+        tracing::info!(hold, "upgrade hold set by an operator");
+        Ok(Response::new(pb::SetUpgradeHoldResponse {}))
+    }
+
     async fn node_info(
         &self,
         _request: Request<pb::NodeInfoRequest>,

@@ -11,3 +11,4 @@ mod replication;
 mod shards;
 mod storage_faults;
 mod tls;
+mod upgrades;
