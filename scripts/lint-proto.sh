@@ -4,6 +4,11 @@
 # proto/buf.yaml. Installs a pinned buf from the npm registry on first use
 # (@bufbuild/buf ships the binary), into a cache outside the repository.
 # Set BUF=/path/to/buf to use another one.
+#
+# Then `buf breaking` against the previous release (tests/compat/
+# previous-release): gantry.v1 must stay compatible on the wire and in JSON
+# (clients in every language, grpcurl), the peer and storage protos on the
+# wire (old and new brokers side by side, data directories of every format).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,3 +25,13 @@ fi
 
 "$BUF" lint proto
 echo "buf lint: $(find proto -name '*.proto' | wc -l) proto files clean"
+
+previous=$(grep -v '^#' tests/compat/previous-release | grep -v '^\s*$' | head -1)
+git cat-file -e "$previous^{commit}" 2>/dev/null ||
+    { echo "the previous release $previous is not in this clone: fetch the full history" >&2; exit 1; }
+against="../.git#ref=$previous,subdir=proto"
+(cd proto && "$BUF" breaking --against "$against" --path gantry/v1 \
+    --config '{"version":"v2","breaking":{"use":["WIRE_JSON"]}}')
+(cd proto && "$BUF" breaking --against "$against" --path gantry/peer --path gantry/storage \
+    --config '{"version":"v2","breaking":{"use":["WIRE"]}}')
+echo "buf breaking: compatible with ${previous:0:12} (gantry.v1 wire + JSON; peer, storage wire)"
