@@ -132,6 +132,25 @@ impl AdminService {
     }
 }
 
+/// A node whose binary cannot read a shard's format cannot become a member
+/// (it could not apply the log): refused, saying which release it needs.
+fn too_old_to_join(
+    node: &crate::dispatch::Node,
+    node_id: u64,
+    info: &gantry_proto::peer::NodeInfoResponse,
+) -> Result<(), Status> {
+    let Some(shard) = node.shards.iter().find(|s| s.format() > info.format_max) else { return Ok(()) };
+    let version = if info.version.is_empty() { "a release before format gates" } else { info.version.as_str() };
+    Err(Status::failed_precondition(format!(
+        "node_id: node {node_id} runs gantry {version}, which reads storage formats up to {}; shard {} is at format \
+         {}: start it with gantry {} or newer",
+        info.format_max,
+        shard.raft.shard(),
+        shard.format(),
+        crate::format::table::BINARY_VERSION
+    )))
+}
+
 /// How long FinalizeUpgrade waits for the shards to be raised.
 const FINALIZE_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
@@ -260,7 +279,8 @@ impl Admin for AdminService {
                 info.shards.max(1)
             )));
         }
-        let member = crate::raft::GantryNode { client: info.client_address, peer: request.address.clone() };
+        too_old_to_join(&self.node, request.node_id, &info)?;
+        let member = crate::raft::GantryNode { client: info.client_address.clone(), peer: request.address.clone() };
         // Learner of every shard first, then voter, shard 0 last: a node
         // that could lead shard 0 is a voter of every shard. Each change is
         // made by its shard's leader, wherever that is.
@@ -269,6 +289,11 @@ impl Admin for AdminService {
             tracing::info!(shard = %shard.raft.shard(), node = node_id, %member, "adding node as a learner; it becomes a voter once every shard caught it up");
             let change = ShardChange::AddLearner { node_id, node: member.clone() };
             shard.change(change).await.map_err(status::membership_error)?;
+            // A raise decided just before the learner was a member: undone.
+            if let Err(refusal) = too_old_to_join(&self.node, node_id, &info) {
+                let _ = shard.change(ShardChange::Remove { node_id }).await;
+                return Err(refusal);
+            }
         }
         for shard in self.node.shards.iter().rev() {
             let change = ShardChange::AddVoter { node_id, node: member.clone() };

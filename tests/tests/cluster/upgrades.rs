@@ -385,3 +385,46 @@ async fn upgrade_snapshots_cross_versions_both_ways() {
     assert_eq!(storage_faults(&cluster).await, 0, "replicas' digests differed across versions");
     eprintln!("timeline:\n{}", history.timeline());
 }
+
+/// Once a cluster's shards are raised, a node on the previous release
+/// cannot join: AddNode is refused naming the release it needs, and the
+/// joining node's own log says so too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs the previous build (scripts/build-previous.sh); .ci/run runs it"]
+async fn upgrade_an_old_node_cannot_join_a_raised_cluster() {
+    gantry_tests::init_tracing();
+    let old = previous_gantry_binary();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let cluster = BinaryCluster::start(dir.path(), 3, ARGS).await;
+    eventually("every data directory raised", CLUSTER_WAIT, || async {
+        cluster.nodes.iter().all(|n| format_line(&n.data_dir).starts_with("gantry-data 3")).then_some(())
+    })
+    .await;
+    let addr = format!("127.0.0.1:{}", gantry_tests::free_port()).parse().expect("addr");
+    let peer = format!("127.0.0.1:{}", gantry_tests::free_port()).parse().expect("addr");
+    let joining = gantry_tests::BinaryBroker::start_binary_at(
+        &old,
+        &dir.path().join("node-4"),
+        addr,
+        peer,
+        &["--node-id", "4", "--join", &cluster.endpoint(0)],
+        false,
+    )
+    .await;
+    let refused = cluster.nodes[1]
+        .admin()
+        .add_node(proto::AddNodeRequest { node_id: 4, address: peer.to_string() })
+        .await
+        .expect_err("an old node joined a raised cluster");
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{refused:?}");
+    assert!(
+        refused.message().contains("a release before format gates") && refused.message().contains("or newer"),
+        "{refused:?}"
+    );
+    eventually("the joining node logs the refusal", CLUSTER_WAIT, || async {
+        joining.log().contains("start it with gantry").then_some(())
+    })
+    .await;
+    let status = cluster.status(0).await.expect("status");
+    assert!(status.nodes.iter().all(|n| n.node_id != 4), "{status:?}");
+}

@@ -1,0 +1,87 @@
+//! The format gate inside a cluster (DESIGN §13): a command above a
+//! shard's format that reaches the log anyway (a proposer that skipped the
+//! check at the edge) is the same refusal on every replica, which keep
+//! serving; a held upgrade keeps the shard's format until it is finalized.
+
+use std::time::Duration;
+
+use gantry_broker::queue::{Applied, Command, Rejection};
+use gantry_tests::{
+    cluster::{CLUSTER_WAIT, TestCluster},
+    eventually, v1 as proto,
+};
+
+/// Three nodes, every one holding the upgrade from its first start (the
+/// hold file in its data directory), so every shard stays at format 0.
+async fn held_cluster() -> TestCluster {
+    TestCluster::start_with(3, |config| {
+        std::fs::create_dir_all(&config.data_dir).expect("data dir");
+        std::fs::write(config.data_dir.join("UPGRADE_HOLD"), "held by the test\n").expect("hold file");
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_above_the_gate_in_the_log_is_the_same_no_op_everywhere() {
+    let cluster = held_cluster().await;
+    let leader = cluster.wait_for_leader().await;
+    let shard = cluster.server(leader).node().shards[0].clone();
+    assert_eq!(shard.format(), 0);
+    let mut admin = cluster.admin(leader);
+    admin.pause_queue(proto::PauseQueueRequest { queue: "poison".into() }).await.expect("queue created");
+
+    // Straight into the log, past Admin's check.
+    let committed = shard.commit(vec![Command::DeleteQueue { queue: "poison".into() }]).await.expect("committed");
+    assert_eq!(
+        committed.results,
+        vec![Applied::Rejected(Rejection::FormatTooLow { feature: "DeleteQueue".into(), needs: 1, shard_format: 0 })]
+    );
+    // Every replica applied it, to the same state, and goes on serving.
+    for i in 0..3 {
+        cluster.wait_applied(i, committed.index).await;
+    }
+    let states: Vec<_> =
+        (0..3).map(|i| cluster.server(i).node().shards[0].raft.state().read().queue.clone()).collect();
+    let digests: Vec<_> = states.iter().map(gantry_broker::raft::state_machine::digest_of).collect();
+    assert!(digests.iter().all(|d| *d == digests[0]), "replicas differ after the refused command: {digests:?}");
+    assert!(states.iter().all(|s| s.queue("poison").is_some() && s.format() == 0));
+    let mut jobs = cluster.jobs(leader);
+    jobs.enqueue(proto::EnqueueRequest { queue: "poison".into(), payload: b"still serving".to_vec(), ..Default::default() })
+        .await
+        .expect("the shard still takes jobs");
+    // Through Admin: refused before the log, naming the holder.
+    let refused = admin
+        .delete_queue(proto::DeleteQueueRequest { queue: "poison".into() })
+        .await
+        .expect_err("DeleteQueue on a held shard");
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{refused:?}");
+    assert!(refused.message().contains("DeleteQueue needs storage format 1"), "{refused:?}");
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_upgrade_is_raised_once_finalized() {
+    let cluster = held_cluster().await;
+    let mut admin = cluster.admin(0);
+    let status = admin.upgrade_status(proto::UpgradeStatusRequest {}).await.expect("status").into_inner();
+    assert_eq!(status.nodes.len(), 3, "{status:?}");
+    assert!(status.nodes.iter().all(|n| n.held && n.format_max == status.newest_format), "{status:?}");
+    assert!(status.shards.iter().all(|s| s.format == 0 && s.blocked.contains("holds")), "{status:?}");
+
+    let finalized = admin.finalize_upgrade(proto::FinalizeUpgradeRequest {}).await.expect("finalize").into_inner();
+    assert!(finalized.nodes.iter().all(|n| !n.held), "{finalized:?}");
+    eventually("every shard raised on every node", CLUSTER_WAIT, || async {
+        (0..3)
+            .all(|i| cluster.server(i).node().shards.iter().all(|s| s.format() == status.newest_format))
+            .then_some(())
+    })
+    .await;
+    // The hold again: it does not lower anything, and shows.
+    let held = admin.hold_upgrade(proto::HoldUpgradeRequest {}).await.expect("hold").into_inner();
+    assert!(held.nodes.iter().all(|n| n.held), "{held:?}");
+    assert!(held.shards.iter().all(|s| s.format == status.newest_format), "{held:?}");
+    for i in 0..3 {
+        assert!(cluster.data_dir(i).join("UPGRADE_HOLD").exists(), "node {} did not record the hold", i + 1);
+    }
+    tokio::time::timeout(Duration::from_secs(30), cluster.shutdown()).await.expect("shutdown");
+}
