@@ -165,13 +165,7 @@ impl DataDirFormat {
         let unchanged =
             read_header(&self.dir).ok().flatten().is_some_and(|h| h.format == format && h.shards == self.shards);
         if !unchanged {
-            let payload = header.encode_to_vec();
-            let mut bytes = Vec::with_capacity(12 + payload.len());
-            bytes.extend_from_slice(HEADER_MAGIC);
-            bytes.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-            bytes.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
-            bytes.extend_from_slice(&payload);
-            write_durably(&self.dir, HEADER_FILE, &bytes)?;
+            write_durably(&self.dir, HEADER_FILE, &encode_header(&header))?;
         }
         // After the header: a crash in between leaves the header raised and
         // FORMAT behind, which the next start repairs (nothing of the new
@@ -204,6 +198,40 @@ fn legacy_line(format: u32) -> String {
     }
 }
 
+/// The HEADER file's bytes: a magic, the payload's length (u32 LE) and
+/// CRC32 (u32 LE), then the `DataDirHeader`.
+pub fn encode_header(header: &DataDirHeader) -> Vec<u8> {
+    let payload = header.encode_to_vec();
+    let mut bytes = Vec::with_capacity(12 + payload.len());
+    bytes.extend_from_slice(HEADER_MAGIC);
+    bytes.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    bytes.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
+    bytes.extend_from_slice(&payload);
+    bytes
+}
+
+/// Reads HEADER bytes; why not, in words.
+pub fn decode_header(bytes: &[u8]) -> Result<DataDirHeader, String> {
+    let Some((head, payload)) = bytes.split_first_chunk::<12>() else {
+        return Err(format!("{} bytes, shorter than its header", bytes.len()));
+    };
+    if &head[..4] != HEADER_MAGIC {
+        return Err("not a gantry header (bad magic)".into());
+    }
+    let len = u32::from_le_bytes(head[4..8].try_into().expect("4 bytes")) as usize;
+    let crc = u32::from_le_bytes(head[8..12].try_into().expect("4 bytes"));
+    if len != payload.len() || crc32fast::hash(payload) != crc {
+        return Err("length or checksum does not match".into());
+    }
+    DataDirHeader::decode(payload).map_err(|e| e.to_string())
+}
+
+/// The FORMAT line a directory of storage format 0 holds: what every build
+/// before the header accepts.
+pub fn legacy_format_0_line() -> &'static str {
+    LEGACY_FORMAT_0
+}
+
 fn read_header(dir: &Path) -> Result<Option<DataDirHeader>, HeaderError> {
     let path = dir.join(HEADER_FILE);
     let bytes = match fs::read(&path) {
@@ -211,19 +239,7 @@ fn read_header(dir: &Path) -> Result<Option<DataDirHeader>, HeaderError> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(source) => return Err(HeaderError::Io { path, source }),
     };
-    let damaged = |why: String| HeaderError::Damaged { path: path.clone(), why, hint: HEADER_HINT };
-    let Some((head, payload)) = bytes.split_first_chunk::<12>() else {
-        return Err(damaged(format!("{} bytes, shorter than its header", bytes.len())));
-    };
-    if &head[..4] != HEADER_MAGIC {
-        return Err(damaged("not a gantry header (bad magic)".into()));
-    }
-    let len = u32::from_le_bytes(head[4..8].try_into().expect("4 bytes")) as usize;
-    let crc = u32::from_le_bytes(head[8..12].try_into().expect("4 bytes"));
-    if len != payload.len() || crc32fast::hash(payload) != crc {
-        return Err(damaged("length or checksum does not match".into()));
-    }
-    DataDirHeader::decode(payload).map(Some).map_err(|e| damaged(e.to_string()))
+    decode_header(&bytes).map(Some).map_err(|why| HeaderError::Damaged { path, why, hint: HEADER_HINT })
 }
 
 fn read_shards(dir: &Path) -> Result<Option<u32>, HeaderError> {
@@ -284,12 +300,7 @@ mod tests {
         let newer =
             DataDirHeader { format: FORMAT_MAX + 1, min_reader: FORMAT_MAX + 1, written_by: "9.9.9".into(), shards: 1 };
         opened.format.store(0, Ordering::Release);
-        let payload = newer.encode_to_vec();
-        let mut bytes = HEADER_MAGIC.to_vec();
-        bytes.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-        bytes.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
-        bytes.extend_from_slice(&payload);
-        write_durably(dir.path(), HEADER_FILE, &bytes).unwrap();
+        write_durably(dir.path(), HEADER_FILE, &encode_header(&newer)).unwrap();
         let refused = DataDirFormat::open(dir.path(), 1).unwrap_err().to_string();
         assert!(refused.contains("storage format 2 by gantry 9.9.9") && refused.contains(BINARY_VERSION), "{refused}");
         assert!(refused.contains("run gantry 9.9.9 or newer"), "{refused}");

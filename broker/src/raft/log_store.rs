@@ -670,6 +670,19 @@ impl MessageExt for EntryCodec {
     }
 }
 
+/// The bytes the log store keeps for `entry` in storage format `format`
+/// (index prefix, tag, body): what golden-byte tests pin down.
+pub fn stored_entry_bytes<C: StoredEntries>(entry: &EntryOf<C>, format: u32) -> Result<Vec<u8>> {
+    Ok(encode_entry::<C>(entry, format)?.value)
+}
+
+/// Reads bytes the log store kept for the entry at `index`, in any format.
+pub fn entry_from_stored_bytes<C: StoredEntries>(index: u64, bytes: Vec<u8>) -> Result<EntryOf<C>> {
+    let mut message = BytesValue::new();
+    message.value = bytes;
+    decode_entry::<C>(0, index, &message)
+}
+
 fn encode_entry<C: StoredEntries>(entry: &EntryOf<C>, format: u32) -> Result<BytesValue> {
     let mut value = Vec::with_capacity(64);
     value.extend_from_slice(&entry.index().to_be_bytes());

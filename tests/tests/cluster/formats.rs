@@ -40,15 +40,18 @@ async fn a_command_above_the_gate_in_the_log_is_the_same_no_op_everywhere() {
     for i in 0..3 {
         cluster.wait_applied(i, committed.index).await;
     }
-    let states: Vec<_> =
-        (0..3).map(|i| cluster.server(i).node().shards[0].raft.state().read().queue.clone()).collect();
+    let states: Vec<_> = (0..3).map(|i| cluster.server(i).node().shards[0].raft.state().read().queue.clone()).collect();
     let digests: Vec<_> = states.iter().map(gantry_broker::raft::state_machine::digest_of).collect();
     assert!(digests.iter().all(|d| *d == digests[0]), "replicas differ after the refused command: {digests:?}");
     assert!(states.iter().all(|s| s.queue("poison").is_some() && s.format() == 0));
     let mut jobs = cluster.jobs(leader);
-    jobs.enqueue(proto::EnqueueRequest { queue: "poison".into(), payload: b"still serving".to_vec(), ..Default::default() })
-        .await
-        .expect("the shard still takes jobs");
+    jobs.enqueue(proto::EnqueueRequest {
+        queue: "poison".into(),
+        payload: b"still serving".to_vec(),
+        ..Default::default()
+    })
+    .await
+    .expect("the shard still takes jobs");
     // Through Admin: refused before the log, naming the holder.
     let refused = admin
         .delete_queue(proto::DeleteQueueRequest { queue: "poison".into() })
@@ -71,9 +74,7 @@ async fn a_held_upgrade_is_raised_once_finalized() {
     let finalized = admin.finalize_upgrade(proto::FinalizeUpgradeRequest {}).await.expect("finalize").into_inner();
     assert!(finalized.nodes.iter().all(|n| !n.held), "{finalized:?}");
     eventually("every shard raised on every node", CLUSTER_WAIT, || async {
-        (0..3)
-            .all(|i| cluster.server(i).node().shards.iter().all(|s| s.format() == status.newest_format))
-            .then_some(())
+        (0..3).all(|i| cluster.server(i).node().shards.iter().all(|s| s.format() == status.newest_format)).then_some(())
     })
     .await;
     // The hold again: it does not lower anything, and shows.
