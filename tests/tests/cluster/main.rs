@@ -4,6 +4,7 @@
 
 mod admin_guide;
 mod dev;
+mod fixtures;
 mod formats;
 mod integrity;
 mod membership;
