@@ -770,6 +770,22 @@ impl crate::raft::log_store::StoredEntries for TypeConfig {
         decode_entry(bytes).map_err(|e| e.to_string())
     }
 
+    fn log_id_to_pb(log_id: &LogId) -> pb::LogId {
+        log_id_to_pb(log_id)
+    }
+
+    fn log_id_from_pb(log_id: pb::LogId) -> LogId {
+        log_id_from_pb(log_id)
+    }
+
+    fn vote_to_pb(vote: &Vote) -> pb::Vote {
+        vote_to_pb(vote)
+    }
+
+    fn vote_from_pb(vote: pb::Vote) -> Vote {
+        vote_from_pb(vote)
+    }
+
     fn format_needed(entry: &Entry) -> u32 {
         match &entry.payload {
             EntryPayload::Normal(batch) => batch

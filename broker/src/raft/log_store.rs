@@ -14,7 +14,10 @@
 //! Format `v1` (a new format gets new keys and a new entry tag):
 //! - an entry is a protobuf `BytesValue` (raft-engine only stores rust-protobuf
 //!   messages) holding `index: u64 BE ++ ENTRY_FORMAT_V1 ++ postcard(entry)`;
-//! - metadata are postcard values under the keys `KEY_*_V1`.
+//! - metadata are postcard values under the keys `v1/*` (storage format 0)
+//!   or `gantry.storage.v1.MetaValue` under `v2/*` (format 1 on; see `Meta`);
+//! - format 1 entries carry tag 2 and the type config's own encoding
+//!   (`StoredEntries`): both tags are read in any mix.
 
 use std::fmt::Debug;
 use std::io;
@@ -64,9 +67,34 @@ use tokio::task::JoinHandle;
 #[path = "log_store_test.rs"]
 mod tests;
 
-const KEY_VOTE_V1: &[u8] = b"v1/vote";
-const KEY_COMMITTED_V1: &[u8] = b"v1/committed";
-const KEY_PURGED_V1: &[u8] = b"v1/purged";
+/// Metadata keys: `v1/*` hold postcard (storage format 0), `v2/*` a
+/// `gantry.storage.v1.MetaValue` (format 1 on). A value is read from `v2`
+/// when there, else from `v1`; written as the data directory's format says,
+/// the other key dropped in the same batch.
+#[derive(Clone, Copy, Debug)]
+enum Meta {
+    Vote,
+    Committed,
+    Purged,
+}
+
+impl Meta {
+    fn v1(self) -> &'static [u8] {
+        match self {
+            Meta::Vote => b"v1/vote",
+            Meta::Committed => b"v1/committed",
+            Meta::Purged => b"v1/purged",
+        }
+    }
+
+    fn v2(self) -> &'static [u8] {
+        match self {
+            Meta::Vote => b"v2/vote",
+            Meta::Committed => b"v2/committed",
+            Meta::Purged => b"v2/purged",
+        }
+    }
+}
 
 /// Tag after the index prefix of a stored entry: postcard of `C::Entry`
 /// (storage format 0).
@@ -85,7 +113,13 @@ pub trait StoredEntries: RaftTypeConfig {
     /// written: a builds that cannot read what follows it must not start on
     /// a log that holds it.
     fn format_needed(entry: &EntryOf<Self>) -> u32;
+    fn log_id_to_pb(log_id: &LogIdOf<Self>) -> MetaLogId;
+    fn log_id_from_pb(log_id: MetaLogId) -> LogIdOf<Self>;
+    fn vote_to_pb(vote: &VoteOf<Self>) -> MetaVote;
+    fn vote_from_pb(vote: MetaVote) -> VoteOf<Self>;
 }
+
+use gantry_proto::storage::{LogId as MetaLogId, MetaValue, Vote as MetaVote};
 const ENTRY_HEADER_LEN: usize = 9;
 
 /// Upper bound on the bytes one replication read returns; openraft already
@@ -305,6 +339,9 @@ pub struct EngineLogReader<C: StoredEntries> {
     group: u64,
     io: Handle,
     tail: Arc<Mutex<LogTail<EntryOf<C>>>>,
+    /// The data directory's storage format: what entries and metadata are
+    /// written in (none: format 0).
+    data_format: Option<Arc<DataDirFormat>>,
     // `fn() -> C`: the reader stores no `C`, so it is Send + Sync whatever `C` is.
     _config: PhantomData<fn() -> C>,
 }
@@ -316,6 +353,7 @@ impl<C: StoredEntries> Clone for EngineLogReader<C> {
             group: self.group,
             io: self.io.clone(),
             tail: self.tail.clone(),
+            data_format: self.data_format.clone(),
             _config: PhantomData,
         }
     }
@@ -333,9 +371,6 @@ pub struct EngineLogStore<C: StoredEntries> {
     timings: Option<Arc<Timings>>,
     /// Held by the store and its flush thread: see [`Self::alive_probe`].
     alive: Arc<()>,
-    /// The data directory's storage format: entries are written in the
-    /// newest encoding it allows (none: format 0).
-    data_format: Option<Arc<DataDirFormat>>,
 }
 
 /// `Some` while a committed id is waiting for the flusher's next sync.
@@ -359,6 +394,7 @@ where
                 engine,
                 group,
                 tail: Arc::new(Mutex::new(LogTail::new(TAIL_ENTRIES_MAX, TAIL_BYTES_MAX))),
+                data_format: None,
                 _config: PhantomData,
             },
             flusher: None,
@@ -366,14 +402,13 @@ where
             timings: None,
             committed: Arc::new(Mutex::new(None)),
             alive: Arc::new(()),
-            data_format: None,
         }
     }
 
     /// Writes entries in the newest encoding `data_format` allows, raising
     /// it first when an entry needs it (see [`StoredEntries::format_needed`]).
     pub fn with_data_format(mut self, data_format: Arc<DataDirFormat>) -> Self {
-        self.data_format = Some(data_format);
+        self.reader.data_format = Some(data_format);
         self
     }
 
@@ -400,7 +435,7 @@ where
 
     /// The index the log was purged through, if it ever was.
     pub fn recovered_purge_point(&self) -> Result<Option<u64>> {
-        let purged: Option<LogIdOf<C>> = get_meta(self.engine(), self.group(), KEY_PURGED_V1)?;
+        let purged: Option<LogIdOf<C>> = get_purged::<C>(self.engine(), self.group())?;
         Ok(purged.map(|p| p.index()))
     }
 
@@ -417,9 +452,10 @@ where
             let (tx, rx) = std::sync::mpsc::channel();
             let (engine, group) = (self.reader.engine.clone(), self.reader.group);
             let (durable, committed, timings) = (self.durable.clone(), self.committed.clone(), self.timings.clone());
+            let data_format = self.reader.data_format.clone();
             let alive = self.alive.clone();
             std::thread::Builder::new().name(format!("raft-flush-{group}")).spawn(move || {
-                run_flusher(engine, group, durable, committed, timings, rx);
+                run_flusher(engine, group, durable, committed, timings, data_format, rx);
                 drop(alive);
             })?;
             self.flusher = Some(tx);
@@ -460,6 +496,7 @@ fn run_flusher<C: StoredEntries>(
     durable: Option<Arc<DurableMark>>,
     committed: Arc<PendingCommitted<C>>,
     timings: Option<Arc<Timings>>,
+    data_format: Option<Arc<DataDirFormat>>,
     callbacks: std::sync::mpsc::Receiver<IOFlushed<C>>,
 ) {
     let marker = durable.map(|durable| WatermarkWriter::spawn(group, durable));
@@ -472,7 +509,7 @@ fn run_flusher<C: StoredEntries>(
         if failure.is_none() {
             let marking = marker.as_ref().inspect(|marker| marker.start());
             let started = std::time::Instant::now();
-            let synced = sync_group::<C>(&engine, group, take_committed());
+            let synced = sync_group::<C>(&engine, group, take_committed(), meta_format(&data_format));
             if let (Some(timings), Ok(())) = (&timings, &synced) {
                 timings.log_synced(started.elapsed());
             }
@@ -497,7 +534,7 @@ fn run_flusher<C: StoredEntries>(
     // The store is gone: a committed id saved since the last flush is kept too.
     if failure.is_none()
         && let Some(committed) = take_committed()
-        && let Err(error) = sync_group::<C>(&engine, group, Some(committed))
+        && let Err(error) = sync_group::<C>(&engine, group, Some(committed), meta_format(&data_format))
     {
         tracing::warn!(group, %error, "cannot write the last committed id");
     }
@@ -544,10 +581,15 @@ impl WatermarkWriter {
 /// nothing: raft-engine skips empty batches and `Engine::sync()` does nothing
 /// in 0.4.2, but compacting a region to index 0 removes no entry and is
 /// still a write the engine must fsync.
-fn sync_group<C: StoredEntries>(engine: &Engine, group: u64, committed: Option<Option<LogIdOf<C>>>) -> Result<()> {
+fn sync_group<C: StoredEntries>(
+    engine: &Engine,
+    group: u64,
+    committed: Option<Option<LogIdOf<C>>>,
+    format: u32,
+) -> Result<()> {
     let mut batch = LogBatch::with_capacity(1);
     match committed {
-        Some(committed) => put_meta(&mut batch, group, KEY_COMMITTED_V1, &committed)?,
+        Some(committed) => put_committed::<C>(&mut batch, group, &committed, format)?,
         None => batch.add_command(group, Command::Compact { index: 0 }),
     }
     engine.write(&mut batch, true)?;
@@ -558,6 +600,10 @@ impl<C: StoredEntries> EngineLogReader<C>
 where
     EntryOf<C>: Clone,
 {
+    fn meta_format(&self) -> u32 {
+        meta_format(&self.data_format)
+    }
+
     fn tail(&self) -> std::sync::MutexGuard<'_, LogTail<EntryOf<C>>> {
         self.tail.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -625,18 +671,78 @@ fn last_log_id<C: StoredEntries>(engine: &Engine, group: u64) -> Result<Option<L
     Ok(Some(decode_entry::<C>(group, last, &entry)?.log_id()))
 }
 
-fn get_meta<T: DeserializeOwned>(engine: &Engine, group: u64, key: &'static [u8]) -> Result<Option<T>> {
+fn get_meta<T: DeserializeOwned>(
+    engine: &Engine,
+    group: u64,
+    meta: Meta,
+    from_v2: impl FnOnce(MetaValue) -> Option<T>,
+) -> Result<Option<T>> {
+    if let Some(bytes) = engine.get(group, meta.v2()) {
+        let value = <MetaValue as prost::Message>::decode(bytes.as_slice())
+            .map_err(|e| corrupt(group, String::from_utf8_lossy(meta.v2()), e))?;
+        return from_v2(value).map(Some).ok_or_else(|| corrupt(group, String::from_utf8_lossy(meta.v2()), "empty"));
+    }
     engine
-        .get(group, key)
-        .map(|bytes| postcard::from_bytes(&bytes).map_err(|e| corrupt(group, String::from_utf8_lossy(key), e)))
+        .get(group, meta.v1())
+        .map(|bytes| postcard::from_bytes(&bytes).map_err(|e| corrupt(group, String::from_utf8_lossy(meta.v1()), e)))
         .transpose()
 }
 
-fn put_meta<T: Serialize>(batch: &mut LogBatch, group: u64, key: &'static [u8], value: &T) -> Result<()> {
-    let bytes = postcard::to_allocvec(value).map_err(|source| StorageError::Encode { what: "metadata", source })?;
+fn put_meta<T: Serialize>(
+    batch: &mut LogBatch,
+    group: u64,
+    meta: Meta,
+    value: &T,
+    v2: MetaValue,
+    format: u32,
+) -> Result<()> {
     // Fails only for raft-engine's reserved `__` keys, which ours are not.
-    batch.put(group, key.to_vec(), bytes)?;
+    if format >= 1 {
+        batch.put(group, meta.v2().to_vec(), prost::Message::encode_to_vec(&v2))?;
+        batch.delete(group, meta.v1().to_vec());
+    } else {
+        let bytes = postcard::to_allocvec(value).map_err(|source| StorageError::Encode { what: "metadata", source })?;
+        batch.put(group, meta.v1().to_vec(), bytes)?;
+    }
     Ok(())
+}
+
+fn get_vote<C: StoredEntries>(engine: &Engine, group: u64) -> Result<Option<VoteOf<C>>> {
+    get_meta(engine, group, Meta::Vote, |v| v.vote.map(C::vote_from_pb))
+}
+
+fn get_purged<C: StoredEntries>(engine: &Engine, group: u64) -> Result<Option<LogIdOf<C>>> {
+    get_meta(engine, group, Meta::Purged, |v| v.log_id.map(C::log_id_from_pb))
+}
+
+/// `None`: never saved; `Some(None)`: saved as none.
+fn get_committed<C: StoredEntries>(engine: &Engine, group: u64) -> Result<Option<Option<LogIdOf<C>>>> {
+    get_meta(engine, group, Meta::Committed, |v| Some(v.log_id.map(C::log_id_from_pb)))
+}
+
+fn put_vote<C: StoredEntries>(batch: &mut LogBatch, group: u64, vote: &VoteOf<C>, format: u32) -> Result<()> {
+    let v2 = MetaValue { log_id: None, vote: Some(C::vote_to_pb(vote)) };
+    put_meta(batch, group, Meta::Vote, vote, v2, format)
+}
+
+fn put_purged<C: StoredEntries>(batch: &mut LogBatch, group: u64, purged: &LogIdOf<C>, format: u32) -> Result<()> {
+    let v2 = MetaValue { log_id: Some(C::log_id_to_pb(purged)), vote: None };
+    put_meta(batch, group, Meta::Purged, purged, v2, format)
+}
+
+fn put_committed<C: StoredEntries>(
+    batch: &mut LogBatch,
+    group: u64,
+    committed: &Option<LogIdOf<C>>,
+    format: u32,
+) -> Result<()> {
+    let v2 = MetaValue { log_id: committed.as_ref().map(C::log_id_to_pb), vote: None };
+    put_meta(batch, group, Meta::Committed, committed, v2, format)
+}
+
+/// What metadata is written in: the data directory's storage format.
+fn meta_format(data_format: &Option<Arc<DataDirFormat>>) -> u32 {
+    data_format.as_ref().map_or(0, |f| f.current())
 }
 
 fn corrupt(group: u64, what: impl Into<String>, reason: impl ToString) -> StorageError {
@@ -729,7 +835,7 @@ where
 
     /// Reads the vote from the engine's in-memory table: no I/O.
     async fn read_vote(&mut self) -> io::Result<Option<VoteOf<C>>> {
-        Ok(get_meta(&self.engine, self.group, KEY_VOTE_V1)?)
+        Ok(get_vote::<C>(&self.engine, self.group)?)
     }
 
     async fn limited_get_log_entries(&mut self, start: u64, end: u64) -> io::Result<Vec<EntryOf<C>>> {
@@ -791,7 +897,7 @@ where
     async fn get_log_state(&mut self) -> io::Result<LogState<C>> {
         let state = self
             .blocking(|engine, group| {
-                let last_purged_log_id: Option<LogIdOf<C>> = get_meta(engine, group, KEY_PURGED_V1)?;
+                let last_purged_log_id: Option<LogIdOf<C>> = get_purged::<C>(engine, group)?;
                 let last_log_id = last_log_id::<C>(engine, group)?.or_else(|| last_purged_log_id.clone());
                 Ok(LogState { last_purged_log_id, last_log_id })
             })
@@ -805,7 +911,7 @@ where
 
     async fn save_vote(&mut self, vote: &VoteOf<C>) -> io::Result<()> {
         let mut batch = LogBatch::with_capacity(1);
-        put_meta(&mut batch, self.group(), KEY_VOTE_V1, vote)?;
+        put_vote::<C>(&mut batch, self.group(), vote, self.reader.meta_format())?;
         let guard = self.durable.as_ref().map(|d| d.guard.clone());
         let guard_vote = guard_vote::<C>(vote);
         // A vote must be durable before it is answered: a synced write, and
@@ -837,7 +943,7 @@ where
         if let Some(pending) = self.committed.lock().unwrap_or_else(PoisonError::into_inner).clone() {
             return Ok(pending);
         }
-        let committed: Option<Option<LogIdOf<C>>> = get_meta(self.engine(), self.group(), KEY_COMMITTED_V1)?;
+        let committed: Option<Option<LogIdOf<C>>> = get_committed::<C>(self.engine(), self.group())?;
         Ok(committed.flatten())
     }
 
@@ -851,7 +957,7 @@ where
         let entries: Vec<EntryOf<C>> = entries.into_iter().collect();
         let last_index = entries.last().map(|e| e.index());
         if let Some(first) = entries.first().map(|e| e.index()) {
-            let data_format = self.data_format.clone();
+            let data_format = self.reader.data_format.clone();
             let (entries, sizes) = self
                 .blocking(move |engine, group| {
                     check_contiguous::<C>(engine, group, &entries)?;
@@ -897,7 +1003,7 @@ where
             if keep.is_some_and(|keep| keep >= last) {
                 return Ok(());
             }
-            let purged: Option<LogIdOf<C>> = get_meta(engine, group, KEY_PURGED_V1)?;
+            let purged: Option<LogIdOf<C>> = get_purged::<C>(engine, group)?;
             if let Some(purged) = purged.map(|p| p.index())
                 && keep.is_none_or(|keep| keep < purged)
             {
@@ -938,8 +1044,9 @@ where
 
     async fn purge(&mut self, log_id: LogIdOf<C>) -> io::Result<()> {
         self.reader.tail().purged_upto(log_id.index());
+        let format = self.reader.meta_format();
         self.blocking(move |engine, group| {
-            let purged: Option<LogIdOf<C>> = get_meta(engine, group, KEY_PURGED_V1)?;
+            let purged: Option<LogIdOf<C>> = get_purged::<C>(engine, group)?;
             if purged.as_ref().is_some_and(|purged| purged.index() >= log_id.index()) {
                 return Ok(()); // never move the purge point back
             }
@@ -948,7 +1055,7 @@ where
             // log is empty and continues at `log_id.index + 1`. Synced: see
             // `truncate_after`.
             let mut batch = LogBatch::with_capacity(2);
-            put_meta(&mut batch, group, KEY_PURGED_V1, &log_id)?;
+            put_purged::<C>(&mut batch, group, &log_id, format)?;
             batch.add_command(group, Command::Compact { index: log_id.index() + 1 });
             engine.write(&mut batch, true)?;
             Ok(())
@@ -1005,10 +1112,13 @@ where
     /// snapshot this node will restore, if any.
     pub async fn check_at_open(&self, found: GuardFound, snapshot: Option<LogIdOf<C>>) -> Result<OpenCheck> {
         let guard = self.durable.as_ref().map(|d| d.guard.clone());
+        let format = self.reader.meta_format();
         let check = self
             .blocking(move |engine, group| {
                 let mut check = OpenCheck::default();
-                let had_data = engine.first_index(group).is_some() || engine.get(group, KEY_VOTE_V1).is_some();
+                let had_data = engine.first_index(group).is_some()
+                    || engine.get(group, Meta::Vote.v1()).is_some()
+                    || engine.get(group, Meta::Vote.v2()).is_some();
                 match &found {
                     GuardFound::OneSlotLost(why) => {
                         check.findings.push(Finding { kind: "guard_slot_lost", detail: why.clone() });
@@ -1027,15 +1137,15 @@ where
                     }
                     _ => {}
                 }
-                verify_entries::<C>(engine, group, snapshot.clone(), &mut check)?;
-                let purged: Option<LogIdOf<C>> = get_meta(engine, group, KEY_PURGED_V1)?;
+                verify_entries::<C>(engine, group, snapshot.clone(), &mut check, format)?;
+                let purged: Option<LogIdOf<C>> = get_purged::<C>(engine, group)?;
                 let last = last_log_id::<C>(engine, group)?.or(purged);
                 check.recovered_last = last.as_ref().map_or(0, |l| l.index());
                 if let Some(guard) = &guard {
-                    reconcile_vote::<C>(engine, group, guard, &mut check)?;
+                    reconcile_vote::<C>(engine, group, guard, &mut check, format)?;
                     check.acknowledged = guard.acknowledged();
                 }
-                let committed: Option<Option<LogIdOf<C>>> = get_meta(engine, group, KEY_COMMITTED_V1)?;
+                let committed: Option<Option<LogIdOf<C>>> = get_committed::<C>(engine, group)?;
                 if let Some(Some(committed)) = committed
                     && committed.index() > check.recovered_last
                     && snapshot.as_ref().is_none_or(|s| committed.index() > s.index())
@@ -1043,7 +1153,7 @@ where
                     // Everything up to the log's end is older than the
                     // committed id, so committed too.
                     let mut batch = LogBatch::with_capacity(1);
-                    put_meta(&mut batch, group, KEY_COMMITTED_V1, &last.clone().max(snapshot.clone()))?;
+                    put_committed::<C>(&mut batch, group, &last.clone().max(snapshot.clone()), format)?;
                     engine.write(&mut batch, true)?;
                     check.findings.push(Finding {
                         kind: "committed_clamped",
@@ -1076,8 +1186,9 @@ where
     pub async fn drop_local_copy(&self) -> Result<()> {
         let guard = self.durable.as_ref().map(|d| d.guard.clone());
         self.reader.tail().truncated_after(None);
+        let format = self.reader.meta_format();
         self.blocking(move |engine, group| {
-            let vote: Option<VoteOf<C>> = get_meta(engine, group, KEY_VOTE_V1)?;
+            let vote: Option<VoteOf<C>> = get_vote::<C>(engine, group)?;
             let mut batch = LogBatch::with_capacity(2);
             batch.add_command(group, Command::Clean);
             engine.write(&mut batch, true)?;
@@ -1085,7 +1196,7 @@ where
             let vote = [vote, guard.and_then(|g| g.current().vote)].into_iter().flatten().max_by_key(GuardVote::order);
             if let Some(vote) = vote {
                 let mut batch = LogBatch::with_capacity(1);
-                put_meta(&mut batch, group, KEY_VOTE_V1, &engine_vote::<C>(vote))?;
+                put_vote::<C>(&mut batch, group, &engine_vote::<C>(vote), format)?;
                 engine.write(&mut batch, true)?;
             }
             Ok(())
@@ -1102,6 +1213,7 @@ fn verify_entries<C: StoredEntries>(
     group: u64,
     snapshot: Option<LogIdOf<C>>,
     check: &mut OpenCheck,
+    format: u32,
 ) -> Result<()> {
     // Each repair removes at least one entry: bounded by the log's length.
     loop {
@@ -1114,7 +1226,7 @@ fn verify_entries<C: StoredEntries>(
         let mut batch = LogBatch::with_capacity(2);
         let repair = match &snapshot {
             Some(snapshot) if snapshot.index() >= bad => {
-                put_meta(&mut batch, group, KEY_PURGED_V1, snapshot)?;
+                put_purged::<C>(&mut batch, group, snapshot, format)?;
                 batch.add_command(group, Command::Compact { index: snapshot.index() + 1 });
                 format!("the snapshot covers it (through {}): purged through the snapshot", snapshot.index())
             }
@@ -1182,14 +1294,15 @@ fn reconcile_vote<C: StoredEntries<NodeId = u64, Term = u64>>(
     group: u64,
     guard: &Guard,
     check: &mut OpenCheck,
+    format: u32,
 ) -> Result<()> {
-    let in_engine: Option<VoteOf<C>> = get_meta(engine, group, KEY_VOTE_V1)?;
+    let in_engine: Option<VoteOf<C>> = get_vote::<C>(engine, group)?;
     let in_engine = in_engine.map(|v| guard_vote::<C>(&v));
     let in_guard = guard.current().vote;
     match (in_engine, in_guard) {
         (engine_vote_now, Some(kept)) if engine_vote_now.as_ref().is_none_or(|v| v.order() < kept.order()) => {
             let mut batch = LogBatch::with_capacity(1);
-            put_meta(&mut batch, group, KEY_VOTE_V1, &engine_vote::<C>(kept))?;
+            put_vote::<C>(&mut batch, group, &engine_vote::<C>(kept), format)?;
             engine.write(&mut batch, true)?;
             let had = engine_vote_now.map_or("none".to_owned(), |v| v.to_string());
             check.findings.push(Finding {
@@ -1219,7 +1332,7 @@ fn check_contiguous<C: StoredEntries>(engine: &Engine, group: u64, entries: &[En
     }
     let accepts = match (engine.first_index(group), engine.last_index(group)) {
         (Some(first), Some(last)) => first..=last + 1,
-        _ => match get_meta::<LogIdOf<C>>(engine, group, KEY_PURGED_V1)? {
+        _ => match get_purged::<C>(engine, group)? {
             Some(purged) => purged.index() + 1..=purged.index() + 1,
             // A log that never held an entry may start anywhere.
             None => at..=at,

@@ -77,6 +77,22 @@ impl StoredEntries for TestConfig {
         postcard::from_bytes(bytes).map_err(|e| e.to_string())
     }
 
+    fn log_id_to_pb(log_id: &LogIdOf<C>) -> gantry_proto::storage::LogId {
+        crate::format::storage::log_id_to_pb(log_id)
+    }
+
+    fn log_id_from_pb(log_id: gantry_proto::storage::LogId) -> LogIdOf<C> {
+        crate::format::storage::log_id_from_pb(log_id)
+    }
+
+    fn vote_to_pb(vote: &openraft::type_config::alias::VoteOf<C>) -> gantry_proto::storage::Vote {
+        crate::format::storage::vote_to_pb(vote)
+    }
+
+    fn vote_from_pb(vote: gantry_proto::storage::Vote) -> openraft::type_config::alias::VoteOf<C> {
+        crate::format::storage::vote_from_pb(vote)
+    }
+
     fn format_needed(entry: &EntryOf<C>) -> u32 {
         match &entry.payload {
             openraft::EntryPayload::Normal(cmd) if cmd.key == "raise" => 1,
@@ -243,17 +259,24 @@ async fn the_entry_encoding_follows_the_data_directorys_format() -> anyhow::Resu
     append(&mut store, entries(1, 1..=3)).await?;
     assert_eq!(data_format.current(), 0, "nothing asked for format 1 yet");
     let raise = EntryOf::<C>::new_normal(log_id::<C>(1, 1, 4), TestCmd { key: "raise".into(), payload: vec![] });
+    store.save_vote(&Vote::new(1, 1)).await?;
+    assert!(engine.get(1, b"v1/vote").is_some() && engine.get(1, b"v2/vote").is_none(), "format 0 metadata");
     append(&mut store, vec![raise.clone()]).await?;
     assert_eq!(data_format.current(), 1, "the data directory was not raised before the entry was written");
+    store.save_vote(&Vote::new_committed(2, 1)).await?;
+    store.save_committed(Some(log_id::<C>(1, 1, 4))).await?;
+    store.purge(log_id::<C>(1, 1, 1)).await?;
+    // The committed id goes with the next flush.
     append(&mut store, entries(1, 5..=6)).await?;
-    let tags: Vec<u8> = (1..=6u64)
+    for key in ["vote", "committed", "purged"] {
+        assert!(engine.get(1, format!("v2/{key}").as_bytes()).is_some(), "{key} not written in format 1");
+        assert!(engine.get(1, format!("v1/{key}").as_bytes()).is_none(), "{key}'s format-0 copy kept");
+    }
+    let tags: Vec<u8> = (2..=6u64)
         .map(|i| engine.get_entry::<EntryCodec>(1, i).unwrap().unwrap().value[ENTRY_HEADER_LEN - 1])
         .collect();
-    assert_eq!(
-        tags,
-        [ENTRY_FORMAT_V1, ENTRY_FORMAT_V1, ENTRY_FORMAT_V1, ENTRY_FORMAT_V2, ENTRY_FORMAT_V2, ENTRY_FORMAT_V2]
-    );
-    let mut expected = entries(1, 1..=3);
+    assert_eq!(tags, [ENTRY_FORMAT_V1, ENTRY_FORMAT_V1, ENTRY_FORMAT_V2, ENTRY_FORMAT_V2, ENTRY_FORMAT_V2]);
+    let mut expected = entries(1, 2..=3);
     expected.push(raise);
     expected.extend(entries(1, 5..=6));
     assert_eq!(all_entries(&mut store).await?, expected);
@@ -261,6 +284,9 @@ async fn the_entry_encoding_follows_the_data_directorys_format() -> anyhow::Resu
     let engine = reopen(engine, &dir.path().join("raft")).await?;
     let mut store = Store::new(engine.clone(), 1);
     assert_eq!(all_entries(&mut store).await?, expected);
+    assert_eq!(store.read_vote().await?, Some(Vote::new_committed(2, 1)));
+    assert_eq!(store.read_committed().await?, Some(log_id::<C>(1, 1, 4)));
+    assert_eq!(store.get_log_state().await?.last_purged_log_id, Some(log_id::<C>(1, 1, 1)));
     let legacy = std::fs::read_to_string(dir.path().join("FORMAT"))?;
     assert!(legacy.starts_with("gantry-data 3"), "{legacy}");
     drop(store);
