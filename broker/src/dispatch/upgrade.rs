@@ -44,6 +44,9 @@ pub enum RaiseVerdict {
 
 /// The pure decision, for tests: `current` is the shard's format.
 pub fn decide(current: u32, members: &[MemberFormats]) -> RaiseVerdict {
+    if current >= FORMAT_MAX {
+        return RaiseVerdict::UpToDate;
+    }
     let mut common = FORMAT_MAX;
     for member in members {
         match &member.answer {
@@ -64,7 +67,7 @@ pub fn decide(current: u32, members: &[MemberFormats]) -> RaiseVerdict {
     if common > current {
         return RaiseVerdict::Raise { to: common };
     }
-    if current < FORMAT_MAX {
+    {
         let lacking: Vec<String> = members
             .iter()
             .filter_map(|m| match &m.answer {
@@ -81,7 +84,6 @@ pub fn decide(current: u32, members: &[MemberFormats]) -> RaiseVerdict {
             reason: format!("format {} needs every member to support it; lacking: {}", current + 1, lacking.join(", ")),
         };
     }
-    RaiseVerdict::UpToDate
 }
 
 impl ShardNode {
@@ -230,6 +232,8 @@ mod tests {
         let all_new = [member(1, FORMAT_MAX, false), member(2, FORMAT_MAX, false), member(3, FORMAT_MAX, false)];
         assert_eq!(decide(0, &all_new), RaiseVerdict::Raise { to: FORMAT_MAX });
         assert_eq!(decide(FORMAT_MAX, &all_new), RaiseVerdict::UpToDate);
+        let held_at_max = [member(1, FORMAT_MAX, true)];
+        assert_eq!(decide(FORMAT_MAX, &held_at_max), RaiseVerdict::UpToDate, "a hold with nothing left to raise");
 
         let one_old = [member(1, FORMAT_MAX, false), member(2, 0, false), member(3, FORMAT_MAX, false)];
         match decide(0, &one_old) {

@@ -11,6 +11,7 @@ mod rebuild;
 pub mod state_machine;
 pub mod timings;
 pub mod types;
+pub mod wire;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -319,7 +320,7 @@ impl ShardRaft {
             may_rebuild_from_peers: settings.may_rebuild_from_peers,
             data_format: settings.data_format.clone(),
         };
-        let network = PeerNetwork { shard, channels };
+        let network = PeerNetwork { shard, channels, state: state.clone() };
         let store_alive = log.alive_probe();
         let raft = GantryRaft::new(node_id, Arc::new(config), network, log, sm)
             .await

@@ -1,7 +1,9 @@
 //! The Raft network over tonic on the peer port: one lazily connected
 //! channel per peer address, shared by every shard's group and by call
-//! forwarding. Each Raft RPC is a postcard-encoded openraft message inside a
-//! `gantry.peer.v1.Peer` call; snapshots go in bounded chunks.
+//! forwarding. Each Raft RPC is one `gantry.peer.v1.PeerService` call: the
+//! openraft message in postcard while the shard is at format 0, as
+//! `gantry.peer.v1` messages from format 1 (`wire.rs`); snapshots go in
+//! bounded chunks.
 
 use std::{
     collections::HashMap,
@@ -25,7 +27,11 @@ use openraft::{
 use serde::{Serialize, de::DeserializeOwned};
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
-use super::types::{GantryNode, TypeConfig};
+use super::{
+    types::{GantryNode, TypeConfig},
+    wire,
+};
+use crate::format::storage::DecodeError;
 use crate::queue::ShardId;
 
 type C = TypeConfig;
@@ -156,13 +162,21 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, postcard::Error> {
 pub struct PeerNetwork {
     pub shard: ShardId,
     pub channels: PeerChannels,
+    /// The shard's applied state: its format picks the wire encoding.
+    pub state: Arc<super::state_machine::ShardState>,
 }
 
 impl RaftNetworkFactory<C> for PeerNetwork {
     type Network = PeerConnection;
 
     async fn new_client(&mut self, target: u64, node: &GantryNode) -> PeerConnection {
-        PeerConnection { target, shard: self.shard, address: node.peer.clone(), channels: self.channels.clone() }
+        PeerConnection {
+            target,
+            shard: self.shard,
+            address: node.peer.clone(),
+            channels: self.channels.clone(),
+            state: self.state.clone(),
+        }
     }
 }
 
@@ -171,6 +185,7 @@ pub struct PeerConnection {
     shard: ShardId,
     address: String,
     channels: PeerChannels,
+    state: Arc<super::state_machine::ShardState>,
 }
 
 impl PeerConnection {
@@ -178,15 +193,22 @@ impl PeerConnection {
         Unreachable::from_string(format!("node {} at {}: {why}", self.target, self.address))
     }
 
-    async fn call<Q: Serialize, P: DeserializeOwned>(
+    /// Whether this shard speaks the format-1 wire: every member supports
+    /// it once the shard's format is 1 (the gate is raised only then).
+    fn typed(&self) -> bool {
+        self.state.format() >= 1
+    }
+
+    async fn raft_call(
         &self,
         kind: pb::RaftKind,
-        request: &Q,
+        payload: Vec<u8>,
+        body: Option<pb::raft_request::Body>,
         timeout: Duration,
-    ) -> Result<P, RPCError<C>> {
+    ) -> Result<pb::RaftResponse, RPCError<C>> {
         let mut client = self.channels.client(&self.address).map_err(|e| self.unreachable(e))?;
-        let payload = encode(request).map_err(|e| NetworkError::new(&e))?;
-        let mut request = tonic::Request::new(pb::RaftRequest { shard: self.shard.0, kind: kind as i32, payload });
+        let mut request =
+            tonic::Request::new(pb::RaftRequest { shard: self.shard.0, kind: kind as i32, payload, body });
         request.set_timeout(timeout);
         let reply = match client.raft(request).await {
             Ok(reply) => reply.into_inner(),
@@ -196,7 +218,36 @@ impl PeerConnection {
         if !reply.error.is_empty() {
             return Err(self.unreachable(reply.error).into());
         }
+        Ok(reply)
+    }
+
+    /// A format-0 call: the openraft message in postcard.
+    async fn call<Q: Serialize, P: DeserializeOwned>(
+        &self,
+        kind: pb::RaftKind,
+        request: &Q,
+        timeout: Duration,
+    ) -> Result<P, RPCError<C>> {
+        let payload = encode(request).map_err(|e| NetworkError::new(&e))?;
+        let reply = self.raft_call(kind, payload, None, timeout).await?;
         decode(&reply.payload).map_err(|e| NetworkError::new(&e).into())
+    }
+
+    /// A format-1 call: `body` answered by the response's body.
+    async fn typed_call<P>(
+        &self,
+        kind: pb::RaftKind,
+        body: pb::raft_request::Body,
+        timeout: Duration,
+        answer: impl FnOnce(pb::raft_response::Body) -> Option<Result<P, DecodeError>>,
+    ) -> Result<P, RPCError<C>> {
+        let reply = self.raft_call(kind, Vec::new(), Some(body), timeout).await?;
+        let unexpected = || NetworkError::new(&std::io::Error::other(format!("{kind:?}: an answer of another kind")));
+        match reply.body.and_then(answer) {
+            Some(Ok(decoded)) => Ok(decoded),
+            Some(Err(e)) => Err(NetworkError::new(&e).into()),
+            None => Err(unexpected().into()),
+        }
     }
 }
 
@@ -208,15 +259,23 @@ impl RaftNetworkV2<C> for PeerConnection {
         rpc: AppendEntriesRequest<C>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<C>, RPCError<C>> {
-        self.call(pb::RaftKind::AppendEntries, &rpc, option.hard_ttl()).await
+        if !self.typed() {
+            return self.call(pb::RaftKind::AppendEntries, &rpc, option.hard_ttl()).await;
+        }
+        let body = pb::raft_request::Body::AppendEntries(wire::append_to_pb(&rpc));
+        self.typed_call(pb::RaftKind::AppendEntries, body, option.hard_ttl(), |answer| match answer {
+            pb::raft_response::Body::AppendEntries(r) => Some(wire::append_response_from_pb(r)),
+            _ => None,
+        })
+        .await
     }
 
     async fn vote(&mut self, rpc: VoteRequest<C>, option: RPCOption) -> Result<VoteResponse<C>, RPCError<C>> {
-        self.call(pb::RaftKind::Vote, &rpc, option.hard_ttl()).await
+        self.vote_call(pb::RaftKind::Vote, rpc, option).await
     }
 
     async fn pre_vote(&mut self, rpc: VoteRequest<C>, option: RPCOption) -> Result<VoteResponse<C>, RPCError<C>> {
-        self.call(pb::RaftKind::PreVote, &rpc, option.hard_ttl()).await
+        self.vote_call(pb::RaftKind::PreVote, rpc, option).await
     }
 
     async fn transfer_leader(
@@ -224,7 +283,15 @@ impl RaftNetworkV2<C> for PeerConnection {
         req: TransferLeaderRequest<C>,
         option: RPCOption,
     ) -> Result<TransferLeaderResponse<C>, RPCError<C>> {
-        self.call(pb::RaftKind::TransferLeader, &req, option.hard_ttl()).await
+        if !self.typed() {
+            return self.call(pb::RaftKind::TransferLeader, &req, option.hard_ttl()).await;
+        }
+        let body = pb::raft_request::Body::TransferLeader(wire::transfer_to_pb(&req));
+        self.typed_call(pb::RaftKind::TransferLeader, body, option.hard_ttl(), |answer| match answer {
+            pb::raft_response::Body::TransferLeader(r) => Some(wire::transfer_response_from_pb(r)),
+            _ => None,
+        })
+        .await
     }
 
     async fn full_snapshot(
@@ -235,12 +302,19 @@ impl RaftNetworkV2<C> for PeerConnection {
         _option: RPCOption,
     ) -> Result<SnapshotResponse<C>, StreamingError<C>> {
         let mut client = self.channels.client(&self.address).map_err(|e| self.unreachable(e))?;
-        let header = encode(&(vote, snapshot.meta.clone())).map_err(|e| NetworkError::new(&e))?;
+        // The snapshot's own format decides, not the shard's now: a snapshot
+        // of a format-0 state goes as format 0, which any member reads.
+        let typed = self.typed() && !snapshot.snapshot.get_ref().starts_with(b"GNTSNAP1");
+        let (header, snapshot_header) = if typed {
+            (Vec::new(), Some(wire::snapshot_header_to_pb(&vote, &snapshot.meta)))
+        } else {
+            (encode(&(vote, snapshot.meta.clone())).map_err(|e| NetworkError::new(&e))?, None)
+        };
         let data = snapshot.snapshot.into_inner();
         let shard = self.shard.0;
         let total = data.len();
         let chunks: Vec<pb::InstallSnapshotRequest> = if data.is_empty() {
-            vec![pb::InstallSnapshotRequest { shard, header, data: Vec::new() }]
+            vec![pb::InstallSnapshotRequest { shard, header, data: Vec::new(), snapshot_header }]
         } else {
             data.chunks(SNAPSHOT_CHUNK_BYTES)
                 .enumerate()
@@ -248,6 +322,7 @@ impl RaftNetworkV2<C> for PeerConnection {
                     shard,
                     header: if i == 0 { header.clone() } else { Vec::new() },
                     data: chunk.to_vec(),
+                    snapshot_header: if i == 0 { snapshot_header.clone() } else { None },
                 })
                 .collect()
         };
@@ -261,7 +336,29 @@ impl RaftNetworkV2<C> for PeerConnection {
         if !reply.error.is_empty() {
             return Err(self.unreachable(reply.error).into());
         }
-        decode(&reply.payload).map_err(|e| StreamingError::Network(NetworkError::new(&e)))
+        match reply.vote {
+            Some(vote) => Ok(wire::snapshot_response_from_pb(vote)),
+            None => decode(&reply.payload).map_err(|e| StreamingError::Network(NetworkError::new(&e))),
+        }
+    }
+}
+
+impl PeerConnection {
+    async fn vote_call(
+        &self,
+        kind: pb::RaftKind,
+        rpc: VoteRequest<C>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<C>, RPCError<C>> {
+        if !self.typed() {
+            return self.call(kind, &rpc, option.hard_ttl()).await;
+        }
+        let body = pb::raft_request::Body::Vote(wire::vote_request_to_pb(&rpc));
+        self.typed_call(kind, body, option.hard_ttl(), |answer| match answer {
+            pb::raft_response::Body::Vote(r) => Some(wire::vote_response_from_pb(r)),
+            _ => None,
+        })
+        .await
     }
 }
 

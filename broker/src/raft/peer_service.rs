@@ -49,6 +49,7 @@ impl PeerService {
     }
 }
 
+use super::wire;
 use crate::format::{
     hold::UpgradeHold,
     table::{BINARY_VERSION, FORMAT_MAX, FORMAT_MIN_SUPPORTED},
@@ -72,7 +73,22 @@ fn encode_outcome<T: Serialize, E: std::fmt::Display>(outcome: Result<T, E>) -> 
 
 fn reply<T: Serialize, E: std::fmt::Display>(outcome: Result<T, E>) -> Result<Response<pb::RaftResponse>, Status> {
     let (payload, error) = encode_outcome(outcome);
-    Ok(Response::new(pb::RaftResponse { payload, error }))
+    Ok(Response::new(pb::RaftResponse { payload, error, body: None }))
+}
+
+/// The answer to a format-1 request: its body, or the refusal.
+fn typed_reply<T, E: std::fmt::Display>(
+    outcome: Result<T, E>,
+    body: impl FnOnce(T) -> pb::raft_response::Body,
+) -> Result<Response<pb::RaftResponse>, Status> {
+    Ok(Response::new(match outcome {
+        Ok(value) => pb::RaftResponse { payload: Vec::new(), error: String::new(), body: Some(body(value)) },
+        Err(e) => pb::RaftResponse { payload: Vec::new(), error: e.to_string(), body: None },
+    }))
+}
+
+fn bad_body(e: crate::format::storage::DecodeError) -> Status {
+    Status::invalid_argument(format!("body: {e}"))
 }
 
 #[tonic::async_trait]
@@ -93,6 +109,30 @@ impl PeerRpc for PeerService {
             && let Some(refusal) = shard.fenced()
         {
             return reply::<(), _>(Err(refusal));
+        }
+        if let Some(body) = request.body {
+            use pb::{raft_request::Body as In, raft_response::Body as Out};
+            return match body {
+                In::AppendEntries(r) => {
+                    let answer = raft.append_entries(wire::append_from_pb(r).map_err(bad_body)?).await;
+                    if answer.as_ref().is_ok_and(|a| !matches!(a, AppendEntriesResponse::HigherVote(_))) {
+                        shard.heard_from_leader();
+                    }
+                    typed_reply(answer, |a| Out::AppendEntries(wire::append_response_to_pb(&a)))
+                }
+                In::Vote(r) => {
+                    let r = wire::vote_request_from_pb(r).map_err(bad_body)?;
+                    let answer = match kind {
+                        Ok(pb::RaftKind::PreVote) => raft.pre_vote(r).await,
+                        _ => raft.vote(r).await,
+                    };
+                    typed_reply(answer, |a| Out::Vote(wire::vote_response_to_pb(&a)))
+                }
+                In::TransferLeader(r) => {
+                    let answer = raft.handle_transfer_leader(wire::transfer_from_pb(r).map_err(bad_body)?).await;
+                    typed_reply(answer, |a| Out::TransferLeader(wire::transfer_response_to_pb(&a)))
+                }
+            };
         }
         match kind {
             Ok(pb::RaftKind::AppendEntries) => {
@@ -119,7 +159,11 @@ impl PeerRpc for PeerService {
     ) -> Result<Response<pb::InstallSnapshotResponse>, Status> {
         let mut chunks = request.into_inner();
         let first = chunks.message().await?.ok_or_else(|| Status::invalid_argument("install_snapshot: no chunks"))?;
-        let (vote, meta): (VoteOf<C>, SnapshotMetaOf<C>) = decode(&first.header).map_err(bad_payload)?;
+        let typed = first.snapshot_header.is_some();
+        let (vote, meta): (VoteOf<C>, SnapshotMetaOf<C>) = match first.snapshot_header {
+            Some(header) => wire::snapshot_header_from_pb(header).map_err(bad_body)?,
+            None => decode(&first.header).map_err(bad_payload)?,
+        };
         let shard = self.shard(first.shard)?.clone();
         let mut data = first.data;
         while let Some(chunk) = chunks.message().await? {
@@ -132,8 +176,19 @@ impl PeerRpc for PeerService {
         }
         tracing::info!(shard = %shard.shard(), bytes = data.len(), index = ?meta.last_log_id.map(|l| l.index), "installing snapshot from the leader");
         let snapshot = SnapshotOf::<C, _> { meta, snapshot: Cursor::new(data) };
-        let (payload, error) = encode_outcome(shard.raft().install_full_snapshot(vote, snapshot).await);
-        Ok(Response::new(pb::InstallSnapshotResponse { payload, error }))
+        let outcome = shard.raft().install_full_snapshot(vote, snapshot).await;
+        if typed {
+            return Ok(Response::new(match outcome {
+                Ok(answer) => pb::InstallSnapshotResponse {
+                    payload: Vec::new(),
+                    error: String::new(),
+                    vote: Some(crate::format::storage::vote_to_pb(&answer.vote)),
+                },
+                Err(e) => pb::InstallSnapshotResponse { payload: Vec::new(), error: e.to_string(), vote: None },
+            }));
+        }
+        let (payload, error) = encode_outcome(outcome);
+        Ok(Response::new(pb::InstallSnapshotResponse { payload, error, vote: None }))
     }
 
     async fn set_upgrade_hold(

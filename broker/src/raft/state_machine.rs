@@ -76,6 +76,9 @@ pub struct ShardState {
     digesting: Arc<std::sync::atomic::AtomicBool>,
     /// Raised by every reset: a digest of the state before it is dropped.
     generation: std::sync::atomic::AtomicU64,
+    /// The shard's format as applied here, readable without the state's
+    /// lock (the peer wire picks its encoding by it on every RPC).
+    format: std::sync::atomic::AtomicU32,
 }
 
 /// How many recent digests a replica keeps for the leader to compare.
@@ -127,6 +130,11 @@ impl ShardState {
         self.shard
     }
 
+    /// The shard's format as applied here (see [`QueueState::format`]).
+    pub fn format(&self) -> u32 {
+        self.format.load(std::sync::atomic::Ordering::Acquire)
+    }
+
     pub fn applied_commands(&self) -> u64 {
         self.applied_commands.load(std::sync::atomic::Ordering::Relaxed)
     }
@@ -147,6 +155,7 @@ impl ShardState {
         let mut applied = self.applied.write().unwrap_or_else(|poisoned| poisoned.into_inner());
         *applied =
             AppliedState { queue: QueueState::new(self.shard), last_applied: None, membership: Default::default() };
+        self.format.store(0, std::sync::atomic::Ordering::Release);
         let mut digests = self.digests.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         self.generation.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         digests.clear();
@@ -309,8 +318,10 @@ impl StateMachineStore {
             applied.last_applied = file.meta.last_log_id;
             applied.membership = file.meta.last_membership.clone();
         }
+        let format = applied.queue.format();
         Ok(StateMachineStore {
             shared: Arc::new(ShardState {
+                format: std::sync::atomic::AtomicU32::new(format),
                 shard,
                 applied: RwLock::new(applied),
                 applied_commands: Default::default(),
@@ -553,6 +564,7 @@ impl RaftStateMachine<C> for StateMachineStore {
                         self.shared.applied_commands.fetch_add(count, std::sync::atomic::Ordering::Relaxed);
                         let window = applied.queue.now_ms() / self.shared.digest_every_ms;
                         let out = applied.queue.apply(entry.log_id.index, batch);
+                        self.shared.format.store(applied.queue.format(), std::sync::atomic::Ordering::Release);
                         // The first entry stamped in a new window: the same
                         // entries on every replica (the stamps are in the
                         // log, the last one in the snapshot).
@@ -598,6 +610,7 @@ impl RaftStateMachine<C> for StateMachineStore {
             .await
             .map_err(io::Error::other)??;
         let mut applied = self.write();
+        self.shared.format.store(queue.format(), std::sync::atomic::Ordering::Release);
         applied.queue = queue;
         applied.last_applied = file.meta.last_log_id;
         applied.membership = file.meta.last_membership;
