@@ -67,22 +67,20 @@ pub fn decide(current: u32, members: &[MemberFormats]) -> RaiseVerdict {
     if common > current {
         return RaiseVerdict::Raise { to: common };
     }
-    {
-        let lacking: Vec<String> = members
-            .iter()
-            .filter_map(|m| match &m.answer {
-                Ok(f) if f.format_max <= current => Some(format!(
-                    "node {} (gantry {}, formats up to {})",
-                    m.node_id,
-                    if f.version.is_empty() { "before format gates" } else { &f.version },
-                    f.format_max
-                )),
-                _ => None,
-            })
-            .collect();
-        return RaiseVerdict::Blocked {
-            reason: format!("format {} needs every member to support it; lacking: {}", current + 1, lacking.join(", ")),
-        };
+    let lacking: Vec<String> = members
+        .iter()
+        .filter_map(|m| match &m.answer {
+            Ok(f) if f.format_max <= current => Some(format!(
+                "node {} (gantry {}, formats up to {})",
+                m.node_id,
+                if f.version.is_empty() { "before format gates" } else { &f.version },
+                f.format_max
+            )),
+            _ => None,
+        })
+        .collect();
+    RaiseVerdict::Blocked {
+        reason: format!("format {} needs every member to support it; lacking: {}", current + 1, lacking.join(", ")),
     }
 }
 
