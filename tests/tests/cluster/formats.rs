@@ -86,3 +86,38 @@ async fn a_held_upgrade_is_raised_once_finalized() {
     }
     tokio::time::timeout(Duration::from_secs(30), cluster.shutdown()).await.expect("shutdown");
 }
+
+/// A data directory of a format newer than the binary reads is refused
+/// before Raft starts: the process exits non-zero, naming both versions and
+/// the way forward, and changes nothing in the directory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_refuses_a_data_directory_of_a_newer_format() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(data.join("raft")).expect("dirs");
+    let header = gantry_proto::storage::DataDirHeader {
+        format: 9,
+        min_reader: 9,
+        written_by: "9.9.9".into(),
+        shards: 1,
+    };
+    let bytes = gantry_broker::format::header::encode_header(&header);
+    std::fs::write(data.join("HEADER"), &bytes).expect("header");
+    std::fs::write(data.join("FORMAT"), "gantry-data 3 (storage format 9)\n").expect("format line");
+    let port = |_: u8| format!("127.0.0.1:{}", gantry_tests::free_port());
+    let run = tokio::process::Command::new(gantry_tests::gantry_binary())
+        .args(["serve", "--data-dir"])
+        .arg(&data)
+        .args(["--listen", &port(0), "--peer-listen", &port(1), "--metrics-listen", &port(2)])
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(60), run).await.expect("exits within 60 s").expect("runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "started on a newer data directory:\n{stderr}");
+    assert!(
+        stderr.contains("storage format 9 by gantry 9.9.9")
+            && stderr.contains(gantry_broker::format::table::BINARY_VERSION)
+            && stderr.contains("run gantry 9.9.9 or newer"),
+        "{stderr}"
+    );
+    assert_eq!(std::fs::read(data.join("HEADER")).expect("header"), bytes, "the refusal changed the header");
+}
