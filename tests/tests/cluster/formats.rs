@@ -95,12 +95,8 @@ async fn the_binary_refuses_a_data_directory_of_a_newer_format() {
     let dir = tempfile::tempdir().expect("temp dir");
     let data = dir.path().join("data");
     std::fs::create_dir_all(data.join("raft")).expect("dirs");
-    let header = gantry_proto::storage::DataDirHeader {
-        format: 9,
-        min_reader: 9,
-        written_by: "9.9.9".into(),
-        shards: 1,
-    };
+    let header =
+        gantry_proto::storage::DataDirHeader { format: 9, min_reader: 9, written_by: "9.9.9".into(), shards: 1 };
     let bytes = gantry_broker::format::header::encode_header(&header);
     std::fs::write(data.join("HEADER"), &bytes).expect("header");
     std::fs::write(data.join("FORMAT"), "gantry-data 3 (storage format 9)\n").expect("format line");
