@@ -7,6 +7,7 @@ pub mod integrity;
 pub mod proposer;
 pub mod registry;
 pub mod route;
+pub mod shard_wire;
 pub mod upgrade;
 pub mod waiters;
 

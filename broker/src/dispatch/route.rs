@@ -13,7 +13,7 @@ use std::{sync::Arc, time::Duration};
 use gantry_proto::peer::{self as pb, shard_service_client::ShardServiceClient, shard_service_server::ShardService};
 use tonic::{Request, Response, Status};
 
-use super::{ShardNode, proposer::Committed, registry::LiveInfo};
+use super::{ShardNode, proposer::Committed, registry::LiveInfo, shard_wire};
 use crate::{
     queue::{Applied, Command},
     raft::{
@@ -77,9 +77,15 @@ impl ShardNode {
             return self.proposer.commit(commands).await;
         };
         let shard = self.raft.shard();
-        let payload = encode(&commands)
-            .map_err(|e| ProposeError::Stopped { shard, message: format!("cannot encode the commands: {e}") })?;
-        let mut request = Request::new(pb::ProposeRequest { shard: shard.0, commands: payload });
+        let typed = self.typed_wire();
+        let (payload, typed_commands) = if typed {
+            (Vec::new(), Some(shard_wire::commands_to_pb(&commands)))
+        } else {
+            let payload = encode(&commands)
+                .map_err(|e| ProposeError::Stopped { shard, message: format!("cannot encode the commands: {e}") })?;
+            (payload, None)
+        };
+        let mut request = Request::new(pb::ProposeRequest { shard: shard.0, commands: payload, typed_commands });
         request.set_timeout(REMOTE_TIMEOUT);
         let answer = match self.leader_client(leader, &peer)?.propose(request).await {
             Ok(answer) => answer.into_inner(),
@@ -90,9 +96,18 @@ impl ShardNode {
                 return Err(ProposeError::OutcomeUnknown { shard, leader, message: status.message().into() });
             }
         };
-        let outcome: Result<Committed, ProposeError> = decode(&answer.outcome)
-            .map_err(|e| ProposeError::OutcomeUnknown { shard, leader, message: format!("undecodable answer: {e}") })?;
-        outcome
+        let unknown =
+            |why: String| ProposeError::OutcomeUnknown { shard, leader, message: format!("undecodable answer: {why}") };
+        match answer.typed_outcome {
+            Some(outcome) => shard_wire::propose_outcome_from_pb(outcome).map_err(|e| unknown(e.to_string()))?,
+            None => decode(&answer.outcome).map_err(|e| unknown(e.to_string()))?,
+        }
+    }
+
+    /// Whether this shard's calls to its leader use the format-1 wire: every
+    /// member reads it once the shard's format is 1.
+    fn typed_wire(&self) -> bool {
+        self.raft.state().format() >= 1
     }
 
     /// Waits (bounded) until this node has applied the shard's log through
@@ -122,8 +137,12 @@ impl ShardNode {
             .read_index(request)
             .await
             .map_err(|status| call_failed(shard, leader, &status))?;
-        let outcome: Result<u64, ProposeError> = decode(&answer.into_inner().outcome)
-            .map_err(|e| ProposeError::LeaderUnreachable { shard, leader, message: undecodable(e) })?;
+        let answer = answer.into_inner();
+        let unreadable = |why: String| ProposeError::LeaderUnreachable { shard, leader, message: undecodable(why) };
+        let outcome: Result<u64, ProposeError> = match answer.typed_outcome {
+            Some(outcome) => shard_wire::read_index_from_pb(outcome).map_err(|e| unreadable(e.to_string()))?,
+            None => decode(&answer.outcome).map_err(|e| unreadable(e.to_string()))?,
+        };
         let index = outcome?;
         if self.applied_through(index).await { Ok(()) } else { Err(ProposeError::Lagging { shard, index }) }
     }
@@ -134,9 +153,14 @@ impl ShardNode {
             return self.change_here(change).await;
         };
         let shard = self.raft.shard();
-        let payload = encode(&change)
-            .map_err(|e| ProposeError::Stopped { shard, message: format!("cannot encode the change: {e}") })?;
-        let mut request = Request::new(pb::ChangeShardRequest { shard: shard.0, change: payload });
+        let (payload, typed_change) = if self.typed_wire() {
+            (Vec::new(), Some(shard_wire::change_to_pb(&change)))
+        } else {
+            let payload = encode(&change)
+                .map_err(|e| ProposeError::Stopped { shard, message: format!("cannot encode the change: {e}") })?;
+            (payload, None)
+        };
+        let mut request = Request::new(pb::ChangeShardRequest { shard: shard.0, change: payload, typed_change });
         request.set_timeout(CHANGE_TIMEOUT);
         // A change may be asked again: adding a member it has, or handing
         // leadership to the leader, does nothing.
@@ -145,9 +169,14 @@ impl ShardNode {
             .change_shard(request)
             .await
             .map_err(|status| call_failed(shard, leader, &status))?;
-        decode(&answer.into_inner().outcome).map_err(|e| {
-            MembershipError::from(ProposeError::LeaderUnreachable { shard, leader, message: undecodable(e) })
-        })?
+        let answer = answer.into_inner();
+        let unreadable = |why: String| {
+            MembershipError::from(ProposeError::LeaderUnreachable { shard, leader, message: undecodable(why) })
+        };
+        match answer.typed_outcome {
+            Some(outcome) => shard_wire::change_outcome_from_pb(outcome).map_err(|e| unreadable(e.to_string()))?,
+            None => decode(&answer.outcome).map_err(|e| unreadable(e.to_string()))?,
+        }
     }
 
     /// Only here: a node that does not lead the shard says so.
@@ -173,12 +202,13 @@ impl ShardNode {
             .leader_client(leader, &peer)?
             .live_sessions(request)
             .await
-            .map_err(|status| call_failed(shard, leader, &status))?;
-        decode(&answer.into_inner().outcome).map_err(|e| ProposeError::LeaderUnreachable {
-            shard,
-            leader,
-            message: undecodable(e),
-        })?
+            .map_err(|status| call_failed(shard, leader, &status))?
+            .into_inner();
+        let unreadable = |why: String| ProposeError::LeaderUnreachable { shard, leader, message: undecodable(why) };
+        match answer.typed_outcome {
+            Some(outcome) => shard_wire::live_from_pb(outcome).map_err(|e| unreadable(e.to_string()))?,
+            None => decode(&answer.outcome).map_err(|e| unreadable(e.to_string()))?,
+        }
     }
 
     /// The leader's id and peer address when another node leads this shard;
@@ -212,7 +242,7 @@ impl ShardNode {
 
 /// An answer from another node's ShardService this node cannot read (a
 /// node of another version).
-fn undecodable(error: postcard::Error) -> String {
+fn undecodable(error: String) -> String {
     format!("undecodable answer: {error}")
 }
 
@@ -265,12 +295,23 @@ impl ShardService for ShardCommands {
     async fn propose(&self, request: Request<pb::ProposeRequest>) -> Result<Response<pb::ProposeResponse>, Status> {
         let request = request.into_inner();
         let shard = self.shard(request.shard)?;
-        let commands: Vec<Command> =
-            decode(&request.commands).map_err(|e| Status::invalid_argument(format!("commands: {e}")))?;
+        let typed = request.typed_commands.is_some();
+        let commands: Vec<Command> = match request.typed_commands {
+            Some(commands) => shard_wire::commands_from_pb(commands)
+                .map_err(|e| Status::invalid_argument(format!("typed_commands: {e}")))?,
+            None => decode(&request.commands).map_err(|e| Status::invalid_argument(format!("commands: {e}")))?,
+        };
         // Only proposed here: a node that does not lead the shard says so
         // (openraft refuses), it never passes the commands on again.
         let outcome = shard.proposer.commit(commands).await;
-        Ok(Response::new(pb::ProposeResponse { outcome: encoded(&outcome)? }))
+        Ok(Response::new(if typed {
+            pb::ProposeResponse {
+                outcome: Vec::new(),
+                typed_outcome: Some(shard_wire::propose_outcome_to_pb(&outcome)),
+            }
+        } else {
+            pb::ProposeResponse { outcome: encoded(&outcome)?, typed_outcome: None }
+        }))
     }
 
     async fn read_index(
@@ -279,7 +320,13 @@ impl ShardService for ShardCommands {
     ) -> Result<Response<pb::ReadIndexResponse>, Status> {
         let shard = self.shard(request.get_ref().shard)?;
         let outcome = shard.raft.read_index().await;
-        Ok(Response::new(pb::ReadIndexResponse { outcome: encoded(&outcome)? }))
+        // A read index request has no body to tell the caller's wire by: the
+        // shard's format says it (every member reads format 1 from then on).
+        Ok(Response::new(if shard.typed_wire() {
+            pb::ReadIndexResponse { outcome: Vec::new(), typed_outcome: Some(shard_wire::read_index_to_pb(&outcome)) }
+        } else {
+            pb::ReadIndexResponse { outcome: encoded(&outcome)?, typed_outcome: None }
+        }))
     }
 
     async fn change_shard(
@@ -288,11 +335,22 @@ impl ShardService for ShardCommands {
     ) -> Result<Response<pb::ChangeShardResponse>, Status> {
         let request = request.into_inner();
         let shard = self.shard(request.shard)?;
-        let change: ShardChange =
-            decode(&request.change).map_err(|e| Status::invalid_argument(format!("change: {e}")))?;
+        let typed = request.typed_change.is_some();
+        let change: ShardChange = match request.typed_change {
+            Some(change) => shard_wire::change_from_pb(change)
+                .map_err(|e| Status::invalid_argument(format!("typed_change: {e}")))?,
+            None => decode(&request.change).map_err(|e| Status::invalid_argument(format!("change: {e}")))?,
+        };
         tracing::info!(shard = %shard.raft.shard(), ?change, "changing the shard's group for another node");
         let outcome = shard.change_here(change).await;
-        Ok(Response::new(pb::ChangeShardResponse { outcome: encoded(&outcome)? }))
+        Ok(Response::new(if typed {
+            pb::ChangeShardResponse {
+                outcome: Vec::new(),
+                typed_outcome: Some(shard_wire::change_outcome_to_pb(&outcome)),
+            }
+        } else {
+            pb::ChangeShardResponse { outcome: encoded(&outcome)?, typed_outcome: None }
+        }))
     }
 
     async fn live_sessions(
@@ -306,7 +364,11 @@ impl ShardService for ShardCommands {
             let leader = shard.raft.leader().map(|(id, node)| (id, node.client));
             Err(ProposeError::NotLeader { shard: shard.raft.shard(), leader })
         };
-        Ok(Response::new(pb::LiveSessionsResponse { outcome: encoded(&outcome)? }))
+        Ok(Response::new(if shard.typed_wire() {
+            pb::LiveSessionsResponse { outcome: Vec::new(), typed_outcome: Some(shard_wire::live_to_pb(&outcome)) }
+        } else {
+            pb::LiveSessionsResponse { outcome: encoded(&outcome)?, typed_outcome: None }
+        }))
     }
 
     async fn integrity(

@@ -145,11 +145,11 @@ pub fn batch_from_pb(batch: pb::Batch) -> Result<Batch> {
     Ok(Batch { proposed_at_ms: batch.proposed_at_ms, commands: commands.into() })
 }
 
-fn job_id_to_pb(id: JobId) -> Option<pb::JobId> {
+pub fn job_id_to_pb(id: JobId) -> Option<pb::JobId> {
     Some(pb::JobId { shard: id.shard.0, seq: id.seq })
 }
 
-fn job_id_from_pb(id: Option<pb::JobId>, what: &'static str) -> Result<JobId> {
+pub fn job_id_from_pb(id: Option<pb::JobId>, what: &'static str) -> Result<JobId> {
     let id = required(id, what)?;
     Ok(JobId { shard: ShardId(id.shard), seq: id.seq })
 }
@@ -158,7 +158,7 @@ fn session(id: &str) -> SessionId {
     SessionId(id.into())
 }
 
-fn job_state_to_pb(state: JobState) -> i32 {
+pub fn job_state_to_pb(state: JobState) -> i32 {
     (match state {
         JobState::Scheduled => pb::JobState::Scheduled,
         JobState::Ready => pb::JobState::Ready,
@@ -169,7 +169,7 @@ fn job_state_to_pb(state: JobState) -> i32 {
     }) as i32
 }
 
-fn job_state_from_pb(value: i32) -> Result<JobState> {
+pub fn job_state_from_pb(value: i32) -> Result<JobState> {
     Ok(match pb::JobState::try_from(value) {
         Ok(pb::JobState::Scheduled) => JobState::Scheduled,
         Ok(pb::JobState::Ready) => JobState::Ready,
@@ -200,7 +200,7 @@ fn reason_from_pb(value: i32) -> Result<ExpiryReason> {
     })
 }
 
-fn cursor_to_pb(cursor: &Option<PurgeCursor>) -> Option<pb::PurgeCursor> {
+pub fn cursor_to_pb(cursor: &Option<PurgeCursor>) -> Option<pb::PurgeCursor> {
     use pb::purge_cursor::At;
     cursor.map(|cursor| pb::PurgeCursor {
         at: Some(match cursor {
@@ -214,7 +214,7 @@ fn cursor_to_pb(cursor: &Option<PurgeCursor>) -> Option<pb::PurgeCursor> {
     })
 }
 
-fn cursor_from_pb(cursor: Option<pb::PurgeCursor>) -> Result<Option<PurgeCursor>> {
+pub fn cursor_from_pb(cursor: Option<pb::PurgeCursor>) -> Result<Option<PurgeCursor>> {
     use pb::purge_cursor::At;
     let Some(cursor) = cursor else { return Ok(None) };
     Ok(Some(match required(cursor.at, "purge cursor")? {
@@ -456,7 +456,7 @@ fn outcome_from_pb(value: i32) -> Result<Outcome> {
     })
 }
 
-fn job_to_pb(job: &Job) -> pb::Job {
+pub fn job_to_pb(job: &Job) -> pb::Job {
     use pb::job::Status as S;
     let status = match &job.status {
         Status::Pending => S::Pending(pb::Blank {}),
@@ -507,7 +507,7 @@ fn job_to_pb(job: &Job) -> pb::Job {
     }
 }
 
-fn job_from_pb(job: pb::Job) -> Result<Job> {
+pub fn job_from_pb(job: pb::Job) -> Result<Job> {
     use pb::job::Status as S;
     let status = match required(job.status, "job status")? {
         S::Pending(_) => Status::Pending,
