@@ -77,14 +77,7 @@ impl ShardNode {
             return self.proposer.commit(commands).await;
         };
         let shard = self.raft.shard();
-        let typed = self.typed_wire();
-        let (payload, typed_commands) = if typed {
-            (Vec::new(), Some(shard_wire::commands_to_pb(&commands)))
-        } else {
-            let payload = encode(&commands)
-                .map_err(|e| ProposeError::Stopped { shard, message: format!("cannot encode the commands: {e}") })?;
-            (payload, None)
-        };
+        let (payload, typed_commands) = self.on_the_wire(&commands, "commands", |c| shard_wire::commands_to_pb(c))?;
         let mut request = Request::new(pb::ProposeRequest { shard: shard.0, commands: payload, typed_commands });
         request.set_timeout(REMOTE_TIMEOUT);
         let answer = match self.leader_client(leader, &peer)?.propose(request).await {
@@ -108,6 +101,23 @@ impl ShardNode {
     /// member reads it once the shard's format is 1.
     fn typed_wire(&self) -> bool {
         self.raft.state().format() >= 1
+    }
+
+    /// `value` as a request carries it: the format-1 message, or postcard.
+    fn on_the_wire<T: serde::Serialize, P>(
+        &self,
+        value: &T,
+        what: &str,
+        typed: impl FnOnce(&T) -> P,
+    ) -> Result<(Vec<u8>, Option<P>), ProposeError> {
+        if self.typed_wire() {
+            return Ok((Vec::new(), Some(typed(value))));
+        }
+        let payload = encode(value).map_err(|e| ProposeError::Stopped {
+            shard: self.raft.shard(),
+            message: format!("cannot encode the {what}: {e}"),
+        })?;
+        Ok((payload, None))
     }
 
     /// Waits (bounded) until this node has applied the shard's log through
@@ -153,13 +163,7 @@ impl ShardNode {
             return self.change_here(change).await;
         };
         let shard = self.raft.shard();
-        let (payload, typed_change) = if self.typed_wire() {
-            (Vec::new(), Some(shard_wire::change_to_pb(&change)))
-        } else {
-            let payload = encode(&change)
-                .map_err(|e| ProposeError::Stopped { shard, message: format!("cannot encode the change: {e}") })?;
-            (payload, None)
-        };
+        let (payload, typed_change) = self.on_the_wire(&change, "change", shard_wire::change_to_pb)?;
         let mut request = Request::new(pb::ChangeShardRequest { shard: shard.0, change: payload, typed_change });
         request.set_timeout(CHANGE_TIMEOUT);
         // A change may be asked again: adding a member it has, or handing
