@@ -64,6 +64,14 @@ async fn a_replica_whose_state_differs_is_found_and_rebuilt() {
     let mut cluster = TestCluster::start_with(3, settings).await;
     let leader = cluster.wait_for_leader().await;
     let victim = cluster.other(leader);
+    // At the newest format, so that the snapshot edited below is always the
+    // one a cluster writes from then on.
+    eventually("every node's shard at the newest format", CLUSTER_WAIT, || async {
+        (0..3)
+            .all(|i| cluster.server(i).node().shards[0].format() == gantry_broker::format::table::FORMAT_MAX)
+            .then_some(())
+    })
+    .await;
     let mut jobs = cluster.jobs(leader);
     let canary = enqueue(&mut jobs, "canary", b"divergence-canary-0000").await;
     for i in 0..120u32 {
@@ -85,12 +93,21 @@ async fn a_replica_whose_state_differs_is_found_and_rebuilt() {
     cluster.stop(victim).await;
 
     let dir = cluster.data_dir(victim).join("snapshots").join("0");
-    let file = std::fs::read(dir.join("snapshot-v2.bin")).expect("the victim's snapshot");
-    let mut payload = file[20..].to_vec();
-    let at = payload.windows(22).position(|w| w == b"divergence-canary-0000").expect("the canary in the snapshot");
-    payload[at + 18..at + 22].copy_from_slice(b"9999");
-    std::fs::write(dir.join("snapshot-v1.bin"), &payload).expect("write");
-    std::fs::remove_file(dir.join("snapshot-v2.bin")).expect("remove");
+    // In whichever format the shard had reached (v3 from format 1, v2 at
+    // format 0; both: magic, length, CRC32, payload): the canary's payload
+    // changed in place, the checksum made right again, so the copy reads as
+    // valid and differs from the others'.
+    let (name, mut file) = ["snapshot-v3.bin", "snapshot-v2.bin"]
+        .into_iter()
+        .find_map(|name| std::fs::read(dir.join(name)).ok().map(|file| (name, file)))
+        .expect("the victim's snapshot");
+    let at =
+        20 + file[20..].windows(22).position(|w| w == b"divergence-canary-0000").expect("the canary in the snapshot");
+    file[at + 18..at + 22].copy_from_slice(b"9999");
+    let crc = crc32fast::hash(&file[20..]);
+    file[16..20].copy_from_slice(&crc.to_le_bytes());
+    std::fs::write(dir.join(name), &file).expect("write");
+    eprintln!("edited the victim's {name}");
 
     cluster.restart(victim).await;
     let raft = cluster.server(victim).node().shards[0].raft.clone();
