@@ -257,11 +257,35 @@ pub fn free_port() -> u16 {
     let _ = NEXT.compare_exchange(u32::MAX, seed % SPAN, Ordering::Relaxed, Ordering::Relaxed);
     for _ in 0..SPAN {
         let port = (LOW + NEXT.fetch_add(1, Ordering::Relaxed) % SPAN) as u16;
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+        if claim_port(port) && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
             return port;
         }
     }
     panic!("no free port in {LOW}..{}", LOW + SPAN)
+}
+
+/// Test processes run side by side (nextest), each walking the port range
+/// from its own start: two could pick the same free port before either
+/// binds it. A claim is a file created exclusively under the temp dir,
+/// honoured for a while (a test's life), then reclaimable.
+fn claim_port(port: u16) -> bool {
+    const CLAIM_FOR: Duration = Duration::from_secs(15 * 60);
+    let dir = std::env::temp_dir().join("gantry-test-ports");
+    if std::fs::create_dir_all(&dir).is_err() {
+        return true;
+    }
+    let path = dir.join(port.to_string());
+    match std::fs::OpenOptions::new().write(true).create_new(true).open(&path) {
+        Ok(_) => true,
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            let stale = std::fs::metadata(&path)
+                .and_then(|m| m.modified())
+                .is_ok_and(|at| at.elapsed().is_ok_and(|age| age > CLAIM_FOR));
+            // Rewritten, so its time is now: the next process skips it.
+            stale && std::fs::write(&path, b"").is_ok()
+        }
+        Err(_) => true,
+    }
 }
 
 /// The real `gantry serve` as a child process.
