@@ -89,30 +89,13 @@ impl ShardNode {
     /// without a call).
     pub async fn members_formats(&self, node: &Node) -> Vec<MemberFormats> {
         let status = self.raft.status();
-        let asks = status.nodes.iter().map(|(id, member)| async move {
-            if *id == node.node_id {
-                let own = NodeFormats {
-                    version: BINARY_VERSION.to_owned(),
-                    format_min: FORMAT_MIN_SUPPORTED,
-                    format_max: FORMAT_MAX,
-                    held: node.upgrade_hold.is_held(),
-                };
-                return MemberFormats { node_id: *id, answer: Ok(own) };
-            }
-            let answer = crate::cluster::node_info(&node.channels, &member.peer).await.map(|info| NodeFormats {
-                version: info.version,
-                format_min: info.format_min,
-                format_max: info.format_max,
-                held: info.upgrade_held,
-            });
-            MemberFormats { node_id: *id, answer }
-        });
+        let asks = status.nodes.iter().map(|(id, member)| node.formats_of(*id, &member.peer));
         futures::future::join_all(asks).await
     }
 
     /// The shard's format as this node applied it.
     pub fn format(&self) -> u32 {
-        self.raft.state().read().queue.format()
+        self.raft.state().format()
     }
 
     /// Raises the shard's format if every member supports a newer one;
@@ -150,25 +133,30 @@ impl Node {
 
     /// What every member of the cluster supports (`gantry cluster upgrade status`).
     pub async fn cluster_formats(&self) -> Vec<MemberFormats> {
-        let asks = self.all_members().into_iter().map(|(id, peer)| async move {
-            if id == self.node_id {
-                let own = NodeFormats {
-                    version: BINARY_VERSION.to_owned(),
-                    format_min: FORMAT_MIN_SUPPORTED,
-                    format_max: FORMAT_MAX,
-                    held: self.upgrade_hold.is_held(),
-                };
-                return MemberFormats { node_id: id, answer: Ok(own) };
-            }
-            let answer = crate::cluster::node_info(&self.channels, &peer).await.map(|info| NodeFormats {
-                version: info.version,
-                format_min: info.format_min,
-                format_max: info.format_max,
-                held: info.upgrade_held,
-            });
-            MemberFormats { node_id: id, answer }
-        });
+        let members = self.all_members();
+        let asks = members.iter().map(|(id, peer)| self.formats_of(*id, peer));
         futures::future::join_all(asks).await
+    }
+
+    /// What member `node_id` (at `peer`) supports: this node's own without
+    /// a call, the others' from their NodeInfo.
+    async fn formats_of(&self, node_id: u64, peer: &str) -> MemberFormats {
+        if node_id == self.node_id {
+            let own = NodeFormats {
+                version: BINARY_VERSION.to_owned(),
+                format_min: FORMAT_MIN_SUPPORTED,
+                format_max: FORMAT_MAX,
+                held: self.upgrade_hold.is_held(),
+            };
+            return MemberFormats { node_id, answer: Ok(own) };
+        }
+        let answer = crate::cluster::node_info(&self.channels, peer).await.map(|info| NodeFormats {
+            version: info.version,
+            format_min: info.format_min,
+            format_max: info.format_max,
+            held: info.upgrade_held,
+        });
+        MemberFormats { node_id, answer }
     }
 
     /// Holds or lifts the upgrade hold on every member; what each said.

@@ -170,7 +170,10 @@ impl DataDirFormat {
         // After the header: a crash in between leaves the header raised and
         // FORMAT behind, which the next start repairs (nothing of the new
         // format is written before both are).
-        write_durably(&self.dir, LEGACY_FILE, legacy_line(format).as_bytes())?;
+        let line = legacy_line(format);
+        if fs::read_to_string(self.dir.join(LEGACY_FILE)).ok().as_deref() != Some(line.as_str()) {
+            write_durably(&self.dir, LEGACY_FILE, line.as_bytes())?;
+        }
         if read_shards(&self.dir)?.is_none() {
             write_durably(&self.dir, SHARDS_FILE, format!("{SHARDS_PREFIX}{}\n", self.shards).as_bytes())?;
         }

@@ -304,7 +304,7 @@ impl RaftNetworkV2<C> for PeerConnection {
         let mut client = self.channels.client(&self.address).map_err(|e| self.unreachable(e))?;
         // The snapshot's own format decides, not the shard's now: a snapshot
         // of a format-0 state goes as format 0, which any member reads.
-        let typed = self.typed() && !snapshot.snapshot.get_ref().starts_with(b"GNTSNAP1");
+        let typed = self.typed() && super::state_machine::data_format_of(snapshot.snapshot.get_ref()) >= 1;
         let (header, snapshot_header) = if typed {
             (Vec::new(), Some(wire::snapshot_header_to_pb(&vote, &snapshot.meta)))
         } else {

@@ -417,7 +417,7 @@ fn read_snapshot_file(dir: &Path) -> io::Result<Option<SnapshotFileV1>> {
 /// The lowest storage format that can hold `data`: 0 for postcard, 1 for
 /// the `ShardState` encoding (its own format field may be higher; the
 /// data directory was raised to it before the file was written).
-fn data_format_of(data: &[u8]) -> u32 {
+pub fn data_format_of(data: &[u8]) -> u32 {
     u32::from(data.starts_with(STATE_MAGIC_V2.as_slice()))
 }
 

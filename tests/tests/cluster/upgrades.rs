@@ -92,6 +92,29 @@ async fn storage_faults(cluster: &BinaryCluster) -> u64 {
     total
 }
 
+/// Waits until `queue` has nothing left to do and the recording workers
+/// have no result unanswered; what is left if the queue did not drain.
+async fn drain(cluster: &BinaryCluster, queue: &str, workers: &[RecordingWorker]) -> Result<(), String> {
+    let left = cluster.wait_queue_drained(queue).await.map(|_| ()).map_err(|left| format!("{left:?}"));
+    for worker in workers {
+        eventually("recording workers idle", Duration::from_secs(20), || async { worker.is_idle().then_some(()) })
+            .await;
+    }
+    left
+}
+
+/// Every acknowledged job of `queue` ended with exactly one accepted
+/// outcome, tokens increasing (the history checker), and the queue drained.
+async fn history_holds(history: &History, endpoints: &[String], queue: &str, left: &Result<(), String>) {
+    let client = client(endpoints).await;
+    let finals = final_jobs(&client, &[queue], history.job_ids()).await;
+    match history.check(&finals, Expect::Succeeded) {
+        Ok(summary) if left.is_ok() => eprintln!("history check passed: {summary}"),
+        Ok(summary) => panic!("{left:?}\nhistory check passed: {summary}\ntimeline:\n{}", history.timeline()),
+        Err(violations) => panic!("{violations}timeline:\n{}", history.timeline()),
+    }
+}
+
 async fn rolling_upgrade(order: Order) {
     gantry_tests::init_tracing();
     let old = previous_gantry_binary();
@@ -166,21 +189,11 @@ async fn rolling_upgrade(order: Order) {
     .await;
 
     producers.stop().await;
-    let left = cluster.wait_queue_drained(queue).await;
-    for worker in &raw {
-        eventually("recording workers idle", Duration::from_secs(20), || async { worker.is_idle().then_some(()) })
-            .await;
-    }
+    let left = drain(&cluster, queue, &raw).await;
     let sdk_handle = sdk.handle.clone();
     sdk.shutdown().await;
     history.sdk_stats("sdk-0", &sdk_handle);
-    let client = client(&endpoints).await;
-    let finals = final_jobs(&client, &[queue], history.job_ids()).await;
-    match history.check(&finals, Expect::Succeeded) {
-        Ok(summary) if left.is_ok() => eprintln!("history check passed: {summary}"),
-        Ok(summary) => panic!("{left:?}\nhistory check passed: {summary}\ntimeline:\n{}", history.timeline()),
-        Err(violations) => panic!("{violations}timeline:\n{}", history.timeline()),
-    }
+    history_holds(&history, &endpoints, queue, &left).await;
     assert_eq!(storage_faults(&cluster).await, 0, "replicas' digests differed during the upgrade");
     eprintln!("timeline:\n{}", history.timeline());
     drop(raw);
@@ -279,18 +292,8 @@ async fn upgrade_downgrade_before_the_raise_works_and_after_it_is_refused() {
 
     let workers: Vec<RecordingWorker> =
         (0..2).map(|i| RecordingWorker::spawn(&history, &format!("raw-{i}"), &endpoints, queue, 8, echo)).collect();
-    let left = cluster.wait_queue_drained(queue).await;
-    for worker in &workers {
-        eventually("recording workers idle", Duration::from_secs(20), || async { worker.is_idle().then_some(()) })
-            .await;
-    }
-    let client = client(&endpoints).await;
-    let finals = final_jobs(&client, &[queue], history.job_ids()).await;
-    match history.check(&finals, Expect::Succeeded) {
-        Ok(summary) if left.is_ok() => eprintln!("history check passed: {summary}"),
-        Ok(summary) => panic!("{left:?}\nhistory check passed: {summary}\ntimeline:\n{}", history.timeline()),
-        Err(violations) => panic!("{violations}timeline:\n{}", history.timeline()),
-    }
+    let left = drain(&cluster, queue, &workers).await;
+    history_holds(&history, &endpoints, queue, &left).await;
     eprintln!("timeline:\n{}", history.timeline());
 }
 
@@ -370,18 +373,8 @@ async fn upgrade_snapshots_cross_versions_both_ways() {
     catch_up_by_snapshot(&mut cluster, 0, 2, &old, &history).await;
 
     producers.stop().await;
-    let left = cluster.wait_queue_drained(queue).await;
-    for worker in &raw {
-        eventually("recording workers idle", Duration::from_secs(20), || async { worker.is_idle().then_some(()) })
-            .await;
-    }
-    let client = client(&endpoints).await;
-    let finals = final_jobs(&client, &[queue], history.job_ids()).await;
-    match history.check(&finals, Expect::Succeeded) {
-        Ok(summary) if left.is_ok() => eprintln!("history check passed: {summary}"),
-        Ok(summary) => panic!("{left:?}\nhistory check passed: {summary}\ntimeline:\n{}", history.timeline()),
-        Err(violations) => panic!("{violations}timeline:\n{}", history.timeline()),
-    }
+    let left = drain(&cluster, queue, &raw).await;
+    history_holds(&history, &endpoints, queue, &left).await;
     assert_eq!(storage_faults(&cluster).await, 0, "replicas' digests differed across versions");
     eprintln!("timeline:\n{}", history.timeline());
 }
