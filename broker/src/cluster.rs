@@ -112,13 +112,18 @@ pub async fn bootstrap(node: Arc<Node>, initial: BTreeMap<u64, String>, mut shut
     // until it knows the cluster is new), so the first election may find
     // no voter: stand again at each retry instead of waiting a whole
     // election timeout per refusal.
+    let mut candidacies: BTreeMap<u32, u64> = BTreeMap::new();
     loop {
         let leaderless: Vec<_> = pending.iter().filter(|s| s.raft.leader().is_none()).collect();
         if leaderless.is_empty() {
             return;
         }
         for shard in leaderless {
-            shard.raft.campaign().await;
+            let id = shard.raft.shard().0;
+            match shard.raft.campaign(candidacies.get(&id).copied()).await {
+                Some(term) => candidacies.insert(id, term),
+                None => candidacies.remove(&id),
+            };
         }
         tokio::select! {
             _ = tokio::time::sleep(RETRY) => {}

@@ -575,17 +575,27 @@ impl ShardRaft {
     /// Stands for election now, unless fenced: for the initializer of a
     /// new cluster, whose first election may have met peers that refused
     /// their vote while they were finding out whether the cluster is new.
-    pub async fn campaign(&self) {
+    /// `candidate_before` is the term this returned at the previous retry:
+    /// an election still under way in a newer term is left to finish (a new
+    /// one would end it), but one that made no progress since then was
+    /// refused and would otherwise wait out a whole election timeout.
+    /// Returns the term of the election under way, if any.
+    pub async fn campaign(&self, candidate_before: Option<u64>) -> Option<u64> {
         if self.fenced().is_some() || self.leader().is_some() {
-            return;
+            return None;
         }
-        // An election under way is left to finish (a new one would end it).
-        if self.raft().metrics().borrow_watched().state == ServerState::Candidate {
-            return;
+        let (state, term) = {
+            let metrics = self.raft().metrics();
+            let m = metrics.borrow_watched();
+            (m.state, m.current_term)
+        };
+        if state == ServerState::Candidate && candidate_before != Some(term) {
+            return Some(term);
         }
         if let Err(e) = self.raft().trigger().elect(true).await {
             tracing::debug!(shard = %self.shard, error = %e, "standing for election");
         }
+        None
     }
 
     pub fn shard(&self) -> ShardId {
