@@ -43,6 +43,15 @@ wait_leader() {
   echo "no leader" >&2; tail -n 20 "$ROOT"/n*.log >&2; exit 1
 }
 LEADER=$(wait_leader)
+# A new cluster starts at format 0 and its leaders raise it within seconds:
+# measure at the format the binary runs in production.
+for _ in $(seq 1 100); do
+  "$BIN" cluster upgrade status --addr "$ALL" --json 2>/dev/null | python3 -c '
+import json, sys
+s = json.load(sys.stdin)
+sys.exit(0 if s["shards"] and all(x["format"] == s["newest_format"] for x in s["shards"]) else 1)' && break
+  sleep 0.2
+done
 echo "== gantry $("$BIN" --version | cut -d' ' -f2): three nodes at $ALL, leader node $LEADER" >&2
 
 if [[ $WHAT == all || $WHAT == e2e ]]; then
@@ -57,9 +66,58 @@ if [[ $WHAT == all || $WHAT == e2e ]]; then
   echo "== enqueue only, SDK coalescing (4096 in flight)" >&2
   "$BIN" bench --addr "$ALL" --scenario enqueue --jobs 200000 --coalesce 512 --in-flight 4096 -q
 fi
+# CPU ticks (utime+stime) and context switches (voluntary+involuntary) of
+# the three nodes, all threads: "ticks switches".
+node_usage() {
+  local ticks=0 switches=0 pid t v n
+  for pid in "${PIDS[@]}"; do
+    t=$(awk '{print $14 + $15}' "/proc/$pid/stat")
+    v=0 n=0
+    # Each thread counts its own switches (a thread that exited takes its
+    # count along: the blocking pool's come and go).
+    for task in /proc/"$pid"/task/*; do
+      v=$((v + $(awk '/^voluntary_ctxt_switches/ {print $2}' "$task/status" 2>/dev/null || echo 0)))
+      n=$((n + $(awk '/^nonvoluntary_ctxt_switches/ {print $2}' "$task/status" 2>/dev/null || echo 0)))
+    done
+    ticks=$((ticks + t)); switches=$((switches + v + n))
+  done
+  echo "$ticks $switches"
+}
 if [[ $WHAT == all || $WHAT == latency ]]; then
-  echo "== latency at 2000 jobs/s for 10 s" >&2
-  "$BIN" bench --addr "$ALL" --scenario latency --rate 2000 --duration 10s -q
+  RATE=${RATE:-2000}
+  echo "== latency at $RATE jobs/s for 10 s" >&2
+  read -r T0 S0 <<<"$(node_usage)"
+  /usr/bin/time -o "$ROOT/bench.time" -f "%U %S %w %c" \
+    "$BIN" bench --addr "$ALL" --scenario latency --rate "$RATE" --duration 10s -q
+  read -r T1 S1 <<<"$(node_usage)"
+  read -r BU BS BW BC <"$ROOT/bench.time"
+  HZ=$(getconf CLK_TCK)
+  python3 - "$T0" "$T1" "$S0" "$S1" "$HZ" "$BU" "$BS" "$BW" "$BC" "$RATE" <<'PY'
+import sys
+t0, t1, s0, s1, hz = (int(x) for x in sys.argv[1:6])
+bu, bs = float(sys.argv[6]), float(sys.argv[7])
+bw, bc, rate = int(sys.argv[8]), int(sys.argv[9]), int(sys.argv[10])
+jobs = rate * 10
+nodes_cpu = (t1 - t0) / hz
+print(f"cpu per job: nodes {nodes_cpu / jobs * 1e6:.0f} us, bench {(bu + bs) / jobs * 1e6:.0f} us, "
+      f"all {(nodes_cpu + bu + bs) / jobs * 1e6:.0f} us; context switches per job: nodes {(s1 - s0) / jobs:.1f}, "
+      f"bench {(bw + bc) / jobs:.1f}")
+PY
+  # Where a commit's time goes, per node (the leader's commit line is the one that counts).
+  for i in 1 2 3; do
+    curl -s "http://127.0.0.1:$((BASE + 10 * (i - 1) + 2))/metrics" | python3 -c '
+import sys, re
+sums, counts, streams = {}, {}, {}
+for line in sys.stdin:
+    m = re.match(r"(gantry_raft_(?:commit|log_sync)_seconds)_(sum|count)\{shard=\"0\"\} (\S+)", line)
+    if m:
+        (sums if m.group(2) == "sum" else counts)[m.group(1)] = float(m.group(3))
+    m = re.match(r"gantry_raft_append_streams_total\{shard=\"0\",outcome=\"(\w+)\"\} (\S+)", line)
+    if m:
+        streams[m.group(1)] = int(float(m.group(2)))
+parts = [f"{k[12:-8]} mean {sums[k] / counts[k] * 1000:.2f} ms over {int(counts[k])}" for k in sorted(sums) if counts.get(k)]
+print(f"node '"$i"': " + "; ".join(parts) + (f"; streams {streams}" if streams else ""))'
+  done
 fi
 if [[ $WHAT == all || $WHAT == failover ]]; then
   LEADER=$(wait_leader)

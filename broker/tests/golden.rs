@@ -353,6 +353,47 @@ fn format_1_golden_bytes() {
     assert_eq!(decode_header(&stored(1, "HEADER")).expect("decodes"), header);
 }
 
+/// Format 2: the pipelined replication stream's messages (the state and
+/// files are format 1's, at format 2).
+#[test]
+fn format_2_golden_bytes() {
+    use gantry_broker::raft::{append_stream::answer_to_pb, wire::append_to_pb};
+    use gantry_proto::peer as pb;
+    let leader = openraft::vote::leader_id_adv::LeaderId { term: 3, node_id: 2 };
+    let entries: Vec<Entry> = sample_entries().into_iter().map(|(_, e)| e).collect();
+    let append = openraft::raft::AppendEntriesRequest::<TypeConfig> {
+        vote: openraft::Vote::new_committed(3, 2),
+        prev_log_id: Some(openraft::LogId::new(leader, 0)),
+        entries,
+        leader_commit: Some(openraft::LogId::new(leader, 1)),
+    };
+    let request = pb::AppendStreamRequest { shard: 3, seq: 41, append: Some(append_to_pb(&append)) };
+    golden(2, "append-stream-request.bin", &request.encode_to_vec());
+    let read = pb::AppendStreamRequest::decode(stored(2, "append-stream-request.bin").as_slice()).expect("pb");
+    let decoded = gantry_broker::raft::wire::append_from_pb(read.append.expect("append")).expect("decodes");
+    assert_eq!((read.shard, read.seq, decoded.entries, decoded.vote), (3, 41, append.entries.clone(), append.vote));
+    let answers: Vec<(&str, openraft::raft::StreamAppendResult<TypeConfig>)> = vec![
+        ("matched", Ok(Some(openraft::LogId::new(leader, 3)))),
+        ("matched-nothing", Ok(None)),
+        ("conflict", Err(openraft::raft::StreamAppendError::Conflict(openraft::LogId::new(leader, 2)))),
+        ("higher-vote", Err(openraft::raft::StreamAppendError::HigherVote(openraft::Vote::new(4, 1)))),
+    ];
+    for (name, answer) in answers {
+        golden(2, &format!("append-stream-response-{name}.bin"), &answer_to_pb(41, &answer).encode_to_vec());
+    }
+    let refused = pb::AppendStreamResponse {
+        seq: 41,
+        result: Some(pb::append_stream_response::Result::Refused("shard 3: its Raft stopped".into())),
+    };
+    golden(2, "append-stream-response-refused.bin", &refused.encode_to_vec());
+    let state = sample_state(2);
+    golden(2, "state.bin", &encode_state_data(&state));
+    assert_eq!(decode_state_data(&stored(2, "state.bin")).expect("decodes"), state);
+    let header = DataDirHeader { format: 2, min_reader: 2, written_by: "0.3.0".into(), shards: 4 };
+    golden(2, "HEADER", &encode_header(&header));
+    assert_eq!(decode_header(&stored(2, "HEADER")).expect("decodes"), header);
+}
+
 /// Every format this build knows has its golden files; a new format
 /// without them fails here.
 #[test]
@@ -362,5 +403,5 @@ fn every_format_has_golden_bytes() {
         let files = std::fs::read_dir(&dir).map(|d| d.count()).unwrap_or(0);
         assert!(files > 0, "format {} has no golden bytes in {}", info.format, dir.display());
     }
-    assert_eq!(FORMAT_MAX, 1, "a new format: add its golden test (format_{}_golden_bytes)", FORMAT_MAX);
+    assert_eq!(FORMAT_MAX, 2, "a new format: add its golden test (format_{}_golden_bytes)", FORMAT_MAX);
 }

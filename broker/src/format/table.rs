@@ -24,6 +24,11 @@ pub const FORMATS: &[FormatInfo] = &[
         introduced: "protobuf encodings (gantry.storage.v1) on disk and between brokers; the format gate \
                      (SetFormat); Admin.DeleteQueue",
     },
+    FormatInfo {
+        format: 2,
+        introduced: "pipelined replication: AppendEntries over one long-lived stream per follower and shard \
+                     (PeerService.AppendStream)",
+    },
 ];
 
 /// The newest format this binary reads and writes.
@@ -45,6 +50,8 @@ pub struct Feature {
 }
 
 pub const DELETE_QUEUE: Feature = Feature { name: "DeleteQueue", format: 1 };
+/// Not a command: which peer protocol a shard's leader replicates with.
+pub const APPEND_STREAM: Feature = Feature { name: "AppendStream", format: 2 };
 
 pub fn describe(format: u32) -> &'static str {
     FORMATS.iter().find(|f| f.format == format).map_or("unknown to this gantry", |f| f.introduced)

@@ -264,6 +264,19 @@ pub fn render(node: &Node) -> String {
     }
     families.push(faults);
 
+    let mut streams = Family::new(
+        "gantry_raft_append_streams_total",
+        "counter",
+        "On a shard's leader: pipelined replication streams to followers (storage format 2 on), by outcome: opened, or broken (a follower stalled past the heartbeat interval, reset or refused the stream; what was in flight is sent again on a new one).",
+    );
+    for shard in &node.shards {
+        let id = shard.raft.shard().to_string();
+        let (opened, broken) = shard.raft.timings().streams();
+        streams.add(&[("shard", &id), ("outcome", "opened")], opened);
+        streams.add(&[("shard", &id), ("outcome", "broken")], broken);
+    }
+    families.push(streams);
+
     type Timing = fn(&crate::raft::ShardRaft) -> LatencyHistogram;
     let timing_families: [(&'static str, &'static str, Timing); 2] = [
         (

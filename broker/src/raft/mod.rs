@@ -2,6 +2,7 @@
 //! adapter and the network. The only module that names openraft types; the
 //! rest of the broker sees `ShardRaft`, `ShardStatus` and `ProposeError`.
 
+pub mod append_stream;
 pub mod guard;
 pub mod log_store;
 mod log_tail;
@@ -320,7 +321,7 @@ impl ShardRaft {
             may_rebuild_from_peers: settings.may_rebuild_from_peers,
             data_format: settings.data_format.clone(),
         };
-        let network = PeerNetwork { shard, channels, state: state.clone() };
+        let network = PeerNetwork { shard, channels, state: state.clone(), timings: timings.clone() };
         let store_alive = log.alive_probe();
         let raft = GantryRaft::new(node_id, Arc::new(config), network, log, sm)
             .await

@@ -13,14 +13,16 @@ use std::{
     time::Duration,
 };
 
+use futures::Stream;
 use gantry_proto::peer::{self as pb, peer_service_client::PeerServiceClient as PeerRpcClient};
 use openraft::{
     OptionalSend, RaftNetworkFactory, RaftNetworkV2,
+    base::{BoxFuture, BoxStream},
     errors::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable},
     network::RPCOption,
     raft::{
-        AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest, TransferLeaderResponse,
-        VoteRequest, VoteResponse,
+        AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, StreamAppendResult, TransferLeaderRequest,
+        TransferLeaderResponse, VoteRequest, VoteResponse,
     },
     type_config::alias::{SnapshotOf, VoteOf},
 };
@@ -28,10 +30,12 @@ use serde::{Serialize, de::DeserializeOwned};
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 use super::{
+    append_stream,
     types::{GantryNode, TypeConfig},
     wire,
 };
 use crate::format::storage::DecodeError;
+use crate::format::table::APPEND_STREAM;
 use crate::queue::ShardId;
 
 type C = TypeConfig;
@@ -164,6 +168,7 @@ pub struct PeerNetwork {
     pub channels: PeerChannels,
     /// The shard's applied state: its format picks the wire encoding.
     pub state: Arc<super::state_machine::ShardState>,
+    pub timings: Arc<super::timings::Timings>,
 }
 
 impl RaftNetworkFactory<C> for PeerNetwork {
@@ -176,6 +181,7 @@ impl RaftNetworkFactory<C> for PeerNetwork {
             address: node.peer.clone(),
             channels: self.channels.clone(),
             state: self.state.clone(),
+            timings: self.timings.clone(),
         }
     }
 }
@@ -186,6 +192,7 @@ pub struct PeerConnection {
     address: String,
     channels: PeerChannels,
     state: Arc<super::state_machine::ShardState>,
+    timings: Arc<super::timings::Timings>,
 }
 
 impl PeerConnection {
@@ -259,15 +266,31 @@ impl RaftNetworkV2<C> for PeerConnection {
         rpc: AppendEntriesRequest<C>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<C>, RPCError<C>> {
-        if !self.typed() {
-            return self.call(pb::RaftKind::AppendEntries, &rpc, option.hard_ttl()).await;
+        self.unary_append(rpc, option).await
+    }
+
+    /// From format 2 one `AppendStream` call carries the requests with
+    /// several in flight (`append_stream`); before it they go one at a time
+    /// as unary calls, which every member reads.
+    fn stream_append<'s, S>(
+        &'s mut self,
+        input: S,
+        option: RPCOption,
+    ) -> BoxFuture<'s, Result<BoxStream<'s, Result<StreamAppendResult<C>, RPCError<C>>>, RPCError<C>>>
+    where
+        S: Stream<Item = AppendEntriesRequest<C>> + OptionalSend + Unpin + 'static,
+    {
+        if self.state.format() < APPEND_STREAM.format {
+            let this: &'s Self = self;
+            return Box::pin(async move {
+                Ok(append_stream::sequential(input, move |request| this.unary_append(request, option.clone())))
+            });
         }
-        let body = pb::raft_request::Body::AppendEntries(wire::append_to_pb(&rpc));
-        self.typed_call(pb::RaftKind::AppendEntries, body, option.hard_ttl(), |answer| match answer {
-            pb::raft_response::Body::AppendEntries(r) => Some(wire::append_response_from_pb(r)),
-            _ => None,
+        Box::pin(async move {
+            let client = self.channels.client(&self.address).map_err(|e| self.unreachable(e))?;
+            let peer = format!("node {} at {}", self.target, self.address);
+            append_stream::open(client, self.shard.0, peer, input, option.hard_ttl(), self.timings.clone()).await
         })
-        .await
     }
 
     async fn vote(&mut self, rpc: VoteRequest<C>, option: RPCOption) -> Result<VoteResponse<C>, RPCError<C>> {
@@ -344,6 +367,23 @@ impl RaftNetworkV2<C> for PeerConnection {
 }
 
 impl PeerConnection {
+    /// One AppendEntries as a unary `Raft` call.
+    async fn unary_append(
+        &self,
+        rpc: AppendEntriesRequest<C>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<C>, RPCError<C>> {
+        if !self.typed() {
+            return self.call(pb::RaftKind::AppendEntries, &rpc, option.hard_ttl()).await;
+        }
+        let body = pb::raft_request::Body::AppendEntries(wire::append_to_pb(&rpc));
+        self.typed_call(pb::RaftKind::AppendEntries, body, option.hard_ttl(), |answer| match answer {
+            pb::raft_response::Body::AppendEntries(r) => Some(wire::append_response_from_pb(r)),
+            _ => None,
+        })
+        .await
+    }
+
     async fn vote_call(
         &self,
         kind: pb::RaftKind,

@@ -203,6 +203,26 @@ impl PeerRpc for PeerService {
         Ok(Response::new(pb::SetUpgradeHoldResponse {}))
     }
 
+    type AppendStreamStream = futures::stream::BoxStream<'static, Result<pb::AppendStreamResponse, Status>>;
+
+    async fn append_stream(
+        &self,
+        request: Request<Streaming<pb::AppendStreamRequest>>,
+    ) -> Result<Response<Self::AppendStreamStream>, Status> {
+        // The shard is named up front so that the stream opens before the
+        // leader has a request to send.
+        let id = request
+            .metadata()
+            .get(super::append_stream::SHARD_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u32>().ok())
+            .ok_or_else(|| {
+                Status::invalid_argument(format!("append stream: no {} header", super::append_stream::SHARD_HEADER))
+            })?;
+        let shard = self.shard(id)?.clone();
+        Ok(Response::new(super::append_stream::serve(shard, request.into_inner())))
+    }
+
     async fn node_info(
         &self,
         _request: Request<pb::NodeInfoRequest>,

@@ -215,7 +215,12 @@ impl ShardRaft {
             parts.events.clone(),
             parts.data_format.clone(),
         );
-        let network = PeerNetwork { shard: self.shard, channels: parts.channels.clone(), state: self.state.clone() };
+        let network = PeerNetwork {
+            shard: self.shard,
+            channels: parts.channels.clone(),
+            state: self.state.clone(),
+            timings: self.timings.clone(),
+        };
         let raft = GantryRaft::new(parts.node_id, parts.config.clone(), network, log, sm)
             .await
             .map_err(|e| RaftError::Raft(e.to_string()))?;

@@ -2,7 +2,13 @@
 //! `/metrics`. Raft latency is disk latency first: a slow or throttled
 //! volume shows here before it shows as slow enqueues.
 
-use std::{sync::Mutex, time::Duration};
+use std::{
+    sync::{
+        Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
 
 /// Upper bounds of the buckets, in microseconds: a local NVMe sync is
 /// ~0.1 ms, a network volume's several ms, a stalled one seconds.
@@ -49,6 +55,11 @@ pub struct Timings {
     /// On the leader: each entry from proposal until applied here
     /// (replication to a quorum, their syncs, apply).
     commit: Mutex<LatencyHistogram>,
+    /// On the leader: replication streams (format 2) opened to followers,
+    /// and those that broke (stalled, reset, refused). Many broken streams
+    /// mean a flaky peer link: each costs a resend of what was in flight.
+    streams_opened: AtomicU64,
+    streams_broken: AtomicU64,
 }
 
 impl Timings {
@@ -58,6 +69,19 @@ impl Timings {
 
     pub fn committed(&self, elapsed: Duration) {
         lock(&self.commit).observe(elapsed);
+    }
+
+    pub fn stream_opened(&self) {
+        self.streams_opened.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn stream_broken(&self) {
+        self.streams_broken.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// (opened, broken) replication streams.
+    pub fn streams(&self) -> (u64, u64) {
+        (self.streams_opened.load(Ordering::Relaxed), self.streams_broken.load(Ordering::Relaxed))
     }
 
     pub fn log_sync(&self) -> LatencyHistogram {
