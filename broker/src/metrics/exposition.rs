@@ -269,13 +269,20 @@ pub fn render(node: &Node) -> String {
         "counter",
         "On a shard's leader: pipelined replication streams to followers (storage format 2 on), by outcome: opened, or broken (a follower stalled past the heartbeat interval, reset or refused the stream; what was in flight is sent again on a new one).",
     );
+    let mut streamed = Family::new(
+        "gantry_raft_append_stream_requests_total",
+        "counter",
+        "On a shard's leader: AppendEntries requests sent over replication streams (the rest, heartbeats and all replication before storage format 2, go as unary calls).",
+    );
     for shard in &node.shards {
         let id = shard.raft.shard().to_string();
-        let (opened, broken) = shard.raft.timings().streams();
-        streams.add(&[("shard", &id), ("outcome", "opened")], opened);
-        streams.add(&[("shard", &id), ("outcome", "broken")], broken);
+        let counts = shard.raft.timings().streams();
+        streams.add(&[("shard", &id), ("outcome", "opened")], counts.opened);
+        streams.add(&[("shard", &id), ("outcome", "broken")], counts.broken);
+        streamed.add(&[("shard", &id)], counts.requests);
     }
     families.push(streams);
+    families.push(streamed);
 
     type Timing = fn(&crate::raft::ShardRaft) -> LatencyHistogram;
     let timing_families: [(&'static str, &'static str, Timing); 2] = [

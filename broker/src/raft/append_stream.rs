@@ -199,7 +199,7 @@ where
     });
     // Room is bounded by the pipeline; the channel only hands over.
     let (tx, rx) = mpsc::channel(1);
-    let sender = AbortOnDrop(tokio::spawn(feed(input, tx, window.clone(), shard)));
+    let sender = AbortOnDrop(tokio::spawn(feed(input, tx, window.clone(), shard, timings.clone())));
     let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
     request.metadata_mut().insert(SHARD_HEADER, shard.into());
     let opened = tokio::time::timeout(ttl, client.append_stream(request)).await;
@@ -230,8 +230,13 @@ where
 }
 
 /// Sends openraft's requests as room allows, numbering them.
-async fn feed<S>(mut input: S, tx: mpsc::Sender<pb::AppendStreamRequest>, window: Arc<Window>, shard: u32)
-where
+async fn feed<S>(
+    mut input: S,
+    tx: mpsc::Sender<pb::AppendStreamRequest>,
+    window: Arc<Window>,
+    shard: u32,
+    timings: Arc<Timings>,
+) where
     S: Stream<Item = AppendEntriesRequest<C>> + Send + Unpin + 'static,
 {
     while let Some(request) = input.next().await {
@@ -249,6 +254,7 @@ where
         if tx.send(pb::AppendStreamRequest { shard, seq, append: Some(append) }).await.is_err() {
             return;
         }
+        timings.streamed_request();
     }
 }
 
@@ -324,16 +330,21 @@ pub fn answer_to_pb(seq: u64, answer: &Answer) -> pb::AppendStreamResponse {
 }
 
 /// Before format 2: the requests one at a time, each a unary call made by
-/// `append`, until the input ends, an answer is not a full success, or a
-/// call fails.
-pub fn sequential<'s, S, F, Fut>(input: S, append: F) -> AnswerStream<'s>
+/// `append`, until the input ends, an answer is not a full success, a call
+/// fails, or `stop` says so before the next request is taken (nothing taken
+/// from `input` is then left unsent).
+pub fn sequential<'s, S, P, F, Fut>(input: S, stop: P, append: F) -> AnswerStream<'s>
 where
     S: Stream<Item = AppendEntriesRequest<C>> + Send + Unpin + 's,
+    P: Fn() -> bool + Send + 's,
     F: FnMut(AppendEntriesRequest<C>) -> Fut + Send + 's,
     Fut: std::future::Future<Output = Result<AppendEntriesResponse<C>, RPCError<C>>> + Send + 's,
 {
-    futures::stream::unfold(Some((input, append)), |state| async move {
-        let (mut input, mut append) = state?;
+    futures::stream::unfold(Some((input, stop, append)), |state| async move {
+        let (mut input, stop, mut append) = state?;
+        if stop() {
+            return None;
+        }
         let request = input.next().await?;
         let (prev, last) = (request.prev_log_id, last_log_id(&request));
         match append(request).await {
@@ -345,7 +356,7 @@ where
                     || matches!(&response, AppendEntriesResponse::PartialSuccess(m) if *m == last);
                 let answer = response.into_stream_result(prev, last);
                 let go_on = full && answer.is_ok();
-                Some((Ok(answer), go_on.then_some((input, append))))
+                Some((Ok(answer), go_on.then_some((input, stop, append))))
             }
         }
     })

@@ -13,7 +13,7 @@ use std::{
     time::Duration,
 };
 
-use futures::Stream;
+use futures::{FutureExt, Stream, StreamExt};
 use gantry_proto::peer::{self as pb, peer_service_client::PeerServiceClient as PeerRpcClient};
 use openraft::{
     OptionalSend, RaftNetworkFactory, RaftNetworkV2,
@@ -282,11 +282,38 @@ impl RaftNetworkV2<C> for PeerConnection {
     {
         if self.state.format() < APPEND_STREAM.format {
             let this: &'s Self = self;
+            // openraft keeps a session open as long as the follower keeps
+            // up: this one ends once the shard's format allows the stream,
+            // and openraft opens the next from what the follower confirmed.
+            let state = self.state.clone();
+            let raised = move || state.format() >= APPEND_STREAM.format;
             return Box::pin(async move {
-                Ok(append_stream::sequential(input, move |request| this.unary_append(request, option.clone())))
+                Ok(append_stream::sequential(input, raised, move |request| this.unary_append(request, option.clone())))
             });
         }
         Box::pin(async move {
+            let mut input = input;
+            let Some(first) = input.next().await else {
+                return Ok(futures::stream::empty().boxed());
+            };
+            // A lone request (a heartbeat, a probe) goes as one unary call:
+            // a stream costs both sides a task or two and its setup. Polling
+            // the input once more does not lose a request it is still
+            // building: that stays inside the stream for the next poll.
+            let peeked = match input.next().now_or_never() {
+                Some(None) => {
+                    let this: &'s Self = self;
+                    let lone = futures::stream::iter([first]);
+                    return Ok(append_stream::sequential(
+                        lone,
+                        || false,
+                        move |request| this.unary_append(request, option.clone()),
+                    ));
+                }
+                Some(Some(second)) => vec![first, second],
+                None => vec![first],
+            };
+            let input = futures::stream::iter(peeked).chain(input);
             let client = self.channels.client(&self.address).map_err(|e| self.unreachable(e))?;
             let peer = format!("node {} at {}", self.target, self.address);
             append_stream::open(client, self.shard.0, peer, input, option.hard_ttl(), self.timings.clone()).await

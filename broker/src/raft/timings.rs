@@ -46,6 +46,13 @@ impl LatencyHistogram {
     }
 }
 
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StreamCounts {
+    pub opened: u64,
+    pub broken: u64,
+    pub requests: u64,
+}
+
 /// One shard's timings on this node.
 #[derive(Debug, Default)]
 pub struct Timings {
@@ -60,6 +67,8 @@ pub struct Timings {
     /// mean a flaky peer link: each costs a resend of what was in flight.
     streams_opened: AtomicU64,
     streams_broken: AtomicU64,
+    /// AppendEntries requests sent over those streams.
+    streamed_requests: AtomicU64,
 }
 
 impl Timings {
@@ -79,9 +88,17 @@ impl Timings {
         self.streams_broken.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// (opened, broken) replication streams.
-    pub fn streams(&self) -> (u64, u64) {
-        (self.streams_opened.load(Ordering::Relaxed), self.streams_broken.load(Ordering::Relaxed))
+    pub fn streamed_request(&self) {
+        self.streamed_requests.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Replication streams opened and broken, and the requests sent over them.
+    pub fn streams(&self) -> StreamCounts {
+        StreamCounts {
+            opened: self.streams_opened.load(Ordering::Relaxed),
+            broken: self.streams_broken.load(Ordering::Relaxed),
+            requests: self.streamed_requests.load(Ordering::Relaxed),
+        }
     }
 
     pub fn log_sync(&self) -> LatencyHistogram {

@@ -117,3 +117,45 @@ async fn the_binary_refuses_a_data_directory_of_a_newer_format() {
     );
     assert_eq!(std::fs::read(data.join("HEADER")).expect("header"), bytes, "the refusal changed the header");
 }
+
+/// Replication goes over the pipelined stream once a shard reaches format
+/// 2, and only then: a held shard's leader sends every AppendEntries as a
+/// unary call; once raised, the replication session that was running ends
+/// and the next streams (without waiting for a leader change).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_raised_shard_replicates_over_a_stream_and_a_held_one_does_not() {
+    let cluster = held_cluster().await;
+    let leader = cluster.wait_for_leader().await;
+    let shard = |i: usize| cluster.server(i).node().shards[0].clone();
+    let mut jobs = cluster.jobs(leader);
+    for n in 0..20 {
+        gantry_tests::enqueue(&mut jobs, "streamed", format!("held {n}").as_bytes()).await;
+    }
+    assert_eq!(shard(leader).raft.timings().streams().requests, 0, "a shard below format 2 never streams");
+
+    let mut admin = cluster.admin(leader);
+    admin.finalize_upgrade(proto::FinalizeUpgradeRequest {}).await.expect("finalize");
+    eventually("every node raised", CLUSTER_WAIT, || async {
+        (0..3).all(|i| shard(i).format() >= gantry_broker::format::table::APPEND_STREAM.format).then_some(())
+    })
+    .await;
+    let mut last = None;
+    for n in 0..20 {
+        last = Some(gantry_tests::enqueue(&mut jobs, "streamed", format!("raised {n}").as_bytes()).await);
+    }
+    let streamed = shard(leader).raft.timings().streams();
+    assert!(streamed.requests > 0 && streamed.opened > 0, "no AppendEntries went over a stream: {streamed:?}");
+    assert_eq!(streamed.broken, 0, "{streamed:?}");
+    let index = shard(leader).raft.status().applied_index;
+    for i in 0..3 {
+        cluster.wait_applied(i, index).await;
+    }
+    let mut follower = cluster.jobs(cluster.other(leader));
+    let job = follower
+        .get_job(proto::GetJobRequest { job_id: last.expect("enqueued") })
+        .await
+        .expect("replicated")
+        .into_inner();
+    assert_eq!(job.payload, b"raised 19");
+    tokio::time::timeout(Duration::from_secs(30), cluster.shutdown()).await.expect("shutdown");
+}
