@@ -4,7 +4,7 @@
 # (leader SIGKILL -> first acknowledged enqueue; dead worker -> its job
 # reassigned). Every node fsyncs before acknowledging.
 #
-#   scripts/bench-cluster.sh [e2e|latency|failover|all]  (default all)
+#   scripts/bench-cluster.sh [e2e|latency|consume|failover|all]  (default all)
 # Env: GANTRY_BIN (default target/release/gantry), ECHO_WORKER_BIN.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -65,6 +65,10 @@ if [[ $WHAT == all || $WHAT == e2e ]]; then
   "$BIN" bench --addr "$ALL" --scenario enqueue --jobs 200000 --batch 100 --in-flight 16 -q
   echo "== enqueue only, SDK coalescing (4096 in flight)" >&2
   "$BIN" bench --addr "$ALL" --scenario enqueue --jobs 200000 --coalesce 512 --in-flight 4096 -q
+fi
+if [[ $WHAT == consume ]]; then
+  echo "== consume: a backlog of 200000 (EnqueueBatch of 100), then 4 workers x 128 empty it" >&2
+  "$BIN" bench --addr "$ALL" --scenario consume --jobs 200000 --batch 100 --in-flight 16 --workers 4 --worker-concurrency 128 -q
 fi
 # CPU ticks (utime+stime) and context switches (voluntary+involuntary) of
 # the three nodes, all threads: "ticks switches".
