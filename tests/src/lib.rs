@@ -21,6 +21,7 @@ pub use gantry_proto::v1;
 pub mod cluster;
 pub mod faults;
 pub mod history;
+pub mod proxy;
 pub mod security;
 
 /// Short liveness settings so expiry scenarios take about a second.

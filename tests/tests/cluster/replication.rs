@@ -297,3 +297,82 @@ async fn hands_over_at_shutdown(size: usize) {
     cluster.restart(leader).await;
     cluster.shutdown().await;
 }
+
+/// Peer links that drop mid-pipeline: every node's peer traffic goes
+/// through a proxy that, at seeded random moments, closes every connection
+/// through it while jobs are enqueued. Replication streams break with
+/// requests in flight and openraft resends from what each follower
+/// confirmed: every acknowledged job is then on every node, and the
+/// replicas' states are identical at the same index.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replication_streams_survive_peer_links_cut_mid_pipeline() {
+    use gantry_tests::{faults, proxy::Proxy};
+    let test = "replication::replication_streams_survive_peer_links_cut_mid_pipeline";
+    let seed = faults::seed_from_env(gantry_broker::dispatch::queue_hash(test));
+    eprintln!("replay: {}", faults::replay_command(test, seed));
+    let mut rng = faults::Rng::new(seed);
+    let proxies = vec![Proxy::start().await, Proxy::start().await, Proxy::start().await];
+    let initial: String =
+        proxies.iter().enumerate().map(|(i, p)| format!("{}={}", i + 1, p.addr)).collect::<Vec<_>>().join(",");
+    let routes: Vec<_> = proxies.iter().map(|p| p.addr.to_string()).collect();
+    let cluster = TestCluster::start_with(3, |config| {
+        let i = config.node_id as usize - 1;
+        config.initial_cluster = initial.parse().expect("initial cluster");
+        config.peer_advertise = Some(routes[i].clone());
+        proxies[i].set_target(config.peer_listen);
+    })
+    .await;
+    let leader = cluster.wait_for_leader().await;
+    eventually("the shard streams its replication", CLUSTER_WAIT, || async {
+        gantry_tests::enqueue(&mut cluster.jobs(leader), "warm-up", b"x").await;
+        (cluster.server(leader).node().shards[0].raft.timings().streams().requests > 0).then_some(())
+    })
+    .await;
+
+    let mut acknowledged = Vec::new();
+    let mut jobs: Vec<_> = (0..3).map(|i| cluster.jobs(i)).collect();
+    let mut next_cut = tokio::time::Instant::now();
+    for n in 0..600u32 {
+        if tokio::time::Instant::now() >= next_cut {
+            let which = rng.below(3) as usize;
+            proxies[which].cut();
+            next_cut = tokio::time::Instant::now() + Duration::from_millis(rng.range(20..=150));
+        }
+        let node = rng.below(3) as usize;
+        let request = proto::EnqueueRequest {
+            queue: format!("cut-{}", n % 4),
+            payload: format!("job {n}").into_bytes(),
+            idempotency_key: format!("k-{n}"),
+            ..Default::default()
+        };
+        // An enqueue that failed was not acknowledged: only those that
+        // were are checked (the idempotency key makes a retry harmless).
+        if let Ok(reply) = jobs[node].enqueue(request).await {
+            acknowledged.push((n, reply.into_inner().job_id));
+        }
+    }
+    let cuts: u64 = proxies.iter().map(Proxy::cuts).sum();
+    let leader = cluster.wait_for_leader().await;
+    let streams = cluster.server(leader).node().shards[0].raft.timings().streams();
+    eprintln!("{} of 600 acknowledged, {cuts} cuts, leader's streams {streams:?}", acknowledged.len());
+    assert!(acknowledged.len() >= 300, "too few enqueues got through to prove anything (seed {seed})");
+    assert!(streams.broken > 0, "no replication stream broke: the cuts missed them (seed {seed})");
+
+    let index = cluster.server(leader).node().shards[0].raft.status().applied_index;
+    for i in 0..3 {
+        cluster.wait_applied(i, index).await;
+    }
+    let digests: Vec<_> = (0..3)
+        .map(|i| {
+            gantry_broker::raft::state_machine::digest_of(&cluster.server(i).node().shards[0].raft.state().read().queue)
+        })
+        .collect();
+    assert!(digests.iter().all(|d| *d == digests[0]), "replicas differ (seed {seed}): {digests:?}");
+    let state = cluster.server(cluster.other(leader)).node().shards[0].raft.state().read().queue.clone();
+    for (n, job_id) in &acknowledged {
+        let id: gantry_broker::queue::JobId = job_id.parse().expect("job id");
+        let job = state.job(id).unwrap_or_else(|| panic!("acknowledged job {n} ({job_id}) missing (seed {seed})"));
+        assert_eq!(job.payload, format!("job {n}").as_bytes(), "seed {seed}");
+    }
+    tokio::time::timeout(Duration::from_secs(30), cluster.shutdown()).await.expect("shutdown");
+}
