@@ -311,7 +311,7 @@ async fn replication_streams_survive_peer_links_cut_mid_pipeline() {
     let seed = faults::seed_from_env(gantry_broker::dispatch::queue_hash(test));
     eprintln!("replay: {}", faults::replay_command(test, seed));
     let mut rng = faults::Rng::new(seed);
-    let proxies = vec![Proxy::start().await, Proxy::start().await, Proxy::start().await];
+    let proxies = [Proxy::start().await, Proxy::start().await, Proxy::start().await];
     let initial: String =
         proxies.iter().enumerate().map(|(i, p)| format!("{}={}", i + 1, p.addr)).collect::<Vec<_>>().join(",");
     let routes: Vec<_> = proxies.iter().map(|p| p.addr.to_string()).collect();
