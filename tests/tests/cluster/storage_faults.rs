@@ -486,6 +486,14 @@ async fn run_scenario(name: &str, shards: usize, target: Target, faults: &[Fault
     for (shard, marker) in markers.iter().enumerate() {
         digests_agree(&cluster, &client, shard, marker, commits[shard], &replay).await;
     }
+    // The faults must have met the replication stream (format 2), not only
+    // the unary path a cluster starts with.
+    let mut streamed = 0;
+    for node in &cluster.nodes {
+        streamed +=
+            gauge(&own_gauges(node.metrics_addr).await, "gantry_raft_append_stream_requests_total", 0).unwrap_or(0);
+    }
+    assert!(streamed > 0, "{plan}\nno AppendEntries went over a replication stream\nreplay: {replay}");
     eprintln!("timeline:\n{}", history.timeline());
     drop(raw);
 }
