@@ -281,15 +281,12 @@ impl RaftNetworkV2<C> for PeerConnection {
         S: Stream<Item = AppendEntriesRequest<C>> + OptionalSend + Unpin + 'static,
     {
         if self.state.format() < APPEND_STREAM.format {
-            let this: &'s Self = self;
             // openraft keeps a session open as long as the follower keeps
             // up: this one ends once the shard's format allows the stream,
             // and openraft opens the next from what the follower confirmed.
             let state = self.state.clone();
             let raised = move || state.format() >= APPEND_STREAM.format;
-            return Box::pin(async move {
-                Ok(append_stream::sequential(input, raised, move |request| this.unary_append(request, option.clone())))
-            });
+            return Box::pin(async move { Ok(self.unary_session(input, raised, option)) });
         }
         Box::pin(async move {
             let mut input = input;
@@ -301,15 +298,7 @@ impl RaftNetworkV2<C> for PeerConnection {
             // the input once more does not lose a request it is still
             // building: that stays inside the stream for the next poll.
             let peeked = match input.next().now_or_never() {
-                Some(None) => {
-                    let this: &'s Self = self;
-                    let lone = futures::stream::iter([first]);
-                    return Ok(append_stream::sequential(
-                        lone,
-                        || false,
-                        move |request| this.unary_append(request, option.clone()),
-                    ));
-                }
+                Some(None) => return Ok(self.unary_session(futures::stream::iter([first]), || false, option)),
                 Some(Some(second)) => vec![first, second],
                 None => vec![first],
             };
@@ -394,6 +383,19 @@ impl RaftNetworkV2<C> for PeerConnection {
 }
 
 impl PeerConnection {
+    /// `input` as unary calls, one at a time (`append_stream::sequential`).
+    fn unary_session<'s, S>(
+        &'s self,
+        input: S,
+        stop: impl Fn() -> bool + Send + 's,
+        option: RPCOption,
+    ) -> BoxStream<'s, Result<StreamAppendResult<C>, RPCError<C>>>
+    where
+        S: Stream<Item = AppendEntriesRequest<C>> + Send + Unpin + 's,
+    {
+        append_stream::sequential(input, stop, move |request| self.unary_append(request, option.clone()))
+    }
+
     /// One AppendEntries as a unary `Raft` call.
     async fn unary_append(
         &self,
