@@ -28,4 +28,6 @@ git -C "$root" archive "$commit" | tar -x -C "$src"
     die "cargo build of $commit failed"
 cp "$cache/target/debug/gantry" "$bin.tmp"
 mv "$bin.tmp" "$bin"
+# Only the binary is kept: the build tree is gigabytes a later run never reads.
+rm -rf "$cache/target" "$src"
 echo "$bin"
