@@ -664,26 +664,154 @@ pub fn encode_state_to_vec(state: &QueueState) -> Vec<u8> {
     out
 }
 
-/// Decodes a `ShardState`, converting each job as it is read (the decoded
-/// jobs are never all held twice).
-pub fn decode_state(mut bytes: &[u8]) -> Result<QueueState> {
-    use prost::encoding::{DecodeContext, WireType, decode_key, decode_varint};
-    let mut head = pb::ShardState::default();
-    let mut jobs = Vec::new();
-    while !bytes.is_empty() {
-        let (tag, wire_type) = decode_key(&mut bytes)?;
-        if tag == STATE_JOBS_FIELD && wire_type == WireType::LengthDelimited {
-            let len = decode_varint(&mut bytes)? as usize;
-            if len > bytes.len() {
-                return Err(DecodeError::Invalid("a job runs past the end of the state".into()));
+/// Top-level fields of a protobuf message read from `reader` one at a
+/// time, so that a large message (a shard's state, a snapshot file) is never
+/// held whole. A length running past the message's end is refused before
+/// anything is allocated for it.
+pub struct FieldReader<R> {
+    reader: R,
+    remaining: u64,
+}
+
+impl<R: std::io::Read> FieldReader<R> {
+    /// `len`: the message's length in bytes; reading stops there.
+    pub fn new(reader: R, len: u64) -> Self {
+        FieldReader { reader, remaining: len }
+    }
+
+    fn byte(&mut self) -> Result<u8> {
+        if self.remaining == 0 {
+            return Err(DecodeError::Invalid("the message ends inside a field".into()));
+        }
+        let mut byte = [0u8];
+        self.reader.read_exact(&mut byte).map_err(|e| read_error(&e))?;
+        self.remaining -= 1;
+        Ok(byte[0])
+    }
+
+    fn varint(&mut self) -> Result<u64> {
+        let mut value = 0u64;
+        for shift in (0..64).step_by(7) {
+            let byte = self.byte()?;
+            value |= u64::from(byte & 0x7f) << shift;
+            if byte & 0x80 == 0 {
+                return Ok(value);
             }
-            let (job, rest) = bytes.split_at(len);
-            jobs.push(job_from_pb(pb::Job::decode(job)?)?);
-            bytes = rest;
+        }
+        Err(DecodeError::Invalid("a varint longer than ten bytes".into()))
+    }
+
+    /// The next field's number and wire type; `None` at the message's end.
+    pub fn next_key(&mut self) -> Result<Option<(u32, prost::encoding::WireType)>> {
+        if self.remaining == 0 {
+            return Ok(None);
+        }
+        let key = self.varint()?;
+        let wire_type = prost::encoding::WireType::try_from(key & 7).map_err(DecodeError::Protobuf)?;
+        let tag = u32::try_from(key >> 3).ok().filter(|tag| *tag > 0);
+        let tag = tag.ok_or_else(|| DecodeError::Invalid(format!("field number {} out of range", key >> 3)))?;
+        Ok(Some((tag, wire_type)))
+    }
+
+    /// Bytes of the message not read yet.
+    pub fn remaining(&self) -> u64 {
+        self.remaining
+    }
+
+    /// A length-delimited value's length, checked against what is left.
+    pub fn length(&mut self) -> Result<u64> {
+        let len = self.varint()?;
+        if len > self.remaining {
+            return Err(DecodeError::Invalid(format!("a field of {len} bytes where {} are left", self.remaining)));
+        }
+        Ok(len)
+    }
+
+    /// Reads a length-delimited value into `buf` (replacing its contents).
+    pub fn bytes(&mut self, buf: &mut Vec<u8>) -> Result<()> {
+        let len = self.length()?;
+        buf.clear();
+        buf.resize(len as usize, 0);
+        self.reader.read_exact(buf).map_err(|e| read_error(&e))?;
+        self.remaining -= len;
+        Ok(())
+    }
+
+    /// Skips `len` bytes of a value whose length was read with [`Self::length`].
+    pub fn skip(&mut self, len: u64) -> Result<()> {
+        let copied = std::io::copy(&mut std::io::Read::take(&mut self.reader, len), &mut std::io::sink())
+            .map_err(|e| read_error(&e))?;
+        if copied != len {
+            return Err(DecodeError::Invalid("the message ends inside a field".into()));
+        }
+        self.remaining -= len;
+        Ok(())
+    }
+
+    /// Appends the field (key and value) to `out`, for a later
+    /// `Message::merge` of the small fields together.
+    pub fn copy_field(&mut self, tag: u32, wire_type: prost::encoding::WireType, out: &mut Vec<u8>) -> Result<()> {
+        use prost::encoding::{WireType, encode_key, encode_varint};
+        encode_key(tag, wire_type, out);
+        match wire_type {
+            WireType::Varint => encode_varint(self.varint()?, out),
+            WireType::SixtyFourBit | WireType::ThirtyTwoBit => {
+                let width = if wire_type == WireType::SixtyFourBit { 8 } else { 4 };
+                for _ in 0..width {
+                    out.push(self.byte()?);
+                }
+            }
+            WireType::LengthDelimited => {
+                let mut value = Vec::new();
+                self.bytes(&mut value)?;
+                encode_varint(value.len() as u64, out);
+                out.extend_from_slice(&value);
+            }
+            WireType::StartGroup | WireType::EndGroup => {
+                return Err(DecodeError::Invalid(format!("field {tag}: groups are not used by Gantry")));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn read_error(e: &std::io::Error) -> DecodeError {
+    match e.kind() {
+        std::io::ErrorKind::UnexpectedEof => DecodeError::Invalid("the message ends inside a field".into()),
+        _ => DecodeError::Invalid(format!("reading: {e}")),
+    }
+}
+
+/// The length of `state`'s encoding, without holding it: a snapshot file
+/// states its data's length before the data.
+pub fn encoded_state_len(state: &QueueState) -> u64 {
+    let mut len = 0u64;
+    encode_state(state, &mut |bytes| len += bytes.len() as u64);
+    len
+}
+
+/// Decodes a `ShardState` held in memory.
+pub fn decode_state(bytes: &[u8]) -> Result<QueueState> {
+    decode_state_from(bytes, bytes.len() as u64)
+}
+
+/// Decodes a `ShardState` of `len` bytes read from `reader`, converting each
+/// job as it is read: neither the encoding nor the decoded jobs are ever
+/// held twice.
+pub fn decode_state_from(reader: impl std::io::Read, len: u64) -> Result<QueueState> {
+    let mut fields = FieldReader::new(reader, len);
+    let mut head_bytes = Vec::new();
+    let mut jobs = Vec::new();
+    let mut job = Vec::new();
+    while let Some((tag, wire_type)) = fields.next_key()? {
+        if tag == STATE_JOBS_FIELD && wire_type == prost::encoding::WireType::LengthDelimited {
+            fields.bytes(&mut job)?;
+            jobs.push(std::sync::Arc::new(job_from_pb(pb::Job::decode(job.as_slice())?)?));
         } else {
-            head.merge_field(tag, wire_type, &mut bytes, DecodeContext::default())?;
+            fields.copy_field(tag, wire_type, &mut head_bytes)?;
         }
     }
+    let head = pb::ShardState::decode(head_bytes.as_slice())?;
     let queues = head
         .queues
         .into_iter()

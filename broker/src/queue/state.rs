@@ -228,7 +228,10 @@ pub struct StateParts {
     pub now_ms: u64,
     pub next_seq: u64,
     pub last_token: FencingToken,
-    pub jobs: Vec<Job>,
+    /// Each job allocated once, where the state keeps it: a restore does
+    /// not hold every job twice (a vector of a million jobs, then their
+    /// copies, left the allocator that much larger).
+    pub jobs: Vec<Arc<Job>>,
     pub queues: Vec<QueueParts>,
     pub sessions: Vec<SessionParts>,
     pub expired_sessions: Vec<(SessionId, ExpiredSession)>,
@@ -534,7 +537,7 @@ impl QueueState {
                     state.retention.insert((until, id));
                 }
             }
-            if state.jobs.insert(id, Arc::new(job)).is_some() {
+            if state.jobs.insert(id, job).is_some() {
                 return Err(format!("job {id} twice"));
             }
         }

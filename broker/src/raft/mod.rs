@@ -9,6 +9,7 @@ mod log_tail;
 pub mod network;
 pub mod peer_service;
 mod rebuild;
+pub mod snapshot_file;
 pub mod state_machine;
 pub mod timings;
 pub mod types;
@@ -208,6 +209,11 @@ pub struct ShardRaft {
 }
 
 impl ShardRaft {
+    /// Where this copy's snapshots live (and incoming ones are received).
+    pub fn snapshot_dir(&self) -> &std::path::Path {
+        &self.parts.snapshot_dir
+    }
+
     pub async fn open(
         node_id: u64,
         shard: ShardId,

@@ -8,7 +8,6 @@
 use std::{
     collections::HashMap,
     future::Future,
-    io::Cursor,
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -29,6 +28,7 @@ use openraft::{
 use serde::{Serialize, de::DeserializeOwned};
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
+use super::snapshot_file::SnapshotData;
 use super::{
     append_stream,
     types::{GantryNode, TypeConfig},
@@ -259,7 +259,7 @@ impl PeerConnection {
 }
 
 impl RaftNetworkV2<C> for PeerConnection {
-    type SnapshotData = Cursor<Vec<u8>>;
+    type SnapshotData = SnapshotData;
 
     async fn append_entries(
         &mut self,
@@ -336,39 +336,62 @@ impl RaftNetworkV2<C> for PeerConnection {
     async fn full_snapshot(
         &mut self,
         vote: VoteOf<C>,
-        snapshot: SnapshotOf<C, Cursor<Vec<u8>>>,
+        snapshot: SnapshotOf<C, SnapshotData>,
         cancel: impl Future<Output = ReplicationClosed> + OptionalSend + 'static,
         _option: RPCOption,
     ) -> Result<SnapshotResponse<C>, StreamingError<C>> {
         let mut client = self.channels.client(&self.address).map_err(|e| self.unreachable(e))?;
         // The snapshot's own format decides, not the shard's now: a snapshot
         // of a format-0 state goes as format 0, which any member reads.
-        let typed = self.typed() && super::state_machine::data_format_of(snapshot.snapshot.get_ref()) >= 1;
+        let data = Arc::new(snapshot.snapshot);
+        let data_format = data.format().map_err(|e| NetworkError::new(&e))?;
+        let typed = self.typed() && data_format >= 1;
         let (header, snapshot_header) = if typed {
             (Vec::new(), Some(wire::snapshot_header_to_pb(&vote, &snapshot.meta)))
         } else {
             (encode(&(vote, snapshot.meta.clone())).map_err(|e| NetworkError::new(&e))?, None)
         };
-        let data = snapshot.snapshot.into_inner();
         let shard = self.shard.0;
         let total = data.len();
-        let chunks: Vec<pb::InstallSnapshotRequest> = if data.is_empty() {
-            vec![pb::InstallSnapshotRequest { shard, header, data: Vec::new(), snapshot_header }]
-        } else {
-            data.chunks(SNAPSHOT_CHUNK_BYTES)
-                .enumerate()
-                .map(|(i, chunk)| pb::InstallSnapshotRequest {
+        tracing::info!(shard, target = self.target, bytes = total, "sending snapshot");
+        // Chunks are read from the snapshot's file as the stream asks for
+        // them: at most a couple are in memory, whatever the state's size.
+        let first = pb::InstallSnapshotRequest { shard, header, data: Vec::new(), snapshot_header };
+        let (failed_tx, mut failed) = tokio::sync::oneshot::channel::<String>();
+        let chunks = futures::stream::unfold((0u64, Some(first), Some(failed_tx)), move |(at, first, failed_tx)| {
+            let data = data.clone();
+            async move {
+                if first.is_none() && at >= total {
+                    return None;
+                }
+                let read = tokio::task::spawn_blocking(move || data.read_chunk(at, SNAPSHOT_CHUNK_BYTES)).await;
+                let chunk = match read.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string())) {
+                    Ok(chunk) => chunk,
+                    Err(e) => {
+                        // Not ended: a stream ended here would look whole to
+                        // the follower. The call is dropped instead, which
+                        // resets it.
+                        if let Some(tx) = failed_tx {
+                            let _ = tx.send(e);
+                        }
+                        return std::future::pending().await;
+                    }
+                };
+                let next = at + chunk.len() as u64;
+                let mut request = first.unwrap_or(pb::InstallSnapshotRequest {
                     shard,
-                    header: if i == 0 { header.clone() } else { Vec::new() },
-                    data: chunk.to_vec(),
-                    snapshot_header: if i == 0 { snapshot_header.clone() } else { None },
-                })
-                .collect()
-        };
-        tracing::info!(shard, target = self.target, bytes = total, chunks = chunks.len(), "sending snapshot");
-        let sent = client.install_snapshot(futures::stream::iter(chunks));
+                    header: Vec::new(),
+                    data: Vec::new(),
+                    snapshot_header: None,
+                });
+                request.data = chunk;
+                Some((request, (next, None, failed_tx)))
+            }
+        });
+        let sent = client.install_snapshot(chunks);
         let reply = tokio::select! {
             reply = sent => reply,
+            Ok(e) = &mut failed => return Err(self.unreachable(format!("reading the snapshot to send: {e}")).into()),
             closed = cancel => return Err(StreamingError::Closed(closed)),
         };
         let reply = reply.map_err(|status| self.unreachable(status.message()))?.into_inner();

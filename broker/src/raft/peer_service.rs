@@ -1,7 +1,7 @@
 //! The server half of the peer port's Raft transport: decodes each
 //! `gantry.peer.v1.Peer` call and hands it to the shard's group.
 
-use std::{io::Cursor, sync::Arc};
+use std::sync::Arc;
 
 use gantry_proto::peer::{self as pb, peer_service_server::PeerService as PeerRpc};
 use openraft::{
@@ -49,7 +49,10 @@ impl PeerService {
     }
 }
 
-use super::wire;
+use super::{
+    snapshot_file::{self, SnapshotData},
+    wire,
+};
 use crate::format::{
     hold::UpgradeHold,
     table::{BINARY_VERSION, FORMAT_MAX, FORMAT_MIN_SUPPORTED},
@@ -165,17 +168,40 @@ impl PeerRpc for PeerService {
             None => decode(&first.header).map_err(bad_payload)?,
         };
         let shard = self.shard(first.shard)?.clone();
-        let mut data = first.data;
-        while let Some(chunk) = chunks.message().await? {
-            if data.len() + chunk.data.len() > MAX_SNAPSHOT_BYTES {
-                return Err(Status::resource_exhausted(format!(
-                    "install_snapshot: snapshot larger than {MAX_SNAPSHOT_BYTES} bytes"
-                )));
+        let too_large =
+            || Status::resource_exhausted(format!("install_snapshot: snapshot larger than {MAX_SNAPSHOT_BYTES} bytes"));
+        let data = if typed {
+            // From format 1 the state goes to an unlinked file as it
+            // arrives, and is decoded from there: never whole in memory.
+            let local = |e: std::io::Error| Status::internal(format!("install_snapshot: writing it here: {e}"));
+            let mut incoming = snapshot_file::Incoming::create(shard.snapshot_dir()).map_err(local)?;
+            let mut chunk = first.data;
+            loop {
+                if incoming.received() + chunk.len() as u64 > MAX_SNAPSHOT_BYTES as u64 {
+                    return Err(too_large());
+                }
+                incoming = tokio::task::spawn_blocking(move || incoming.append(&chunk).map(|()| incoming))
+                    .await
+                    .map_err(|e| Status::internal(e.to_string()))?
+                    .map_err(local)?;
+                match chunks.message().await? {
+                    Some(next) => chunk = next.data,
+                    None => break,
+                }
             }
-            data.extend_from_slice(&chunk.data);
-        }
+            incoming.finish()
+        } else {
+            let mut data = first.data;
+            while let Some(chunk) = chunks.message().await? {
+                if data.len() + chunk.data.len() > MAX_SNAPSHOT_BYTES {
+                    return Err(too_large());
+                }
+                data.extend_from_slice(&chunk.data);
+            }
+            SnapshotData::Memory(data)
+        };
         tracing::info!(shard = %shard.shard(), bytes = data.len(), index = ?meta.last_log_id.map(|l| l.index), "installing snapshot from the leader");
-        let snapshot = SnapshotOf::<C, _> { meta, snapshot: Cursor::new(data) };
+        let snapshot = SnapshotOf::<C, _> { meta, snapshot: data };
         let outcome = shard.raft().install_full_snapshot(vote, snapshot).await;
         if typed {
             return Ok(Response::new(match outcome {

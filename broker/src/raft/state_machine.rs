@@ -4,8 +4,7 @@
 
 use std::{
     fs, io,
-    io::{Cursor, Write},
-    path::{Path, PathBuf},
+    path::PathBuf,
     sync::{Arc, RwLock, RwLockReadGuard},
 };
 
@@ -17,13 +16,14 @@ use openraft::{
 };
 use tokio::sync::mpsc;
 
-use super::types::{BatchResponse, TypeConfig};
+pub use super::snapshot_file::{SnapshotData, set_snapshot_aside};
+use super::{
+    snapshot_file::{Source, StoredSnapshot, invalid, read_snapshot_file, write_snapshot_file},
+    types::{BatchResponse, TypeConfig},
+};
 use crate::format::{header::DataDirFormat, table::FORMAT_MAX};
 use crate::metrics::Counters;
-use crate::queue::{
-    Command, Event, QueueState, ShardId,
-    snapshot::{decode_snapshot_v1, encode_snapshot_v1},
-};
+use crate::queue::{Command, Event, QueueState, ShardId};
 
 /// A shard raised to a format this binary does not know cannot be applied
 /// here: the group stops (fail-stop, with the way out) instead of guessing.
@@ -219,70 +219,53 @@ struct SnapshotDir {
 }
 
 impl SnapshotDir {
-    fn read(&self) -> io::Result<Option<SnapshotFileV1>> {
+    fn read(&self) -> io::Result<Option<StoredSnapshot>> {
         read_snapshot_file(&self.path)
     }
 
-    /// Writes `file` unless `only_if_newer` and the one on disk is as new;
-    /// says whether it wrote.
-    fn write(&self, file: &SnapshotFileV1, only_if_newer: bool) -> io::Result<bool> {
+    /// Writes a snapshot of `format` from `source` unless `only_if_newer`
+    /// and the one on disk is as new; returns its state bytes as they stand
+    /// in the file, `None` if it did not write.
+    fn write(
+        &self,
+        meta: &SnapshotMetaOf<C>,
+        format: u32,
+        source: Source<'_>,
+        only_if_newer: bool,
+    ) -> io::Result<Option<SnapshotData>> {
         let mut on_disk = self.on_disk.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let index = file.meta.last_log_id.map(|l| l.index);
+        let index = meta.last_log_id.map(|l| l.index);
         if only_if_newer && on_disk.is_some() && *on_disk >= index {
-            return Ok(false);
+            return Ok(None);
         }
         let container = match &self.data_format {
             Some(data_format) => {
-                data_format.ensure(file.format)?;
+                data_format.ensure(format)?;
                 data_format.current()
             }
-            None => file.format,
+            None => format,
         };
-        write_snapshot_file(&self.path, file, container)?;
+        let data = write_snapshot_file(&self.path, meta, source, container)?;
         *on_disk = index;
-        Ok(true)
+        Ok(Some(data))
     }
 }
-
-#[derive(serde::Serialize, serde::Deserialize)]
-struct SnapshotFileV1 {
-    meta: SnapshotMetaOf<C>,
-    /// As bytes, not a sequence of u8: the same postcard encoding, written
-    /// and read in one piece instead of a call per byte.
-    #[serde(with = "serde_bytes")]
-    data: Vec<u8>,
-    /// The shard's format in `data` (not stored: `data` says it).
-    #[serde(skip)]
-    format: u32,
-}
-
-/// Before `ShardState` bytes of format 1 on; format 0's data starts with
-/// `GNTSNAP1` (queue::snapshot).
-const STATE_MAGIC_V2: &[u8; 8] = b"GNTSTAT2";
 
 /// A shard's state as a snapshot carries it (on disk and to followers), in
 /// the encoding of the shard's format: postcard at 0, so that binaries
-/// before format gates can install it.
+/// before format gates can install it. Held in memory: for tests and
+/// digests of small states; snapshots stream (`snapshot_file`).
 pub fn encode_state_data(queue: &QueueState) -> Vec<u8> {
     if queue.format() == 0 {
-        return encode_snapshot_v1(queue);
+        return crate::queue::snapshot::encode_snapshot_v1(queue);
     }
-    let mut data = STATE_MAGIC_V2.to_vec();
+    let mut data = super::snapshot_file::STATE_MAGIC_V2.to_vec();
     crate::format::storage::encode_state(queue, &mut |bytes| data.extend_from_slice(bytes));
     data
 }
 
 pub fn decode_state_data(data: &[u8]) -> Result<QueueState, String> {
-    match data.strip_prefix(STATE_MAGIC_V2.as_slice()) {
-        Some(body) => crate::format::storage::decode_state(body).map_err(|e| format!("shard state: {e}")),
-        None => decode_snapshot_v1(data).map_err(|e| e.to_string()),
-    }
-}
-
-impl SnapshotFileV1 {
-    fn into_snapshot(self) -> SnapshotOf<C, Cursor<Vec<u8>>> {
-        SnapshotOf::<C, _> { meta: self.meta, snapshot: Cursor::new(self.data) }
-    }
+    SnapshotData::Memory(data.to_vec()).decode()
 }
 
 impl StateMachineStore {
@@ -304,7 +287,7 @@ impl StateMachineStore {
         let snapshot = read_snapshot_file(&snapshot_dir)?;
         let on_disk = snapshot.as_ref().and_then(|file| file.meta.last_log_id.map(|l| l.index));
         if let Some(file) = snapshot {
-            applied.queue = decode_state_data(&file.data).map_err(|e| invalid(&snapshot_dir, e))?;
+            applied.queue = file.data.decode().map_err(|e| invalid(&snapshot_dir, e))?;
             if applied.queue.shard() != shard {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidData,
@@ -369,123 +352,10 @@ impl StateMachineStore {
     }
 }
 
-/// The snapshot file: a magic, the payload's length (u64 LE) and CRC32
-/// (u32 LE), then the payload: from storage format 1 `snapshot-v3.bin`
-/// (`GSNAP3`, a `gantry.storage.v1.SnapshotFile`), at format 0
-/// `snapshot-v2.bin` (`GSNAP2`, postcard of `SnapshotFileV1`). A bit flipped
-/// anywhere is found at open, never decoded into a wrong state.
-const SNAPSHOT_FILE_V3: &str = "snapshot-v3.bin";
-const SNAPSHOT_MAGIC_V3: &[u8; 8] = b"GSNAP3\0\0";
-const SNAPSHOT_FILE: &str = "snapshot-v2.bin";
-const SNAPSHOT_MAGIC: &[u8; 8] = b"GSNAP2\0\0";
-const SNAPSHOT_HEADER_LEN: usize = 20;
-/// Written by versions before the checksum: the bare payload.
-const SNAPSHOT_FILE_V1: &str = "snapshot-v1.bin";
-
-fn invalid(path: &Path, why: impl std::fmt::Display) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, format!("snapshot {}: {why}", path.display()))
-}
-
-fn read_snapshot_file(dir: &Path) -> io::Result<Option<SnapshotFileV1>> {
-    for (name, magic) in [(SNAPSHOT_FILE_V3, SNAPSHOT_MAGIC_V3), (SNAPSHOT_FILE, SNAPSHOT_MAGIC)] {
-        let path = dir.join(name);
-        let bytes = match fs::read(&path) {
-            Ok(bytes) => bytes,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(e),
-        };
-        let payload = checked_payload(&path, &bytes, magic)?;
-        let mut file: SnapshotFileV1 = if magic == SNAPSHOT_MAGIC_V3 {
-            let file = <gantry_proto::storage::SnapshotFile as prost::Message>::decode(payload)
-                .map_err(|e| invalid(&path, e))?;
-            let (meta, data) = crate::format::storage::snapshot_file_from_pb(file).map_err(|e| invalid(&path, e))?;
-            SnapshotFileV1 { meta, data, format: 0 }
-        } else {
-            postcard::from_bytes(payload).map_err(|e| invalid(&path, e))?
-        };
-        file.format = data_format_of(&file.data);
-        return Ok(Some(file));
-    }
-    let path = dir.join(SNAPSHOT_FILE_V1);
-    match fs::read(&path) {
-        Ok(bytes) => postcard::from_bytes(&bytes).map(Some).map_err(|e| invalid(&path, e)),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(e),
-    }
-}
-
-/// The lowest storage format that can hold `data`: 0 for postcard, 1 for
-/// the `ShardState` encoding (its own format field may be higher; the
-/// data directory was raised to it before the file was written).
-pub fn data_format_of(data: &[u8]) -> u32 {
-    u32::from(data.starts_with(STATE_MAGIC_V2.as_slice()))
-}
-
-fn checked_payload<'a>(path: &Path, bytes: &'a [u8], magic: &[u8; 8]) -> io::Result<&'a [u8]> {
-    let Some((header, payload)) = bytes.split_first_chunk::<SNAPSHOT_HEADER_LEN>() else {
-        return Err(invalid(path, format!("{} bytes, shorter than its header", bytes.len())));
-    };
-    if &header[..8] != magic {
-        return Err(invalid(path, "not a Gantry snapshot (bad magic)"));
-    }
-    let len = u64::from_le_bytes(header[8..16].try_into().expect("8 bytes"));
-    let crc = u32::from_le_bytes(header[16..20].try_into().expect("4 bytes"));
-    if len != payload.len() as u64 {
-        return Err(invalid(path, format!("holds {} payload bytes, its header says {len}", payload.len())));
-    }
-    let actual = crc32fast::hash(payload);
-    if actual != crc {
-        return Err(invalid(path, format!("checksum {actual:08x}, its header says {crc:08x}")));
-    }
-    Ok(payload)
-}
-
-/// Durable replace: a crash leaves the old snapshot or the new one, never a
-/// torn file, because the log behind a snapshot is purged. `container`: the
-/// data directory's storage format (the file's encoding).
-fn write_snapshot_file(dir: &Path, file: &SnapshotFileV1, container: u32) -> io::Result<()> {
-    let (name, magic, payload) = if container >= 1 {
-        let pb = crate::format::storage::snapshot_file_to_pb(&file.meta, file.data.clone());
-        (SNAPSHOT_FILE_V3, SNAPSHOT_MAGIC_V3, prost::Message::encode_to_vec(&pb))
-    } else {
-        (SNAPSHOT_FILE, SNAPSHOT_MAGIC, postcard::to_stdvec(file).map_err(io::Error::other)?)
-    };
-    let tmp = dir.join(format!("{name}.tmp"));
-    let mut f = io::BufWriter::new(fs::File::create(&tmp)?);
-    f.write_all(magic)?;
-    f.write_all(&(payload.len() as u64).to_le_bytes())?;
-    f.write_all(&crc32fast::hash(&payload).to_le_bytes())?;
-    f.write_all(&payload)?;
-    f.into_inner().map_err(io::IntoInnerError::into_error)?.sync_all()?;
-    fs::rename(&tmp, dir.join(name))?;
-    for older in [SNAPSHOT_FILE_V3, SNAPSHOT_FILE, SNAPSHOT_FILE_V1].into_iter().filter(|n| *n != name) {
-        match fs::remove_file(dir.join(older)) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e),
-        }
-    }
-    fs::File::open(dir)?.sync_all()
-}
-
-/// Moves the shard's snapshot file (found corrupt) out of the way, kept for
-/// a post-mortem; returns where it went.
-pub fn set_snapshot_aside(dir: &Path) -> io::Result<Option<PathBuf>> {
-    let Some(name) =
-        [SNAPSHOT_FILE_V3, SNAPSHOT_FILE, SNAPSHOT_FILE_V1].into_iter().find(|name| dir.join(name).exists())
-    else {
-        return Ok(None);
-    };
-    let aside = (0..).map(|n| dir.join(format!("{name}.corrupt-{n}"))).find(|p| !p.exists()).expect("an unused name");
-    fs::rename(dir.join(name), &aside)?;
-    fs::File::open(dir)?.sync_all()?;
-    Ok(Some(aside))
-}
-
 impl RaftSnapshotBuilder<C> for StateMachineStore {
-    type SnapshotData = Cursor<Vec<u8>>;
+    type SnapshotData = SnapshotData;
 
-    async fn build_snapshot(&mut self) -> io::Result<SnapshotOf<C, Cursor<Vec<u8>>>> {
+    async fn build_snapshot(&mut self) -> io::Result<SnapshotOf<C, SnapshotData>> {
         let shared = self.shared.clone();
         let snapshots = self.snapshots.clone();
         // Encoding a large state and fsyncing it must not stall async threads.
@@ -503,26 +373,23 @@ impl RaftSnapshotBuilder<C> for StateMachineStore {
                 (meta, applied.queue.clone())
             };
             let copied = started.elapsed();
-            let format = queue.format();
-            let data = encode_state_data(&queue);
+            let written = snapshots.write(&meta, queue.format(), Source::State(&queue), true)?;
             drop(queue);
-            let file = SnapshotFileV1 { meta, data, format };
-            if !snapshots.write(&file, true)? {
+            let Some(data) = written else {
                 // A snapshot installed from the leader meanwhile is newer: it stands.
-                if let Some(newer) = snapshots.read()? {
-                    tracing::info!(shard = %shared.shard, index = ?newer.meta.last_log_id.map(|l| l.index), "a newer snapshot was installed meanwhile; kept it");
-                    return Ok(newer.into_snapshot());
-                }
-            }
+                let newer = snapshots.read()?.ok_or_else(|| io::Error::other("the newer snapshot is gone"))?;
+                tracing::info!(shard = %shared.shard, index = ?newer.meta.last_log_id.map(|l| l.index), "a newer snapshot was installed meanwhile; kept it");
+                return Ok(SnapshotOf::<C, _> { meta: newer.meta, snapshot: newer.data });
+            };
             tracing::info!(
                 shard = %shared.shard,
-                index = ?file.meta.last_log_id.map(|l| l.index),
-                bytes = file.data.len(),
+                index = ?meta.last_log_id.map(|l| l.index),
+                bytes = data.len(),
                 ?copied,
                 elapsed = ?started.elapsed(),
                 "snapshot written"
             );
-            Ok(file.into_snapshot())
+            Ok(SnapshotOf::<C, _> { meta, snapshot: data })
         })
         .await
         .map_err(io::Error::other)?
@@ -530,7 +397,7 @@ impl RaftSnapshotBuilder<C> for StateMachineStore {
 }
 
 impl RaftStateMachine<C> for StateMachineStore {
-    type SnapshotData = Cursor<Vec<u8>>;
+    type SnapshotData = SnapshotData;
     type SnapshotBuilder = Self;
 
     async fn applied_state(&mut self) -> io::Result<(Option<LogIdOf<C>>, StoredMembershipOf<C>)> {
@@ -600,33 +467,41 @@ impl RaftStateMachine<C> for StateMachineStore {
         self.clone()
     }
 
-    async fn install_snapshot(&mut self, meta: &SnapshotMetaOf<C>, snapshot: Cursor<Vec<u8>>) -> io::Result<()> {
-        let data = snapshot.into_inner();
-        let queue = decode_state_data(&data).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-        check_format_supported(queue.format())?;
-        let file = SnapshotFileV1 { meta: meta.clone(), data, format: queue.format() };
+    async fn install_snapshot(&mut self, meta: &SnapshotMetaOf<C>, snapshot: SnapshotData) -> io::Result<()> {
         let snapshots = self.snapshots.clone();
-        let file = tokio::task::spawn_blocking(move || snapshots.write(&file, false).map(|_| file))
-            .await
-            .map_err(io::Error::other)??;
+        let meta = meta.clone();
+        // Decoded as it is read, then written to the shard's file from the
+        // received bytes: both off the async threads.
+        let (queue, meta) = tokio::task::spawn_blocking(move || {
+            let queue = snapshot.decode().map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+            check_format_supported(queue.format())?;
+            snapshots.write(&meta, queue.format(), Source::Data(&snapshot), false)?;
+            Ok::<_, io::Error>((queue, meta))
+        })
+        .await
+        .map_err(io::Error::other)??;
         let mut applied = self.write();
         self.shared.format.store(queue.format(), std::sync::atomic::Ordering::Release);
         applied.queue = queue;
-        applied.last_applied = file.meta.last_log_id;
-        applied.membership = file.meta.last_membership;
+        applied.last_applied = meta.last_log_id;
+        applied.membership = meta.last_membership;
         Ok(())
     }
 
-    async fn get_current_snapshot(&mut self) -> io::Result<Option<SnapshotOf<C, Cursor<Vec<u8>>>>> {
+    async fn get_current_snapshot(&mut self) -> io::Result<Option<SnapshotOf<C, SnapshotData>>> {
         let snapshots = self.snapshots.clone();
         let file = tokio::task::spawn_blocking(move || snapshots.read()).await.map_err(io::Error::other)??;
-        Ok(file.map(SnapshotFileV1::into_snapshot))
+        Ok(file.map(|file| SnapshotOf::<C, _> { meta: file.meta, snapshot: file.data }))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn meta_at(index: u64) -> SnapshotMetaOf<C> {
+        SnapshotMetaOf::<C> { last_log_id: Some(openraft::testing::log_id::<C>(1, 1, index)), ..Default::default() }
+    }
 
     /// A snapshot built from an older state never replaces one installed
     /// from the leader meanwhile; an installed one always lands.
@@ -635,50 +510,19 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let snapshots =
             SnapshotDir { path: dir.path().to_path_buf(), on_disk: std::sync::Mutex::new(None), data_format: None };
-        let at = |index: u64| SnapshotFileV1 {
-            meta: SnapshotMetaOf::<C> {
-                last_log_id: Some(openraft::testing::log_id::<C>(1, 1, index)),
-                ..Default::default()
-            },
-            data: index.to_le_bytes().to_vec(),
-            format: 0,
+        let write = |index: u64, only_if_newer: bool| {
+            let data = SnapshotData::Memory(index.to_le_bytes().to_vec());
+            snapshots.write(&meta_at(index), 0, Source::Data(&data), only_if_newer).unwrap().is_some()
         };
         let on_disk = || snapshots.read().unwrap().unwrap().meta.last_log_id.map(|l| l.index);
-        assert!(snapshots.write(&at(10), true).unwrap());
-        assert!(snapshots.write(&at(50), false).unwrap(), "installed");
-        assert!(!snapshots.write(&at(40), true).unwrap(), "an older build replaced a newer snapshot");
-        assert!(!snapshots.write(&at(50), true).unwrap());
+        assert!(write(10, true));
+        assert!(write(50, false), "installed");
+        assert!(!write(40, true), "an older build replaced a newer snapshot");
+        assert!(!write(50, true));
         assert_eq!(on_disk(), Some(50));
-        assert!(snapshots.write(&at(60), true).unwrap());
-        assert!(snapshots.write(&at(20), false).unwrap(), "the leader's snapshot always lands");
+        assert!(write(60, true));
+        assert!(write(20, false), "the leader's snapshot always lands");
         assert_eq!(on_disk(), Some(20));
-    }
-
-    /// Snapshot files written before `data` was marked as bytes, and
-    /// before the checksummed container (`snapshot-v1.bin`), still read;
-    /// the container's payload is the same postcard bytes.
-    #[test]
-    fn snapshot_payload_is_unchanged_and_older_files_still_read() {
-        #[derive(serde::Serialize)]
-        struct AsSequence {
-            meta: SnapshotMetaOf<C>,
-            data: Vec<u8>,
-        }
-        let data: Vec<u8> = (0..=255u8).cycle().take(1000).collect();
-        let meta = SnapshotMetaOf::<C>::default();
-        let old = postcard::to_allocvec(&AsSequence { meta: meta.clone(), data: data.clone() }).unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        write_snapshot_file(dir.path(), &SnapshotFileV1 { meta, data: data.clone(), format: 0 }, 0).unwrap();
-        assert_eq!(fs::read(dir.path().join(SNAPSHOT_FILE)).unwrap()[SNAPSHOT_HEADER_LEN..], old);
-        assert_eq!(read_snapshot_file(dir.path()).unwrap().unwrap().data, data);
-
-        let older = tempfile::tempdir().unwrap();
-        fs::write(older.path().join(SNAPSHOT_FILE_V1), &old).unwrap();
-        assert_eq!(read_snapshot_file(older.path()).unwrap().unwrap().data, data);
-        // The next snapshot replaces it with the checksummed file.
-        write_snapshot_file(older.path(), &SnapshotFileV1 { meta: Default::default(), data: vec![1], format: 0 }, 0)
-            .unwrap();
-        assert!(!older.path().join(SNAPSHOT_FILE_V1).exists());
     }
 
     /// A snapshot of another shard in a shard's directory is refused as
@@ -686,8 +530,8 @@ mod tests {
     #[test]
     fn a_snapshot_of_another_shard_is_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let data = encode_snapshot_v1(&QueueState::new(ShardId(1)));
-        write_snapshot_file(dir.path(), &SnapshotFileV1 { meta: Default::default(), data, format: 0 }, 0).unwrap();
+        let other = QueueState::new(ShardId(1));
+        write_snapshot_file(dir.path(), &meta_at(3), Source::State(&other), 0).unwrap();
         let (events, _rx) = mpsc::unbounded_channel();
         let opened = StateMachineStore::open(
             ShardId(0),
@@ -700,63 +544,5 @@ mod tests {
         let error = opened.map(|_| ()).expect_err("a snapshot of shard 1 opened as shard 0");
         assert_eq!(error.kind(), io::ErrorKind::InvalidData);
         assert!(error.to_string().contains("a snapshot of shard 1 in shard 0's directory"), "{error}");
-    }
-
-    /// From storage format 1 the file is `snapshot-v3.bin` (protobuf), the
-    /// older files go, and a shard state of format 1 round-trips through it;
-    /// a bit flipped anywhere is found there too.
-    #[test]
-    fn a_format_1_snapshot_file_round_trips_and_replaces_the_older_ones() {
-        let dir = tempfile::tempdir().unwrap();
-        let meta =
-            SnapshotMetaOf::<C> { last_log_id: Some(openraft::testing::log_id::<C>(3, 2, 90)), ..Default::default() };
-        write_snapshot_file(dir.path(), &SnapshotFileV1 { meta: meta.clone(), data: vec![1; 10], format: 0 }, 0)
-            .unwrap();
-        let mut queue = QueueState::new(ShardId(0));
-        let raise = crate::queue::Batch { proposed_at_ms: 5, commands: vec![Command::SetFormat { format: 1 }].into() };
-        queue.apply(1, &raise);
-        let data = encode_state_data(&queue);
-        assert!(data.starts_with(STATE_MAGIC_V2), "a format-1 shard is encoded as format 1");
-        write_snapshot_file(dir.path(), &SnapshotFileV1 { meta: meta.clone(), data: data.clone(), format: 1 }, 1)
-            .unwrap();
-        assert!(!dir.path().join(SNAPSHOT_FILE).exists() && dir.path().join(SNAPSHOT_FILE_V3).exists());
-        let read = read_snapshot_file(dir.path()).unwrap().unwrap();
-        assert_eq!((read.meta, read.format), (meta, 1));
-        assert_eq!(decode_state_data(&read.data).unwrap(), queue);
-        let path = dir.path().join(SNAPSHOT_FILE_V3);
-        let good = fs::read(&path).unwrap();
-        for at in (0..good.len()).step_by(5) {
-            let mut bad = good.clone();
-            bad[at] ^= 1 << (at % 8);
-            fs::write(&path, &bad).unwrap();
-            let error = read_snapshot_file(dir.path()).map(|_| ()).expect_err("a flipped bit went unnoticed");
-            assert!(error.to_string().contains("snapshot-v3.bin"), "{error}");
-        }
-    }
-
-    /// Any flipped bit of the file, header or payload, is found when it is
-    /// read, and named; the file set aside is kept.
-    #[test]
-    fn a_flipped_bit_anywhere_in_a_snapshot_is_found() {
-        let dir = tempfile::tempdir().unwrap();
-        let meta =
-            SnapshotMetaOf::<C> { last_log_id: Some(openraft::testing::log_id::<C>(2, 1, 77)), ..Default::default() };
-        write_snapshot_file(dir.path(), &SnapshotFileV1 { meta, data: vec![9; 300], format: 0 }, 0).unwrap();
-        let path = dir.path().join(SNAPSHOT_FILE);
-        let good = fs::read(&path).unwrap();
-        for at in (0..good.len()).step_by(7) {
-            let mut bad = good.clone();
-            bad[at] ^= 1 << (at % 8);
-            fs::write(&path, &bad).unwrap();
-            let error = read_snapshot_file(dir.path()).map(|_| ()).expect_err("a flipped bit went unnoticed");
-            assert_eq!(error.kind(), io::ErrorKind::InvalidData, "byte {at}: {error}");
-            assert!(error.to_string().contains("snapshot-v2.bin"), "{error}");
-        }
-        fs::write(&path, &good[..good.len() - 1]).unwrap();
-        assert!(read_snapshot_file(dir.path()).is_err(), "a cut snapshot was read");
-        let aside = set_snapshot_aside(dir.path()).unwrap().expect("a snapshot to set aside");
-        assert!(aside.exists() && !path.exists());
-        assert!(set_snapshot_aside(dir.path()).unwrap().is_none());
-        assert!(read_snapshot_file(dir.path()).unwrap().is_none());
     }
 }
