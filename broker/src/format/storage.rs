@@ -15,9 +15,9 @@ use openraft::{EntryPayload, Membership, StoredMembership, entry::RaftEntry, vot
 use prost::Message;
 
 use crate::queue::{
-    AttemptRecord, Batch, Command, ExpiredSession, ExpiryReason, FencingToken, Job, JobId, JobState, NewJob, Outcome,
-    PurgeCursor, QueueConfig, QueueConfigUpdate, QueueParts, QueueState, RetryRequest, SessionId, SessionParts,
-    ShardId, StateParts, Status, job::Lease,
+    AttemptRecord, Batch, Command, ExpiredSession, ExpiryReason, FencingToken, Job, JobFields, JobId, JobMore,
+    JobState, NewJob, Outcome, PurgeCursor, QueueConfig, QueueConfigUpdate, QueueParts, QueueState, RetryRequest,
+    SessionId, SessionParts, ShardId, StateParts, Status, job::Lease,
 };
 use crate::raft::{GantryNode, types::TypeConfig};
 
@@ -474,7 +474,7 @@ pub fn job_to_pb(job: &Job) -> pb::Job {
         id: job_id_to_pb(job.id),
         queue: job.queue.clone(),
         payload: job.payload.clone(),
-        headers: job.headers.clone(),
+        headers: job.headers().clone(),
         priority: job.priority,
         status: Some(status),
         attempt: job.attempt,
@@ -482,16 +482,16 @@ pub fn job_to_pb(job: &Job) -> pb::Job {
         lease_timeout_ms: job.lease_timeout_ms,
         created_ms: job.created_ms,
         run_at_ms: job.run_at_ms,
-        finished_ms: job.finished_ms,
-        retain_until_ms: job.retain_until_ms,
-        result: job.result.clone(),
-        error: job.error.clone(),
-        idempotency_key: job.idempotency_key.clone(),
+        finished_ms: job.finished_ms(),
+        retain_until_ms: job.retain_until_ms(),
+        result: job.result().to_vec(),
+        error: job.error().to_owned(),
+        idempotency_key: job.idempotency_key().map(str::to_owned),
         last_token: job.last_token.0,
-        last_worker_id: job.last_worker_id.clone(),
-        progress: job.progress.clone(),
+        last_worker_id: job.last_worker_id().to_owned(),
+        progress: job.progress().to_owned(),
         history: job
-            .history
+            .history()
             .iter()
             .map(|a| pb::AttemptRecord {
                 attempt: a.attempt,
@@ -511,12 +511,12 @@ pub fn job_from_pb(job: pb::Job) -> Result<Job> {
     use pb::job::Status as S;
     let status = match required(job.status, "job status")? {
         S::Pending(_) => Status::Pending,
-        S::Active(lease) => Status::Active(Lease {
+        S::Active(lease) => Status::Active(Box::new(Lease {
             session_id: session(&lease.session_id),
             token: FencingToken(lease.token),
             started_ms: lease.started_ms,
             deadline_ms: lease.deadline_ms,
-        }),
+        })),
         S::Succeeded(_) => Status::Succeeded,
         S::Failed(_) => Status::Failed,
         S::Cancelled(_) => Status::Cancelled,
@@ -537,28 +537,32 @@ pub fn job_from_pb(job: pb::Job) -> Result<Job> {
             })
         })
         .collect::<Result<Vec<_>>>()?;
-    Ok(Job {
-        id: job_id_from_pb(job.id, "job id")?,
-        queue: job.queue,
-        payload: job.payload,
-        headers: job.headers,
-        priority: job.priority,
-        status,
-        attempt: job.attempt,
-        max_attempts: job.max_attempts,
-        lease_timeout_ms: job.lease_timeout_ms,
-        created_ms: job.created_ms,
-        run_at_ms: job.run_at_ms,
-        finished_ms: job.finished_ms,
-        retain_until_ms: job.retain_until_ms,
-        result: job.result,
-        error: job.error,
-        idempotency_key: job.idempotency_key,
-        last_token: FencingToken(job.last_token),
-        last_worker_id: job.last_worker_id,
-        progress: job.progress,
-        history,
-    })
+    Ok(Job::new(
+        JobFields {
+            id: job_id_from_pb(job.id, "job id")?,
+            queue: job.queue,
+            payload: job.payload,
+            priority: job.priority,
+            status,
+            attempt: job.attempt,
+            max_attempts: job.max_attempts,
+            lease_timeout_ms: job.lease_timeout_ms,
+            created_ms: job.created_ms,
+            run_at_ms: job.run_at_ms,
+            last_token: FencingToken(job.last_token),
+        },
+        JobMore {
+            headers: job.headers,
+            idempotency_key: job.idempotency_key,
+            finished_ms: job.finished_ms,
+            retain_until_ms: job.retain_until_ms,
+            result: job.result,
+            error: job.error,
+            last_worker_id: job.last_worker_id,
+            progress: job.progress,
+            history,
+        },
+    ))
 }
 
 fn config_to_pb(c: &QueueConfig) -> pb::QueueConfig {

@@ -98,23 +98,23 @@ pub fn job_to_proto(view: &JobView, include_payload: bool) -> proto::Job {
         queue: job.queue.clone(),
         state: job_state_to_proto(state) as i32,
         payload: if include_payload { job.payload.clone() } else { Vec::new() },
-        headers: job.headers.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        headers: job.headers().iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
         priority: job.priority,
         attempt: job.attempt,
         max_attempts: job.max_attempts,
-        result: if include_payload { job.result.clone() } else { Vec::new() },
-        error: job.error.clone(),
+        result: if include_payload { job.result().to_vec() } else { Vec::new() },
+        error: job.error().to_owned(),
         created_at: Some(timestamp(job.created_ms)),
         run_at: Some(timestamp(job.run_at_ms)),
-        finished_at: job.finished_ms.map(timestamp),
+        finished_at: job.finished_ms().map(timestamp),
         fencing_token: job.last_token.0,
-        worker_id: job.last_worker_id.clone(),
-        history: job.history.iter().map(attempt_to_proto).collect(),
+        worker_id: job.last_worker_id().to_owned(),
+        history: job.history().iter().map(attempt_to_proto).collect(),
         lease_timeout: Some(duration(job.lease_timeout_ms)),
-        idempotency_key: job.idempotency_key.clone().unwrap_or_default(),
+        idempotency_key: job.idempotency_key().unwrap_or_default().to_owned(),
         lease_deadline: lease.map(|l| timestamp(l.deadline_ms)),
         session_id: lease.map(|l| l.session_id.to_string()).unwrap_or_default(),
-        progress: job.progress.clone(),
+        progress: job.progress().to_owned(),
     }
 }
 
@@ -166,57 +166,63 @@ mod tests {
 
     use super::*;
     use crate::grpc::validate;
-    use crate::queue::{Batch, Command, FencingToken, Job, JobId, NewJob, QueueState, SessionId, Status, job::Lease};
+    use crate::queue::{
+        Batch, Command, FencingToken, Job, JobFields, JobId, JobMore, NewJob, QueueState, SessionId, Status, job::Lease,
+    };
 
     fn sample_job() -> Job {
-        Job {
-            id: JobId { shard: ShardId(2), seq: 41 },
-            queue: "emails".into(),
-            payload: b"payload".to_vec(),
-            headers: BTreeMap::from([("trace".into(), "t-1".into())]),
-            priority: 5,
-            status: Status::Active(Lease {
-                session_id: SessionId("sess-b".into()),
-                token: FencingToken(9000),
-                started_ms: 1_700_000_003_000,
-                deadline_ms: 1_700_000_063_250,
-            }),
-            attempt: 2,
-            max_attempts: 7,
-            lease_timeout_ms: 60_250,
-            created_ms: 1_700_000_000_001,
-            run_at_ms: 1_700_000_001_999,
-            finished_ms: None,
-            retain_until_ms: None,
-            result: Vec::new(),
-            error: "first try failed".into(),
-            idempotency_key: Some("key-1".into()),
-            last_token: FencingToken(9000),
-            last_worker_id: "worker-b".into(),
-            progress: "50%".into(),
-            history: vec![
-                AttemptRecord {
-                    attempt: 1,
-                    worker_id: "worker-a".into(),
-                    session_id: SessionId("sess-a".into()),
-                    token: FencingToken(8000),
-                    started_ms: 1_700_000_002_000,
-                    finished_ms: Some(1_700_000_002_500),
-                    outcome: Outcome::Failed,
-                    error: "first try failed".into(),
-                },
-                AttemptRecord {
-                    attempt: 2,
-                    worker_id: "worker-b".into(),
+        Job::new(
+            JobFields {
+                id: JobId { shard: ShardId(2), seq: 41 },
+                queue: "emails".into(),
+                payload: b"payload".to_vec(),
+                priority: 5,
+                status: Status::Active(Box::new(Lease {
                     session_id: SessionId("sess-b".into()),
                     token: FencingToken(9000),
                     started_ms: 1_700_000_003_000,
-                    finished_ms: None,
-                    outcome: Outcome::Running,
-                    error: String::new(),
-                },
-            ],
-        }
+                    deadline_ms: 1_700_000_063_250,
+                })),
+                attempt: 2,
+                max_attempts: 7,
+                lease_timeout_ms: 60_250,
+                created_ms: 1_700_000_000_001,
+                run_at_ms: 1_700_000_001_999,
+                last_token: FencingToken(9000),
+            },
+            JobMore {
+                headers: BTreeMap::from([("trace".into(), "t-1".into())]),
+                finished_ms: None,
+                retain_until_ms: None,
+                result: Vec::new(),
+                error: "first try failed".into(),
+                idempotency_key: Some("key-1".into()),
+                last_worker_id: "worker-b".into(),
+                progress: "50%".into(),
+                history: vec![
+                    AttemptRecord {
+                        attempt: 1,
+                        worker_id: "worker-a".into(),
+                        session_id: SessionId("sess-a".into()),
+                        token: FencingToken(8000),
+                        started_ms: 1_700_000_002_000,
+                        finished_ms: Some(1_700_000_002_500),
+                        outcome: Outcome::Failed,
+                        error: "first try failed".into(),
+                    },
+                    AttemptRecord {
+                        attempt: 2,
+                        worker_id: "worker-b".into(),
+                        session_id: SessionId("sess-b".into()),
+                        token: FencingToken(9000),
+                        started_ms: 1_700_000_003_000,
+                        finished_ms: None,
+                        outcome: Outcome::Running,
+                        error: String::new(),
+                    },
+                ],
+            },
+        )
     }
 
     fn ms(t: &Option<prost_types::Timestamp>) -> Option<u64> {
@@ -265,11 +271,11 @@ mod tests {
         assert_eq!(p.queue, job.queue);
         assert_eq!(proto::JobState::try_from(p.state).ok().and_then(job_state_from_proto), Some(JobState::Active));
         assert_eq!(p.payload, job.payload);
-        assert_eq!(p.headers.into_iter().collect::<BTreeMap<_, _>>(), job.headers);
+        assert_eq!(&p.headers.into_iter().collect::<BTreeMap<_, _>>(), job.headers());
         assert_eq!(p.priority, job.priority);
         assert_eq!((p.attempt, p.max_attempts), (2, 7));
         assert!(p.result.is_empty());
-        assert_eq!(p.error, job.error);
+        assert_eq!(p.error, job.error());
         assert_eq!(ms(&p.created_at), Some(job.created_ms));
         assert_eq!(ms(&p.run_at), Some(job.run_at_ms));
         assert_eq!(p.finished_at, None);
@@ -282,7 +288,7 @@ mod tests {
         assert_eq!(p.progress, "50%");
 
         assert_eq!(p.history.len(), 2);
-        for (r, want) in p.history.iter().zip(&job.history) {
+        for (r, want) in p.history.iter().zip(job.history()) {
             assert_eq!(r.attempt, want.attempt);
             assert_eq!(r.worker_id, want.worker_id);
             assert_eq!(r.session_id, *want.session_id.0);
@@ -305,9 +311,9 @@ mod tests {
     fn finished_job_has_no_lease_and_payload_can_be_left_out() {
         let mut job = sample_job();
         job.status = Status::Succeeded;
-        job.finished_ms = Some(1_700_000_010_000);
-        job.result = b"done".to_vec();
-        job.idempotency_key = None;
+        job.more_mut().finished_ms = Some(1_700_000_010_000);
+        job.more_mut().result = b"done".to_vec();
+        job.more_mut().idempotency_key = None;
         let view = JobView { state: JobState::Succeeded, job: job.into() };
         let p = job_to_proto(&view, true);
         assert_eq!(p.state, proto::JobState::Succeeded as i32);

@@ -33,9 +33,9 @@ pub fn check_invariants(state: &QueueState) {
             Status::Failed => 3,
             Status::Cancelled => 4,
         };
-        assert_eq!(job.is_terminal(), job.finished_ms.is_some(), "job {id}: finished_ms vs terminal");
-        assert_eq!(job.is_terminal(), job.retain_until_ms.is_some(), "job {id}: retain_until_ms vs terminal");
-        if let Some(until) = job.retain_until_ms {
+        assert_eq!(job.is_terminal(), job.finished_ms().is_some(), "job {id}: finished_ms vs terminal");
+        assert_eq!(job.is_terminal(), job.retain_until_ms().is_some(), "job {id}: retain_until_ms vs terminal");
+        if let Some(until) = job.retain_until_ms() {
             assert!(state.retention_index_holds(until, *id), "job {id} missing from the retention index");
         }
         counts.entry(job.queue.as_str()).or_default()[slot] += 1;

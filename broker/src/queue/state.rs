@@ -13,7 +13,7 @@ use super::{
     command::{Applied, Assignment, Batch, Command, Event, ExpiryReason, NewJob, PurgeCursor, Rejection, RetryRequest},
     config::{QueueConfig, QueueConfigUpdate},
     ids::{FencingToken, JobId, SessionId, ShardId},
-    job::{AttemptRecord, Job, JobState, JobView, Lease, Outcome, Status},
+    job::{AttemptRecord, Job, JobFields, JobMore, JobState, JobView, Lease, Outcome, Status},
     tally::Tally,
 };
 
@@ -342,7 +342,7 @@ fn end_lease_of(
         session.held.remove(&job.id);
     }
     queue.active -= 1;
-    lease
+    *lease
 }
 
 /// Moves `job` (of `queue`) into a terminal `status` and the retention
@@ -375,9 +375,9 @@ fn finish_of(
         }
     }
     job.status = status;
-    job.finished_ms = Some(now);
+    job.more_mut().finished_ms = Some(now);
     let until = now.saturating_add(queue.config.retention_ms);
-    job.retain_until_ms = Some(until);
+    job.more_mut().retain_until_ms = Some(until);
     retention.insert((until, job.id));
     events.push(Event::Finished { job_id: job.id });
 }
@@ -533,7 +533,7 @@ impl QueueState {
                         _ => queue.cancelled += 1,
                     }
                     let until =
-                        job.retain_until_ms.ok_or_else(|| format!("finished job {id} without a retention time"))?;
+                        job.retain_until_ms().ok_or_else(|| format!("finished job {id} without a retention time"))?;
                     state.retention.insert((until, id));
                 }
             }
@@ -824,28 +824,26 @@ impl QueueState {
         }
         let id = JobId { shard: self.shard, seq: self.next_seq };
         self.next_seq += 1;
-        let job = Job {
-            id,
-            queue: new.queue.clone(),
-            payload: new.payload.clone(),
-            headers: new.headers.clone(),
-            priority: new.priority,
-            status: Status::Pending,
-            attempt: 0,
-            max_attempts: new.max_attempts.unwrap_or(queue.config.max_attempts).max(1),
-            lease_timeout_ms: new.lease_timeout_ms.unwrap_or(queue.config.lease_timeout_ms),
-            created_ms: now,
-            run_at_ms: new.run_at_ms.unwrap_or_else(|| now.saturating_add(new.delay_ms)),
-            finished_ms: None,
-            retain_until_ms: None,
-            result: Vec::new(),
-            error: String::new(),
-            idempotency_key: new.idempotency_key.clone(),
-            last_token: FencingToken(0),
-            last_worker_id: String::new(),
-            progress: String::new(),
-            history: Vec::new(),
-        };
+        let job = Job::new(
+            JobFields {
+                id,
+                queue: new.queue.clone(),
+                payload: new.payload.clone(),
+                priority: new.priority,
+                status: Status::Pending,
+                attempt: 0,
+                max_attempts: new.max_attempts.unwrap_or(queue.config.max_attempts).max(1),
+                lease_timeout_ms: new.lease_timeout_ms.unwrap_or(queue.config.lease_timeout_ms),
+                created_ms: now,
+                run_at_ms: new.run_at_ms.unwrap_or_else(|| now.saturating_add(new.delay_ms)),
+                last_token: FencingToken(0),
+            },
+            JobMore {
+                headers: new.headers.clone(),
+                idempotency_key: new.idempotency_key.clone(),
+                ..JobMore::default()
+            },
+        );
         if let Some(key) = &new.idempotency_key {
             queue.idempotency.insert(key.clone(), id);
         }
@@ -903,16 +901,21 @@ impl QueueState {
             let job = job_mut(&mut self.jobs, job_id).expect("pending key of a missing job");
             // Due since its run_at, its enqueue (a run_at in the past) or the
             // end of its last attempt (a released job keeps its old run_at).
-            let last_end = job.history.last().and_then(|r| r.finished_ms).unwrap_or(0);
+            let last_end = job.history().last().and_then(|r| r.finished_ms).unwrap_or(0);
             let due_ms = job.run_at_ms.max(job.created_ms).max(last_end);
             tally.queue(queue_name).dispatch_waits_ms.push(now.saturating_sub(due_ms));
             job.attempt += 1;
             let deadline = now.saturating_add(job.lease_timeout_ms);
-            job.status =
-                Status::Active(Lease { session_id: session_id.clone(), token, started_ms: now, deadline_ms: deadline });
+            job.status = Status::Active(Box::new(Lease {
+                session_id: session_id.clone(),
+                token,
+                started_ms: now,
+                deadline_ms: deadline,
+            }));
             job.last_token = token;
-            job.last_worker_id.clone_from(&worker_id);
-            job.progress.clear();
+            let more = job.more_mut();
+            more.last_worker_id.clone_from(&worker_id);
+            more.progress.clear();
             job.push_attempt(AttemptRecord {
                 attempt: job.attempt,
                 worker_id: worker_id.clone(),
@@ -996,7 +999,7 @@ impl QueueState {
         let queue = self.queues.get_mut(&job.queue).expect("queue of a job");
         let lease = end_lease_of(job, queue, &mut self.lease_deadlines, &mut self.sessions);
         job.close_attempt(lease.token, now, Outcome::Succeeded, "");
-        job.result = result.to_vec();
+        job.more_mut().result = result.to_vec();
         finish_of(job, Status::Succeeded, now, queue, &mut self.retention, events, tally);
         note_capacity(events, lease.session_id);
         Applied::Accepted { lease_deadline_ms: None }
@@ -1018,7 +1021,7 @@ impl QueueState {
         };
         let now = self.now_ms;
         let job = job_mut(&mut self.jobs, job_id).expect("checked");
-        job.error = error.to_owned();
+        job.more_mut().error = error.to_owned();
         let attempts_left = job.attempt < job.max_attempts;
         let delay_ms = match retry {
             RetryRequest::Never => None,
@@ -1063,7 +1066,7 @@ impl QueueState {
         let now = self.now_ms;
         let job = job_mut(&mut self.jobs, job_id).expect("checked");
         if !message.is_empty() {
-            job.progress = message.to_owned();
+            job.more_mut().progress = message.to_owned();
         }
         let Status::Active(lease) = &mut job.status else { unreachable!("checked lease") };
         if let Some(extend) = extend_ms {
@@ -1097,7 +1100,7 @@ impl QueueState {
         let job = job_mut(&mut self.jobs, job_id).expect("had a lease");
         tally.queue(&job.queue).lease_expired += 1;
         if job.attempt >= job.max_attempts {
-            job.error = format!("{why} (attempt {} of {})", job.attempt, job.max_attempts);
+            job.more_mut().error = format!("{why} (attempt {} of {})", job.attempt, job.max_attempts);
             self.finish(job_id, Status::Failed, events, tally);
         } else {
             self.requeue(job_id, now, events);
@@ -1152,7 +1155,7 @@ impl QueueState {
             let queue = job.queue.clone();
             self.queues.get_mut(&queue).expect("queue of a job").pending.remove(&key);
         }
-        job_mut(&mut self.jobs, job_id).expect("exists").error = why;
+        job_mut(&mut self.jobs, job_id).expect("exists").more_mut().error = why;
         self.finish(job_id, Status::Cancelled, events, tally);
         Applied::Job(Box::new(self.view(job_id, now).expect("exists")))
     }
@@ -1168,7 +1171,7 @@ impl QueueState {
         self.unretain(job_id);
         let job = job_mut(&mut self.jobs, job_id).expect("exists");
         job.attempt = 0;
-        job.finished_ms = None;
+        job.more_mut().finished_ms = None;
         let queue = self.queues.get_mut(&job.queue).expect("queue of a job");
         queue.failed -= 1;
         self.requeue(job_id, now, events);
@@ -1195,7 +1198,7 @@ impl QueueState {
     /// Takes a terminal job out of the retention index (redrive or purge).
     fn unretain(&mut self, job_id: JobId) {
         let job = job_mut(&mut self.jobs, job_id).expect("unretain of a missing job");
-        if let Some(until) = job.retain_until_ms.take() {
+        if let Some(until) = job.more_mut().retain_until_ms.take() {
             self.retention.remove(&(until, job_id));
         }
     }
@@ -1213,7 +1216,7 @@ impl QueueState {
             Status::Cancelled => queue.cancelled -= 1,
             Status::Pending | Status::Active(_) => unreachable!(),
         }
-        queue.forget_idempotency_key(job.idempotency_key.as_deref(), job_id);
+        queue.forget_idempotency_key(job.idempotency_key(), job_id);
     }
 
     fn purge_part(
@@ -1281,7 +1284,7 @@ impl QueueState {
             };
         for &job_id in &victims {
             let job = &self.jobs[&job_id];
-            if let Some(until) = job.retain_until_ms {
+            if let Some(until) = job.retain_until_ms() {
                 // Not `unretain`: that would copy a job a snapshot shares, only to drop it.
                 self.retention.remove(&(until, job_id));
                 self.drop_job(job_id);
@@ -1289,7 +1292,7 @@ impl QueueState {
                 let key = PendingKey::of(job);
                 let queue = self.queues.get_mut(queue_name).expect("queue of a job");
                 queue.pending.remove(&key);
-                queue.forget_idempotency_key(job.idempotency_key.as_deref(), job_id);
+                queue.forget_idempotency_key(job.idempotency_key(), job_id);
                 self.jobs.remove(&job_id);
             }
         }

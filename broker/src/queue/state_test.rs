@@ -94,12 +94,12 @@ fn enqueue_assign_complete() {
     let done = h.one(Command::Complete { job_id: id, token: a[0].token, result: b"ok".to_vec() });
     assert_eq!(done, Applied::Accepted { lease_deadline_ms: None });
     let job = h.state.job(id).unwrap();
-    assert_eq!((h.state_of(id), job.result.as_slice()), (JobState::Succeeded, b"ok".as_slice()));
-    assert_eq!(job.history[0].outcome, Outcome::Succeeded);
+    assert_eq!((h.state_of(id), job.result()), (JobState::Succeeded, b"ok".as_slice()));
+    assert_eq!(job.history()[0].outcome, Outcome::Succeeded);
     // A repeat of the same result (say, resent after a reconnect) is accepted and changes nothing.
     let again = h.one(Command::Complete { job_id: id, token: a[0].token, result: b"other".to_vec() });
     assert_eq!(again, Applied::Accepted { lease_deadline_ms: None });
-    assert_eq!(h.state.job(id).unwrap().result, b"ok");
+    assert_eq!(h.state.job(id).unwrap().result(), b"ok");
 }
 
 #[test]
@@ -274,7 +274,7 @@ fn fail_retry_after_backoff_and_no_retry() {
     let a3 = h.dispatch(&s)[0].clone();
     h.one(Command::Fail { job_id: id, token: a3.token, error: "bad input".into(), retry: RetryRequest::Never });
     let job = h.state.job(id).unwrap();
-    assert_eq!((h.state_of(id), job.error.as_str(), job.attempt), (JobState::Failed, "bad input", 3));
+    assert_eq!((h.state_of(id), job.error(), job.attempt), (JobState::Failed, "bad input", 3));
 }
 
 #[test]
@@ -322,12 +322,12 @@ fn lease_timeout_and_progress_extension() {
     h.now += 500; // past the original deadline, inside the extended one
     h.one(Command::Tick);
     assert_eq!(h.state_of(id), JobState::Active);
-    assert_eq!(h.state.job(id).unwrap().progress, "half");
+    assert_eq!(h.state.job(id).unwrap().progress(), "half");
     h.now += 500;
     let out = h.run(vec![Command::Tick]);
     assert!(out.events.iter().any(|e| matches!(e, Event::Revoked { token, .. } if *token == a.token)));
     assert_eq!(h.state_of(id), JobState::Ready);
-    assert_eq!(h.state.job(id).unwrap().history[0].outcome, Outcome::LeaseTimedOut);
+    assert_eq!(h.state.job(id).unwrap().history()[0].outcome, Outcome::LeaseTimedOut);
 }
 
 #[test]
@@ -338,7 +338,7 @@ fn session_expiry_with_last_attempt_dead_letters() {
     h.dispatch(&s);
     h.one(Command::ExpireSession { session_id: s, reason: ExpiryReason::Admin });
     assert_eq!(h.state_of(id), JobState::Failed);
-    assert!(h.state.job(id).unwrap().error.contains("administrator"));
+    assert!(h.state.job(id).unwrap().error().contains("administrator"));
 }
 
 #[test]

@@ -473,6 +473,12 @@ impl ShardRaft {
             let m = metrics.borrow_watched();
             (m.last_log_index.unwrap_or(0), guard_vote_of(&m.vote))
         };
+        // openraft publishes its metrics after the fact: the state machine
+        // may already have applied entries the metrics do not show yet (a
+        // read right after catching up was refused). What is applied was
+        // in this log or its snapshot.
+        let applied = self.state.read().last_applied.map_or(0, |l| l.index);
+        let last = last.max(applied);
         let heard = self.heard_from_a_leader.load(std::sync::atomic::Ordering::Acquire);
         let voted_recently_enough = current.vote_at_least.is_none_or(|at_least| vote.order() >= at_least.order());
         // While a rebuild runs, the log seen here may still be the copy
