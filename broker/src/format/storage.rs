@@ -15,9 +15,9 @@ use openraft::{EntryPayload, Membership, StoredMembership, entry::RaftEntry, vot
 use prost::Message;
 
 use crate::queue::{
-    AttemptRecord, Batch, Command, ExpiredSession, ExpiryReason, FencingToken, Job, JobFields, JobId, JobMore,
-    JobState, NewJob, Outcome, PurgeCursor, QueueConfig, QueueConfigUpdate, QueueParts, QueueState, RetryRequest,
-    SessionId, SessionParts, ShardId, StateParts, Status, job::Lease,
+    AttemptRecord, Batch, Command, ExpiredSession, ExpiryReason, FencingToken, Job, JobId, JobMore, JobState, More,
+    NewJob, Outcome, PurgeCursor, QueueConfig, QueueConfigUpdate, QueueParts, QueueState, RetryRequest, SessionId,
+    SessionParts, ShardId, StateParts, Status, job::Lease,
 };
 use crate::raft::{GantryNode, types::TypeConfig};
 
@@ -537,21 +537,19 @@ pub fn job_from_pb(job: pb::Job) -> Result<Job> {
             })
         })
         .collect::<Result<Vec<_>>>()?;
-    Ok(Job::new(
-        JobFields {
-            id: job_id_from_pb(job.id, "job id")?,
-            queue: job.queue,
-            payload: job.payload,
-            priority: job.priority,
-            status,
-            attempt: job.attempt,
-            max_attempts: job.max_attempts,
-            lease_timeout_ms: job.lease_timeout_ms,
-            created_ms: job.created_ms,
-            run_at_ms: job.run_at_ms,
-            last_token: FencingToken(job.last_token),
-        },
-        JobMore {
+    Ok(Job {
+        id: job_id_from_pb(job.id, "job id")?,
+        queue: job.queue,
+        payload: job.payload,
+        priority: job.priority,
+        status,
+        attempt: job.attempt,
+        max_attempts: job.max_attempts,
+        lease_timeout_ms: job.lease_timeout_ms,
+        created_ms: job.created_ms,
+        run_at_ms: job.run_at_ms,
+        last_token: FencingToken(job.last_token),
+        more: More::of(JobMore {
             headers: job.headers,
             idempotency_key: job.idempotency_key,
             finished_ms: job.finished_ms,
@@ -561,8 +559,8 @@ pub fn job_from_pb(job: pb::Job) -> Result<Job> {
             last_worker_id: job.last_worker_id,
             progress: job.progress,
             history,
-        },
-    ))
+        }),
+    })
 }
 
 fn config_to_pb(c: &QueueConfig) -> pb::QueueConfig {

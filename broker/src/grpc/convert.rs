@@ -167,30 +167,28 @@ mod tests {
     use super::*;
     use crate::grpc::validate;
     use crate::queue::{
-        Batch, Command, FencingToken, Job, JobFields, JobId, JobMore, NewJob, QueueState, SessionId, Status, job::Lease,
+        Batch, Command, FencingToken, Job, JobId, JobMore, More, NewJob, QueueState, SessionId, Status, job::Lease,
     };
 
     fn sample_job() -> Job {
-        Job::new(
-            JobFields {
-                id: JobId { shard: ShardId(2), seq: 41 },
-                queue: "emails".into(),
-                payload: b"payload".to_vec(),
-                priority: 5,
-                status: Status::Active(Box::new(Lease {
-                    session_id: SessionId("sess-b".into()),
-                    token: FencingToken(9000),
-                    started_ms: 1_700_000_003_000,
-                    deadline_ms: 1_700_000_063_250,
-                })),
-                attempt: 2,
-                max_attempts: 7,
-                lease_timeout_ms: 60_250,
-                created_ms: 1_700_000_000_001,
-                run_at_ms: 1_700_000_001_999,
-                last_token: FencingToken(9000),
-            },
-            JobMore {
+        Job {
+            id: JobId { shard: ShardId(2), seq: 41 },
+            queue: "emails".into(),
+            payload: b"payload".to_vec(),
+            priority: 5,
+            status: Status::Active(Box::new(Lease {
+                session_id: SessionId("sess-b".into()),
+                token: FencingToken(9000),
+                started_ms: 1_700_000_003_000,
+                deadline_ms: 1_700_000_063_250,
+            })),
+            attempt: 2,
+            max_attempts: 7,
+            lease_timeout_ms: 60_250,
+            created_ms: 1_700_000_000_001,
+            run_at_ms: 1_700_000_001_999,
+            last_token: FencingToken(9000),
+            more: More::of(JobMore {
                 headers: BTreeMap::from([("trace".into(), "t-1".into())]),
                 finished_ms: None,
                 retain_until_ms: None,
@@ -221,8 +219,8 @@ mod tests {
                         error: String::new(),
                     },
                 ],
-            },
-        )
+            }),
+        }
     }
 
     fn ms(t: &Option<prost_types::Timestamp>) -> Option<u64> {

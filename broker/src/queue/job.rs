@@ -89,7 +89,7 @@ pub const HISTORY_MAX: usize = 10;
 /// error, progress and attempts) is out of line in [`JobMore`], allocated the
 /// first time one of them is set. A million queued jobs cost that much less
 /// memory each (they cost 360 bytes inline before).
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(from = "format0::Job", into = "format0::Job")]
 pub struct Job {
     pub id: JobId,
@@ -105,7 +105,7 @@ pub struct Job {
     pub run_at_ms: u64,
     /// Token of the current or last lease (0: never leased).
     pub last_token: FencingToken,
-    more: Option<Box<JobMore>>,
+    pub more: More,
 }
 
 /// The fields of a [`Job`] kept out of line; all default while it waits.
@@ -137,119 +137,73 @@ static NOTHING_MORE: JobMore = JobMore {
     history: Vec::new(),
 };
 
-/// Equal jobs are equal whether or not their out-of-line part, all
-/// defaults, is allocated.
-impl PartialEq for Job {
-    fn eq(&self, other: &Self) -> bool {
-        self.id == other.id
-            && self.queue == other.queue
-            && self.payload == other.payload
-            && self.priority == other.priority
-            && self.status == other.status
-            && self.attempt == other.attempt
-            && self.max_attempts == other.max_attempts
-            && self.lease_timeout_ms == other.lease_timeout_ms
-            && self.created_ms == other.created_ms
-            && self.run_at_ms == other.run_at_ms
-            && self.last_token == other.last_token
-            && self.more() == other.more()
+/// A job's [`JobMore`], not allocated while all of it is default. Equal
+/// whether or not an all-default one is allocated.
+#[derive(Clone, Debug, Default)]
+pub struct More(Option<Box<JobMore>>);
+
+impl More {
+    pub fn of(more: JobMore) -> Self {
+        More((more != NOTHING_MORE).then(|| Box::new(more)))
+    }
+
+    fn get(&self) -> &JobMore {
+        self.0.as_deref().unwrap_or(&NOTHING_MORE)
+    }
+
+    fn into_inner(self) -> JobMore {
+        self.0.map(|more| *more).unwrap_or_default()
     }
 }
 
-impl Eq for Job {}
-
-/// What a new job starts with; the rest is in [`JobMore`].
-pub struct JobFields {
-    pub id: JobId,
-    pub queue: String,
-    pub payload: Vec<u8>,
-    pub priority: i32,
-    pub status: Status,
-    pub attempt: u32,
-    pub max_attempts: u32,
-    pub lease_timeout_ms: u64,
-    pub created_ms: u64,
-    pub run_at_ms: u64,
-    pub last_token: FencingToken,
+impl PartialEq for More {
+    fn eq(&self, other: &Self) -> bool {
+        self.get() == other.get()
+    }
 }
+
+impl Eq for More {}
 
 impl Job {
-    /// A job from its inline fields and the rest; `more` is only allocated
-    /// when something in it is set.
-    pub fn new(fields: JobFields, more: JobMore) -> Self {
-        let JobFields {
-            id,
-            queue,
-            payload,
-            priority,
-            status,
-            attempt,
-            max_attempts,
-            lease_timeout_ms,
-            created_ms,
-            run_at_ms,
-            last_token,
-        } = fields;
-        let more = (more != NOTHING_MORE).then(|| Box::new(more));
-        Job {
-            id,
-            queue,
-            payload,
-            priority,
-            status,
-            attempt,
-            max_attempts,
-            lease_timeout_ms,
-            created_ms,
-            run_at_ms,
-            last_token,
-            more,
-        }
-    }
-
     /// The out-of-line fields, allocated on first use.
     pub fn more_mut(&mut self) -> &mut JobMore {
-        self.more.get_or_insert_with(Default::default)
-    }
-
-    fn more(&self) -> &JobMore {
-        self.more.as_deref().unwrap_or(&NOTHING_MORE)
+        self.more.0.get_or_insert_with(Default::default)
     }
 
     pub fn headers(&self) -> &BTreeMap<String, String> {
-        &self.more().headers
+        &self.more.get().headers
     }
 
     pub fn idempotency_key(&self) -> Option<&str> {
-        self.more().idempotency_key.as_deref()
+        self.more.get().idempotency_key.as_deref()
     }
 
     pub fn finished_ms(&self) -> Option<u64> {
-        self.more().finished_ms
+        self.more.get().finished_ms
     }
 
     pub fn retain_until_ms(&self) -> Option<u64> {
-        self.more().retain_until_ms
+        self.more.get().retain_until_ms
     }
 
     pub fn result(&self) -> &[u8] {
-        &self.more().result
+        &self.more.get().result
     }
 
     pub fn error(&self) -> &str {
-        &self.more().error
+        &self.more.get().error
     }
 
     pub fn last_worker_id(&self) -> &str {
-        &self.more().last_worker_id
+        &self.more.get().last_worker_id
     }
 
     pub fn progress(&self) -> &str {
-        &self.more().progress
+        &self.more.get().progress
     }
 
     pub fn history(&self) -> &[AttemptRecord] {
-        &self.more().history
+        &self.more.get().history
     }
 }
 
@@ -260,7 +214,7 @@ mod format0 {
 
     use serde::{Deserialize, Serialize};
 
-    use super::{AttemptRecord, FencingToken, JobId, JobMore, Status};
+    use super::{AttemptRecord, FencingToken, JobId, JobMore, More, Status};
 
     #[derive(Serialize, Deserialize)]
     pub struct Job {
@@ -290,21 +244,19 @@ mod format0 {
 
     impl From<Job> for super::Job {
         fn from(j: Job) -> Self {
-            super::Job::new(
-                super::JobFields {
-                    id: j.id,
-                    queue: j.queue,
-                    payload: j.payload,
-                    priority: j.priority,
-                    status: j.status,
-                    attempt: j.attempt,
-                    max_attempts: j.max_attempts,
-                    lease_timeout_ms: j.lease_timeout_ms,
-                    created_ms: j.created_ms,
-                    run_at_ms: j.run_at_ms,
-                    last_token: j.last_token,
-                },
-                JobMore {
+            super::Job {
+                id: j.id,
+                queue: j.queue,
+                payload: j.payload,
+                priority: j.priority,
+                status: j.status,
+                attempt: j.attempt,
+                max_attempts: j.max_attempts,
+                lease_timeout_ms: j.lease_timeout_ms,
+                created_ms: j.created_ms,
+                run_at_ms: j.run_at_ms,
+                last_token: j.last_token,
+                more: More::of(JobMore {
                     headers: j.headers,
                     idempotency_key: j.idempotency_key,
                     finished_ms: j.finished_ms,
@@ -314,14 +266,14 @@ mod format0 {
                     last_worker_id: j.last_worker_id,
                     progress: j.progress,
                     history: j.history,
-                },
-            )
+                }),
+            }
         }
     }
 
     impl From<super::Job> for Job {
         fn from(j: super::Job) -> Self {
-            let more = j.more.map(|m| *m).unwrap_or_default();
+            let more = j.more.into_inner();
             Job {
                 id: j.id,
                 queue: j.queue,
@@ -377,7 +329,7 @@ impl Job {
     }
 
     pub(super) fn close_attempt(&mut self, token: FencingToken, now_ms: u64, outcome: Outcome, error: &str) {
-        if let Some(r) = self.more.as_mut().and_then(|m| m.history.iter_mut().rev().find(|r| r.token == token)) {
+        if let Some(r) = self.more.0.as_mut().and_then(|m| m.history.iter_mut().rev().find(|r| r.token == token)) {
             r.finished_ms = Some(now_ms);
             r.outcome = outcome;
             r.error = error.to_owned();

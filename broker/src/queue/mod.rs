@@ -23,6 +23,6 @@ pub use command::{
 };
 pub use config::{QueueConfig, QueueConfigUpdate};
 pub use ids::{FencingToken, JobId, SessionId, ShardId};
-pub use job::{AttemptRecord, Job, JobFields, JobMore, JobState, JobView, Outcome, Status};
+pub use job::{AttemptRecord, Job, JobMore, JobState, JobView, More, Outcome, Status};
 pub use state::{ApplyOutput, ExpiredSession, QueueParts, QueueState, Session, SessionParts, StateParts};
 pub use tally::{QueueTally, Tally};

@@ -13,7 +13,7 @@ use super::{
     command::{Applied, Assignment, Batch, Command, Event, ExpiryReason, NewJob, PurgeCursor, Rejection, RetryRequest},
     config::{QueueConfig, QueueConfigUpdate},
     ids::{FencingToken, JobId, SessionId, ShardId},
-    job::{AttemptRecord, Job, JobFields, JobMore, JobState, JobView, Lease, Outcome, Status},
+    job::{AttemptRecord, Job, JobMore, JobState, JobView, Lease, More, Outcome, Status},
     tally::Tally,
 };
 
@@ -824,26 +824,24 @@ impl QueueState {
         }
         let id = JobId { shard: self.shard, seq: self.next_seq };
         self.next_seq += 1;
-        let job = Job::new(
-            JobFields {
-                id,
-                queue: new.queue.clone(),
-                payload: new.payload.clone(),
-                priority: new.priority,
-                status: Status::Pending,
-                attempt: 0,
-                max_attempts: new.max_attempts.unwrap_or(queue.config.max_attempts).max(1),
-                lease_timeout_ms: new.lease_timeout_ms.unwrap_or(queue.config.lease_timeout_ms),
-                created_ms: now,
-                run_at_ms: new.run_at_ms.unwrap_or_else(|| now.saturating_add(new.delay_ms)),
-                last_token: FencingToken(0),
-            },
-            JobMore {
+        let job = Job {
+            id,
+            queue: new.queue.clone(),
+            payload: new.payload.clone(),
+            priority: new.priority,
+            status: Status::Pending,
+            attempt: 0,
+            max_attempts: new.max_attempts.unwrap_or(queue.config.max_attempts).max(1),
+            lease_timeout_ms: new.lease_timeout_ms.unwrap_or(queue.config.lease_timeout_ms),
+            created_ms: now,
+            run_at_ms: new.run_at_ms.unwrap_or_else(|| now.saturating_add(new.delay_ms)),
+            last_token: FencingToken(0),
+            more: More::of(JobMore {
                 headers: new.headers.clone(),
                 idempotency_key: new.idempotency_key.clone(),
                 ..JobMore::default()
-            },
-        );
+            }),
+        };
         if let Some(key) = &new.idempotency_key {
             queue.idempotency.insert(key.clone(), id);
         }

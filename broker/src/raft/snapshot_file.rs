@@ -101,13 +101,16 @@ impl SnapshotData {
 
     /// The shard state these bytes hold, decoded as they are read.
     pub fn decode(&self) -> Result<QueueState, String> {
-        if self.format().map_err(|e| e.to_string())? == 0 {
-            let bytes = match self {
-                SnapshotData::Memory(bytes) => std::borrow::Cow::Borrowed(bytes.as_slice()),
-                SnapshotData::File { .. } => std::borrow::Cow::Owned(self.to_vec().map_err(|e| e.to_string())?),
-            };
-            return decode_snapshot_v1(&bytes).map_err(|e| e.to_string());
+        match self {
+            SnapshotData::Memory(bytes) => decode_state_data(bytes),
+            SnapshotData::File { .. } if self.format().map_err(|e| e.to_string())? == 0 => {
+                decode_state_data(&self.to_vec().map_err(|e| e.to_string())?)
+            }
+            SnapshotData::File { .. } => self.decode_streaming(),
         }
+    }
+
+    fn decode_streaming(&self) -> Result<QueueState, String> {
         let mut reader = self.reader();
         reader.read_exact(&mut [0; STATE_MAGIC_V2.len()]).map_err(|e| e.to_string())?;
         crate::format::storage::decode_state_from(reader, self.len() - STATE_MAGIC_V2.len() as u64)
@@ -170,6 +173,27 @@ impl Incoming {
 
     pub fn finish(self) -> SnapshotData {
         SnapshotData::File { file: Arc::new(self.file), start: 0, len: self.len }
+    }
+}
+
+/// A shard's state as a snapshot carries it (on disk and to followers), in
+/// the encoding of the shard's format: postcard at 0, so that binaries
+/// before format gates can install it. Whole in memory: for tests and
+/// tools; snapshots stream ([`write_snapshot_file`]).
+pub fn encode_state_data(queue: &QueueState) -> Vec<u8> {
+    if queue.format() == 0 {
+        return encode_snapshot_v1(queue);
+    }
+    let mut data = STATE_MAGIC_V2.to_vec();
+    crate::format::storage::encode_state(queue, &mut |bytes| data.extend_from_slice(bytes));
+    data
+}
+
+/// Decodes state bytes held in memory (either encoding).
+pub fn decode_state_data(data: &[u8]) -> Result<QueueState, String> {
+    match data.strip_prefix(STATE_MAGIC_V2.as_slice()) {
+        Some(body) => crate::format::storage::decode_state(body).map_err(|e| format!("shard state: {e}")),
+        None => decode_snapshot_v1(data).map_err(|e| e.to_string()),
     }
 }
 
@@ -499,7 +523,7 @@ mod tests {
         for (format, jobs) in [(1, 0), (1, 1), (2, 200), (2, 5_000)] {
             let queue = state(format, jobs);
             let meta = meta_at(90 + jobs as u64);
-            let expected = in_memory_v3(&meta, crate::raft::state_machine::encode_state_data(&queue));
+            let expected = in_memory_v3(&meta, encode_state_data(&queue));
             let dir = tempfile::tempdir().unwrap();
             let written = write_snapshot_file(dir.path(), &meta, Source::State(&queue), format).unwrap();
             assert!(matches!(written, SnapshotData::File { .. }));
@@ -613,7 +637,7 @@ mod tests {
     #[test]
     fn damaged_state_bytes_never_panic() {
         let queue = state(2, 40);
-        let bytes = crate::raft::state_machine::encode_state_data(&queue);
+        let bytes = encode_state_data(&queue);
         for cut in (0..bytes.len()).step_by(11) {
             let _ = SnapshotData::Memory(bytes[..cut].to_vec()).decode();
         }

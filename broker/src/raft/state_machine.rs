@@ -16,7 +16,7 @@ use openraft::{
 };
 use tokio::sync::mpsc;
 
-pub use super::snapshot_file::{SnapshotData, set_snapshot_aside};
+pub use super::snapshot_file::{SnapshotData, decode_state_data, encode_state_data, set_snapshot_aside};
 use super::{
     snapshot_file::{Source, StoredSnapshot, invalid, read_snapshot_file, write_snapshot_file},
     types::{BatchResponse, TypeConfig},
@@ -249,23 +249,6 @@ impl SnapshotDir {
         *on_disk = index;
         Ok(Some(data))
     }
-}
-
-/// A shard's state as a snapshot carries it (on disk and to followers), in
-/// the encoding of the shard's format: postcard at 0, so that binaries
-/// before format gates can install it. Held in memory: for tests and
-/// digests of small states; snapshots stream (`snapshot_file`).
-pub fn encode_state_data(queue: &QueueState) -> Vec<u8> {
-    if queue.format() == 0 {
-        return crate::queue::snapshot::encode_snapshot_v1(queue);
-    }
-    let mut data = super::snapshot_file::STATE_MAGIC_V2.to_vec();
-    crate::format::storage::encode_state(queue, &mut |bytes| data.extend_from_slice(bytes));
-    data
-}
-
-pub fn decode_state_data(data: &[u8]) -> Result<QueueState, String> {
-    SnapshotData::Memory(data.to_vec()).decode()
 }
 
 impl StateMachineStore {
