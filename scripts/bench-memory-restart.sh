@@ -23,6 +23,7 @@ echo "idle RSS: $(( $(rss_kib $PID) / 1024 )) MiB"
 sleep 2
 echo "RSS with $JOBS queued ${PAYLOAD}-byte jobs: $(( $(rss_kib $PID) / 1024 )) MiB"
 echo "data dir: $(du -sh "$DIR/data" | cut -f1)"
+echo "snapshots written before the kill: $(grep -c 'snapshot written' "$DIR/serve.log" || true)"
 kill -9 $PID
 wait $PID 2>/dev/null || true
 START=$(date +%s%N)

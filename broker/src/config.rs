@@ -52,6 +52,11 @@ pub struct Config {
     pub raft_heartbeat_interval: Duration,
     /// Largest job payload in bytes (default 1 MiB).
     pub max_payload_bytes: usize,
+    /// Bytes of job payloads this node keeps in memory, split evenly over
+    /// its shards (default 64 MiB); the payloads of older waiting jobs are
+    /// kept in files under the data directory and read back when a job is
+    /// handed out. 0 keeps none in memory.
+    pub payload_memory_bytes: u64,
     /// Take a Raft snapshot after this many applied commands (default 1000000),
     /// or after as many as the last snapshot held jobs when that is more; the log
     /// behind it is purged. Fewer means faster restarts and more CPU spent
@@ -110,6 +115,7 @@ impl Default for Config {
             election_timeout: Duration::from_secs(1),
             raft_heartbeat_interval: Duration::from_millis(100),
             max_payload_bytes: 1 << 20,
+            payload_memory_bytes: 64 << 20,
             snapshot_every: 1_000_000,
             digest_every: Duration::from_secs(60),
             metrics_listen: Some(SocketAddr::from(([127, 0, 0, 1], 9464))),

@@ -130,6 +130,7 @@ pub async fn start_with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<R
         may_rebuild_from_peers: !single_node,
         digest_every: config.digest_every,
         data_format: Some(data_format.clone()),
+        payload_memory_per_shard: config.payload_memory_bytes / u64::from(config.shards.max(1)),
         ..RaftSettings::default()
     };
     let channels = PeerChannels::new(security.dial.clone());

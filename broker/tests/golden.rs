@@ -309,8 +309,8 @@ fn format_0_golden_bytes() {
         assert_eq!(decoded, entry, "{name}");
     }
     let state = sample_state(0);
-    golden(0, "state.bin", &encode_state_data(&state));
-    assert_eq!(encode_state_data(&state), encode_snapshot_v1(&state), "format 0's state is snapshot_v1");
+    golden(0, "state.bin", &encode_state_data(&state).unwrap());
+    assert_eq!(encode_state_data(&state).unwrap(), encode_snapshot_v1(&state), "format 0's state is snapshot_v1");
     assert_eq!(decode_snapshot_v1(&stored(0, "state.bin")).expect("decodes"), state);
     golden(0, "FORMAT", format!("{}\n", legacy_format_0_line()).as_bytes());
 }
@@ -335,13 +335,13 @@ fn format_1_golden_bytes() {
         assert_eq!(decoded, entry, "{name}");
     }
     let state = sample_state(1);
-    golden(1, "state.bin", &encode_state_data(&state));
+    golden(1, "state.bin", &encode_state_data(&state).unwrap());
     assert_eq!(decode_state_data(&stored(1, "state.bin")).expect("decodes"), state);
     let meta = openraft::type_config::alias::SnapshotMetaOf::<TypeConfig> {
         last_log_id: Some(openraft::LogId::new(openraft::vote::leader_id_adv::LeaderId { term: 3, node_id: 2 }, 77)),
         last_membership: Default::default(),
     };
-    let file = storage::snapshot_file_to_pb(&meta, encode_state_data(&state)).encode_to_vec();
+    let file = storage::snapshot_file_to_pb(&meta, encode_state_data(&state).unwrap()).encode_to_vec();
     golden(1, "snapshot-file.bin", &file);
     let (read_meta, data) = storage::snapshot_file_from_pb(
         gantry_proto::storage::SnapshotFile::decode(stored(1, "snapshot-file.bin").as_slice()).expect("pb"),
@@ -387,7 +387,7 @@ fn format_2_golden_bytes() {
     };
     golden(2, "append-stream-response-refused.bin", &refused.encode_to_vec());
     let state = sample_state(2);
-    golden(2, "state.bin", &encode_state_data(&state));
+    golden(2, "state.bin", &encode_state_data(&state).unwrap());
     assert_eq!(decode_state_data(&stored(2, "state.bin")).expect("decodes"), state);
     let header = DataDirHeader { format: 2, min_reader: 2, written_by: "0.3.0".into(), shards: 4 };
     golden(2, "HEADER", &encode_header(&header));

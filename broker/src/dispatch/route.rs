@@ -311,7 +311,12 @@ impl ShardService for ShardCommands {
         Ok(Response::new(if typed {
             pb::ProposeResponse {
                 outcome: Vec::new(),
-                typed_outcome: Some(shard_wire::propose_outcome_to_pb(&outcome)),
+                typed_outcome: Some(shard_wire::propose_outcome_to_pb(&outcome).map_err(|e| {
+                    Status::internal(format!(
+                        "shard {}: the commands were committed, but not the reply: {e}",
+                        shard.raft.shard()
+                    ))
+                })?),
             }
         } else {
             pb::ProposeResponse { outcome: encoded(&outcome)?, typed_outcome: None }

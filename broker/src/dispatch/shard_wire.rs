@@ -14,7 +14,7 @@ use crate::{
         DecodeError, command_from_pb, command_to_pb, cursor_from_pb, cursor_to_pb, job_from_pb, job_id_from_pb,
         job_id_to_pb, job_state_from_pb, job_state_to_pb, job_to_pb,
     },
-    queue::{Applied, Command, FencingToken, JobView, Rejection, SessionId, ShardId},
+    queue::{Applied, Command, FencingToken, JobView, PayloadReadError, Rejection, SessionId, ShardId},
     raft::{GantryNode, MembershipError, ProposeError},
 };
 
@@ -94,7 +94,7 @@ fn rejection_from_pb(rejection: pb::Rejection) -> Result<Rejection> {
     })
 }
 
-fn applied_to_pb(applied: &Applied) -> pb::Applied {
+fn applied_to_pb(applied: &Applied) -> std::result::Result<pb::Applied, PayloadReadError> {
     use pb::applied::Kind as K;
     let kind = match applied {
         Applied::Enqueued { job_id, created, state } => K::Enqueued(pb::Enqueued {
@@ -112,7 +112,7 @@ fn applied_to_pb(applied: &Applied) -> pb::Applied {
         Applied::SessionExpired { released } => K::SessionExpired(*released),
         Applied::SessionDrained => K::SessionDrained(Default::default()),
         Applied::Job(view) => {
-            K::Job(pb::AppliedJob { state: job_state_to_pb(view.state), job: Some(job_to_pb(&view.job)) })
+            K::Job(pb::AppliedJob { state: job_state_to_pb(view.state), job: Some(job_to_pb(&view.job)?) })
         }
         Applied::Purged { count } => K::Purged(*count),
         Applied::PurgedPart { count, below_seq, through, next } => K::PurgedPart(pb::PurgedPart {
@@ -127,7 +127,7 @@ fn applied_to_pb(applied: &Applied) -> pb::Applied {
         Applied::FormatSet { format } => K::FormatSet(*format),
         Applied::QueueDeleted => K::QueueDeleted(Default::default()),
     };
-    pb::Applied { kind: Some(kind) }
+    Ok(pb::Applied { kind: Some(kind) })
 }
 
 fn applied_from_pb(applied: pb::Applied) -> Result<Applied> {
@@ -210,16 +210,20 @@ pub fn failure_from_pb(failure: pb::ProposeFailure) -> Result<ProposeError> {
     })
 }
 
-pub fn propose_outcome_to_pb(outcome: &std::result::Result<Committed, ProposeError>) -> pb::ProposeOutcome {
+/// Fails only if a job in the results has its payload on this node's disk
+/// and it cannot be read back.
+pub fn propose_outcome_to_pb(
+    outcome: &std::result::Result<Committed, ProposeError>,
+) -> std::result::Result<pb::ProposeOutcome, PayloadReadError> {
     use pb::propose_outcome::Result as R;
     let result = match outcome {
         Ok(committed) => R::Committed(pb::Committed {
             index: committed.index,
-            results: committed.results.iter().map(applied_to_pb).collect(),
+            results: committed.results.iter().map(applied_to_pb).collect::<std::result::Result<_, _>>()?,
         }),
         Err(e) => R::Failure(failure_to_pb(e)),
     };
-    pb::ProposeOutcome { result: Some(result) }
+    Ok(pb::ProposeOutcome { result: Some(result) })
 }
 
 pub fn propose_outcome_from_pb(outcome: pb::ProposeOutcome) -> Result<std::result::Result<Committed, ProposeError>> {
@@ -400,7 +404,7 @@ mod tests {
         ];
         results.extend(rejections.into_iter().map(Applied::Rejected));
         let committed: std::result::Result<Committed, ProposeError> = Ok(Committed { index: 42, results });
-        let back = propose_outcome_from_pb(propose_outcome_to_pb(&committed)).expect("decodes");
+        let back = propose_outcome_from_pb(propose_outcome_to_pb(&committed).unwrap()).expect("decodes");
         assert_eq!(format!("{back:?}"), format!("{committed:?}"));
         for failure in [
             ProposeError::NotLeader { shard: ShardId(1), leader: Some((2, "h:1".into())) },

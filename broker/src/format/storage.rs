@@ -16,8 +16,8 @@ use prost::Message;
 
 use crate::queue::{
     AttemptRecord, Batch, Command, ExpiredSession, ExpiryReason, FencingToken, Job, JobId, JobMore, JobState, More,
-    NewJob, Outcome, PurgeCursor, QueueConfig, QueueConfigUpdate, QueueParts, QueueState, RetryRequest, SessionId,
-    SessionParts, ShardId, StateParts, Status, job::Lease,
+    NewJob, Outcome, Payload, PayloadReadError, PurgeCursor, QueueConfig, QueueConfigUpdate, QueueParts, QueueState,
+    RetryRequest, SessionId, SessionParts, ShardId, StateParts, Status, job::Lease, payload::ReadWindow,
 };
 use crate::raft::{GantryNode, types::TypeConfig};
 
@@ -37,6 +37,8 @@ pub enum DecodeError {
     Unknown { what: &'static str, value: i32 },
     #[error("{0}")]
     Invalid(String),
+    #[error("writing a restored job's payload to this node's disk: {0}")]
+    Spill(std::io::Error),
 }
 
 type Result<T> = std::result::Result<T, DecodeError>;
@@ -456,7 +458,29 @@ fn outcome_from_pb(value: i32) -> Result<Outcome> {
     })
 }
 
-pub fn job_to_pb(job: &Job) -> pb::Job {
+/// A job as storage and the peer wire carry it, its payload read from disk
+/// if it is there.
+pub fn job_to_pb(job: &Job) -> std::result::Result<pb::Job, PayloadReadError> {
+    Ok(pb::Job { payload: job.payload.to_vec()?, ..job_to_pb_without_payload(job) })
+}
+
+fn job_to_pb_through(job: &Job, window: &mut ReadWindow) -> std::result::Result<pb::Job, PayloadReadError> {
+    Ok(pb::Job { payload: job.payload.read_through(window)?.into_owned(), ..job_to_pb_without_payload(job) })
+}
+
+/// The length of `job`'s encoding, its payload not read.
+fn job_encoded_len(job: &Job) -> usize {
+    let payload = match job.payload.len() {
+        0 => 0,
+        n => prost::encoding::key_len(JOB_PAYLOAD_FIELD) + prost::encoding::encoded_len_varint(n as u64) + n,
+    };
+    job_to_pb_without_payload(job).encoded_len() + payload
+}
+
+/// The field number of `Job.payload`.
+const JOB_PAYLOAD_FIELD: u32 = 3;
+
+fn job_to_pb_without_payload(job: &Job) -> pb::Job {
     use pb::job::Status as S;
     let status = match &job.status {
         Status::Pending => S::Pending(pb::Blank {}),
@@ -473,7 +497,7 @@ pub fn job_to_pb(job: &Job) -> pb::Job {
     pb::Job {
         id: job_id_to_pb(job.id),
         queue: job.queue.clone(),
-        payload: job.payload.clone(),
+        payload: Vec::new(),
         headers: job.headers().clone(),
         priority: job.priority,
         status: Some(status),
@@ -540,7 +564,7 @@ pub fn job_from_pb(job: pb::Job) -> Result<Job> {
     Ok(Job {
         id: job_id_from_pb(job.id, "job id")?,
         queue: job.queue,
-        payload: job.payload,
+        payload: job.payload.into(),
         priority: job.priority,
         status,
         attempt: job.attempt,
@@ -649,21 +673,24 @@ const STATE_JOBS_FIELD: u32 = 5;
 
 /// Encodes `state` as a `ShardState` message, handing the bytes to `sink`
 /// piece by piece (a snapshot file, a digest). Deterministic: replicas with
-/// equal states produce equal bytes.
-pub fn encode_state(state: &QueueState, sink: &mut dyn FnMut(&[u8])) {
+/// equal states produce equal bytes, wherever their payloads are. Fails
+/// only if a payload on this node's disk cannot be read back.
+pub fn encode_state(state: &QueueState, sink: &mut dyn FnMut(&[u8])) -> std::result::Result<(), PayloadReadError> {
     let mut buf = state_head_to_pb(state.parts_without_jobs()).encode_to_vec();
     sink(&buf);
+    let mut window = ReadWindow::default();
     for job in state.jobs().values() {
         buf.clear();
-        prost::encoding::message::encode(STATE_JOBS_FIELD, &job_to_pb(job), &mut buf);
+        prost::encoding::message::encode(STATE_JOBS_FIELD, &job_to_pb_through(job, &mut window)?, &mut buf);
         sink(&buf);
     }
+    Ok(())
 }
 
-pub fn encode_state_to_vec(state: &QueueState) -> Vec<u8> {
+pub fn encode_state_to_vec(state: &QueueState) -> std::result::Result<Vec<u8>, PayloadReadError> {
     let mut out = Vec::new();
-    encode_state(state, &mut |bytes| out.extend_from_slice(bytes));
-    out
+    encode_state(state, &mut |bytes| out.extend_from_slice(bytes))?;
+    Ok(out)
 }
 
 /// Top-level fields of a protobuf message read from `reader` one at a
@@ -786,10 +813,14 @@ fn read_error(e: &std::io::Error) -> DecodeError {
 
 /// The length of `state`'s encoding, without holding it: a snapshot file
 /// states its data's length before the data.
+/// Payloads are not read: their lengths are known.
 pub fn encoded_state_len(state: &QueueState) -> u64 {
-    let mut len = 0u64;
-    encode_state(state, &mut |bytes| len += bytes.len() as u64);
-    len
+    let head = state_head_to_pb(state.parts_without_jobs()).encoded_len() as u64;
+    let jobs = state.jobs().values().map(|job| {
+        let len = job_encoded_len(job);
+        (prost::encoding::key_len(STATE_JOBS_FIELD) + prost::encoding::encoded_len_varint(len as u64) + len) as u64
+    });
+    head + jobs.sum::<u64>()
 }
 
 /// Decodes a `ShardState` held in memory.
@@ -801,6 +832,17 @@ pub fn decode_state(bytes: &[u8]) -> Result<QueueState> {
 /// job as it is read: neither the encoding nor the decoded jobs are ever
 /// held twice.
 pub fn decode_state_from(reader: impl std::io::Read, len: u64) -> Result<QueueState> {
+    decode_state_spilling(reader, len, &mut |bytes| Ok(Payload::from(bytes)))
+}
+
+/// [`decode_state_from`], each job's payload handed to `spill` as it is
+/// read (which may write it to disk), so that restoring a large state never
+/// holds its payloads in memory together.
+pub fn decode_state_spilling(
+    reader: impl std::io::Read,
+    len: u64,
+    spill: &mut dyn FnMut(Vec<u8>) -> std::io::Result<Payload>,
+) -> Result<QueueState> {
     let mut fields = FieldReader::new(reader, len);
     let mut head_bytes = Vec::new();
     let mut jobs = Vec::new();
@@ -808,7 +850,11 @@ pub fn decode_state_from(reader: impl std::io::Read, len: u64) -> Result<QueueSt
     while let Some((tag, wire_type)) = fields.next_key()? {
         if tag == STATE_JOBS_FIELD && wire_type == prost::encoding::WireType::LengthDelimited {
             fields.bytes(&mut job)?;
-            jobs.push(std::sync::Arc::new(job_from_pb(pb::Job::decode(job.as_slice())?)?));
+            let mut decoded = pb::Job::decode(job.as_slice())?;
+            let payload = spill(std::mem::take(&mut decoded.payload)).map_err(DecodeError::Spill)?;
+            let mut decoded = job_from_pb(decoded)?;
+            decoded.payload = payload;
+            jobs.push(std::sync::Arc::new(decoded));
         } else {
             fields.copy_field(tag, wire_type, &mut head_bytes)?;
         }

@@ -512,8 +512,9 @@ impl Admin for AdminService {
             .take(limit)
             .map(|job| {
                 convert::job_to_proto(&crate::queue::JobView { state: job.state_at(now), job: job.clone() }, true)
+                    .map_err(|e| status::payload_unreadable(job.id, &e))
             })
-            .collect();
+            .collect::<Result<_, _>>()?;
         let next_page_token = match (jobs.len() == limit, matching.next()) {
             (true, Some(_)) => {
                 let last: JobId = validate::job_id("", &jobs[limit - 1].id).map_err(|_| Status::internal("job id"))?;

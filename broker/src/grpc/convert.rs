@@ -11,7 +11,7 @@
 
 use gantry_proto::v1 as proto;
 
-use crate::queue::{AttemptRecord, JobState, JobView, Outcome, QueueConfig, ShardId, state::Queue};
+use crate::queue::{AttemptRecord, JobState, JobView, Outcome, PayloadReadError, QueueConfig, ShardId, state::Queue};
 
 pub fn job_state_to_proto(state: JobState) -> proto::JobState {
     match state {
@@ -88,16 +88,17 @@ pub fn attempt_to_proto(r: &AttemptRecord) -> proto::AttemptRecord {
 /// The client's view of a job. `include_payload: false` leaves `payload`
 /// and `result` empty: listings (`ListJobs`) may hold a thousand jobs of up
 /// to a MiB each, and a caller who wants the bodies asks `GetJob`.
-pub fn job_to_proto(view: &JobView, include_payload: bool) -> proto::Job {
+/// Fails only if the payload is on this node's disk and cannot be read back.
+pub fn job_to_proto(view: &JobView, include_payload: bool) -> Result<proto::Job, PayloadReadError> {
     let (job, state) = (&*view.job, view.state);
     // Lease fields only while the job is leased: after that they would name
     // a holder that no longer holds it.
     let lease = job.lease();
-    proto::Job {
+    Ok(proto::Job {
         id: job.id.to_string(),
         queue: job.queue.clone(),
         state: job_state_to_proto(state) as i32,
-        payload: if include_payload { job.payload.clone() } else { Vec::new() },
+        payload: if include_payload { job.payload.to_vec()? } else { Vec::new() },
         headers: job.headers().iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
         priority: job.priority,
         attempt: job.attempt,
@@ -115,7 +116,7 @@ pub fn job_to_proto(view: &JobView, include_payload: bool) -> proto::Job {
         lease_deadline: lease.map(|l| timestamp(l.deadline_ms)),
         session_id: lease.map(|l| l.session_id.to_string()).unwrap_or_default(),
         progress: job.progress().to_owned(),
-    }
+    })
 }
 
 /// The effective configuration: every field set, so a reader never has to
@@ -174,7 +175,7 @@ mod tests {
         Job {
             id: JobId { shard: ShardId(2), seq: 41 },
             queue: "emails".into(),
-            payload: b"payload".to_vec(),
+            payload: b"payload".to_vec().into(),
             priority: 5,
             status: Status::Active(Box::new(Lease {
                 session_id: SessionId("sess-b".into()),
@@ -263,12 +264,12 @@ mod tests {
     fn active_job_round_trips() {
         let job = sample_job();
         let view = JobView { state: JobState::Active, job: job.clone().into() };
-        let p = job_to_proto(&view, true);
+        let p = job_to_proto(&view, true).unwrap();
 
         assert_eq!(p.id.parse::<JobId>(), Ok(job.id));
         assert_eq!(p.queue, job.queue);
         assert_eq!(proto::JobState::try_from(p.state).ok().and_then(job_state_from_proto), Some(JobState::Active));
-        assert_eq!(p.payload, job.payload);
+        assert_eq!(job.payload, p.payload);
         assert_eq!(&p.headers.into_iter().collect::<BTreeMap<_, _>>(), job.headers());
         assert_eq!(p.priority, job.priority);
         assert_eq!((p.attempt, p.max_attempts), (2, 7));
@@ -300,9 +301,9 @@ mod tests {
         assert_eq!(p.history[1].outcome, proto::AttemptOutcome::Running as i32);
 
         // The protobuf encoding itself round-trips too.
-        let bytes = prost::Message::encode_to_vec(&job_to_proto(&view, true));
+        let bytes = prost::Message::encode_to_vec(&job_to_proto(&view, true).unwrap());
         let decoded = <proto::Job as prost::Message>::decode(bytes.as_slice()).unwrap();
-        assert_eq!(decoded, job_to_proto(&view, true));
+        assert_eq!(decoded, job_to_proto(&view, true).unwrap());
     }
 
     #[test]
@@ -313,7 +314,7 @@ mod tests {
         job.more_mut().result = b"done".to_vec();
         job.more_mut().idempotency_key = None;
         let view = JobView { state: JobState::Succeeded, job: job.into() };
-        let p = job_to_proto(&view, true);
+        let p = job_to_proto(&view, true).unwrap();
         assert_eq!(p.state, proto::JobState::Succeeded as i32);
         assert_eq!(p.result, b"done");
         assert_eq!(ms(&p.finished_at), Some(1_700_000_010_000));
@@ -323,7 +324,7 @@ mod tests {
         // The last holder and token stay visible after the lease ends.
         assert_eq!((p.worker_id.as_str(), p.fencing_token), ("worker-b", 9000));
 
-        let slim = job_to_proto(&view, false);
+        let slim = job_to_proto(&view, false).unwrap();
         assert!(slim.payload.is_empty() && slim.result.is_empty());
         assert_eq!(slim.id, p.id);
     }

@@ -42,13 +42,15 @@ pub(super) fn read_job(shard: &ShardNode, job_id: JobId) -> Result<proto::Job, S
     let now = shard.clock.now_ms();
     let applied = shard.raft.state().read();
     let view = applied.queue.view(job_id, now).ok_or_else(|| Status::not_found(format!("job {job_id} not found")))?;
-    Ok(convert::job_to_proto(&view, true))
+    convert::job_to_proto(&view, true).map_err(|e| status::payload_unreadable(job_id, &e))
 }
 
 /// Answers a command that yields a job (cancel, retry).
 pub(super) async fn propose_for_job(shard: &ShardNode, command: Command, what: &str) -> Result<proto::Job, Status> {
     match shard.propose(command).await.map_err(status::propose_error)? {
-        Applied::Job(view) => Ok(convert::job_to_proto(&view, true)),
+        Applied::Job(view) => {
+            convert::job_to_proto(&view, true).map_err(|e| status::payload_unreadable(view.job.id, &e))
+        }
         Applied::Rejected(rejection) => Err(status::rejection(rejection)),
         other => Err(status::unexpected(what, &other)),
     }

@@ -115,3 +115,12 @@ pub fn membership_error(error: MembershipError) -> Status {
         MembershipError::Refused(message) => Status::failed_precondition(message),
     }
 }
+
+/// A job's payload on this node's disk could not be read back. The log and
+/// snapshots still hold it: a restart of the node rebuilds its payload files.
+pub fn payload_unreadable(job_id: crate::queue::JobId, error: &crate::queue::PayloadReadError) -> Status {
+    Status::internal(format!(
+        "job {job_id}: its payload could not be read from this node's disk ({error}); the replicated log still \
+         holds it: restarting this node rebuilds its payload files"
+    ))
+}

@@ -391,8 +391,18 @@ impl Connection {
                     if view.job.lease().is_none_or(|l| l.token != a.token) {
                         continue;
                     }
+                    // Unreadable (a disk fault): not sent; the lease runs out
+                    // and the job is offered again, by then maybe by a
+                    // leader whose disk reads.
+                    let job = match convert::job_to_proto(&view, true) {
+                        Ok(job) => job,
+                        Err(e) => {
+                            tracing::error!(job = %a.job_id, error = %e, "the payload of an assigned job cannot be read: not sent");
+                            continue;
+                        }
+                    };
                     Out::Assign(proto::Assign {
-                        job: Some(convert::job_to_proto(&view, true)),
+                        job: Some(job),
                         fencing_token: a.token.0,
                         attempt: a.attempt,
                         lease_deadline: Some(convert::timestamp(a.lease_deadline_ms)),

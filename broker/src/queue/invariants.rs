@@ -67,7 +67,7 @@ pub fn check_invariants(state: &QueueState) {
     if state.format() == 0 {
         return;
     }
-    let bytes = crate::format::storage::encode_state_to_vec(state);
+    let bytes = crate::format::storage::encode_state_to_vec(state).expect("payloads in memory");
     let restored = crate::format::storage::decode_state(&bytes).expect("own format-1 state decodes");
     if &restored != state {
         for (name, q) in state.queues() {

@@ -4,7 +4,10 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use super::ids::{FencingToken, JobId, SessionId};
+use super::{
+    ids::{FencingToken, JobId, SessionId},
+    payload::Payload,
+};
 
 /// The states a client sees. SCHEDULED and READY are one stored status
 /// (`Status::Pending`) told apart by comparing `run_at_ms` with the time of
@@ -94,7 +97,7 @@ pub const HISTORY_MAX: usize = 10;
 pub struct Job {
     pub id: JobId,
     pub queue: String,
-    pub payload: Vec<u8>,
+    pub payload: Payload,
     pub priority: i32,
     pub status: Status,
     /// Attempts started and counted so far.
@@ -214,14 +217,14 @@ mod format0 {
 
     use serde::{Deserialize, Serialize};
 
-    use super::{AttemptRecord, FencingToken, JobId, JobMore, More, Status};
+    use super::{AttemptRecord, FencingToken, JobId, JobMore, More, Payload, Status};
 
     #[derive(Serialize, Deserialize)]
     pub struct Job {
         id: JobId,
         queue: String,
-        #[serde(with = "serde_bytes")]
-        payload: Vec<u8>,
+        #[serde(with = "crate::queue::payload::as_bytes")]
+        payload: Payload,
         headers: BTreeMap<String, String>,
         priority: i32,
         status: Status,

@@ -9,6 +9,7 @@ pub mod command;
 pub mod config;
 pub mod ids;
 pub mod job;
+pub mod payload;
 pub mod snapshot;
 pub mod state;
 pub mod tally;
@@ -24,5 +25,6 @@ pub use command::{
 pub use config::{QueueConfig, QueueConfigUpdate};
 pub use ids::{FencingToken, JobId, SessionId, ShardId};
 pub use job::{AttemptRecord, Job, JobMore, JobState, JobView, More, Outcome, Status};
+pub use payload::{Payload, PayloadFile, PayloadReadError};
 pub use state::{ApplyOutput, ExpiredSession, QueueParts, QueueState, Session, SessionParts, StateParts};
 pub use tally::{QueueTally, Tally};

@@ -14,6 +14,7 @@ use super::{
     config::{QueueConfig, QueueConfigUpdate},
     ids::{FencingToken, JobId, SessionId, ShardId},
     job::{AttemptRecord, Job, JobMore, JobState, JobView, Lease, More, Outcome, Status},
+    payload::Payload,
     tally::Tally,
 };
 
@@ -308,6 +309,26 @@ impl ApplyOutput {
 /// The one way a job is changed: copied first if a snapshot being encoded
 /// still shares it. A free function over the map, so that callers may hold
 /// other fields of the state meanwhile.
+impl QueueState {
+    /// Puts `payload` in place of job `job_id`'s payload held in memory, if
+    /// the job is still there and it is the same length: the same bytes,
+    /// somewhere else (see [`Payload`]). Not a command: where a payload lives
+    /// is this node's business, not the shard's state.
+    pub fn move_payload(&mut self, job_id: JobId, payload: Payload) -> bool {
+        let Some(job) = self.jobs.get(&job_id) else { return false };
+        if job.payload.in_memory().is_none() || job.payload.len() != payload.len() {
+            return false;
+        }
+        match job_mut(&mut self.jobs, job_id) {
+            Some(job) => {
+                job.payload = payload;
+                true
+            }
+            None => false,
+        }
+    }
+}
+
 fn job_mut(jobs: &mut Jobs, id: JobId) -> Option<&mut Job> {
     jobs.get_mut(&id).map(Arc::make_mut)
 }
@@ -827,7 +848,7 @@ impl QueueState {
         let job = Job {
             id,
             queue: new.queue.clone(),
-            payload: new.payload.clone(),
+            payload: Payload::from(new.payload.as_slice()),
             priority: new.priority,
             status: Status::Pending,
             attempt: 0,

@@ -866,7 +866,11 @@ fn a_command_above_the_shards_format_is_a_no_op_until_the_format_is_raised() {
 /// A snapshot as the shard writes it at its format: postcard at 0, the
 /// `gantry.storage.v1` encoding from 1.
 fn snapshot_in_its_format(state: &QueueState) -> Vec<u8> {
-    if state.format() == 0 { encode_snapshot_v1(state) } else { crate::format::storage::encode_state_to_vec(state) }
+    if state.format() == 0 {
+        encode_snapshot_v1(state)
+    } else {
+        crate::format::storage::encode_state_to_vec(state).unwrap()
+    }
 }
 
 fn restore_from_its_format(bytes: &[u8], format: u32) -> QueueState {

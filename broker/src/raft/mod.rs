@@ -7,6 +7,7 @@ pub mod guard;
 pub mod log_store;
 mod log_tail;
 pub mod network;
+pub mod payload_spill;
 pub mod peer_service;
 mod rebuild;
 pub mod snapshot_file;
@@ -32,6 +33,7 @@ pub use self::{
     types::GantryNode,
 };
 use crate::queue::{Applied, Batch, ShardId};
+use payload_spill::PayloadSpill;
 
 /// Raft timing and log-compaction settings of a node.
 #[derive(Clone, Debug)]
@@ -52,6 +54,9 @@ pub struct RaftSettings {
     /// The data directory's storage format, shared by every group's log and
     /// snapshots (none: format 0, for tests of one group).
     pub data_format: Option<Arc<crate::format::header::DataDirFormat>>,
+    /// Bytes of payload each shard keeps in memory; older waiting jobs'
+    /// payloads move to `<data-dir>/payloads/<shard>/` (see `payload_spill`).
+    pub payload_memory_per_shard: u64,
 }
 
 impl Default for RaftSettings {
@@ -64,6 +69,7 @@ impl Default for RaftSettings {
             may_rebuild_from_peers: true,
             digest_every: Duration::from_secs(60),
             data_format: None,
+            payload_memory_per_shard: 64 << 20,
         }
     }
 }
@@ -278,6 +284,7 @@ impl ShardRaft {
             local_log_end,
             settings.digest_every,
             settings.data_format.clone(),
+            Self::payload_spill(data_dir, shard, settings),
         ) {
             Ok(sm) => sm,
             Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
@@ -289,6 +296,7 @@ impl ShardRaft {
                     0,
                     settings.digest_every,
                     settings.data_format.clone(),
+                    Self::payload_spill(data_dir, shard, settings),
                 )?
             }
             Err(e) => return Err(e.into()),
@@ -362,6 +370,10 @@ impl ShardRaft {
             timings,
             stopping: Default::default(),
         })
+    }
+
+    fn payload_spill(data_dir: &std::path::Path, shard: ShardId, settings: &RaftSettings) -> PayloadSpill {
+        PayloadSpill::new(&data_dir.join("payloads").join(shard.0.to_string()), settings.payload_memory_per_shard)
     }
 
     /// A snapshot that does not read back (checksum or decode) cannot be

@@ -21,9 +21,10 @@ use std::{
 
 use openraft::type_config::alias::SnapshotMetaOf;
 
+use super::payload_spill::PayloadSpill;
 use super::types::TypeConfig;
 use crate::queue::{
-    QueueState,
+    PayloadReadError, QueueState,
     snapshot::{decode_snapshot_v1, encode_snapshot_v1},
 };
 
@@ -110,6 +111,21 @@ impl SnapshotData {
         }
     }
 
+    /// [`Self::decode`], the payloads of a state at format 1 or more written
+    /// to `spill`'s files as they are decoded (never all in memory).
+    pub fn decode_to(&self, spill: &mut PayloadSpill) -> Result<QueueState, String> {
+        if self.format().map_err(|e| e.to_string())? == 0 {
+            return self.decode();
+        }
+        let mut reader = self.reader();
+        reader.read_exact(&mut [0; STATE_MAGIC_V2.len()]).map_err(|e| e.to_string())?;
+        let len = self.len() - STATE_MAGIC_V2.len() as u64;
+        spill
+            .restoring(true, |to_disk| crate::format::storage::decode_state_spilling(reader, len, to_disk))
+            .map_err(|e| format!("writing its payloads to disk: {e}"))?
+            .map_err(|e| format!("shard state: {e}"))
+    }
+
     fn decode_streaming(&self) -> Result<QueueState, String> {
         let mut reader = self.reader();
         reader.read_exact(&mut [0; STATE_MAGIC_V2.len()]).map_err(|e| e.to_string())?;
@@ -180,13 +196,13 @@ impl Incoming {
 /// the encoding of the shard's format: postcard at 0, so that binaries
 /// before format gates can install it. Whole in memory: for tests and
 /// tools; snapshots stream ([`write_snapshot_file`]).
-pub fn encode_state_data(queue: &QueueState) -> Vec<u8> {
+pub fn encode_state_data(queue: &QueueState) -> Result<Vec<u8>, PayloadReadError> {
     if queue.format() == 0 {
-        return encode_snapshot_v1(queue);
+        return Ok(encode_snapshot_v1(queue));
     }
     let mut data = STATE_MAGIC_V2.to_vec();
-    crate::format::storage::encode_state(queue, &mut |bytes| data.extend_from_slice(bytes));
-    data
+    crate::format::storage::encode_state(queue, &mut |bytes| data.extend_from_slice(bytes))?;
+    Ok(data)
 }
 
 /// Decodes state bytes held in memory (either encoding).
@@ -420,10 +436,11 @@ fn write_v3(dir: &Path, meta: &SnapshotMetaOf<C>, source: Source<'_>) -> io::Res
         }
     };
     sink(&head);
+    let mut unreadable = None;
     match source {
         Source::State(queue) => {
             sink(STATE_MAGIC_V2);
-            crate::format::storage::encode_state(queue, &mut sink);
+            unreadable = crate::format::storage::encode_state(queue, &mut sink).err();
         }
         Source::Data(data) => {
             let mut reader = data.reader();
@@ -443,6 +460,9 @@ fn write_v3(dir: &Path, meta: &SnapshotMetaOf<C>, source: Source<'_>) -> io::Res
     }
     if let Some(e) = failed {
         return Err(e);
+    }
+    if let Some(e) = unreadable {
+        return Err(io::Error::other(format!("snapshot {}: {e}", tmp_path.display())));
     }
     let payload_len = head.len() as u64 + data_len;
     if written != payload_len {
@@ -523,7 +543,7 @@ mod tests {
         for (format, jobs) in [(1, 0), (1, 1), (2, 200), (2, 5_000)] {
             let queue = state(format, jobs);
             let meta = meta_at(90 + jobs as u64);
-            let expected = in_memory_v3(&meta, encode_state_data(&queue));
+            let expected = in_memory_v3(&meta, encode_state_data(&queue).unwrap());
             let dir = tempfile::tempdir().unwrap();
             let written = write_snapshot_file(dir.path(), &meta, Source::State(&queue), format).unwrap();
             assert!(matches!(written, SnapshotData::File { .. }));
@@ -637,7 +657,7 @@ mod tests {
     #[test]
     fn damaged_state_bytes_never_panic() {
         let queue = state(2, 40);
-        let bytes = encode_state_data(&queue);
+        let bytes = encode_state_data(&queue).unwrap();
         for cut in (0..bytes.len()).step_by(11) {
             let _ = SnapshotData::Memory(bytes[..cut].to_vec()).decode();
         }

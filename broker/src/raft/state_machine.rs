@@ -16,6 +16,7 @@ use openraft::{
 };
 use tokio::sync::mpsc;
 
+use super::payload_spill::PayloadSpill;
 pub use super::snapshot_file::{SnapshotData, decode_state_data, encode_state_data, set_snapshot_aside};
 use super::{
     snapshot_file::{Source, StoredSnapshot, invalid, read_snapshot_file, write_snapshot_file},
@@ -79,6 +80,8 @@ pub struct ShardState {
     /// The shard's format as applied here, readable without the state's
     /// lock (the peer wire picks its encoding by it on every RPC).
     format: std::sync::atomic::AtomicU32,
+    /// Moves payloads of older jobs to disk; taken after `applied`.
+    spill: std::sync::Mutex<PayloadSpill>,
 }
 
 /// How many recent digests a replica keeps for the leader to compare.
@@ -99,8 +102,9 @@ impl StateDigest {
     }
 }
 
-/// The digest of `queue`'s state (see [`StateDigest`]).
-pub fn digest_of(queue: &QueueState) -> [u8; 16] {
+/// The digest of `queue`'s state (see [`StateDigest`]). Fails only if a
+/// payload on this node's disk cannot be read back.
+pub fn digest_of(queue: &QueueState) -> Result<[u8; 16], crate::queue::PayloadReadError> {
     use sha2::Digest;
     struct Hashing(sha2::Sha256);
     impl io::Write for Hashing {
@@ -118,11 +122,11 @@ pub fn digest_of(queue: &QueueState) -> [u8; 16] {
     if queue.format() == 0 {
         postcard::to_io(queue, &mut hashing).expect("hashing never fails to write");
     } else {
-        crate::format::storage::encode_state(queue, &mut |bytes| hashing.0.update(bytes));
+        crate::format::storage::encode_state(queue, &mut |bytes| hashing.0.update(bytes))?;
     }
     let mut digest = [0u8; 16];
     digest.copy_from_slice(&hashing.0.finalize()[..16]);
-    digest
+    Ok(digest)
 }
 
 impl ShardState {
@@ -156,9 +160,21 @@ impl ShardState {
         *applied =
             AppliedState { queue: QueueState::new(self.shard), last_applied: None, membership: Default::default() };
         self.format.store(0, std::sync::atomic::Ordering::Release);
+        self.spill().forget();
         let mut digests = self.digests.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         self.generation.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         digests.clear();
+    }
+
+    fn spill(&self) -> std::sync::MutexGuard<'_, PayloadSpill> {
+        self.spill.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Payload bytes moved to disk since the process started, and those of
+    /// the newest jobs kept in memory.
+    pub fn payload_bytes(&self) -> (u64, u64) {
+        let spill = self.spill();
+        (spill.moved_bytes(), spill.in_memory_bytes())
     }
 
     /// The digests this replica computed lately, oldest first.
@@ -177,8 +193,16 @@ impl ShardState {
         let shared = self.clone();
         let generation = self.generation.load(Ordering::Acquire);
         tokio::task::spawn_blocking(move || {
-            let digest = StateDigest { index, digest: digest_of(&queue) };
+            let digest = digest_of(&queue);
             drop(queue);
+            let digest = match digest {
+                Ok(digest) => StateDigest { index, digest },
+                Err(e) => {
+                    tracing::error!(shard = %shared.shard, index, error = %e, "no digest of the state: a payload cannot be read");
+                    shared.digesting.store(false, Ordering::Release);
+                    return;
+                }
+            };
             let mut digests = shared.digests.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             // A reset (rebuild) meanwhile made this digest's state obsolete.
             if shared.generation.load(Ordering::Acquire) == generation
@@ -263,6 +287,7 @@ impl StateMachineStore {
         replayed_up_to: u64,
         digest_every: std::time::Duration,
         data_format: Option<Arc<DataDirFormat>>,
+        mut spill: PayloadSpill,
     ) -> io::Result<Self> {
         fs::create_dir_all(&snapshot_dir)?;
         let mut applied =
@@ -270,7 +295,7 @@ impl StateMachineStore {
         let snapshot = read_snapshot_file(&snapshot_dir)?;
         let on_disk = snapshot.as_ref().and_then(|file| file.meta.last_log_id.map(|l| l.index));
         if let Some(file) = snapshot {
-            applied.queue = file.data.decode().map_err(|e| invalid(&snapshot_dir, e))?;
+            applied.queue = file.data.decode_to(&mut spill).map_err(|e| invalid(&snapshot_dir, e))?;
             if applied.queue.shard() != shard {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidData,
@@ -297,6 +322,7 @@ impl StateMachineStore {
                 digests: Default::default(),
                 digesting: Default::default(),
                 generation: Default::default(),
+                spill: std::sync::Mutex::new(spill),
             }),
             snapshots: Arc::new(SnapshotDir {
                 path: snapshot_dir,
@@ -414,6 +440,7 @@ impl RaftStateMachine<C> for StateMachineStore {
                         self.shared.applied_commands.fetch_add(count, std::sync::atomic::Ordering::Relaxed);
                         let window = applied.queue.now_ms() / self.shared.digest_every_ms;
                         let out = applied.queue.apply(entry.log_id.index, batch);
+                        self.shared.spill().after_apply(&mut applied.queue, &out);
                         self.shared.format.store(applied.queue.format(), std::sync::atomic::Ordering::Release);
                         // The first entry stamped in a new window: the same
                         // entries on every replica (the stamps are in the
@@ -452,11 +479,13 @@ impl RaftStateMachine<C> for StateMachineStore {
 
     async fn install_snapshot(&mut self, meta: &SnapshotMetaOf<C>, snapshot: SnapshotData) -> io::Result<()> {
         let snapshots = self.snapshots.clone();
+        let shared = self.shared.clone();
         let meta = meta.clone();
         // Decoded as it is read, then written to the shard's file from the
         // received bytes: both off the async threads.
         let (queue, meta) = tokio::task::spawn_blocking(move || {
-            let queue = snapshot.decode().map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+            let queue =
+                snapshot.decode_to(&mut shared.spill()).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
             check_format_supported(queue.format())?;
             snapshots.write(&meta, queue.format(), Source::Data(&snapshot), false)?;
             Ok::<_, io::Error>((queue, meta))
@@ -466,6 +495,7 @@ impl RaftStateMachine<C> for StateMachineStore {
         let mut applied = self.write();
         self.shared.format.store(queue.format(), std::sync::atomic::Ordering::Release);
         applied.queue = queue;
+        self.shared.spill().forget();
         applied.last_applied = meta.last_log_id;
         applied.membership = meta.last_membership;
         Ok(())
@@ -523,6 +553,7 @@ mod tests {
             0,
             std::time::Duration::from_secs(60),
             None,
+            PayloadSpill::new(&dir.path().join("payloads"), u64::MAX),
         );
         let error = opened.map(|_| ()).expect_err("a snapshot of shard 1 opened as shard 0");
         assert_eq!(error.kind(), io::ErrorKind::InvalidData);

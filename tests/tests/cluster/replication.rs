@@ -365,6 +365,7 @@ async fn replication_streams_survive_peer_links_cut_mid_pipeline() {
     let digests: Vec<_> = (0..3)
         .map(|i| {
             gantry_broker::raft::state_machine::digest_of(&cluster.server(i).node().shards[0].raft.state().read().queue)
+                .unwrap()
         })
         .collect();
     assert!(digests.iter().all(|d| *d == digests[0]), "replicas differ (seed {seed}): {digests:?}");
@@ -375,4 +376,101 @@ async fn replication_streams_survive_peer_links_cut_mid_pipeline() {
         assert_eq!(job.payload, format!("job {n}").as_bytes(), "seed {seed}");
     }
     tokio::time::timeout(Duration::from_secs(30), cluster.shutdown()).await.expect("shutdown");
+}
+
+/// Payloads kept on disk (`payload_memory_bytes = 0`) are the same bytes
+/// everywhere a job is read: handed to a worker, read with GetJob, carried
+/// to a follower in a snapshot and written to its disk there, and restored
+/// after a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn payloads_on_disk_are_handed_out_replicated_and_restored() {
+    let mut cluster = TestCluster::start_with(3, |c| {
+        c.payload_memory_bytes = 0;
+        c.snapshot_every = 200;
+    })
+    .await;
+    let leader = cluster.wait_for_leader().await;
+    let newest = gantry_broker::format::table::FORMAT_MAX;
+    eventually("every replica at the newest format", CLUSTER_WAIT, || async {
+        (0..3).all(|i| shard(&cluster, i).format() == newest).then_some(())
+    })
+    .await;
+    let behind = cluster.other(leader);
+    cluster.stop(behind).await;
+
+    let payload_of = |i: u32| format!("payload {i} ").repeat(1 + (i % 7) as usize).into_bytes();
+    let mut jobs = cluster.jobs(leader);
+    let mut ids = Vec::new();
+    for i in 0..1200u32 {
+        let request = proto::EnqueueRequest { queue: "disk".into(), payload: payload_of(i), ..Default::default() };
+        ids.push(jobs.enqueue(request).await.expect("enqueue").into_inner().job_id);
+    }
+    let (moved, in_memory) = shard(&cluster, leader).raft.state().payload_bytes();
+    assert!(moved > 0 && in_memory == 0, "moved {moved}, in memory {in_memory}");
+    assert!(ids.iter().all(|id| stored_job(&cluster, leader, id).payload.in_memory().is_none()), "all on disk");
+    for n in [0usize, 599, 1199] {
+        let job = get_job(&mut cluster.jobs(leader), &ids[n]).await;
+        assert_eq!(job.payload, payload_of(n as u32), "job {}", ids[n]);
+    }
+
+    // The follower that missed everything gets a snapshot: its payloads
+    // go to its disk as they are decoded.
+    let raft = &shard(&cluster, leader).raft;
+    raft.snapshot_now().await.expect("snapshot");
+    eventually("the leader purged its log behind a snapshot", CLUSTER_WAIT, || async {
+        let status = raft.status();
+        (status.snapshot_index > 1000 && status.purged_index > 100).then_some(())
+    })
+    .await;
+    cluster.restart(behind).await;
+    let commit = cluster_status(cluster.addrs[leader]).await.expect("status").shards[0].commit_index;
+    cluster.wait_applied(behind, commit).await;
+    assert!(shard(&cluster, behind).raft.status().snapshot_index > 0, "caught up without a snapshot");
+    for (n, id) in ids.iter().enumerate() {
+        let job = stored_job(&cluster, behind, id);
+        assert!(job.payload.in_memory().is_none(), "job {id} in memory on the follower");
+        assert_eq!(job.payload, payload_of(n as u32), "job {id} on the follower");
+    }
+
+    // A worker gets the bytes it was given.
+    let seen = Arc::new(Mutex::new(HashMap::new()));
+    let record = seen.clone();
+    let worker = RunningWorker::spawn(&cluster.endpoints().join(","), "disk", "w-disk", 16, move |ctx| {
+        let record = record.clone();
+        async move {
+            record.lock().unwrap().insert(ctx.job_id().to_owned(), ctx.payload().to_vec());
+            Ok(Bytes::new())
+        }
+    });
+    eventually("every job handed out", CLUSTER_WAIT, || async {
+        (seen.lock().unwrap().len() == ids.len()).then_some(())
+    })
+    .await;
+    worker.shutdown().await;
+    let seen = seen.lock().unwrap().clone();
+    for (n, id) in ids.iter().enumerate() {
+        assert_eq!(seen[id], payload_of(n as u32), "job {id} as handed out");
+    }
+
+    // A restarted leader restores them from its snapshot and log.
+    cluster.stop(leader).await;
+    cluster.restart(leader).await;
+    let commit = cluster_status(cluster.addrs[behind]).await.expect("status").shards[0].commit_index;
+    cluster.wait_applied(leader, commit).await;
+    for n in [0usize, 777, 1199] {
+        let job = stored_job(&cluster, leader, &ids[n]);
+        assert_eq!(job.payload, payload_of(n as u32), "job {} after the restart", ids[n]);
+    }
+    cluster.shutdown().await;
+}
+
+fn shard(cluster: &TestCluster, i: usize) -> Arc<gantry_broker::dispatch::ShardNode> {
+    cluster.server(i).node().shards[0].clone()
+}
+
+/// Job `id` as node `i`'s state machine holds it.
+fn stored_job(cluster: &TestCluster, i: usize, id: &str) -> Arc<gantry_broker::queue::Job> {
+    let shard = shard(cluster, i);
+    let applied = shard.raft.state().read();
+    applied.queue.jobs().get(&id.parse().expect("job id")).expect("job").clone()
 }
