@@ -832,7 +832,7 @@ pub fn decode_state(bytes: &[u8]) -> Result<QueueState> {
 /// job as it is read: neither the encoding nor the decoded jobs are ever
 /// held twice.
 pub fn decode_state_from(reader: impl std::io::Read, len: u64) -> Result<QueueState> {
-    decode_state_spilling(reader, len, &mut |bytes| Ok(Payload::from(bytes)))
+    decode_state_spilling(reader, len, &mut |_, bytes| Ok(Payload::from(bytes)))
 }
 
 /// [`decode_state_from`], each job's payload handed to `spill` as it is
@@ -841,7 +841,7 @@ pub fn decode_state_from(reader: impl std::io::Read, len: u64) -> Result<QueueSt
 pub fn decode_state_spilling(
     reader: impl std::io::Read,
     len: u64,
-    spill: &mut dyn FnMut(Vec<u8>) -> std::io::Result<Payload>,
+    spill: &mut dyn FnMut(JobId, Vec<u8>) -> std::io::Result<Payload>,
 ) -> Result<QueueState> {
     let mut fields = FieldReader::new(reader, len);
     let mut head_bytes = Vec::new();
@@ -851,9 +851,9 @@ pub fn decode_state_spilling(
         if tag == STATE_JOBS_FIELD && wire_type == prost::encoding::WireType::LengthDelimited {
             fields.bytes(&mut job)?;
             let mut decoded = pb::Job::decode(job.as_slice())?;
-            let payload = spill(std::mem::take(&mut decoded.payload)).map_err(DecodeError::Spill)?;
+            let payload = std::mem::take(&mut decoded.payload);
             let mut decoded = job_from_pb(decoded)?;
-            decoded.payload = payload;
+            decoded.payload = spill(decoded.id, payload).map_err(DecodeError::Spill)?;
             jobs.push(std::sync::Arc::new(decoded));
         } else {
             fields.copy_field(tag, wire_type, &mut head_bytes)?;

@@ -29,6 +29,10 @@ struct ShardView {
     status: ShardStatus,
     sessions: usize,
     streams: usize,
+    /// Payload bytes moved to disk since the process started; of the
+    /// newest jobs, in memory.
+    payloads_moved: u64,
+    payloads_in_memory: u64,
 }
 
 /// One metric family: samples of one name, under one HELP and TYPE line.
@@ -114,7 +118,14 @@ pub fn render(node: &Node) -> String {
             }
             applied.queue.sessions().len()
         };
-        shards.push(ShardView { status: shard.raft.status(), sessions, streams: shard.registry.connected().len() });
+        let (payloads_moved, payloads_in_memory) = shard.raft.state().payload_bytes();
+        shards.push(ShardView {
+            status: shard.raft.status(),
+            sessions,
+            streams: shard.registry.connected().len(),
+            payloads_moved,
+            payloads_in_memory,
+        });
     }
     // A queue known to the state but without transitions since this process
     // started still gets its counters, at zero, so rate() has a start.
@@ -203,7 +214,7 @@ pub fn render(node: &Node) -> String {
     families.extend([depth, oldest, paused]);
 
     type ShardGauge = fn(&ShardView) -> u64;
-    let shard_families: [(&'static str, &'static str, ShardGauge); 11] = [
+    let shard_families: [(&'static str, &'static str, ShardGauge); 13] = [
         ("gantry_raft_term", "Raft term this node is in.", |s| s.status.term),
         ("gantry_raft_commit_index", "Highest log index known committed.", |s| s.status.commit_index),
         ("gantry_raft_applied_index", "Highest log index applied to the state machine.", |s| s.status.applied_index),
@@ -227,6 +238,16 @@ pub fn render(node: &Node) -> String {
         ("gantry_worker_streams", "Worker streams connected to this node (the leader) for the shard.", |s| {
             s.streams as u64
         }),
+        (
+            "gantry_payload_memory_bytes",
+            "Payload bytes of the shard's newest jobs this node keeps in memory (at most its share of --payload-memory-bytes; older payloads wait on disk).",
+            |s| s.payloads_in_memory,
+        ),
+        (
+            "gantry_payload_moved_bytes",
+            "Payload bytes this node moved to its disk since it started, restored ones included (a counter; only grows).",
+            |s| s.payloads_moved,
+        ),
     ];
     for (name, help, value) in shard_families {
         let mut family = Family::new(name, "gauge", help);

@@ -67,6 +67,11 @@ impl Payload {
         self.len() == 0
     }
 
+    /// Whether the bytes are in `file`.
+    pub fn is_in(&self, file: &Arc<PayloadFile>) -> bool {
+        matches!(&self.0, Repr::Stored { file: held, .. } if Arc::ptr_eq(held, file))
+    }
+
     /// The bytes, if they are in memory.
     pub fn in_memory(&self) -> Option<&[u8]> {
         match &self.0 {

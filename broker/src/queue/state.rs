@@ -310,13 +310,13 @@ impl ApplyOutput {
 /// still shares it. A free function over the map, so that callers may hold
 /// other fields of the state meanwhile.
 impl QueueState {
-    /// Puts `payload` in place of job `job_id`'s payload held in memory, if
-    /// the job is still there and it is the same length: the same bytes,
+    /// Puts `payload` in place of job `job_id`'s payload, if the job is
+    /// still there and it is the same length: the same bytes,
     /// somewhere else (see [`Payload`]). Not a command: where a payload lives
     /// is this node's business, not the shard's state.
     pub fn move_payload(&mut self, job_id: JobId, payload: Payload) -> bool {
         let Some(job) = self.jobs.get(&job_id) else { return false };
-        if job.payload.in_memory().is_none() || job.payload.len() != payload.len() {
+        if job.payload.len() != payload.len() {
             return false;
         }
         match job_mut(&mut self.jobs, job_id) {

@@ -133,9 +133,12 @@ const STREAM_CHUNK_BYTES_MAX: usize = 8 << 20;
 /// before its error is reported.
 const READ_ATTEMPTS_MAX: usize = 3;
 /// Bounds of the newest entries each group keeps decoded in memory
-/// ([`LogTail`]): a few seconds of a busy group, well under its memory.
+/// ([`LogTail`]): what apply and replication to followers a few hundred
+/// milliseconds behind read, at 60,000 jobs/s. Decoded entries take more
+/// memory than their encoding (about 1.7 times for 256-byte jobs): at
+/// 32 MiB the tail was a fifth of a node's memory after a million enqueues.
 const TAIL_ENTRIES_MAX: usize = 4096;
-const TAIL_BYTES_MAX: usize = 32 << 20;
+const TAIL_BYTES_MAX: usize = 8 << 20;
 
 /// Errors of the log storage layer. openraft sees them as `io::Error`; any
 /// of them reported to openraft stops the group (a storage failure is fatal).

@@ -19,7 +19,7 @@ use std::{
     sync::Arc,
 };
 
-use crate::queue::{Applied, ApplyOutput, JobId, Payload, PayloadFile, QueueState};
+use crate::queue::{Applied, ApplyOutput, JobId, Payload, PayloadFile, QueueState, payload::ReadWindow};
 
 /// How large one payload file grows before the next is started. A file's
 /// space returns once all its jobs are gone.
@@ -40,6 +40,10 @@ pub struct PayloadSpill {
     /// while the shard was at format 0 (its jobs are noted at the raise).
     noted_all: bool,
     file: Option<OpenFile>,
+    /// Files written before the current one, oldest first: compacted once
+    /// few of their payloads are still referred to.
+    older: VecDeque<Written>,
+    file_max: u64,
     /// Set while writing fails, so the failure is logged once.
     failing: bool,
     /// Payload bytes moved to disk since the process started.
@@ -52,6 +56,24 @@ struct OpenFile {
     len: u64,
     /// Bytes not written yet, which start at `len - unwritten.len()`.
     unwritten: Vec<u8>,
+    written: Written,
+}
+
+/// What went into a file: how many payloads, of which jobs.
+#[derive(Clone)]
+struct Written {
+    file: Arc<PayloadFile>,
+    payloads: u64,
+    lowest: JobId,
+    highest: JobId,
+}
+
+impl Written {
+    /// Payloads of the file something still refers to (a job of the state,
+    /// of a snapshot being written, of a read in progress), at most.
+    fn referred(&self) -> u64 {
+        Arc::strong_count(&self.file) as u64 - 1
+    }
 }
 
 impl PayloadSpill {
@@ -64,9 +86,16 @@ impl PayloadSpill {
             in_memory_bytes: 0,
             noted_all: false,
             file: None,
+            older: VecDeque::new(),
+            file_max: FILE_MAX,
             failing: false,
             moved_bytes: 0,
         }
+    }
+
+    /// Payload files this spill still refers to.
+    pub fn files(&self) -> usize {
+        self.older.len() + usize::from(self.file.is_some())
     }
 
     /// Payload bytes moved to disk since the process started.
@@ -120,6 +149,52 @@ impl PayloadSpill {
         if self.in_memory_bytes > self.budget {
             self.move_oldest(queue);
         }
+        self.compact(queue);
+    }
+
+    /// A file stays as long as one payload in it is referred to: one job
+    /// scheduled for next week would keep 64 MiB of others' payloads on
+    /// disk, and a week of them terabytes. Files nothing refers to any more
+    /// are let go; the oldest file of which at most a quarter is still
+    /// referred to has those payloads copied to the current file (one file
+    /// per entry applied, so an apply does at most 16 MiB more work).
+    fn compact(&mut self, queue: &mut QueueState) {
+        self.older.retain(|written| written.referred() > 0);
+        if self.failing {
+            return;
+        }
+        let Some(at) = self.older.iter().position(|w| w.referred() * 4 <= w.payloads) else { return };
+        let Some(sparse) = self.older.remove(at) else { return };
+        let live: Vec<(JobId, Payload)> = queue
+            .jobs()
+            .range(sparse.lowest..=sparse.highest)
+            .filter(|(_, job)| job.payload.is_in(&sparse.file))
+            .map(|(job_id, job)| (*job_id, job.payload.clone()))
+            .collect();
+        let mut window = ReadWindow::default();
+        let copied = live
+            .iter()
+            .map(|(job_id, payload)| {
+                let bytes = payload.read_through(&mut window).map_err(|e| io::Error::other(e.to_string()))?;
+                self.append(*job_id, &bytes)
+            })
+            .collect::<io::Result<Vec<_>>>()
+            .and_then(|copies| self.flush().map(|()| copies));
+        match copied {
+            Ok(copies) => {
+                for ((job_id, _), copy) in live.iter().zip(copies) {
+                    queue.move_payload(*job_id, copy);
+                }
+                tracing::debug!(dir = %self.dir.display(), payloads = live.len(), of = sparse.payloads, "payload file compacted");
+            }
+            Err(e) => {
+                self.file = None;
+                self.older.push_front(sparse);
+                if !std::mem::replace(&mut self.failing, true) {
+                    tracing::warn!(dir = %self.dir.display(), error = %e, "cannot compact a payload file: it stays");
+                }
+            }
+        }
     }
 
     fn move_oldest(&mut self, queue: &mut QueueState) {
@@ -136,7 +211,7 @@ impl PayloadSpill {
             .map(|(job_id, _)| {
                 let in_memory = queue.job(*job_id).and_then(|job| job.payload.in_memory());
                 // Gone (finished and dropped) or moved already: nothing to write.
-                in_memory.map(|bytes| self.append(bytes)).transpose()
+                in_memory.map(|bytes| self.append(*job_id, bytes)).transpose()
             })
             .collect::<io::Result<Vec<_>>>()
             .and_then(|payloads| self.flush().map(|()| payloads));
@@ -166,15 +241,21 @@ impl PayloadSpill {
 
     /// Hands out a place for `bytes` in the current file. Not readable until
     /// [`Self::flush`].
-    fn append(&mut self, bytes: &[u8]) -> io::Result<Payload> {
-        if self.file.as_ref().is_none_or(|f| f.len + bytes.len() as u64 > FILE_MAX && f.len > 0) {
+    fn append(&mut self, job_id: JobId, bytes: &[u8]) -> io::Result<Payload> {
+        if self.file.as_ref().is_none_or(|f| f.len + bytes.len() as u64 > self.file_max && f.len > 0) {
             self.flush()?;
             std::fs::create_dir_all(&self.dir)?;
             let file = Arc::new(PayloadFile::new(tempfile::tempfile_in(&self.dir)?));
-            self.file = Some(OpenFile { file, len: 0, unwritten: Vec::new() });
+            let written = Written { file: file.clone(), payloads: 0, lowest: job_id, highest: job_id };
+            if let Some(full) = self.file.replace(OpenFile { file, len: 0, unwritten: Vec::new(), written }) {
+                self.older.push_back(full.written);
+            }
         }
         let Some(open) = self.file.as_mut() else { unreachable!("a file was just opened") };
         let payload = Payload::stored(open.file.clone(), open.len, bytes.len() as u32);
+        open.written.payloads += 1;
+        open.written.lowest = open.written.lowest.min(job_id);
+        open.written.highest = open.written.highest.max(job_id);
         open.unwritten.extend_from_slice(bytes);
         open.len += bytes.len() as u64;
         if open.unwritten.len() >= WRITE_CHUNK {
@@ -200,19 +281,19 @@ impl PayloadSpill {
     pub fn restoring<T>(
         &mut self,
         to_disk: bool,
-        write: impl FnOnce(&mut dyn FnMut(Vec<u8>) -> io::Result<Payload>) -> T,
+        write: impl FnOnce(&mut dyn FnMut(JobId, Vec<u8>) -> io::Result<Payload>) -> T,
     ) -> io::Result<T> {
         if !to_disk || self.budget == u64::MAX {
-            return Ok(write(&mut |bytes| Ok(Payload::from(bytes))));
+            return Ok(write(&mut |_, bytes| Ok(Payload::from(bytes))));
         }
         self.forget();
         let mut moved = 0u64;
-        let restored = write(&mut |bytes| {
+        let restored = write(&mut |job_id, bytes| {
             if bytes.is_empty() {
                 return Ok(Payload::from(bytes));
             }
             moved += bytes.len() as u64;
-            self.append(&bytes)
+            self.append(job_id, &bytes)
         });
         self.flush()?;
         self.moved_bytes += moved;
@@ -269,6 +350,48 @@ mod tests {
             crate::format::storage::encode_state_to_vec(&kept).unwrap()
         );
         assert_eq!(state, kept);
+    }
+
+    /// A file nothing refers to goes; one with a quarter of its payloads
+    /// still referred to is compacted into the current file; the bytes stay.
+    #[test]
+    fn sparse_payload_files_are_compacted_and_unused_ones_let_go() {
+        use crate::queue::JobState;
+        let dir = tempfile::tempdir().unwrap();
+        let mut spill = PayloadSpill::new(dir.path(), 0);
+        spill.file_max = 450; // four 100-byte payloads per file
+        let mut state = raised(ShardId(0));
+        let mut ids = Vec::new();
+        let mut index = 2;
+        let mut apply = |state: &mut QueueState, spill: &mut PayloadSpill, commands: Vec<Command>| {
+            index += 1;
+            let out = state.apply(index, &Batch { proposed_at_ms: index, commands: commands.into() });
+            spill.after_apply(state, &out);
+            out
+        };
+        for i in 0..10u8 {
+            let out = apply(&mut state, &mut spill, vec![Command::Enqueue(NewJob::new("q", vec![i; 100]))]);
+            ids.extend(out.results.iter().filter_map(|r| match r {
+                Applied::Enqueued { job_id, .. } => Some(*job_id),
+                _ => None,
+            }));
+        }
+        assert_eq!(spill.files(), 3, "1-4, 5-8, 9-10");
+        let cancel = |n: &[usize]| {
+            n.iter().map(|&n| Command::Cancel { job_id: ids[n], reason: "test".into() }).collect::<Vec<_>>()
+        };
+        let purge = Command::PurgeQueue { queue: "q".into(), state: JobState::Cancelled };
+        // Jobs 5-8 go: their file with them.
+        apply(&mut state, &mut spill, cancel(&[4, 5, 6, 7]));
+        apply(&mut state, &mut spill, vec![purge.clone()]);
+        assert_eq!(spill.files(), 2);
+        // Three of jobs 1-4 go: job 4's payload is copied to the current file.
+        apply(&mut state, &mut spill, cancel(&[0, 1, 2]));
+        apply(&mut state, &mut spill, vec![purge]);
+        assert_eq!(spill.files(), 1, "only the current file");
+        for n in [3usize, 8, 9] {
+            assert_eq!(&*state.job(ids[n]).unwrap().payload.read().unwrap(), &[n as u8; 100][..], "job {n}");
+        }
     }
 
     #[test]

@@ -103,6 +103,8 @@ async fn series_follow_enqueues_and_results() {
     assert!(value(&after, r#"gantry_dispatch_latency_seconds_bucket{queue="metered",le="60"}"#) == 6.0);
     assert_eq!(value(&after, r#"gantry_sessions{shard="0"}"#), 1.0);
     assert_eq!(value(&after, r#"gantry_worker_streams{shard="0"}"#), 1.0);
+    // Five small payloads are well within the memory budget: none moved to disk.
+    assert_eq!(value(&after, r#"gantry_payload_moved_bytes{shard="0"}"#), 0.0);
     assert!(value(&after, r#"gantry_raft_commit_index{shard="0"}"#) > applied);
 
     worker.shutdown().await;
