@@ -8,7 +8,7 @@ use std::hint::black_box;
 
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 use gantry_broker::queue::{
-    Applied, ApplyOutput, Batch, Command, NewJob, QueueConfigUpdate, QueueState, SessionId, ShardId,
+    Applied, ApplyOutput, Batch, Command, NewJob, Payload, QueueConfigUpdate, QueueState, SessionId, ShardId,
 };
 
 // The allocator `gantry serve` runs with: the maps' costs are mostly
@@ -80,6 +80,23 @@ fn benches(c: &mut Criterion) {
     c.bench_function("snapshot copy of a state of 300k jobs", |b| {
         b.iter_batched(|| (), |()| black_box(shard.state.clone()), BatchSize::SmallInput);
     });
+    // What handing out a job whose payload waited on disk adds: its read
+    // (from the page cache, as a recently written file is), against a copy
+    // from memory. Each iteration reads another of 100k payloads.
+    let file = tempfile::tempfile().expect("a temporary file");
+    std::os::unix::fs::FileExt::write_all_at(&file, &vec![7u8; 256 * 100_000], 0).expect("written");
+    let file = std::sync::Arc::new(gantry_broker::queue::PayloadFile::new(file));
+    let on_disk: Vec<Payload> = (0..100_000).map(|i| Payload::stored(file.clone(), i * 256, 256)).collect();
+    let in_memory: Vec<Payload> = (0..100_000).map(|_| Payload::from(vec![7u8; 256])).collect();
+    for (name, payloads) in [("on disk", &on_disk), ("in memory", &in_memory)] {
+        let mut next = 0;
+        c.bench_function(&format!("read a 256-byte payload {name}"), |b| {
+            b.iter(|| {
+                next = (next + 7919) % payloads.len();
+                black_box(payloads[next].to_vec().expect("read"))
+            });
+        });
+    }
 }
 
 criterion_group! {

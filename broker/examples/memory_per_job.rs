@@ -62,10 +62,10 @@ fn main() {
     // As a node restores it: every payload written to a file as it is
     // decoded, none in memory.
     let dir = tempfile::tempdir().expect("a temporary directory");
-    let mut spill = gantry_broker::raft::payload_spill::PayloadSpill::new(dir.path(), 0);
+    let spill = gantry_broker::raft::payload_spill::PayloadSpill::new(dir.path(), 0);
     let data = gantry_broker::raft::snapshot_file::SnapshotData::Memory(bytes);
     let before = LIVE.load(Ordering::Relaxed);
-    let on_disk = data.decode_to(&mut spill).expect("decodes");
+    let on_disk = data.decode_to(&spill).expect("decodes");
     let on_disk_bytes = LIVE.load(Ordering::Relaxed) - before;
     println!(
         "restored with the payloads on disk: {:.0} bytes per job (payloads on disk: {} MB)",

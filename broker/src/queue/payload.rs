@@ -67,6 +67,18 @@ impl Payload {
         self.len() == 0
     }
 
+    /// Whether `other` is this very payload (the same bytes in memory, or
+    /// the same place in the same file), not only equal bytes.
+    pub fn same_as(&self, other: &Payload) -> bool {
+        match (&self.0, &other.0) {
+            (Repr::Inline(a), Repr::Inline(b)) => Arc::ptr_eq(a, b),
+            (Repr::Stored { file: a, offset: at_a, .. }, Repr::Stored { file: b, offset: at_b, .. }) => {
+                Arc::ptr_eq(a, b) && at_a == at_b
+            }
+            _ => false,
+        }
+    }
+
     /// Whether the bytes are in `file`.
     pub fn is_in(&self, file: &Arc<PayloadFile>) -> bool {
         matches!(&self.0, Repr::Stored { file: held, .. } if Arc::ptr_eq(held, file))

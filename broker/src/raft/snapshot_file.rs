@@ -113,7 +113,7 @@ impl SnapshotData {
 
     /// [`Self::decode`], the payloads of a state at format 1 or more written
     /// to `spill`'s files as they are decoded (never all in memory).
-    pub fn decode_to(&self, spill: &mut PayloadSpill) -> Result<QueueState, String> {
+    pub fn decode_to(&self, spill: &PayloadSpill) -> Result<QueueState, String> {
         if self.format().map_err(|e| e.to_string())? == 0 {
             return self.decode();
         }
@@ -121,7 +121,7 @@ impl SnapshotData {
         reader.read_exact(&mut [0; STATE_MAGIC_V2.len()]).map_err(|e| e.to_string())?;
         let len = self.len() - STATE_MAGIC_V2.len() as u64;
         spill
-            .restoring(true, |to_disk| crate::format::storage::decode_state_spilling(reader, len, to_disk))
+            .restoring(|to_disk| crate::format::storage::decode_state_spilling(reader, len, to_disk))
             .map_err(|e| format!("writing its payloads to disk: {e}"))?
             .map_err(|e| format!("shard state: {e}"))
     }

@@ -80,8 +80,8 @@ pub struct ShardState {
     /// The shard's format as applied here, readable without the state's
     /// lock (the peer wire picks its encoding by it on every RPC).
     format: std::sync::atomic::AtomicU32,
-    /// Moves payloads of older jobs to disk; taken after `applied`.
-    spill: std::sync::Mutex<PayloadSpill>,
+    /// Moves payloads of older jobs to disk (see `payload_spill`).
+    spill: PayloadSpill,
 }
 
 /// How many recent digests a replica keeps for the leader to compare.
@@ -160,21 +160,16 @@ impl ShardState {
         *applied =
             AppliedState { queue: QueueState::new(self.shard), last_applied: None, membership: Default::default() };
         self.format.store(0, std::sync::atomic::Ordering::Release);
-        self.spill().forget();
+        self.spill.forget();
         let mut digests = self.digests.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         self.generation.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         digests.clear();
     }
 
-    fn spill(&self) -> std::sync::MutexGuard<'_, PayloadSpill> {
-        self.spill.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
     /// Payload bytes moved to disk since the process started, and those of
     /// the newest jobs kept in memory.
     pub fn payload_bytes(&self) -> (u64, u64) {
-        let spill = self.spill();
-        (spill.moved_bytes(), spill.in_memory_bytes())
+        (self.spill.moved_bytes(), self.spill.in_memory_bytes())
     }
 
     /// The digests this replica computed lately, oldest first.
@@ -217,6 +212,32 @@ impl ShardState {
             shared.digesting.store(false, Ordering::Release);
         });
     }
+}
+
+/// The thread that moves the shard's payloads to disk (`payload_spill`):
+/// woken by apply when there is work, and once a second to let go of and
+/// compact payload files. Ends with the shard's state.
+fn start_payload_mover(shared: &Arc<ShardState>) -> io::Result<()> {
+    let (wake, woken) = std::sync::mpsc::sync_channel(1);
+    shared.spill.set_wake(wake);
+    let state = Arc::downgrade(shared);
+    std::thread::Builder::new().name(format!("gantry-payloads-{}", shared.shard)).spawn(move || {
+        loop {
+            if let Err(std::sync::mpsc::RecvTimeoutError::Disconnected) =
+                woken.recv_timeout(std::time::Duration::from_secs(1))
+            {
+                return;
+            }
+            let Some(state) = state.upgrade() else { return };
+            let access = super::payload_spill::StateAccess {
+                state: &state.applied,
+                queue: |applied: &AppliedState| &applied.queue,
+                queue_mut: |applied: &mut AppliedState| &mut applied.queue,
+            };
+            while state.spill.move_round(&access) {}
+        }
+    })?;
+    Ok(())
 }
 
 /// Events of one applied entry.
@@ -287,7 +308,7 @@ impl StateMachineStore {
         replayed_up_to: u64,
         digest_every: std::time::Duration,
         data_format: Option<Arc<DataDirFormat>>,
-        mut spill: PayloadSpill,
+        spill: PayloadSpill,
     ) -> io::Result<Self> {
         fs::create_dir_all(&snapshot_dir)?;
         let mut applied =
@@ -295,7 +316,7 @@ impl StateMachineStore {
         let snapshot = read_snapshot_file(&snapshot_dir)?;
         let on_disk = snapshot.as_ref().and_then(|file| file.meta.last_log_id.map(|l| l.index));
         if let Some(file) = snapshot {
-            applied.queue = file.data.decode_to(&mut spill).map_err(|e| invalid(&snapshot_dir, e))?;
+            applied.queue = file.data.decode_to(&spill).map_err(|e| invalid(&snapshot_dir, e))?;
             if applied.queue.shard() != shard {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidData,
@@ -310,20 +331,24 @@ impl StateMachineStore {
             applied.membership = file.meta.last_membership.clone();
         }
         let format = applied.queue.format();
+        let shared = Arc::new(ShardState {
+            format: std::sync::atomic::AtomicU32::new(format),
+            shard,
+            applied: RwLock::new(applied),
+            applied_commands: Default::default(),
+            counters: Counters::default(),
+            replayed_up_to,
+            digest_every_ms: (digest_every.as_millis() as u64).max(1),
+            digests: Default::default(),
+            digesting: Default::default(),
+            generation: Default::default(),
+            spill,
+        });
+        if shared.spill.moves() {
+            start_payload_mover(&shared)?;
+        }
         Ok(StateMachineStore {
-            shared: Arc::new(ShardState {
-                format: std::sync::atomic::AtomicU32::new(format),
-                shard,
-                applied: RwLock::new(applied),
-                applied_commands: Default::default(),
-                counters: Counters::default(),
-                replayed_up_to,
-                digest_every_ms: (digest_every.as_millis() as u64).max(1),
-                digests: Default::default(),
-                digesting: Default::default(),
-                generation: Default::default(),
-                spill: std::sync::Mutex::new(spill),
-            }),
+            shared,
             snapshots: Arc::new(SnapshotDir {
                 path: snapshot_dir,
                 on_disk: std::sync::Mutex::new(on_disk),
@@ -440,7 +465,7 @@ impl RaftStateMachine<C> for StateMachineStore {
                         self.shared.applied_commands.fetch_add(count, std::sync::atomic::Ordering::Relaxed);
                         let window = applied.queue.now_ms() / self.shared.digest_every_ms;
                         let out = applied.queue.apply(entry.log_id.index, batch);
-                        self.shared.spill().after_apply(&mut applied.queue, &out);
+                        self.shared.spill.after_apply(&applied.queue, &out);
                         self.shared.format.store(applied.queue.format(), std::sync::atomic::Ordering::Release);
                         // The first entry stamped in a new window: the same
                         // entries on every replica (the stamps are in the
@@ -484,8 +509,7 @@ impl RaftStateMachine<C> for StateMachineStore {
         // Decoded as it is read, then written to the shard's file from the
         // received bytes: both off the async threads.
         let (queue, meta) = tokio::task::spawn_blocking(move || {
-            let queue =
-                snapshot.decode_to(&mut shared.spill()).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+            let queue = snapshot.decode_to(&shared.spill).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
             check_format_supported(queue.format())?;
             snapshots.write(&meta, queue.format(), Source::Data(&snapshot), false)?;
             Ok::<_, io::Error>((queue, meta))
@@ -495,7 +519,9 @@ impl RaftStateMachine<C> for StateMachineStore {
         let mut applied = self.write();
         self.shared.format.store(queue.format(), std::sync::atomic::Ordering::Release);
         applied.queue = queue;
-        self.shared.spill().forget();
+        // The mover notes the new state's jobs (none in memory if it was
+        // decoded to disk).
+        self.shared.spill.forget();
         applied.last_applied = meta.last_log_id;
         applied.membership = meta.last_membership;
         Ok(())
