@@ -35,13 +35,28 @@ const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = libmimalloc_sys::mi_
 
 /// mimalloc gives memory a thread freed back to the kernel only after a
 /// delay, and only when that thread calls into it again: memory freed by a
-/// thread that then sits idle (a restore's, a snapshot's) stayed resident,
-/// 200 MB after restoring a million jobs. Purging at once returns it;
-/// `MIMALLOC_PURGE_DELAY` (milliseconds) still chooses otherwise.
-fn return_freed_memory_at_once() {
-    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
+/// thread that then sits idle stayed resident, 200 MB after restoring a
+/// million jobs at start-up. So while the broker starts (the restore),
+/// freed memory is purged at once; then the delay is mimalloc's again:
+/// purging at once while serving cost a fifth of an enqueue burst's
+/// throughput (docs/benchmarks.md, fifteenth session). Returns the delay to
+/// go back to; `MIMALLOC_PURGE_DELAY` (milliseconds) leaves it all alone.
+fn purge_at_once_while_starting() -> Option<std::ffi::c_long> {
+    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_some() {
+        return None;
+    }
+    // SAFETY: reads and sets an integer option; touches no memory of ours.
+    unsafe {
+        let delay = libmimalloc_sys::mi_option_get(MI_OPTION_PURGE_DELAY);
+        libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 0);
+        Some(delay)
+    }
+}
+
+fn purge_as_usual(delay: Option<std::ffi::c_long>) {
+    if let Some(delay) = delay {
         // SAFETY: sets an integer option; touches no memory of ours.
-        unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 0) };
+        unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, delay) };
     }
 }
 
@@ -233,13 +248,16 @@ async fn shutdown_signal() {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     no_transparent_huge_pages();
-    return_freed_memory_at_once();
+    let purge_delay = purge_at_once_while_starting();
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => {
             init_tracing(&cli.log_format);
             let config = (*args).into_config().context("invalid configuration")?;
-            server::run(config, shutdown_signal()).await.context("gantry serve")?;
+            let server = server::start(config).await.context("gantry serve")?;
+            purge_as_usual(purge_delay);
+            shutdown_signal().await;
+            server.shutdown().await.context("gantry serve")?;
             Ok(())
         }
         Command::Client(command) => {
