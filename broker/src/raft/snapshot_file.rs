@@ -610,20 +610,30 @@ mod tests {
         write_snapshot_file(dir.path(), &meta, Source::State(&queue), 1).unwrap();
         assert!(!dir.path().join(SNAPSHOT_FILE).exists() && dir.path().join(SNAPSHOT_FILE_V3).exists());
         let path = dir.path().join(SNAPSHOT_FILE_V3);
-        let good = fs::read(&path).unwrap();
-        for at in (0..good.len()).step_by(5) {
-            let mut bad = good.clone();
-            bad[at] ^= 1 << (at % 8);
-            fs::write(&path, &bad).unwrap();
-            let error = read_snapshot_file(dir.path()).map(|_| ()).expect_err("a flipped bit went unnoticed");
-            assert_eq!(error.kind(), io::ErrorKind::InvalidData, "byte {at}: {error}");
-            assert!(error.to_string().contains("snapshot-v3.bin"), "{error}");
-        }
+        let good = assert_every_flipped_bit_found(dir.path(), &path, 5);
         for cut in [0, SNAPSHOT_HEADER_LEN - 1, SNAPSHOT_HEADER_LEN, good.len() / 2, good.len() - 1] {
             fs::write(&path, &good[..cut]).unwrap();
             let error = read_snapshot_file(dir.path()).map(|_| ()).expect_err("a cut snapshot was read");
             assert_eq!(error.kind(), io::ErrorKind::InvalidData, "cut at {cut}: {error}");
         }
+    }
+
+    /// Flips one bit in every `step`th byte of the snapshot file at `path`
+    /// in turn: each is refused as invalid data naming the file. Returns the
+    /// file's good bytes (and leaves them in place).
+    fn assert_every_flipped_bit_found(dir: &Path, path: &Path, step: usize) -> Vec<u8> {
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        let good = fs::read(path).unwrap();
+        for at in (0..good.len()).step_by(step) {
+            let mut bad = good.clone();
+            bad[at] ^= 1 << (at % 8);
+            fs::write(path, &bad).unwrap();
+            let error = read_snapshot_file(dir).map(|_| ()).expect_err("a flipped bit went unnoticed");
+            assert_eq!(error.kind(), io::ErrorKind::InvalidData, "byte {at}: {error}");
+            assert!(error.to_string().contains(&name), "{error}");
+        }
+        fs::write(path, &good).unwrap();
+        good
     }
 
     /// Any flipped bit of a format-0 file, header or payload, is found
@@ -633,15 +643,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         write_snapshot_file(dir.path(), &meta_at(77), Source::Data(&SnapshotData::Memory(vec![9; 300])), 0).unwrap();
         let path = dir.path().join(SNAPSHOT_FILE);
-        let good = fs::read(&path).unwrap();
-        for at in (0..good.len()).step_by(7) {
-            let mut bad = good.clone();
-            bad[at] ^= 1 << (at % 8);
-            fs::write(&path, &bad).unwrap();
-            let error = read_snapshot_file(dir.path()).map(|_| ()).expect_err("a flipped bit went unnoticed");
-            assert_eq!(error.kind(), io::ErrorKind::InvalidData, "byte {at}: {error}");
-            assert!(error.to_string().contains("snapshot-v2.bin"), "{error}");
-        }
+        let good = assert_every_flipped_bit_found(dir.path(), &path, 7);
         fs::write(&path, &good[..good.len() - 1]).unwrap();
         assert!(read_snapshot_file(dir.path()).is_err(), "a cut snapshot was read");
         let aside = set_snapshot_aside(dir.path()).unwrap().expect("a snapshot to set aside");

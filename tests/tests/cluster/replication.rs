@@ -181,16 +181,7 @@ async fn a_node_far_behind_is_caught_up_with_a_snapshot() {
             proto::EnqueueRequest { queue: "bulk".into(), payload: i.to_be_bytes().to_vec(), ..Default::default() };
         ids.push(jobs.enqueue(request).await.expect("enqueue").into_inner().job_id);
     }
-    let raft = &cluster.server(leader).node().shards[0].raft;
-    raft.snapshot_now().await.expect("snapshot");
-    // Purging can lag the snapshot (openraft keeps entries a replication
-    // request still reads): wait for it, or the stopped node may find
-    // its next entry still in the log.
-    eventually("the leader purged its log behind a snapshot", CLUSTER_WAIT, || async {
-        let status = raft.status();
-        (status.snapshot_index > 1000 && status.purged_index > 100).then_some(())
-    })
-    .await;
+    snapshot_and_purge(&cluster.server(leader).node().shards[0].raft).await;
 
     cluster.restart(behind).await;
     let commit = cluster_status(cluster.addrs[leader]).await.expect("status").shards[0].commit_index;
@@ -422,13 +413,7 @@ async fn payloads_on_disk_are_handed_out_replicated_and_restored() {
 
     // The follower that missed everything gets a snapshot: its payloads
     // go to its disk as they are decoded.
-    let raft = &shard(&cluster, leader).raft;
-    raft.snapshot_now().await.expect("snapshot");
-    eventually("the leader purged its log behind a snapshot", CLUSTER_WAIT, || async {
-        let status = raft.status();
-        (status.snapshot_index > 1000 && status.purged_index > 100).then_some(())
-    })
-    .await;
+    snapshot_and_purge(&shard(&cluster, leader).raft).await;
     cluster.restart(behind).await;
     let commit = cluster_status(cluster.addrs[leader]).await.expect("status").shards[0].commit_index;
     cluster.wait_applied(behind, commit).await;
@@ -469,6 +454,21 @@ async fn payloads_on_disk_are_handed_out_replicated_and_restored() {
         assert_eq!(job.payload, payload_of(n as u32), "job {} after the restart", ids[n]);
     }
     cluster.shutdown().await;
+}
+
+/// Snapshots the leader's shard and waits until its log is purged behind
+/// the snapshot (past index 100), so that a node stopped before it needs
+/// the snapshot to catch up.
+async fn snapshot_and_purge(raft: &gantry_broker::raft::ShardRaft) {
+    raft.snapshot_now().await.expect("snapshot");
+    // Purging can lag the snapshot (openraft keeps entries a replication
+    // request still reads): wait for it, or the stopped node may find
+    // its next entry still in the log.
+    eventually("the leader purged its log behind a snapshot", CLUSTER_WAIT, || async {
+        let status = raft.status();
+        (status.snapshot_index > 1000 && status.purged_index > 100).then_some(())
+    })
+    .await;
 }
 
 fn shard(cluster: &TestCluster, i: usize) -> Arc<gantry_broker::dispatch::ShardNode> {
