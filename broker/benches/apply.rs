@@ -86,7 +86,7 @@ fn benches(c: &mut Criterion) {
     let file = tempfile::tempfile().expect("a temporary file");
     std::os::unix::fs::FileExt::write_all_at(&file, &vec![7u8; 256 * 100_000], 0).expect("written");
     let file = std::sync::Arc::new(gantry_broker::queue::PayloadFile::new(file));
-    let on_disk: Vec<Payload> = (0..100_000).map(|i| Payload::stored(file.clone(), i * 256, 256)).collect();
+    let on_disk: Vec<Payload> = (0..100_000).map(|i| Payload::stored(file.clone(), i * 256, &[7u8; 256])).collect();
     let in_memory: Vec<Payload> = (0..100_000).map(|_| Payload::from(vec![7u8; 256])).collect();
     for (name, payloads) in [("on disk", &on_disk), ("in memory", &in_memory)] {
         let mut next = 0;

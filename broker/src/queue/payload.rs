@@ -17,11 +17,9 @@ pub struct Payload(Repr);
 enum Repr {
     /// Shared: a job copied for a snapshot does not copy its payload.
     Inline(Arc<[u8]>),
-    Stored {
-        file: Arc<PayloadFile>,
-        offset: u64,
-        len: u32,
-    },
+    /// `crc`: CRC32 of the bytes, checked on every read (a disk that
+    /// flipped a bit must not hand a worker other bytes than enqueued).
+    Stored { file: Arc<PayloadFile>, offset: u64, len: u32, crc: u32 },
 }
 
 /// A file payloads were written to. Unlinked once created: it goes away
@@ -51,9 +49,9 @@ pub struct PayloadReadError {
 }
 
 impl Payload {
-    /// A payload `file` holds at `offset`: the caller wrote those bytes there.
-    pub fn stored(file: Arc<PayloadFile>, offset: u64, len: u32) -> Self {
-        Payload(Repr::Stored { file, offset, len })
+    /// `bytes`, which the caller wrote to `file` at `offset`.
+    pub fn stored(file: Arc<PayloadFile>, offset: u64, bytes: &[u8]) -> Self {
+        Payload(Repr::Stored { file, offset, len: bytes.len() as u32, crc: crc32fast::hash(bytes) })
     }
 
     pub fn len(&self) -> usize {
@@ -96,13 +94,14 @@ impl Payload {
     pub fn read(&self) -> Result<Cow<'_, [u8]>, PayloadReadError> {
         match &self.0 {
             Repr::Inline(bytes) => Ok(Cow::Borrowed(bytes)),
-            Repr::Stored { file, offset, len } => {
+            Repr::Stored { file, offset, len, crc } => {
                 let mut bytes = vec![0; *len as usize];
                 file.file.read_exact_at(&mut bytes, *offset).map_err(|source| PayloadReadError {
                     offset: *offset,
                     len: *len,
                     source,
                 })?;
+                checked(*offset, *crc, &bytes)?;
                 Ok(Cow::Owned(bytes))
             }
         }
@@ -116,8 +115,8 @@ impl Payload {
     /// digest): payloads written one after the other are read a window at a
     /// time, not one call each.
     pub fn read_through<'a>(&'a self, window: &'a mut ReadWindow) -> Result<Cow<'a, [u8]>, PayloadReadError> {
-        let Repr::Stored { file, offset, len } = &self.0 else { return self.read() };
-        let (offset, len) = (*offset, *len as usize);
+        let Repr::Stored { file, offset, len, crc } = &self.0 else { return self.read() };
+        let (offset, len, crc) = (*offset, *len as usize, *crc);
         let held = window.file.as_ref().is_some_and(|held| Arc::ptr_eq(held, file))
             && offset >= window.start
             && offset + len as u64 <= window.start + window.bytes.len() as u64;
@@ -149,8 +148,19 @@ impl Payload {
             window.start = offset;
         }
         let at = (offset - window.start) as usize;
-        Ok(Cow::Borrowed(&window.bytes[at..at + len]))
+        let bytes = &window.bytes[at..at + len];
+        checked(offset, crc, bytes)?;
+        Ok(Cow::Borrowed(bytes))
     }
+}
+
+/// `bytes` read at `offset` are the ones written there.
+fn checked(offset: u64, crc: u32, bytes: &[u8]) -> Result<(), PayloadReadError> {
+    if crc32fast::hash(bytes) == crc {
+        return Ok(());
+    }
+    let source = io::Error::new(io::ErrorKind::InvalidData, "checksum mismatch: the payload file is damaged");
+    Err(PayloadReadError { offset, len: bytes.len() as u32, source })
 }
 
 /// The part of a payload file read last (see [`Payload::read_through`]).
@@ -266,7 +276,7 @@ mod tests {
         let file = tempfile::tempfile().unwrap();
         file.write_all_at(b"xxhello", 0).unwrap();
         let file = Arc::new(PayloadFile::new(file));
-        let stored = Payload::stored(file.clone(), 2, 5);
+        let stored = Payload::stored(file.clone(), 2, b"hello");
         assert_eq!(stored.len(), 5);
         assert_eq!(&*stored.read().unwrap(), b"hello");
         assert_eq!(stored, Payload::from(b"hello".to_vec()));
@@ -274,11 +284,17 @@ mod tests {
         assert_ne!(stored, Payload::from(b"hellO".to_vec()));
         assert!(stored.in_memory().is_none());
         // Past the file's end: an error naming where, and equal only to itself.
-        let lost = Payload::stored(file, 6, 5);
+        let lost = Payload::stored(file.clone(), 6, b"hello");
         let err = lost.read().unwrap_err();
         assert!(err.to_string().contains("5 bytes at offset 6"), "{err}");
         assert_eq!(lost, lost.clone());
         assert_ne!(lost, Payload::from(b"hello".to_vec()));
+        // A flipped bit in the file: refused, never other bytes.
+        file.file().write_all_at(b"J", 3).unwrap();
+        let err = stored.read().unwrap_err();
+        assert!(err.to_string().contains("checksum mismatch"), "{err}");
+        assert!(stored.read_through(&mut ReadWindow::default()).is_err());
+        assert_ne!(stored, Payload::from(b"hello".to_vec()));
     }
 
     #[test]
@@ -292,18 +308,18 @@ mod tests {
         other.file().write_all_at(b"xyz", 0).unwrap();
         let mut window = ReadWindow::default();
         let cases = [
-            (Payload::stored(file.clone(), 0, 3), &b"abc"[..]),
-            (Payload::stored(file.clone(), 3, 3), b"def"),
-            (Payload::stored(other.clone(), 1, 2), b"yz"),
-            (Payload::stored(file.clone(), 1, 2), b"bc"),
+            (Payload::stored(file.clone(), 0, b"abc"), &b"abc"[..]),
+            (Payload::stored(file.clone(), 3, b"def"), b"def"),
+            (Payload::stored(other.clone(), 1, b"yz"), b"yz"),
+            (Payload::stored(file.clone(), 1, b"bc"), b"bc"),
             (Payload::from(b"inline".to_vec()), b"inline"),
-            (Payload::stored(file.clone(), 6, big.len() as u32), &big),
-            (Payload::stored(file.clone(), 2, 2), b"cd"),
+            (Payload::stored(file.clone(), 6, &big), &big),
+            (Payload::stored(file.clone(), 2, b"cd"), b"cd"),
         ];
         for (payload, bytes) in &cases {
             assert_eq!(&*payload.read_through(&mut window).unwrap(), *bytes);
         }
-        let past_end = Payload::stored(other, 2, 5);
+        let past_end = Payload::stored(other, 2, b"zzzzz");
         assert!(past_end.read_through(&mut window).is_err());
         assert_eq!(&*cases[0].0.read_through(&mut window).unwrap(), b"abc", "a failed read leaves no stale window");
     }

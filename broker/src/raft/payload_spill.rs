@@ -463,7 +463,7 @@ impl PayloadFiles {
             }
         }
         let Some(open) = self.file.as_mut() else { unreachable!("a file was just opened") };
-        let payload = Payload::stored(open.file.clone(), open.len, bytes.len() as u32);
+        let payload = Payload::stored(open.file.clone(), open.len, bytes);
         open.written.payloads += 1;
         open.written.lowest = open.written.lowest.min(job_id);
         open.written.highest = open.written.highest.max(job_id);
